@@ -1,0 +1,172 @@
+"""Benchmarks (never timed tests): every figure is a ratio against a baseline measured in the same process
+run, median of several interleaved repeats, so that a noisy shared machine slows both sides alike.
+
+``salunet bench ops``: SALU+SWALU vs BatchNorm2d+ReLU on NCHW, SALU+GALU vs LayerNorm+GELU on tokens, and
+the fused / eager / reference / torch.compile variants of SALU alone; forward+backward time and the bytes
+saved for backward (unique storages kept by autograd, parameters excluded since they live anyway).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .nn import GALU, SALU, SALUAct, SWALU, kernels
+from .nn import functional as F
+
+__all__ = ["saved_bytes", "time_fwd_bwd", "bench_ops", "OpResult"]
+
+
+def saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                params: list[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd keeps for backward of ``fn(x)``, parameters excluded."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_ptrs:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x)
+    del y
+    return sum(seen.values())
+
+
+def time_fwd_bwd(fn: Callable, x: torch.Tensor, grad: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    y = fn(x)
+    y.backward(grad)
+    return time.perf_counter() - t0
+
+
+@dataclass
+class OpResult:
+    case: str
+    variant: str
+    baseline: str
+    median_ms: float
+    ratio_time: float  # median time / median time of the baseline
+    saved_bytes: int
+    ratio_saved: float  # saved bytes / input bytes
+    path: str
+
+
+def _path(variant: str) -> str:
+    if "eager" in variant:
+        return "salunet eager"
+    if "salu" in variant and "reference" not in variant:
+        return "salunet " + kernels.kernel_path("cpu")
+    return "torch"
+
+
+def _measure(case: str, shape: tuple[int, ...], variants: dict[str, tuple[nn.Module | Callable, list]],
+             baseline: str, repeats: int, warmup: int) -> list[OpResult]:
+    torch.manual_seed(0)
+    x0 = torch.randn(shape)
+    grad = torch.randn(shape)
+    in_bytes = x0.numel() * x0.element_size()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for name, (fn, _) in variants.items():  # warm-up (and compilation) outside the timed loop
+        for _ in range(warmup):
+            time_fwd_bwd(fn, x0.clone().requires_grad_(), grad)
+    for _ in range(repeats):  # interleaved so that machine noise hits every variant alike
+        for name, (fn, _) in variants.items():
+            times[name].append(time_fwd_bwd(fn, x0.clone().requires_grad_(), grad))
+    base = statistics.median(times[baseline])
+    out = []
+    for name, (fn, params) in variants.items():
+        med = statistics.median(times[name])
+        sb = saved_bytes(fn, x0.clone().requires_grad_(), params)
+        out.append(OpResult(case, name, baseline, med * 1e3, med / base, sb, sb / in_bytes, _path(name)))
+    return out
+
+
+def bench_ops(repeats: int = 15, warmup: int = 3, threads: int = 2,
+              progress: Callable[[str], None] = print) -> list[OpResult]:
+    """Run the operator benchmark; return one :class:`OpResult` per (case, variant)."""
+    torch.set_num_threads(threads)
+    results: list[OpResult] = []
+    mode = kernels.get_kernel_mode()
+
+    def params(*mods):
+        return [p for m in mods for p in m.parameters()]
+
+    # ---- NCHW: SALU + SWALU vs BatchNorm2d + ReLU ----
+    C = 64
+    bn, relu = nn.BatchNorm2d(C), nn.ReLU()
+    s1, w1 = SALU(C), SWALU(C)
+    pair = SALUAct(SALU(C), SWALU(C))
+    progress("ops: NCHW (64, 64, 32, 32) ...")
+    results += _measure("nchw_64x64x32x32", (64, C, 32, 32), {
+        "batchnorm2d+relu": (lambda x: relu(bn(x)), params(bn)),
+        "salu+swalu (two modules)": (lambda x: w1(s1(x)), params(s1, w1)),
+        "salu+swalu (fused SALUAct)": (pair, params(pair)),
+        "swalu alone": (w1, params(w1)),
+    }, "batchnorm2d+relu", repeats, warmup)
+
+    # ---- tokens: SALU + GALU vs LayerNorm + GELU ----
+    D = 384
+    ln, gelu = nn.LayerNorm(D), nn.GELU()
+    s2, g2 = SALU(D, dim=-1), GALU(D, dim=-1)
+    pair2 = SALUAct(SALU(D, dim=-1), GALU(D, dim=-1))
+    progress("ops: tokens (128, 65, 384) ...")
+    results += _measure("tokens_128x65x384", (128, 65, D), {
+        "layernorm+gelu": (lambda x: gelu(ln(x)), params(ln)),
+        "salu+galu (two modules)": (lambda x: g2(s2(x)), params(s2, g2)),
+        "salu+galu (fused SALUAct)": (pair2, params(pair2)),
+    }, "layernorm+gelu", repeats, warmup)
+
+    # ---- SALU alone: fused (compiled / eager), reference, torch.compile(reference) ----
+    s3 = SALU(C)
+    a = torch.ones(C, 1, 1, requires_grad=True)
+    b = torch.ones(C, 1, 1, requires_grad=True)
+    ref_compiled = torch.compile(F.salu_reference, dynamic=False)
+
+    def eager_fused(x):
+        old = kernels.get_kernel_mode()
+        kernels.set_kernel_mode("eager")
+        try:
+            return s3(x)
+        finally:
+            kernels.set_kernel_mode(old)
+
+    progress("ops: SALU alone, variants ...")
+    results += _measure("salu_64x64x32x32", (64, C, 32, 32), {
+        "batchnorm2d": (bn, params(bn)),
+        "salu fused": (s3, params(s3)),
+        "salu fused, eager": (eager_fused, params(s3)),
+        "salu reference": (lambda x: F.salu_reference(x, a, b), [a, b]),
+        "salu reference, torch.compile": (lambda x: ref_compiled(x, a, b), [a, b]),
+    }, "batchnorm2d", repeats, warmup)
+    kernels.set_kernel_mode(mode)
+    return results
+
+
+def environment() -> dict:
+    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "kernel_path": kernels.kernel_path("cpu")}
+
+
+def format_table(results: list[OpResult]) -> str:
+    lines = ["| case | variant | fwd+bwd ms | time vs baseline | saved for backward | x input bytes |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.case} | {r.variant} | {r.median_ms:.2f} | {r.ratio_time:.2f}x | "
+                     f"{r.saved_bytes / 2**20:.1f} MiB | {r.ratio_saved:.2f}x |")
+    return "\n".join(lines)
+
+
+def write_jsonl(path, results, env: dict) -> None:
+    with open(path, "w") as f:
+        for r in results:
+            f.write(json.dumps({**asdict(r), **{"env": env}}) + "\n")

@@ -1,0 +1,318 @@
+"""Fused, numerically safe kernels for SALU, SWALU, GALU and the SALU->gate pairs.
+
+Paper: "SaluNet: Enabling Total Plasticity in Normalization-Free Deep Networks" (arXiv 2606.02927).
+
+    SALU(x; a, b) = a x / sqrt(1 + a b x^2)
+
+Numerics. The plain formula overflows: once a*b*x^2 is inf, x * rsqrt(inf) = 0 and SALU collapses to 0
+instead of its saturation value A = sqrt(a/b). We evaluate it in the rescaled form
+
+    t = clamp(x * sqrt(ab), -T, T),  r = rsqrt(1 + t^2),  q = t * r  (|q| < 1),  y = A * q
+
+T (1e18 in float32, 1e150 in float64) is far beyond the point where t * r rounds to +-1, so the clamp never
+changes a result, and t^2 never overflows. NaN passes through (clamp propagates NaN), +-inf gives +-A.
+Every derivative is written in the bounded quantities q and r (SPEC.md section 1 gives the raw forms):
+
+    dy/dx = a r^3,   dy/da = w q (r^2 + q^2 / 2),   dy/db = -(A / 2b) q^3,    w = 1/sqrt(ab)
+
+so that backward needs only x and the parameters: the fused path saves nothing else.
+float16 / bfloat16 inputs are computed in float32 and returned in their own dtype; float64 stays float64.
+
+Gates (SPEC.md **[decided]**): SWALU(x) = x * sigmoid(SALU(x)), GALU(x) = x * Phi(SALU(x)).
+
+Execution. The math below is plain tensor code. :class:`FusedFn` (a custom autograd Function) runs it either
+through ``torch.compile`` (inductor: one C++/OpenMP loop on CPU, one Triton kernel on CUDA; this is what
+makes SALU cheaper than BatchNorm) or op by op in eager mode. ``set_kernel_mode`` / ``SALUNET_KERNELS``
+(``auto`` | ``compiled`` | ``eager``) choose; ``auto`` compiles and, if compilation is impossible on this
+machine (no C++ compiler, say), warns once and says that the slower eager path is taken. Inside a model that
+the user compiles, the math is traced inline so that inductor can fuse it with its neighbours.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import types
+import warnings
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["OPS", "LOG_LIMIT", "FusedFn", "fused", "get_kernel_mode", "set_kernel_mode", "kernel_path"]
+
+log = logging.getLogger("salunet.kernels")
+
+OPS = ("salu", "swalu", "galu", "salu_swalu", "salu_galu")
+_NPARAMS = {"salu": 2, "swalu": 2, "galu": 2, "salu_swalu": 4, "salu_galu": 4}
+LOG_LIMIT = 30.0  # |log a|, |log b| are clamped to this: a, b in [1e-13, 1e13]
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# math (pure tensor functions, all inputs already in the compute dtype)
+
+def _clamp_limit(dtype: torch.dtype) -> float:
+    return 1e150 if dtype == torch.float64 else 1e18
+
+
+def _derive(a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
+    """Per-parameter quantities, computed once on the (small) parameter tensors, not per element:
+    (sqrt(ab), A = sqrt(a/b), a, w = 1/sqrt(ab), A/2b)."""
+    sab = torch.sqrt(a * b)
+    amp = torch.sqrt(a / b)
+    return sab, amp, a, 1.0 / sab, 0.5 * amp / b
+
+
+def _salu_terms(x: Tensor, sab: Tensor):
+    """Return (r, q) of the rescaled form; see the module docstring."""
+    lim = _clamp_limit(x.dtype)
+    t = torch.clamp(x * sab, -lim, lim)
+    r = torch.rsqrt(1.0 + t * t)
+    return r, t * r
+
+
+def _salu_fwd(x, d):
+    _, q = _salu_terms(x, d[0])
+    return d[1] * q
+
+
+def _salu_bwd(g, x, d):
+    """Return (dL/dx, dL/da, dL/db), the last two unreduced (shape of x)."""
+    sab, amp, a, w, hb = d
+    r, q = _salu_terms(x, sab)
+    r2 = r * r
+    gx = g * (a * r2 * r)
+    ga = g * (w * q * (r2 + 0.5 * q * q))
+    gb = g * (-hb * q * q * q)
+    return gx, ga, gb
+
+
+def _gate(s: Tensor, kind: str):
+    """Return (p(s), p'(s)) for the gate kind: logistic (SWALU) or standard normal CDF (GALU).
+    erf, not erfc: it is vectorised by inductor and ATen, and s is bounded by A so no tail needs erfc."""
+    if kind == "sigmoid":
+        p = torch.sigmoid(s)
+        return p, p * (1.0 - p)
+    p = 0.5 + 0.5 * torch.erf(s * _INV_SQRT2)
+    return p, torch.exp(-0.5 * s * s) * _INV_SQRT_2PI
+
+
+def _gate_fwd(x, d, kind):
+    p, _ = _gate(_salu_fwd(x, d), kind)
+    return x * p
+
+
+def _gate_bwd(g, x, d, kind):
+    sab, amp, a, w, hb = d
+    r, q = _salu_terms(x, sab)
+    p, dp = _gate(amp * q, kind)
+    r2 = r * r
+    # x * ds/dx = x a r^3 = A q r^2 (bounded), so dL/dx never forms x * r^3 from a huge x
+    gx = g * (p + dp * amp * q * r2)
+    gxd = g * x * dp
+    ga = gxd * (w * q * (r2 + 0.5 * q * q))
+    gb = gxd * (-hb * q * q * q)
+    return gx, ga, gb
+
+
+_GATE_KIND = {"swalu": "sigmoid", "galu": "normal", "salu_swalu": "sigmoid", "salu_galu": "normal"}
+
+
+def _fwd_core(op: str, x: Tensor, *d: Tensor) -> Tensor:
+    """Forward on compute-dtype ``x`` and the derived quantities ``d`` (5 per SALU stage)."""
+    if op == "salu":
+        return _salu_fwd(x, d)
+    if op in ("swalu", "galu"):
+        return _gate_fwd(x, d, _GATE_KIND[op])
+    z = _salu_fwd(x, d[:5])
+    return _gate_fwd(z, d[5:], _GATE_KIND[op])
+
+
+def _bwd_core(op: str, g: Tensor, x: Tensor, *d: Tensor):
+    """Return (dL/dx, dL/da1, dL/db1[, dL/da2, dL/db2]), parameter gradients reduced to their shapes."""
+    if op == "salu":
+        gx, ga, gb = _salu_bwd(g, x, d)
+        gps = [ga, gb]
+    elif op in ("swalu", "galu"):
+        gx, ga, gb = _gate_bwd(g, x, d, _GATE_KIND[op])
+        gps = [ga, gb]
+    else:
+        z = _salu_fwd(x, d[:5])  # recomputed: only x is kept for backward
+        gz, ga2, gb2 = _gate_bwd(g, z, d[5:], _GATE_KIND[op])
+        gx, ga1, gb1 = _salu_bwd(gz, x, d[:5])
+        gps = [ga1, gb1, ga2, gb2]
+    # reduce over the broadcast dims here (fused into the kernel); the last step to each parameter's own
+    # shape happens outside, on small tensors
+    shapes = [d[0].shape, d[0].shape] + ([d[5].shape, d[5].shape] if len(d) > 5 else [])
+    return (gx, *[gp.sum_to_size(shp) for gp, shp in zip(gps, shapes)])
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _prepare(log_params: bool, cdt: torch.dtype, params: Sequence[Tensor]):
+    """Parameters in the compute dtype (exponentiated if log-parametrised) and their derived quantities."""
+    ps = [p.to(cdt) for p in params]
+    if log_params:
+        # clamped so that a and b stay positive and finite whatever an optimizer does to log_a / log_b;
+        # backward multiplies by this clamped value (straight-through), so a parameter pushed out of range
+        # still receives gradient and can come back
+        ps = [torch.exp(torch.clamp(p, -LOG_LIMIT, LOG_LIMIT)) for p in ps]
+    derived = []
+    for i in range(0, len(ps), 2):
+        derived += _derive(ps[i], ps[i + 1])
+    return ps, derived
+
+
+# ----------------------------------------------------------------------------------------------------------
+# execution mode: compiled (inductor) or eager
+
+_MODES = ("auto", "compiled", "eager")
+_mode = os.environ.get("SALUNET_KERNELS", "auto").strip().lower() or "auto"
+if _mode not in _MODES:
+    raise ValueError(f"SALUNET_KERNELS={_mode!r} is not a kernel mode; use one of {', '.join(_MODES)}")
+_compile_failed: str | None = None  # reason, once compilation has failed in auto mode
+_compiled: dict[tuple, Callable] = {}
+_reported: set[str] = set()
+
+
+def set_kernel_mode(mode: str) -> None:
+    """Choose how fused kernels execute: ``auto`` (compile, else eager with a warning), ``compiled`` or
+    ``eager``. Also settable with the environment variable ``SALUNET_KERNELS``."""
+    global _mode
+    mode = str(mode).strip().lower()
+    if mode not in _MODES:
+        raise ValueError(f"unknown kernel mode {mode!r}; use one of {', '.join(_MODES)}")
+    _mode = mode
+
+
+def get_kernel_mode() -> str:
+    return _mode
+
+
+def kernel_path(device: torch.device | str = "cpu") -> str:
+    """Describe the path that fused kernels take on ``device`` right now (for logs and benchmarks)."""
+    dev = torch.device(device).type
+    if _mode == "eager":
+        return "eager (op by op; SALUNET_KERNELS=eager)"
+    if _compile_failed is not None and _mode == "auto":
+        return f"eager (op by op; torch.compile failed: {_compile_failed})"
+    backend = "C++/OpenMP" if dev == "cpu" else "Triton" if dev == "cuda" else dev
+    return f"compiled (torch.compile/inductor, {backend})"
+
+
+def _report(path: str) -> None:
+    if path not in _reported:
+        _reported.add(path)
+        log.info("salunet kernels: %s", path)
+
+
+def _fresh_copy(fn: Callable, tag: int) -> Callable:
+    """A copy of ``fn`` with its own code object: dynamo caches (and counts recompiles) per code object,
+    so each compiled specialisation below gets its own cache instead of sharing one limited to 8 entries."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _get_compiled(direction: str, op: str, x: Tensor, derived: Sequence[Tensor]):
+    key = (direction, op, x.dtype, tuple(x.shape), x.stride(), x.device, tuple(d.shape for d in derived[::5]))
+    fn = _compiled.get(key)
+    if fn is None:
+        # One static-shape kernel per (op, dtype, shape, layout, device). Static shapes matter: inductor
+        # turns them into loops about 1.6x faster than dynamic-shape ones for the per-channel reductions of
+        # backward. A training run meets only a handful of shapes (train, eval and last-batch sizes per
+        # layer shape); each costs one compilation (seconds, cached on disk by inductor across runs).
+        fn = torch.compile(_fresh_copy(_fwd_core if direction == "fwd" else _bwd_core, len(_compiled)),
+                           dynamic=False, fullgraph=True)
+        _compiled[key] = fn
+        if len(_compiled) in (64, 256, 1024):
+            log.warning("salunet kernels: %d compiled specialisations so far; inputs of ever-changing "
+                        "shape recompile each time, consider SALUNET_KERNELS=eager", len(_compiled))
+    return fn
+
+
+def _call_core(direction: str, op: str, *args: Tensor):
+    """Run the fwd/bwd core compiled or eagerly, per the kernel mode; say (once) which path is taken."""
+    global _compile_failed
+    core = _fwd_core if direction == "fwd" else _bwd_core
+    if torch.compiler.is_compiling():  # inside the user's compiled model: trace inline, let inductor fuse
+        return core(op, *args)
+    x = args[0] if direction == "fwd" else args[1]
+    if _mode == "eager" or (_mode == "auto" and _compile_failed is not None):
+        _report(kernel_path(x.device))
+        return core(op, *args)
+    derived = args[1:] if direction == "fwd" else args[2:]
+    fn = _get_compiled(direction, op, x, derived)
+    try:
+        out = fn(op, *args)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: this machine cannot compile
+        if _mode == "compiled":
+            raise
+        _compile_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        warnings.warn(
+            "salunet: torch.compile could not build the fused SALU kernels "
+            f"({_compile_failed}); falling back to the eager path, which is several times slower. "
+            "Set SALUNET_KERNELS=eager to silence this, or install a C++ compiler.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return core(op, *args)
+    _report(kernel_path(x.device))
+    return out
+
+
+def _forward(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor]) -> Tensor:
+    cdt = _compute_dtype(x, *params)
+    _, derived = _prepare(log_params, cdt, params)
+    return _call_core("fwd", op, x.to(cdt), *derived).to(x.dtype)
+
+
+def _backward(op: str, log_params: bool, g: Tensor, x: Tensor, params: Sequence[Tensor]):
+    cdt = _compute_dtype(x, *params)
+    ps, derived = _prepare(log_params, cdt, params)
+    gx, *gps = _call_core("bwd", op, g.to(cdt), x.to(cdt), *derived)
+    out = [gx.to(x.dtype)]
+    for gp, p, raw in zip(gps, ps, params):
+        gp = gp.sum_to_size(raw.shape)
+        if log_params:  # d/dlog_a = a * d/da
+            gp = gp * p
+        out.append(gp.to(raw.dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# autograd
+
+class FusedFn(torch.autograd.Function):
+    """Custom autograd Function for every op in :data:`OPS`; saves only ``x`` and the parameters."""
+
+    @staticmethod
+    def forward(ctx, op: str, log_params: bool, x: Tensor, *params: Tensor) -> Tensor:
+        ctx.op, ctx.log_params = op, log_params
+        ctx.save_for_backward(x, *params)
+        return _forward(op, log_params, x, params)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, *params = ctx.saved_tensors
+        grads = _backward(ctx.op, ctx.log_params, g.contiguous(memory_format=_memory_format(x)), x, params)
+        return (None, None, *grads)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False) -> Tensor:
+    """Apply fused op ``op`` to ``x``; ``params`` are (a, b) or (a1, b1, a2, b2), or their logs if
+    ``log_params``. Parameters must broadcast against ``x``."""
+    if op not in _NPARAMS:
+        raise ValueError(f"unknown op {op!r}; use one of {', '.join(OPS)}")
+    if len(params) != _NPARAMS[op]:
+        raise ValueError(f"op {op!r} takes {_NPARAMS[op]} parameter tensors, got {len(params)}")
+    return FusedFn.apply(op, log_params, x, *params)

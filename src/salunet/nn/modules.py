@@ -1,0 +1,150 @@
+"""``nn.Module`` wrappers of SALU, SWALU and GALU, and the fused SALU -> gate pair.
+
+Parameters (SPEC.md section 1, **[decided]**): per channel along ``dim`` when ``num_features`` is given
+(dim=1 for NCHW / NC / NCL, dim=-1 for token tensors (..., D)), one scalar pair otherwise. Positivity comes
+from a log-parametrisation, a = exp(log_a), which also makes learning scale-free. Defaults: SALU a0 = b0 = 1
+(the operator's default; models choose their own, see ``salunet.models``), SWALU/GALU a0 = 1, b0 = 1e-2 so
+that at init SWALU ~ SiLU and GALU ~ GELU on [-4, 4] (saturation A = 10, width w = 10).
+There is no bias, no running buffer and no batch statistic: train and eval behave identically.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+
+__all__ = ["SALU", "SWALU", "GALU", "SALUAct", "SaluFamily"]
+
+
+def _positive(name: str, value: float) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return value
+
+
+class SaluFamily(nn.Module):
+    """Shared machinery: log-parametrised (a, b), per-channel views, the fused call."""
+
+    op: str = "salu"
+    default_a: float = 1.0
+    default_b: float = 1.0
+
+    def __init__(self, num_features: int | None = None, *, dim: int = 1, a_init: float | None = None,
+                 b_init: float | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        if num_features is not None and (isinstance(num_features, bool) or not isinstance(num_features, int)
+                                         or num_features <= 0):
+            raise ValueError(f"{type(self).__name__}: num_features must be a positive int or None, "
+                             f"got {num_features!r}")
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise ValueError(f"{type(self).__name__}: dim must be an int, got {dim!r}")
+        self.num_features = num_features
+        self.dim = dim
+        self.a_init = _positive("a_init", self.default_a if a_init is None else a_init)
+        self.b_init = _positive("b_init", self.default_b if b_init is None else b_init)
+        shape = () if num_features is None else (num_features,)
+        kw = {"device": device, "dtype": dtype}
+        self.log_a = nn.Parameter(torch.empty(shape, **kw))
+        self.log_b = nn.Parameter(torch.empty(shape, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.log_a.fill_(math.log(self.a_init))
+            self.log_b.fill_(math.log(self.b_init))
+
+    # ---- derived quantities (read-only) ----
+    def _logs(self) -> tuple[Tensor, Tensor]:
+        lim = kernels.LOG_LIMIT
+        return self.log_a.detach().clamp(-lim, lim), self.log_b.detach().clamp(-lim, lim)
+
+    @property
+    def a(self) -> Tensor:
+        """Slope at 0 (linear gain and Lipschitz constant) of the inner SALU, as the kernels use it."""
+        return self._logs()[0].exp()
+
+    @property
+    def b(self) -> Tensor:
+        return self._logs()[1].exp()
+
+    @property
+    def amplitude(self) -> Tensor:
+        """Saturation amplitude A = sqrt(a/b) of the inner SALU."""
+        la, lb = self._logs()
+        return torch.exp(0.5 * (la - lb))
+
+    @property
+    def width(self) -> Tensor:
+        """Linear-regime width w = 1/sqrt(a b) of the inner SALU."""
+        la, lb = self._logs()
+        return torch.exp(-0.5 * (la + lb))
+
+    def param_views(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(log_a, log_b) viewed to broadcast against ``x`` along ``self.dim``."""
+        if self.num_features is None:
+            return self.log_a, self.log_b
+        nd = x.dim()
+        if not -nd <= self.dim < nd:
+            raise ValueError(f"{type(self).__name__}: dim={self.dim} is out of range for an input of "
+                             f"shape {tuple(x.shape)}")
+        d = self.dim % nd
+        if x.shape[d] != self.num_features:
+            raise ValueError(f"{type(self).__name__}: expected {self.num_features} channels along dim "
+                             f"{self.dim}, got {x.shape[d]} (input shape {tuple(x.shape)})")
+        shape = (self.num_features,) + (1,) * (nd - d - 1)
+        return self.log_a.view(shape), self.log_b.view(shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.fused(self.op, x, *self.param_views(x), log_params=True)
+
+    def extra_repr(self) -> str:
+        n = "scalar" if self.num_features is None else f"{self.num_features}, dim={self.dim}"
+        return f"{n}, a_init={self.a_init:g}, b_init={self.b_init:g}"
+
+
+class SALU(SaluFamily):
+    """SALU(x; a, b) = a x / sqrt(1 + a b x^2): the bounded, statistics-free replacement of a norm layer."""
+
+    op = "salu"
+
+
+class SWALU(SaluFamily):
+    """SWALU(x; a, b) = x * sigmoid(SALU(x; a, b)): learnable gate replacing ReLU / SiLU."""
+
+    op = "swalu"
+    default_b = 1e-2
+
+
+class GALU(SaluFamily):
+    """GALU(x; a, b) = x * Phi(SALU(x; a, b)): learnable gate replacing GELU."""
+
+    op = "galu"
+    default_b = 1e-2
+
+
+class SALUAct(nn.Module):
+    """``act(norm(x))`` for a SALU ``norm`` followed by a SWALU/GALU ``act`` in one fused pass.
+
+    Keeps the two modules as children (state-dict keys ``norm.*`` and ``act.*``, so weights are
+    interchangeable with the unfused pair) and saves only ``x`` for backward instead of ``x`` and
+    ``norm(x)``. Both must act on the same channel dimension with the same number of channels.
+    """
+
+    def __init__(self, norm: SALU, act: SWALU | GALU) -> None:
+        super().__init__()
+        if not isinstance(norm, SALU) or not isinstance(act, (SWALU, GALU)):
+            raise ValueError(f"SALUAct needs a SALU and a SWALU/GALU, got {type(norm).__name__} and "
+                             f"{type(act).__name__}")
+        if norm.num_features != act.num_features or (norm.num_features is not None and norm.dim != act.dim):
+            raise ValueError(f"SALUAct: norm ({norm.num_features}, dim={norm.dim}) and act "
+                             f"({act.num_features}, dim={act.dim}) must have the same channels and dim")
+        self.norm = norm
+        self.act = act
+        self.op = "salu_swalu" if isinstance(act, SWALU) else "salu_galu"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.fused(self.op, x, *self.norm.param_views(x), *self.act.param_views(x), log_params=True)

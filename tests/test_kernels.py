@@ -1,0 +1,182 @@
+"""Numerics of the fused kernels in float32, float16 and bfloat16, compiled == eager, autocast,
+channels_last, bytes saved for backward, and torch.compile of a model without graph breaks."""
+import math
+
+import pytest
+import torch
+
+from salunet import GALU, SALU, SALUAct, SWALU
+from salunet.bench import saved_bytes
+from salunet.nn import functional as F
+from salunet.nn import kernels
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PARAMS = [(1.0, 1.0), (2.0, 0.5), (1.0, 1e-2), (10.0, 1e-3)]
+
+
+def _edge_values(dtype):
+    big = torch.finfo(dtype).max
+    vals = [0.0, 1e-3, 0.5, 1.0, 3.0, 300.0, 6e4, big / 4, big]
+    if dtype != torch.float16:
+        vals += [1e20]
+    vals = sorted(set(v for v in vals if v <= big))
+    return torch.tensor([-v for v in vals] + vals, dtype=dtype)
+
+
+def _far(dtype, a, b):
+    return 2 / math.sqrt(torch.finfo(dtype).eps) / math.sqrt(a * b)
+
+
+def _grads(op, x, a, b):
+    x = x.clone().requires_grad_()
+    a = torch.tensor(a, requires_grad=True)
+    b = torch.tensor(b, requires_grad=True)
+    y = getattr(F, op)(x, a, b)
+    y.float().sum().backward()
+    return y, x.grad, a.grad, b.grad
+
+
+@pytest.mark.parametrize("ab", PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_salu_edge_cases(dtype, ab):
+    a, b = ab
+    amp = math.sqrt(a / b)
+    x = _edge_values(dtype)
+    y, gx, ga, gb = _grads("salu", x, a, b)
+    assert y.dtype == dtype
+    yf, xf = y.float(), x.float()
+    tol = amp * (1 + 2 * torch.finfo(dtype).eps)
+    assert (yf.abs() <= tol).all(), yf
+    nz = xf != 0
+    assert (torch.sign(yf[nz]) == torch.sign(xf[nz])).all()
+    assert (yf[~nz] == 0).all()
+    # far out (|x| / w large enough that t / sqrt(1 + t^2) rounds to 1), y sits at +-A: no collapse to 0
+    far = xf.abs() >= _far(dtype, a, b)
+    assert far.any()
+    torch.testing.assert_close(yf[far].abs(), torch.full_like(yf[far], amp), rtol=4 * torch.finfo(dtype).eps, atol=0)
+    for g in (gx, ga, gb):
+        assert torch.isfinite(g.float()).all()
+
+
+@pytest.mark.parametrize("op", ["swalu", "galu"])
+@pytest.mark.parametrize("ab", PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gate_edge_cases(op, dtype, ab):
+    a, b = ab
+    amp = math.sqrt(a / b)
+    cdf = torch.sigmoid if op == "swalu" else (lambda s: 0.5 * torch.erfc(-s / math.sqrt(2)))
+    lo, hi = cdf(torch.tensor(-amp)).item(), cdf(torch.tensor(amp)).item()
+    x = _edge_values(dtype)
+    y, gx, ga, gb = _grads(op, x, a, b)
+    assert y.dtype == dtype
+    xf, yf = x.float(), y.float()
+    nz = xf != 0
+    gate = (yf[nz] / xf[nz])
+    eps = 4 * torch.finfo(dtype).eps
+    # the gate is computed to absolute (not relative) precision eps in its far-left tail, like torch's GELU
+    assert (gate >= lo - eps).all() and (gate <= hi + eps).all(), gate
+    # never the opposite sign (0 where the gate rounds to 0 in the far-left tail); positive x stays positive
+    assert (torch.sign(yf[nz]) * torch.sign(xf[nz]) >= 0).all()
+    assert (yf[xf > 0] > 0).all()
+    far = xf.abs() >= _far(dtype, a, b)
+    assert far.any()
+    expect = torch.where(xf[nz][far[nz]] > 0, hi, lo)
+    torch.testing.assert_close(gate[far[nz]], expect, rtol=eps, atol=eps)
+    for g in (gx, ga, gb):
+        assert torch.isfinite(g.float()).all()
+
+
+@pytest.mark.parametrize("op", ["salu", "swalu", "galu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inf_and_nan(op, dtype):
+    a, b = torch.tensor(2.0), torch.tensor(0.5)
+    x = torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=dtype)
+    y = getattr(F, op)(x, a, b).float()
+    assert torch.isnan(y[2])
+    if op == "salu":
+        assert y[0].item() == pytest.approx(2.0, rel=1e-2) and y[1].item() == pytest.approx(-2.0, rel=1e-2)
+    else:  # x * gate(+-A): +-inf times a positive gate
+        assert y[0].item() == float("inf") and y[1].item() == -float("inf")
+
+
+def test_reference_collapses_where_fused_does_not():
+    """The reason the fused path exists: the plain formula returns 0 at x = 1e20 (float32)."""
+    x = torch.tensor([1e20])
+    one = torch.tensor(1.0)
+    assert F.salu(x, one, one, impl="reference").item() == 0.0
+    assert F.salu(x, one, one).item() == pytest.approx(1.0)
+    assert F.salu(torch.tensor([300.0], dtype=torch.float16), one.half(), one.half(), impl="reference").item() == 0
+
+
+@pytest.mark.parametrize("module", [SALU, SWALU, GALU])
+def test_compiled_matches_eager(module, compiled_kernels):
+    m = module(8)
+    with torch.no_grad():
+        m.log_a.uniform_(-1, 1)
+        m.log_b.uniform_(-3, 0)
+    x = torch.randn(4, 8, 5, 5) * 3
+    g = torch.randn_like(x)
+    outs = {}
+    for mode in ("compiled", "eager"):
+        kernels.set_kernel_mode(mode)
+        xx = x.clone().requires_grad_()
+        y = m(xx)
+        grads = torch.autograd.grad(y, (xx, m.log_a, m.log_b), g)
+        outs[mode] = (y, *grads)
+    for c, e in zip(outs["compiled"], outs["eager"]):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_pair_matches_unfused_and_channels_last(compiled_kernels):
+    pair = SALUAct(SALU(8, a_init=0.7, b_init=0.3), SWALU(8))
+    x = (torch.randn(2, 8, 6, 6) * 2).to(memory_format=torch.channels_last).requires_grad_()
+    y = pair(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y.square().sum().backward()
+    kernels.set_kernel_mode("eager")
+    x2 = x.detach().contiguous().requires_grad_()
+    y2 = pair.act(pair.norm(x2))
+    y2.square().sum().backward()
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_lowp_input(dtype):
+    """Under autocast a conv yields low-precision maps; SALU computes in float32 and returns the input dtype,
+    with parameter gradients in float32."""
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    act = SALUAct(SALU(8), SWALU(8))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=dtype):
+        h = conv(x)
+        y = act(h)
+    assert h.dtype == dtype and y.dtype == dtype
+    y.float().sum().backward()
+    assert act.norm.log_a.grad.dtype == torch.float32 and torch.isfinite(act.norm.log_a.grad).all()
+    ref = act.act(act.norm(h.detach().float()))
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_saved_bytes_at_most_input():
+    x = torch.randn(4, 16, 8, 8, requires_grad=True)
+    nbytes = x.numel() * 4
+    for m in (SALU(16), SWALU(16), GALU(16), SALUAct(SALU(16), GALU(16))):
+        assert saved_bytes(m, x, list(m.parameters())) <= nbytes
+    # the reference keeps several full-size intermediates: the measure can see the difference
+    a, b = torch.ones(16, 1, 1, requires_grad=True), torch.ones(16, 1, 1, requires_grad=True)
+    assert saved_bytes(lambda t: F.salu_reference(t, a, b), x, [a, b]) >= 3 * nbytes
+
+
+def test_torch_compile_model_fullgraph():
+    """A user's compiled model containing SALU layers compiles without graph breaks (fullgraph=True raises
+    on any break) and matches eager."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), SALUAct(SALU(4), SWALU(4)),
+                                torch.nn.Conv2d(4, 4, 3, padding=1), SALU(4), GALU(4))
+    x = torch.randn(2, 3, 8, 8)
+    ref = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
