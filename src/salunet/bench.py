@@ -170,3 +170,104 @@ def write_jsonl(path, results, env: dict) -> None:
     with open(path, "w") as f:
         for r in results:
             f.write(json.dumps({**asdict(r), **{"env": env}}) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models: training-step and inference throughput, SaluNet vs its normalized twin
+
+@dataclass
+class ModelResult:
+    pair: str
+    model: str
+    baseline: str
+    width: str
+    batch: int
+    image: int
+    train_img_s: float
+    train_ratio: float  # model / baseline images per second (>1 = faster)
+    infer_img_s: float
+    infer_ratio: float  # against the baseline with BatchNorm folded into its convolutions when it has BN
+    infer_baseline: str
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Eval-mode copy of ``model`` with every Conv->BatchNorm folded into the conv (what a deployment runs)."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(copy.deepcopy(model).eval())
+
+
+def _train_step(model, opt, x, y):
+    t0 = time.perf_counter()
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def _infer(model, x):
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model(x)
+    return time.perf_counter() - t0
+
+
+MODEL_PAIRS = [  # (pair, salunet, twin, width or None, batch, image side, full?)
+    ("resnet18 cpu-width", "salunet_c18", "resnet18_bn", 16, 64, 32, False),
+    ("vit cpu-width", "salunet_t", "vit_ln", 96, 64, 32, False),
+    ("resnet50 cpu-width", "salunet_c50", "resnet50_bn", 16, 8, 64, False),
+    ("resnet18 full", "salunet_c18", "resnet18_bn", None, 32, 32, True),
+    ("vit full", "salunet_t", "vit_ln", None, 32, 32, True),
+    ("resnet50 full", "salunet_c50", "resnet50_bn", None, 4, 224, True),
+]
+
+
+def bench_models(repeats: int = 7, warmup: int = 3, threads: int = 2, full: bool = False,
+                 progress: Callable[[str], None] = print) -> list[ModelResult]:
+    """Images/s of a training step (SGD) and of inference, SaluNet vs its twin, interleaved repeats."""
+    from .models import create_model
+
+    torch.set_num_threads(threads)
+    out = []
+    for pair, name, twin, width, batch, side, is_full in MODEL_PAIRS:
+        if is_full and not full:
+            continue
+        progress(f"models: {pair} ({name} vs {twin}, batch {batch}, {side}x{side}) ...")
+        torch.manual_seed(0)
+        x = torch.randn(batch, 3, side, side)
+        y = torch.randint(0, 10, (batch,))
+        models = {n: create_model(n, num_classes=10, width=width) for n in (name, twin)}
+        opts = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in models.items()}
+        has_bn = any(isinstance(m, nn.BatchNorm2d) for m in models[twin].modules())
+        infer_models = {name: models[name].eval(), twin: fold_batchnorm(models[twin]) if has_bn
+                        else models[twin].eval()}
+        times = {k: [] for k in ("train_" + name, "train_" + twin, "infer_" + name, "infer_" + twin)}
+        for m in models.values():
+            m.train()
+        for i in range(warmup + repeats):
+            for n, m in models.items():
+                t = _train_step(m, opts[n], x, y)
+                if i >= warmup:
+                    times["train_" + n].append(t)
+            for n, m in infer_models.items():
+                t = _infer(m, x)
+                if i >= warmup:
+                    times["infer_" + n].append(t)
+        med = {k: batch / statistics.median(v) for k, v in times.items()}
+        out.append(ModelResult(pair, name, twin, str(width or "paper"), batch, side, med["train_" + name],
+                               med["train_" + name] / med["train_" + twin], med["infer_" + name],
+                               med["infer_" + name] / med["infer_" + twin],
+                               twin + (" (BN folded)" if has_bn else "")))
+    return out
+
+
+def format_model_table(results: list[ModelResult]) -> str:
+    lines = ["| pair | batch x image | train img/s | train vs twin | infer img/s | infer vs | twin at inference |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in results:
+        lines.append(f"| {r.pair} | {r.batch} x {r.image}² | {r.train_img_s:.1f} | {r.train_ratio:.2f}x | "
+                     f"{r.infer_img_s:.1f} | {r.infer_ratio:.2f}x | {r.infer_baseline} |")
+    return "\n".join(lines)

@@ -6,6 +6,7 @@ Errors a user can fix (bad names, paths, values) print one line ``salunet: error
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -47,6 +48,32 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .train import config as C
+    from .train import train
+
+    overrides = {k: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    overrides = {k[4:]: v for k, v in overrides.items()}
+    if args.resume:
+        if args.recipe or args.config:
+            raise UserError("--resume continues a run with its saved config; drop --recipe/--config")
+        train(resume=args.resume, **{k: C.parse_value(k, v) for k, v in overrides.items()})
+        return 0
+    base = C.config_from_json(args.config) if args.config else {}
+    cfg = C.resolve_config(args.recipe, overrides, base=base)
+    train(cfg)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .train.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, data=args.data, data_path=args.data_path,
+                                 batch_size=args.batch_size, device=args.device, out=args.out)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="salunet", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -59,6 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--full", action="store_true", help="models: also full-width models (slow on CPU)")
     b.add_argument("--out", default="runs/bench", help="directory for the JSON-lines results")
     b.set_defaults(func=_cmd_bench)
+
+    from .train.config import RECIPES, TrainConfig
+
+    t = sub.add_parser("train", help="train a registered model (recipes, resume, torchrun)",
+                       description="Train. Precedence: defaults < --recipe < --config FILE < --KEY VALUE flags.")
+    t.add_argument("--recipe", choices=sorted(RECIPES), help="named recipe (overrides of the defaults)")
+    t.add_argument("--config", help="JSON file of config keys")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest valid checkpoint")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "recipe":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        t.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, metavar="V",
+                       help=f"(default {default!r})")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint's raw and EMA weights")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", help="data set (default: the checkpoint's)")
+    e.add_argument("--data-path", help="data path (default: the checkpoint's)")
+    e.add_argument("--batch-size", type=_positive_int, default=500)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", help="JSON result file (default: <run>/eval/<checkpoint>-<data>.json)")
+    e.set_defaults(func=_cmd_eval)
     return p
 
 
@@ -67,12 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, ValueError, FileNotFoundError) as exc:
+    except (UserError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
+            NotADirectoryError) as exc:
         if args.debug:
             raise
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"salunet: error: {msg}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if args.debug or type(exc).__name__ != "TrainingDiverged":
+            raise
+        print(f"salunet: stopped: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # disk full and the like: say it in one line, keep exit code 1
+        if args.debug:
+            raise
+        print(f"salunet: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("salunet: interrupted", file=sys.stderr)
         return 130

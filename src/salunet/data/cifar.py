@@ -1,0 +1,261 @@
+"""CIFAR-10 / CIFAR-100: the official python format (``.tar.gz`` or its extracted folder), an ``.npz`` with
+``x_train, y_train, x_test, y_test`` (uint8 NHWC, the layout of ``shared/data/cifar10.npz``), and download
+of the official archive with its published checksum.
+
+Safety: the official format is a Python pickle. It is read with a restricted unpickler that can build only
+dicts, lists, strings, bytes and numpy arrays: a crafted file cannot run code. Archives are extracted only
+after their checksum matches, member by member, refusing absolute paths, ``..``, links and devices.
+Downloads go to a temporary file that is renamed into place once verified (atomic: a failed download
+never leaves a half file under the final name).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["CIFAR", "ImageArrays", "load_cifar", "download_cifar", "validate_arrays", "safe_extract",
+           "read_npz"]
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    url: str
+    md5: str
+    archive: str
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: bytes
+    num_classes: int
+
+
+CIFAR = {  # published URLs and MD5 sums (Krizhevsky's page)
+    "cifar10": CifarSpec("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                         "c58f30108f718f92721af3b95e74349a", "cifar-10-python.tar.gz", "cifar-10-batches-py",
+                         tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), b"labels", 10),
+    "cifar100": CifarSpec("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                          "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python.tar.gz", "cifar-100-python",
+                          ("train",), ("test",), b"fine_labels", 100),
+}
+
+
+@dataclass
+class ImageArrays:
+    """A classification data set held in memory: uint8 NHWC images and int64 labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    source: str
+
+
+def validate_arrays(d: ImageArrays, where: str) -> ImageArrays:
+    """Reject wrong shapes, dtypes and labels with a message naming ``where`` and the problem."""
+    for split in ("train", "test"):
+        x, y = getattr(d, f"x_{split}"), getattr(d, f"y_{split}")
+        if x.dtype != np.uint8:
+            raise ValueError(f"{where}: x_{split} has dtype {x.dtype}, expected uint8 images (0-255)")
+        if x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise ValueError(f"{where}: x_{split} has shape {x.shape}, expected (N, H, W, C) with C = 1 or 3")
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(f"{where}: y_{split} has shape {y.shape}, expected ({len(x)},) labels")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{where}: y_{split} has dtype {y.dtype}, expected integer labels")
+        if len(x) == 0:
+            raise ValueError(f"{where}: x_{split} is empty")
+        if y.min() < 0 or y.max() >= d.num_classes:
+            raise ValueError(f"{where}: y_{split} has labels in [{y.min()}, {y.max()}], expected 0..{d.num_classes - 1}")
+    if d.x_train.shape[1:] != d.x_test.shape[1:]:
+        raise ValueError(f"{where}: train images {d.x_train.shape[1:]} and test images {d.x_test.shape[1:]} differ")
+    return d
+
+
+def read_npz(path: str | Path, num_classes: int | None = None) -> ImageArrays:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+            if missing:
+                raise ValueError(f"{path}: missing array(s) {', '.join(missing)}; an .npz needs x_train, "
+                                 "y_train, x_test, y_test")
+            arrs = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a readable .npz archive ({exc})") from None
+    n = num_classes or int(max(arrs["y_train"].max(), arrs["y_test"].max())) + 1
+    return validate_arrays(ImageArrays(**arrs, num_classes=n, source=str(path)), str(path))
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler for the CIFAR python format: numpy arrays and builtin containers only."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of the CIFAR format")
+
+
+def _read_batch(data: bytes, where: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        d = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as exc:  # noqa: BLE001 - any failure here means a bad file
+        raise ValueError(f"{where}: not a CIFAR python batch ({exc})") from None
+    if not isinstance(d, dict) or b"data" not in d or label_key not in d:
+        raise ValueError(f"{where}: not a CIFAR python batch (keys b'data' and {label_key!r} expected)")
+    x = np.asarray(d[b"data"])
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        raise ValueError(f"{where}: b'data' has shape {x.shape} and dtype {x.dtype}, expected (N, 3072) uint8")
+    y = np.asarray(d[label_key], dtype=np.int64)
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), y
+
+
+def _load_official(root: Path, spec: CifarSpec, name: str) -> ImageArrays:
+    """From the extracted folder (``root/<folder>`` or ``root`` itself) or the ``.tar.gz``."""
+    def read_all(get):
+        xs, ys = {}, {}
+        for split, files in (("train", spec.train_files), ("test", spec.test_files)):
+            parts = [_read_batch(get(f), f, spec.label_key) for f in files]
+            xs[split] = np.concatenate([p[0] for p in parts])
+            ys[split] = np.concatenate([p[1] for p in parts])
+        return ImageArrays(xs["train"], ys["train"], xs["test"], ys["test"], spec.num_classes, str(root))
+
+    if root.is_file():
+        try:
+            tf = tarfile.open(root, "r:*")
+        except (tarfile.TarError, OSError) as exc:
+            raise ValueError(f"{root}: not a readable {name} archive ({exc})") from None
+        with tf:
+            def get(f):
+                try:
+                    member = tf.getmember(f"{spec.folder}/{f}")
+                except KeyError:
+                    raise ValueError(f"{root}: archive has no {spec.folder}/{f}; is it the official {name} "
+                                     "python archive?") from None
+                except (tarfile.TarError, OSError, EOFError) as exc:
+                    raise ValueError(f"{root}: corrupt or truncated archive ({exc})") from None
+                try:
+                    return tf.extractfile(member).read()
+                except (tarfile.TarError, OSError, EOFError, AttributeError) as exc:
+                    raise ValueError(f"{root}: corrupt archive member {f} ({exc})") from None
+            return validate_arrays(read_all(get), str(root))
+    folder = root / spec.folder if (root / spec.folder).is_dir() else root
+
+    def get(f):
+        p = folder / f
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing {name} batch file; point --data-path at the extracted "
+                                    f"'{spec.folder}' folder, the .tar.gz, or use --download")
+        return p.read_bytes()
+    return validate_arrays(read_all(get), str(folder))
+
+
+def load_cifar(name: str, path: str | Path) -> ImageArrays:
+    """Load CIFAR ``name`` ("cifar10" | "cifar100") from an .npz, the official archive or its folder (or a
+    directory containing one of those)."""
+    if name not in CIFAR:
+        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(CIFAR)}")
+    spec = CIFAR[name]
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory; pass the .npz, the official archive or its "
+                                "folder, or add --download")
+    if p.is_file() and p.suffix == ".npz":
+        d = read_npz(p, spec.num_classes)
+        return d
+    if p.is_dir():
+        for candidate in (p / f"{name}.npz", p / spec.archive):
+            if candidate.is_file() and not (p / spec.folder).is_dir():
+                return load_cifar(name, candidate)
+    return _load_official(p, spec, name)
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tar archive into ``dest``, refusing members that would land outside it, links and devices."""
+    dest = dest.resolve()
+    with tarfile.open(archive, "r:*") as tf:
+        members = tf.getmembers()
+        for m in members:
+            target = (dest / m.name).resolve()
+            if m.name.startswith(("/", "\\")) or ".." in Path(m.name).parts or \
+                    (target != dest and dest not in target.parents):
+                raise ValueError(f"{archive}: refusing member {m.name!r}: it would be written outside {dest}")
+            if not (m.isfile() or m.isdir()):
+                raise ValueError(f"{archive}: refusing member {m.name!r}: links and special files are not allowed")
+        kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tf.extractall(dest, members=members, **kw)
+
+
+def download_cifar(name: str, root: str | Path, *, url: str | None = None, md5: str | None = None,
+                   progress: bool = True, timeout: float = 60.0) -> Path:
+    """Download the official archive into ``root`` (verified, atomic), extract it safely, return the folder.
+    ``url``/``md5`` default to the published ones (tests point them at a local server)."""
+    spec = CIFAR[name]
+    url, md5 = url or spec.url, md5 or spec.md5
+    root = Path(root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / spec.folder
+    if folder.is_dir():
+        return folder
+    archive = root / spec.archive
+    if not (archive.is_file() and _md5(archive) == md5):
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".download-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+                total = int(resp.headers.get("Content-Length") or 0)
+                bar = _bar(total, f"download {spec.archive}") if progress else None
+                for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(chunk)
+                    if bar:
+                        bar.update(len(chunk))
+                if bar:
+                    bar.close()
+            got = _md5(Path(tmp))
+            if got != md5:
+                raise ValueError(f"{url}: checksum mismatch (md5 {got}, expected {md5}); the download is "
+                                 "corrupt or not the official archive, nothing was kept")
+            os.replace(tmp, archive)
+        except OSError as exc:
+            raise ValueError(f"{url}: download failed ({exc}); check the network or download it by hand "
+                             f"into {root}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".extract-"))
+    try:
+        safe_extract(archive, staging)
+        if not (staging / spec.folder).is_dir():
+            raise ValueError(f"{archive}: archive has no '{spec.folder}' folder; not the official {name} archive")
+        os.replace(staging / spec.folder, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total or None, unit="B", unit_scale=True, desc=desc, leave=False)

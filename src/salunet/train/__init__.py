@@ -1,0 +1,8 @@
+"""Training: config and recipes, the loop, EMA, checkpoints, distributed setup."""
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import RECIPES, TrainConfig, resolve_config
+from .ema import EMA
+from .loop import TrainingDiverged, build_model, evaluate, lr_at, param_groups, train
+
+__all__ = ["train", "evaluate", "TrainConfig", "RECIPES", "resolve_config", "EMA", "save_checkpoint",
+           "load_checkpoint", "CheckpointError", "TrainingDiverged", "build_model", "lr_at", "param_groups"]

@@ -1,0 +1,76 @@
+"""Multi-process training with PyTorch's own engine: ``torchrun --nproc-per-node N -m salunet train ...``.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; we initialise ``torch.distributed`` (gloo on
+CPU, NCCL on CUDA) and wrap the model in DistributedDataParallel. Nothing here re-implements collective
+communication. Rank 0 alone logs, evaluates and writes checkpoints; the others wait at a barrier.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "setup", "teardown", "barrier", "broadcast_object"]
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def _resolve_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} requested but CUDA is not available; use --device cpu")
+        return torch.device("cuda", local_rank) if spec == "cuda" else torch.device(spec)
+    if spec != "cpu":
+        raise ValueError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def setup(device: str = "auto") -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(device=_resolve_device(device, 0))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _resolve_device(device, local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def teardown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def broadcast_object(info: DistInfo, obj):
+    """Send a picklable object from rank 0 to all ranks (in-process only; nothing read from disk)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,24 @@
+"""Benchmark helpers (measurements themselves live in benchmarks, never in tests)."""
+import torch
+from torch import nn
+
+from salunet.bench import fold_batchnorm, saved_bytes
+from salunet.models import create_model
+
+
+def test_fold_batchnorm_is_exact_and_removes_bn():
+    m = create_model("resnet18_bn", num_classes=10, width=8)
+    m.train()
+    m(torch.randn(8, 3, 32, 32))  # non-trivial running statistics
+    m.eval()
+    f = fold_batchnorm(m)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(f(x), m(x), rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(z, nn.BatchNorm2d) for z in f.modules())
+
+
+def test_saved_bytes_counts_batchnorm_relu():
+    bn, relu = nn.BatchNorm2d(4), nn.ReLU()
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    n = saved_bytes(lambda t: relu(bn(t)), x, list(bn.parameters()))
+    assert n >= 2 * x.numel() * 4  # BN keeps its input, ReLU its output

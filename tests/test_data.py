@@ -1,0 +1,209 @@
+"""Data: CIFAR official format / .npz / download (local server) / safe extraction, digits, image folders,
+batched augmentation."""
+import hashlib
+import http.server
+import io
+import pickle
+import tarfile
+import threading
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from salunet.data import (ImageFolder, download_cifar, load_arrays, load_cifar, mix_batch, random_crop,
+                          random_flip, read_npz, safe_extract, scan_folder)
+from salunet.data.cifar import _read_batch
+
+from helpers import make_cifar10_archive, make_image_folder, make_npz
+
+
+def test_official_archive_and_folder(tmp_path):
+    arch = make_cifar10_archive(tmp_path / "cifar-10-python.tar.gz")
+    d = load_cifar("cifar10", arch)
+    assert d.x_train.shape == (60, 32, 32, 3) and d.x_test.shape == (12, 32, 32, 3) and d.x_train.dtype == np.uint8
+    safe_extract(arch, tmp_path / "ex")
+    d2 = load_cifar("cifar10", tmp_path / "ex")
+    np.testing.assert_array_equal(d.x_train, d2.x_train)
+    np.testing.assert_array_equal(d.y_test, d2.y_test)
+
+
+def test_shared_cifar10_npz(cifar_npz):
+    d = load_arrays("cifar10", str(cifar_npz))
+    assert d.x_train.shape == (50000, 32, 32, 3) and d.num_classes == 10
+    assert np.bincount(d.y_test) .tolist() == [1000] * 10
+    m = d.x_train[:2000].reshape(-1, 3).mean(0)
+    assert np.allclose(m, [125.3, 122.95, 113.87], atol=3)
+
+
+@pytest.mark.parametrize("replace,match", [
+    (dict(x_train=np.zeros((4, 8, 8, 3), np.float32)), "dtype float32, expected uint8"),
+    (dict(x_train=np.zeros((64, 8, 8), np.uint8)), "expected \\(N, H, W, C\\)"),
+    (dict(y_train=np.full(64, 12)), "labels in \\[12, 12\\], expected 0..9"),
+    (dict(y_test=np.zeros(5, np.int64)), "y_test has shape"),
+    (dict(x_test=None), "missing array\\(s\\) x_test"),
+])
+def test_bad_npz(tmp_path, replace, match):
+    p = make_npz(tmp_path / "bad.npz", **replace)
+    with pytest.raises(ValueError, match=match):
+        load_cifar("cifar10", p)
+
+
+def test_not_an_npz_and_missing(tmp_path):
+    p = tmp_path / "junk.npz"
+    p.write_bytes(b"this is not a zip")
+    with pytest.raises(ValueError, match="junk.npz: not a readable .npz"):
+        read_npz(p)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_cifar("cifar10", tmp_path / "nope")
+    with pytest.raises(ValueError, match="unknown data set"):
+        load_arrays("mnist")
+
+
+def test_corrupt_archive(tmp_path):
+    arch = make_cifar10_archive(tmp_path / "c.tar.gz")
+    data = arch.read_bytes()
+    arch.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="c.tar.gz"):
+        load_cifar("cifar10", arch)
+
+
+def test_malicious_pickle_is_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with pytest.raises(ValueError, match="not a CIFAR python batch"):
+        _read_batch(pickle.dumps({b"data": Evil()}), "data_batch_1", b"labels")
+    assert not marker.exists()
+
+
+def _tar_with(tmp_path, name, link=False):
+    p = tmp_path / "evil.tar.gz"
+    with tarfile.open(p, "w:gz") as tf:
+        info = tarfile.TarInfo(name)
+        if link:
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tf.addfile(info)
+        else:
+            info.size = 2
+            tf.addfile(info, io.BytesIO(b"hi"))
+    return p
+
+
+@pytest.mark.parametrize("name,link", [("../escape.txt", False), ("/abs.txt", False), ("a/link", True)])
+def test_safe_extract_refuses(tmp_path, name, link):
+    arch = _tar_with(tmp_path, name, link)
+    with pytest.raises(ValueError, match="refusing member"):
+        safe_extract(arch, tmp_path / "out")
+    assert not (tmp_path / "escape.txt").exists()
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    root = tmp_path / "srv"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield root, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_download_from_local_server(tmp_path, local_server):
+    srv_root, base = local_server
+    arch = make_cifar10_archive(srv_root / "cifar-10-python.tar.gz")
+    md5 = hashlib.md5(arch.read_bytes()).hexdigest()
+    dest = tmp_path / "data"
+    folder = download_cifar("cifar10", dest, url=f"{base}/cifar-10-python.tar.gz", md5=md5, progress=False)
+    assert folder.name == "cifar-10-batches-py" and (dest / "cifar-10-python.tar.gz").is_file()
+    d = load_cifar("cifar10", dest)
+    assert d.x_train.shape[0] == 60
+    assert not list(dest.glob(".download-*")) and not list(dest.glob(".extract-*"))
+
+
+def test_download_checksum_mismatch_keeps_nothing(tmp_path, local_server):
+    srv_root, base = local_server
+    make_cifar10_archive(srv_root / "cifar-10-python.tar.gz")
+    dest = tmp_path / "data"
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        download_cifar("cifar10", dest, url=f"{base}/cifar-10-python.tar.gz", md5="0" * 32, progress=False)
+    assert list(dest.iterdir()) == []
+    with pytest.raises(ValueError, match="download failed"):
+        download_cifar("cifar10", dest, url=f"{base}/missing.tar.gz", md5="0" * 32, progress=False)
+
+
+def test_published_checksums_are_wired():
+    from salunet.data import CIFAR
+
+    assert CIFAR["cifar10"].md5 == "c58f30108f718f92721af3b95e74349a"
+    assert CIFAR["cifar100"].url.startswith("https://www.cs.toronto.edu/~kriz/")
+
+
+def test_digits_embedded():
+    d = load_arrays("digits")
+    assert d.x_train.shape == (1437, 8, 8, 1) and d.x_test.shape == (360, 8, 8, 1)
+    assert d.x_train.max() > 200 and set(np.unique(d.y_train)) == set(range(10))
+
+
+def test_image_folder(tmp_path):
+    root = make_image_folder(tmp_path / "imgs")
+    ds = ImageFolder(root / "train", train=True, size=12)
+    x, y = ds[0]
+    assert x.shape == (3, 12, 12) and x.dtype == torch.uint8 and y == 0
+    ev = ImageFolder(root / "val", train=False, size=12, classes=ds.classes)
+    assert ev[len(ev) - 1][1] == 1 and ev[0][0].shape == (3, 12, 12)
+    ds.set_epoch(0)
+    a = ds[1][0]
+    assert torch.equal(a, ds[1][0])  # reproducible per (seed, epoch, index)
+
+
+def test_image_folder_bad(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        scan_folder(tmp_path / "none")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images found"):
+        scan_folder(tmp_path / "empty")
+    root = make_image_folder(tmp_path / "imgs")
+    (root / "train" / "cat" / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="notes.txt: not an image file"):
+        scan_folder(root / "train")
+    (root / "train" / "cat" / "notes.txt").unlink()
+    (root / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    ds = ImageFolder(root / "train", train=False, size=8)
+    idx = [i for i, (p, _) in enumerate(ds.samples) if p.name == "broken.png"][0]
+    with pytest.raises(ValueError, match="broken.png: cannot decode"):
+        ds[idx]
+
+
+def test_random_crop_and_flip():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4) + 1
+    g = torch.Generator().manual_seed(0)
+    y = random_crop(x, 2, g)
+    assert y.shape == x.shape
+    # every crop is a shifted window of the zero-padded image: nonzero values keep their row/col order
+    for n in range(2):
+        nz = y[n, 0][y[n, 0] > 0]
+        assert torch.all(torch.isin(nz, x[n, 0]))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(random_flip(x, g1), random_flip(x, g2))
+    f = random_flip(x, torch.Generator().manual_seed(1))
+    for n in range(2):
+        assert torch.equal(f[n], x[n]) or torch.equal(f[n], x[n].flip(-1))
+
+
+def test_mixup_and_cutmix():
+    x = torch.randn(8, 3, 8, 8)
+    y = torch.arange(8)
+    xm, ya, yb, lam = mix_batch(x, y, 0.4, 0.0, torch.Generator().manual_seed(0))
+    assert 0 <= lam <= 1 and torch.equal(ya, y)
+    torch.testing.assert_close(xm, lam * x + (1 - lam) * x[yb])  # y = arange, so yb is the permutation
+    xc, ya, yb, lam = mix_batch(x, y, 0.0, 1.0, torch.Generator().manual_seed(1))
+    changed = (xc != x).any(1).float().mean((1, 2))  # fraction of pixels pasted, per image
+    assert torch.allclose(changed[yb != ya], torch.full_like(changed[yb != ya], 1 - lam), atol=1e-6)
+    assert mix_batch(x, y, 0, 0, torch.Generator())[3] == 1.0
