@@ -1,12 +1,13 @@
-"""Shared test setup. Kernels run eagerly by default (compiling every shape a test meets would dominate the
-suite's time); tests of the compiled path ask for the ``compiled_kernels`` fixture."""
+"""Shared test setup. Kernels take the C++ CPU path by default (``cpp``: a build failure is an error here,
+never a silent fallback); numerics tests run on every path through the ``path`` fixture, and tests of the
+inductor path ask for ``compiled_kernels`` (compiling every shape a test meets would dominate the suite)."""
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("SALUNET_KERNELS", "eager")
+os.environ.setdefault("SALUNET_KERNELS", "cpp")
 
 from salunet.nn import kernels  # noqa: E402
 
@@ -25,7 +26,13 @@ def _seed_and_mode():
 def compiled_kernels():
     kernels.set_kernel_mode("compiled")
     yield
-    kernels.set_kernel_mode("eager")
+
+
+@pytest.fixture(params=["eager", "cpp"])
+def path(request):
+    """Run the test once on the eager (op-by-op) path and once on the C++ kernels."""
+    kernels.set_kernel_mode(request.param)
+    return request.param
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ LAYOUTS = {  # x shape, parameter shape
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("op", OPS)
-def test_gradcheck_float64(op, layout):
+def test_gradcheck_float64(op, layout, path):
     xs, ps = LAYOUTS[layout]
     x = (torch.randn(xs, dtype=torch.float64) * 2).requires_grad_()
     a, b = _params(ps), _params(ps)
@@ -33,14 +33,14 @@ def test_gradcheck_float64(op, layout):
 
 
 @pytest.mark.parametrize("op", PAIRS)
-def test_gradcheck_pairs(op):
+def test_gradcheck_pairs(op, path):
     x = (torch.randn(2, 3, 4, 4, dtype=torch.float64) * 2).requires_grad_()
     ps = [_params((3, 1, 1)) for _ in range(4)]
     assert gradcheck(lambda *t: PAIRS[op][0](*t), (x, *ps))
 
 
 @pytest.mark.parametrize("op", list(OPS) + list(PAIRS))
-def test_fused_matches_reference(op):
+def test_fused_matches_reference(op, path):
     fused, ref = {**OPS, **PAIRS}[op]
     n = 2 if op in OPS else 4
     x = (torch.randn(4, 5, 3, 3, dtype=torch.float64) * 3).requires_grad_()
@@ -55,7 +55,7 @@ def test_fused_matches_reference(op):
         torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
 
 
-def test_float32_matches_float64_reference():
+def test_float32_matches_float64_reference(path):
     x = torch.randn(8, 16, 4, 4) * 4
     a, b = torch.rand(16, 1, 1) + 0.2, torch.rand(16, 1, 1) + 0.2
     for op, (fused, ref) in OPS.items():

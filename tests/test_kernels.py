@@ -38,7 +38,7 @@ def _grads(op, x, a, b):
 
 @pytest.mark.parametrize("ab", PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_salu_edge_cases(dtype, ab):
+def test_salu_edge_cases(dtype, ab, path):
     a, b = ab
     amp = math.sqrt(a / b)
     x = _edge_values(dtype)
@@ -61,7 +61,7 @@ def test_salu_edge_cases(dtype, ab):
 @pytest.mark.parametrize("op", ["swalu", "galu"])
 @pytest.mark.parametrize("ab", PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gate_edge_cases(op, dtype, ab):
+def test_gate_edge_cases(op, dtype, ab, path):
     a, b = ab
     amp = math.sqrt(a / b)
     cdf = torch.sigmoid if op == "swalu" else (lambda s: 0.5 * torch.erfc(-s / math.sqrt(2)))
@@ -88,7 +88,7 @@ def test_gate_edge_cases(op, dtype, ab):
 
 @pytest.mark.parametrize("op", ["salu", "swalu", "galu"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_inf_and_nan(op, dtype):
+def test_inf_and_nan(op, dtype, path):
     a, b = torch.tensor(2.0), torch.tensor(0.5)
     x = torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=dtype)
     y = getattr(F, op)(x, a, b).float()
@@ -108,12 +108,48 @@ def test_reference_collapses_where_fused_does_not():
     assert F.salu(torch.tensor([300.0], dtype=torch.float16), one.half(), one.half(), impl="reference").item() == 0
 
 
-@pytest.mark.parametrize("module", [SALU, SWALU, GALU])
-def test_compiled_matches_eager(module, compiled_kernels):
-    m = module(8)
+LAYOUTS = {  # name: (module factory, input factory)
+    "NCHW": (lambda cls: cls(8), lambda: torch.randn(4, 8, 5, 5) * 3),
+    "channels_last": (lambda cls: cls(8), lambda: (torch.randn(4, 8, 5, 5) * 3).to(memory_format=torch.channels_last)),
+    "tokens": (lambda cls: cls(24, dim=-1), lambda: torch.randn(3, 7, 24) * 3),
+    "NC": (lambda cls: cls(8), lambda: torch.randn(5, 8) * 3),
+    "scalar": (lambda cls: cls(), lambda: torch.randn(4, 8, 5, 5) * 3),
+    "non-contiguous": (lambda cls: cls(8), lambda: (torch.randn(5, 5, 8, 4) * 3).permute(3, 2, 0, 1)),
+}
+MODULES = {"SALU": SALU, "SWALU": SWALU, "GALU": GALU,
+           "SALU+SWALU": lambda *a, **k: SALUAct(SALU(*a, **k), SWALU(*a, **k)),
+           "SALU+GALU": lambda *a, **k: SALUAct(SALU(*a, **k), GALU(*a, **k))}
+
+
+def _randomise(m):
     with torch.no_grad():
-        m.log_a.uniform_(-1, 1)
-        m.log_b.uniform_(-3, 0)
+        for name, p in m.named_parameters():
+            p.uniform_(-1, 1) if name.endswith("log_a") else p.uniform_(-3, 0)
+    return m
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("module", MODULES)
+def test_cpp_matches_eager(module, layout):
+    """The C++ kernels give the eager path's values and gradients (x and every parameter) on every layout."""
+    make_module, make_x = LAYOUTS[layout]
+    m = _randomise(make_module(MODULES[module]))
+    x = make_x()
+    g = torch.randn_like(x)
+    outs = {}
+    for mode in ("cpp", "eager"):
+        kernels.set_kernel_mode(mode)
+        xx = x.clone().requires_grad_()
+        y = m(xx)
+        assert y.stride() == x.stride() or layout == "non-contiguous"
+        outs[mode] = (y, *torch.autograd.grad(y, (xx, *m.parameters()), g))
+    for c, e in zip(outs["cpp"], outs["eager"]):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("module", ["SALU", "SWALU", "GALU"])
+def test_compiled_matches_eager(module, compiled_kernels):
+    m = _randomise(MODULES[module](8))
     x = torch.randn(4, 8, 5, 5) * 3
     g = torch.randn_like(x)
     outs = {}
@@ -121,13 +157,14 @@ def test_compiled_matches_eager(module, compiled_kernels):
         kernels.set_kernel_mode(mode)
         xx = x.clone().requires_grad_()
         y = m(xx)
-        grads = torch.autograd.grad(y, (xx, m.log_a, m.log_b), g)
-        outs[mode] = (y, *grads)
+        outs[mode] = (y, *torch.autograd.grad(y, (xx, m.log_a, m.log_b), g))
     for c, e in zip(outs["compiled"], outs["eager"]):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_pair_matches_unfused_and_channels_last(compiled_kernels):
+@pytest.mark.parametrize("mode", ["cpp", "compiled"])
+def test_pair_matches_unfused_and_channels_last(mode):
+    kernels.set_kernel_mode(mode)
     pair = SALUAct(SALU(8, a_init=0.7, b_init=0.3), SWALU(8))
     x = (torch.randn(2, 8, 6, 6) * 2).to(memory_format=torch.channels_last).requires_grad_()
     y = pair(x)
@@ -141,8 +178,22 @@ def test_compiled_pair_matches_unfused_and_channels_last(compiled_kernels):
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_kernel_path_is_reported():
+    kernels.set_kernel_mode("cpp")
+    assert kernels.kernel_path("cpu").startswith("C++")
+    kernels.set_kernel_mode("eager")
+    assert "SALUNET_KERNELS=eager" in kernels.kernel_path("cpu")
+    kernels.set_kernel_mode("compiled")
+    assert kernels.kernel_path("cpu").startswith("compiled")
+    with pytest.raises(ValueError, match="use one of"):
+        kernels.set_kernel_mode("fast")
+    kernels.set_kernel_mode("cpp")
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        kernels._path_for(torch.device("meta"))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_autocast_lowp_input(dtype):
+def test_autocast_lowp_input(dtype, path):
     """Under autocast a conv yields low-precision maps; SALU computes in float32 and returns the input dtype,
     with parameter gradients in float32."""
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
@@ -158,7 +209,7 @@ def test_autocast_lowp_input(dtype):
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
 
 
-def test_saved_bytes_at_most_input():
+def test_saved_bytes_at_most_input(path):
     x = torch.randn(4, 16, 8, 8, requires_grad=True)
     nbytes = x.numel() * 4
     for m in (SALU(16), SWALU(16), GALU(16), SALUAct(SALU(16), GALU(16))):

@@ -61,11 +61,12 @@ class OpResult:
 
 
 def _path(variant: str) -> str:
-    if "eager" in variant:
-        return "salunet eager"
-    if "salu" in variant and "reference" not in variant:
-        return "salunet " + kernels.kernel_path("cpu")
-    return "torch"
+    if "reference" in variant or "salu" not in variant:
+        return "torch"
+    for key, mode in (("eager", "eager"), ("C++", "cpp"), ("inductor", "compiled")):
+        if key in variant:
+            return "salunet " + mode
+    return "salunet " + kernels.kernel_path("cpu")
 
 
 def _measure(case: str, shape: tuple[int, ...], variants: dict[str, tuple[nn.Module | Callable, list]],
@@ -131,19 +132,22 @@ def bench_ops(repeats: int = 15, warmup: int = 3, threads: int = 2,
     b = torch.ones(C, 1, 1, requires_grad=True)
     ref_compiled = torch.compile(F.salu_reference, dynamic=False)
 
-    def eager_fused(x):
-        old = kernels.get_kernel_mode()
-        kernels.set_kernel_mode("eager")
-        try:
-            return s3(x)
-        finally:
-            kernels.set_kernel_mode(old)
+    def in_mode(mode, m):
+        def run(x):
+            old = kernels.get_kernel_mode()
+            kernels.set_kernel_mode(mode)
+            try:
+                return m(x)
+            finally:
+                kernels.set_kernel_mode(old)
+        return run
 
     progress("ops: SALU alone, variants ...")
     results += _measure("salu_64x64x32x32", (64, C, 32, 32), {
         "batchnorm2d": (bn, params(bn)),
-        "salu fused": (s3, params(s3)),
-        "salu fused, eager": (eager_fused, params(s3)),
+        "salu fused, C++": (in_mode("cpp", s3), params(s3)),
+        "salu fused, inductor": (in_mode("compiled", s3), params(s3)),
+        "salu fused, eager": (in_mode("eager", s3), params(s3)),
         "salu reference": (lambda x: F.salu_reference(x, a, b), [a, b]),
         "salu reference, torch.compile": (lambda x: ref_compiled(x, a, b), [a, b]),
     }, "batchnorm2d", repeats, warmup)

@@ -20,12 +20,17 @@ float16 / bfloat16 inputs are computed in float32 and returned in their own dtyp
 
 Gates (SPEC.md **[decided]**): SWALU(x) = x * sigmoid(SALU(x)), GALU(x) = x * Phi(SALU(x)).
 
-Execution. The math below is plain tensor code. :class:`FusedFn` (a custom autograd Function) runs it either
-through ``torch.compile`` (inductor: one C++/OpenMP loop on CPU, one Triton kernel on CUDA; this is what
-makes SALU cheaper than BatchNorm) or op by op in eager mode. ``set_kernel_mode`` / ``SALUNET_KERNELS``
-(``auto`` | ``compiled`` | ``eager``) choose; ``auto`` compiles and, if compilation is impossible on this
-machine (no C++ compiler, say), warns once and says that the slower eager path is taken. Inside a model that
-the user compiles, the math is traced inline so that inductor can fuse it with its neighbours.
+Execution. The math below is plain tensor code; :class:`FusedFn` (a custom autograd Function) runs it on one
+of three paths, chosen by ``set_kernel_mode`` / ``SALUNET_KERNELS``:
+
+- ``cpp`` (``auto`` on CPU): the same math hand-written in ``csrc/salu_cpu.cpp`` with ATen's vector types, one
+  pass over memory per direction, parameter gradients reduced in per-thread accumulators; built once per
+  machine (:mod:`salunet.nn.cpu_ext`). This is what makes SALU+SWALU cheaper than BatchNorm+ReLU on CPU.
+- ``compiled`` (``auto`` on CUDA): ``torch.compile``/inductor of the functions below (one Triton kernel).
+- ``eager``: the functions below op by op.
+If the chosen path cannot be built on this machine, ``auto`` warns once, says why, and takes the eager path.
+Inside a model that the user compiles, the math is traced inline so that inductor can fuse it with its
+neighbours (no graph break).
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from . import cpu_ext
 
 __all__ = ["OPS", "LOG_LIMIT", "FusedFn", "fused", "get_kernel_mode", "set_kernel_mode", "kernel_path"]
 
@@ -168,20 +175,27 @@ def _prepare(log_params: bool, cdt: torch.dtype, params: Sequence[Tensor]):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# execution mode: compiled (inductor) or eager
+# execution paths: C++ (CPU), compiled (inductor), eager
 
-_MODES = ("auto", "compiled", "eager")
+_MODES = ("auto", "cpp", "compiled", "eager")
 _mode = os.environ.get("SALUNET_KERNELS", "auto").strip().lower() or "auto"
 if _mode not in _MODES:
     raise ValueError(f"SALUNET_KERNELS={_mode!r} is not a kernel mode; use one of {', '.join(_MODES)}")
 _compile_failed: str | None = None  # reason, once compilation has failed in auto mode
 _compiled: dict[tuple, Callable] = {}
 _reported: set[str] = set()
+_OP_CODE = {op: i for i, op in enumerate(OPS)}  # must match enum Op in csrc/salu_cpu.cpp
 
 
 def set_kernel_mode(mode: str) -> None:
-    """Choose how fused kernels execute: ``auto`` (compile, else eager with a warning), ``compiled`` or
-    ``eager``. Also settable with the environment variable ``SALUNET_KERNELS``."""
+    """Choose how fused kernels execute (also settable with the environment variable ``SALUNET_KERNELS``):
+
+    - ``auto`` (default): the C++ kernels on CPU tensors, ``torch.compile`` (Triton) on CUDA and other
+      devices; if that path cannot be built on this machine, warn once, say why, and run eagerly;
+    - ``cpp``: the C++ kernels (CPU tensors only); an error if they cannot be built;
+    - ``compiled``: ``torch.compile``/inductor on every device (one compilation per input shape);
+    - ``eager``: the same math op by op (slowest; no build step).
+    """
     global _mode
     mode = str(mode).strip().lower()
     if mode not in _MODES:
@@ -193,21 +207,54 @@ def get_kernel_mode() -> str:
     return _mode
 
 
+def _path_for(device: torch.device) -> str:
+    """The path (``cpp`` / ``compiled`` / ``eager``) that the current mode takes on ``device``."""
+    global _compile_failed
+    if _mode == "eager":
+        return "eager"
+    if _mode == "compiled":
+        return "compiled"
+    if device.type == "cpu":
+        if cpu_ext.load() is not None:
+            return "cpp"
+        if _mode == "cpp":
+            raise RuntimeError(f"salunet: the C++ CPU kernels could not be built ({cpu_ext.load_error()}); "
+                               "install a C++ compiler and ninja, or use SALUNET_KERNELS=compiled or eager")
+        _warn_fallback(f"the C++ CPU kernels could not be built ({cpu_ext.load_error()})")
+        return "eager"
+    if _mode == "cpp":
+        raise ValueError(f"salunet: kernel mode 'cpp' runs CPU tensors only, got a tensor on {device}; "
+                         "use 'auto' or 'compiled'")
+    return "eager" if _compile_failed is not None else "compiled"
+
+
+def _warn_fallback(reason: str) -> None:
+    if reason in _reported:
+        return
+    _reported.add(reason)
+    warnings.warn(f"salunet: {reason}; falling back to the eager path, which is several times slower. "
+                  "Set SALUNET_KERNELS=eager to silence this.", RuntimeWarning, stacklevel=5)
+
+
 def kernel_path(device: torch.device | str = "cpu") -> str:
     """Describe the path that fused kernels take on ``device`` right now (for logs and benchmarks)."""
-    dev = torch.device(device).type
-    if _mode == "eager":
-        return "eager (op by op; SALUNET_KERNELS=eager)"
-    if _compile_failed is not None and _mode == "auto":
-        return f"eager (op by op; torch.compile failed: {_compile_failed})"
-    backend = "C++/OpenMP" if dev == "cpu" else "Triton" if dev == "cuda" else dev
-    return f"compiled (torch.compile/inductor, {backend})"
+    dev = torch.device(device)
+    path = _path_for(dev)
+    if path == "cpp":
+        return f"C++ (salunet CPU extension, {cpu_ext._capability()})"
+    if path == "compiled":
+        backend = "C++/OpenMP" if dev.type == "cpu" else "Triton" if dev.type == "cuda" else dev.type
+        return f"compiled (torch.compile/inductor, {backend})"
+    why = ("SALUNET_KERNELS=eager" if _mode == "eager" else f"torch.compile failed: {_compile_failed}"
+           if dev.type != "cpu" else f"C++ build failed: {cpu_ext.load_error()}")
+    return f"eager (op by op; {why})"
 
 
-def _report(path: str) -> None:
-    if path not in _reported:
-        _reported.add(path)
-        log.info("salunet kernels: %s", path)
+def _report(device: torch.device) -> None:
+    key = ("path", device.type)
+    if key not in _reported:
+        _reported.add(key)
+        log.info("salunet kernels on %s: %s", device.type, kernel_path(device))
 
 
 def _fresh_copy(fn: Callable, tag: int) -> Callable:
@@ -221,59 +268,111 @@ def _get_compiled(direction: str, op: str, x: Tensor, derived: Sequence[Tensor])
     key = (direction, op, x.dtype, tuple(x.shape), x.stride(), x.device, tuple(d.shape for d in derived[::5]))
     fn = _compiled.get(key)
     if fn is None:
-        # One static-shape kernel per (op, dtype, shape, layout, device). Static shapes matter: inductor
-        # turns them into loops about 1.6x faster than dynamic-shape ones for the per-channel reductions of
-        # backward. A training run meets only a handful of shapes (train, eval and last-batch sizes per
-        # layer shape); each costs one compilation (seconds, cached on disk by inductor across runs).
+        # One static-shape kernel per (op, dtype, shape, layout, device): inductor turns static shapes into
+        # loops about 1.6x faster than dynamic-shape ones for the per-channel reductions of backward. Each
+        # costs one compilation (seconds, cached on disk by inductor across runs).
         fn = torch.compile(_fresh_copy(_fwd_core if direction == "fwd" else _bwd_core, len(_compiled)),
                            dynamic=False, fullgraph=True)
         _compiled[key] = fn
         if len(_compiled) in (64, 256, 1024):
             log.warning("salunet kernels: %d compiled specialisations so far; inputs of ever-changing "
-                        "shape recompile each time, consider SALUNET_KERNELS=eager", len(_compiled))
+                        "shape recompile each time, consider SALUNET_KERNELS=eager or cpp", len(_compiled))
     return fn
 
 
 def _call_core(direction: str, op: str, *args: Tensor):
-    """Run the fwd/bwd core compiled or eagerly, per the kernel mode; say (once) which path is taken."""
+    """Run the fwd/bwd math compiled or eagerly (the non-C++ paths); inputs already in the compute dtype."""
     global _compile_failed
     core = _fwd_core if direction == "fwd" else _bwd_core
     if torch.compiler.is_compiling():  # inside the user's compiled model: trace inline, let inductor fuse
         return core(op, *args)
     x = args[0] if direction == "fwd" else args[1]
-    if _mode == "eager" or (_mode == "auto" and _compile_failed is not None):
-        _report(kernel_path(x.device))
+    if _path_for(x.device) == "eager":
         return core(op, *args)
     derived = args[1:] if direction == "fwd" else args[2:]
     fn = _get_compiled(direction, op, x, derived)
     try:
-        out = fn(op, *args)
+        return fn(op, *args)
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: this machine cannot compile
         if _mode == "compiled":
             raise
         _compile_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
-        warnings.warn(
-            "salunet: torch.compile could not build the fused SALU kernels "
-            f"({_compile_failed}); falling back to the eager path, which is several times slower. "
-            "Set SALUNET_KERNELS=eager to silence this, or install a C++ compiler.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        _warn_fallback(f"torch.compile could not build the fused SALU kernels ({_compile_failed})")
         return core(op, *args)
-    _report(kernel_path(x.device))
+
+
+# ---- the C++ path: (outer, C, inner) layouts ---------------------------------------------------------------
+
+def _cpp_layout(x: Tensor, pshape: torch.Size):
+    """``(x, outer, C, inner, axis)`` describing ``x`` in memory order with per-channel parameters of
+    broadcast shape ``pshape`` along ``axis`` (None for scalar parameters), or None if the parameters vary
+    along more than one axis (then the generic path runs). ``x`` is made dense if it is not."""
+    nd = x.dim()
+    aligned = (1,) * (nd - len(pshape)) + tuple(pshape)
+    axes = [i for i, n in enumerate(aligned) if n != 1]
+    if len(axes) > 1:
+        return None
+    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(nd)
+    dense = x.is_contiguous() or (cl is not None and x.is_contiguous(memory_format=cl))
+    if not axes:
+        x = x if dense else x.contiguous()
+        return x, 1, 1, x.numel(), None
+    k = axes[0]
+    if not x.is_contiguous():
+        if k == 1 and cl is not None and x.is_contiguous(memory_format=cl):
+            return x, x.numel() // x.shape[1], x.shape[1], 1, k  # (N, *spatial, C) in memory
+        x = x.contiguous()
+    outer = math.prod(x.shape[:k])
+    return x, outer, x.shape[k], math.prod(x.shape[k + 1:]), k
+
+
+def _cpp_params(derived: Sequence[Tensor], C: int) -> Tensor:
+    return torch.stack([d.reshape(-1).expand(C) for d in derived]).contiguous()
+
+
+def _cpp_forward(op: str, x: Tensor, derived: Sequence[Tensor]):
+    lay = _cpp_layout(x, torch.broadcast_shapes(*(d.shape for d in derived[::5])))
+    if lay is None:
+        return None
+    x, outer, C, inner, _ = lay
+    out = torch.empty_like(x)  # dense input: same strides, so the same memory order
+    cpu_ext.load().forward(_OP_CODE[op], x, _cpp_params(derived, C), out, outer, C, inner)
     return out
+
+
+def _cpp_backward(op: str, g: Tensor, x: Tensor, derived: Sequence[Tensor]):
+    lay = _cpp_layout(x, torch.broadcast_shapes(*(d.shape for d in derived[::5])))
+    if lay is None:
+        return None
+    x, outer, C, inner, _ = lay
+    g = g.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    gx = torch.empty_like(x)
+    grads = cpu_ext.load().backward(_OP_CODE[op], g, x, _cpp_params(derived, C), gx, outer, C, inner)
+    shapes = [d.shape for d in derived[::5] for _ in (0, 1)]
+    return (gx, *[gr.to(derived[0].dtype).reshape(shp) if math.prod(shp) == C else gr.sum().reshape(shp)
+                  for gr, shp in zip(grads, shapes)])
 
 
 def _forward(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor]) -> Tensor:
     cdt = _compute_dtype(x, *params)
     _, derived = _prepare(log_params, cdt, params)
+    if not torch.compiler.is_compiling() and _path_for(x.device) == "cpp":
+        _report(x.device)
+        y = _cpp_forward(op, x if cdt != torch.float64 else x.to(cdt), derived)
+        if y is not None:
+            return y.to(x.dtype)
     return _call_core("fwd", op, x.to(cdt), *derived).to(x.dtype)
 
 
 def _backward(op: str, log_params: bool, g: Tensor, x: Tensor, params: Sequence[Tensor]):
     cdt = _compute_dtype(x, *params)
     ps, derived = _prepare(log_params, cdt, params)
-    gx, *gps = _call_core("bwd", op, g.to(cdt), x.to(cdt), *derived)
+    res = None
+    if not torch.compiler.is_compiling() and _path_for(x.device) == "cpp":
+        res = _cpp_backward(op, g, x if cdt != torch.float64 else x.to(cdt), derived)
+    if res is None:
+        res = _call_core("bwd", op, g.to(cdt), x.to(cdt), *derived)
+    gx, *gps = res
     out = [gx.to(x.dtype)]
     for gp, p, raw in zip(gps, ps, params):
         gp = gp.sum_to_size(raw.shape)

@@ -1,0 +1,329 @@
+// Fused CPU kernels for SALU, SWALU, GALU and the SALU -> gate pairs (salunet, arXiv 2606.02927).
+//
+// One pass over memory in forward (read x, write y) and one in backward (read x and dL/dy, write dL/dx, reduce
+// the parameter gradients in per-thread accumulators). The math is the same rescaled, overflow-free form as
+// salunet/nn/kernels.py (see its docstring for the derivation):
+//
+//     t = clamp(x * sqrt(ab), -T, T),  r = rsqrt(1 + t^2),  q = t r,  SALU(x) = A q
+//
+// Layout. The caller views the tensor as (outer, C, inner) in memory order, the parameters being per channel c
+// (C == 1 for scalar parameters). When inner > 1 (NCHW feature maps) a run of `inner` elements shares one
+// parameter set and is vectorised along itself; when inner == 1 (token tensors, channels_last maps) rows of C
+// channels are vectorised along C with the parameters loaded as vectors.
+//
+// Parameters arrive pre-derived (kernels.py `_derive`): for each SALU stage five rows of length C:
+// sqrt(ab), A = sqrt(a/b), a, w = 1/sqrt(ab), A/(2b); in the compute dtype (double for double input, else float).
+// Half / BFloat16 storage is converted to float on load and back on store.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::vec::Vectorized;
+
+enum Op : int64_t { SALU = 0, SWALU = 1, GALU = 2, SALU_SWALU = 3, SALU_GALU = 4 };
+
+inline bool is_pair(int64_t op) { return op == SALU_SWALU || op == SALU_GALU; }
+inline bool is_normal_gate(int64_t op) { return op == GALU || op == SALU_GALU; }
+inline int64_t n_stages(int64_t op) { return is_pair(op) ? 2 : 1; }
+
+template <typename T>
+constexpr T clamp_limit() { return std::is_same<T, double>::value ? T(1e150) : T(1e18); }
+
+// ---- loads and stores with conversion between storage (S) and compute (T) types ---------------------------
+
+template <typename S, typename T>
+inline Vectorized<T> load(const S* p, int64_t n) {
+  if constexpr (std::is_same<S, T>::value) {
+    return n == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
+  } else {
+    T buf[Vectorized<T>::size()] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<T>(p[i]);
+    return Vectorized<T>::loadu(buf);
+  }
+}
+
+template <typename S, typename T>
+inline void store(S* p, const Vectorized<T>& v, int64_t n) {
+  if constexpr (std::is_same<S, T>::value) {
+    if (n == Vectorized<T>::size()) v.store(p); else v.store(p, n);
+  } else {
+    T buf[Vectorized<T>::size()];
+    v.store(buf);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<S>(buf[i]);
+  }
+}
+
+// ---- the math on vectors ------------------------------------------------------------------------------------
+
+template <typename T>
+struct Stage {  // derived parameters of one SALU stage, broadcast or loaded per lane
+  Vectorized<T> sab, amp, a, w, hb;
+};
+
+template <typename T>
+inline Stage<T> stage_at(const T* d, int64_t C, int64_t stage, int64_t c, int64_t n, bool per_lane) {
+  const T* base = d + stage * 5 * C;
+  Stage<T> s;
+  Vectorized<T>* f[5] = {&s.sab, &s.amp, &s.a, &s.w, &s.hb};
+  for (int k = 0; k < 5; ++k)
+    *f[k] = per_lane ? load<T, T>(base + k * C + c, n) : Vectorized<T>(base[k * C + c]);
+  return s;
+}
+
+// r = rsqrt(1 + t^2), q = t r with t = clamp(x sqrt(ab)); clamp via maximum/minimum, which propagate NaN
+template <typename T>
+inline void salu_terms(const Vectorized<T>& x, const Stage<T>& s, Vectorized<T>& r, Vectorized<T>& q) {
+  const Vectorized<T> lim(clamp_limit<T>()), one(T(1));
+  auto t = at::vec::minimum(at::vec::maximum(x * s.sab, -lim), lim);
+  r = (one + t * t).rsqrt();
+  q = t * r;
+}
+
+// Standard normal CDF and density in float: Abramowitz & Stegun 7.1.26 for erf (|error| < 1.5e-7, the form
+// ATen's own vectorised erf uses), whose exp(-u^2) with u = s/sqrt(2) *is* exp(-s^2/2): one exp gives both.
+inline void normal_cdf_pdf(const Vectorized<float>& s, Vectorized<float>& cdf, Vectorized<float>& pdf) {
+  const Vectorized<float> one(1.f), half(0.5f), p(0.3275911f);
+  const Vectorized<float> p1(0.254829592f), p2(-0.284496736f), p3(1.421413741f), p4(-1.453152027f),
+      p5(1.061405429f);
+  auto u = s.abs() * Vectorized<float>(static_cast<float>(M_SQRT1_2));
+  auto t = one / (one + p * u);
+  auto poly = ((((p5 * t + p4) * t + p3) * t + p2) * t + p1) * t;
+  auto e = (u * u).neg().exp();               // exp(-s^2 / 2)
+  auto tail = half * poly * e;                // 1 - Phi(|s|)
+  cdf = Vectorized<float>::blendv(one - tail, tail, s < Vectorized<float>(0.f));
+  pdf = e * Vectorized<float>(0.3989422804014327f);  // 1/sqrt(2 pi)
+}
+
+inline void normal_cdf_pdf(const Vectorized<double>& s, Vectorized<double>& cdf, Vectorized<double>& pdf) {
+  const Vectorized<double> half(0.5);
+  cdf = half + half * (s * Vectorized<double>(M_SQRT1_2)).erf();
+  pdf = (Vectorized<double>(-0.5) * s * s).exp() * Vectorized<double>(0.3989422804014327);
+}
+
+// gate p(s) and its derivative p'(s): logistic (SWALU) or standard normal CDF (GALU)
+template <typename T>
+inline void gate(const Vectorized<T>& s, bool normal, Vectorized<T>& p, Vectorized<T>& dp) {
+  if (normal) {
+    normal_cdf_pdf(s, p, dp);
+  } else {
+    const Vectorized<T> one(T(1));
+    p = one / (one + s.neg().exp());
+    dp = p * (one - p);
+  }
+}
+
+template <typename T>
+inline Vectorized<T> fwd(int64_t op, const Vectorized<T>& x, const Stage<T>& s1, const Stage<T>& s2) {
+  Vectorized<T> r, q, p, dp;
+  salu_terms(x, s1, r, q);
+  Vectorized<T> z = s1.amp * q;  // SALU(x)
+  if (op == SALU) return z;
+  if (!is_pair(op)) {  // x * gate(SALU(x))
+    gate(z, is_normal_gate(op), p, dp);
+    return x * p;
+  }
+  salu_terms(z, s2, r, q);
+  gate(s2.amp * q, is_normal_gate(op), p, dp);
+  return z * p;
+}
+
+// backward of one SALU: dL/dx and the unreduced dL/da, dL/db
+template <typename T>
+inline void salu_bwd(const Vectorized<T>& g, const Vectorized<T>& r, const Vectorized<T>& q, const Stage<T>& s,
+                     Vectorized<T>& gx, Vectorized<T>& ga, Vectorized<T>& gb) {
+  auto r2 = r * r;
+  gx = g * s.a * r2 * r;
+  ga = g * s.w * q * (r2 + Vectorized<T>(T(0.5)) * q * q);
+  gb = g * s.hb.neg() * q * q * q;
+}
+
+// backward of a gate x * p(SALU(x)) given the SALU terms (r, q) of x
+template <typename T>
+inline void gate_bwd(const Vectorized<T>& g, const Vectorized<T>& x, const Vectorized<T>& r, const Vectorized<T>& q,
+                     const Stage<T>& s, bool normal, Vectorized<T>& gx, Vectorized<T>& ga, Vectorized<T>& gb) {
+  Vectorized<T> p, dp;
+  auto sq = s.amp * q;
+  gate(sq, normal, p, dp);
+  auto r2 = r * r;
+  gx = g * (p + dp * sq * r2);  // x * dSALU/dx = A q r^2: bounded, never x * r^3 of a huge x
+  auto gxd = g * x * dp;
+  ga = gxd * s.w * q * (r2 + Vectorized<T>(T(0.5)) * q * q);
+  gb = gxd * s.hb.neg() * q * q * q;
+}
+
+// full backward: gx and up to four unreduced parameter gradients (a1, b1[, a2, b2])
+template <typename T>
+inline void bwd(int64_t op, const Vectorized<T>& g, const Vectorized<T>& x, const Stage<T>& s1, const Stage<T>& s2,
+                Vectorized<T>& gx, Vectorized<T>* gp) {
+  Vectorized<T> r1, q1;
+  salu_terms(x, s1, r1, q1);
+  if (op == SALU) {
+    salu_bwd(g, r1, q1, s1, gx, gp[0], gp[1]);
+  } else if (!is_pair(op)) {
+    gate_bwd(g, x, r1, q1, s1, is_normal_gate(op), gx, gp[0], gp[1]);
+  } else {
+    Vectorized<T> z = s1.amp * q1, r2, q2, gz;
+    salu_terms(z, s2, r2, q2);
+    gate_bwd(g, z, r2, q2, s2, is_normal_gate(op), gz, gp[2], gp[3]);
+    salu_bwd(gz, r1, q1, s1, gx, gp[0], gp[1]);
+  }
+}
+
+// ---- loops ---------------------------------------------------------------------------------------------------
+
+template <typename S, typename T>
+void forward_loop(int64_t op, const S* x, S* y, const T* d, int64_t outer, int64_t C, int64_t inner) {
+  constexpr int64_t V = Vectorized<T>::size();
+  if (inner > 1) {  // blocks of `inner` elements share channel c
+    at::parallel_for(0, outer * C, std::max<int64_t>(1, 32768 / inner), [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t c = blk % C;
+        Stage<T> s1 = stage_at(d, C, 0, c, V, false), s2 = s1;
+        if (is_pair(op)) s2 = stage_at(d, C, 1, c, V, false);
+        const S* xp = x + blk * inner;
+        S* yp = y + blk * inner;
+        for (int64_t i = 0; i < inner; i += V) {
+          const int64_t n = std::min(V, inner - i);
+          store<S, T>(yp + i, fwd(op, load<S, T>(xp + i, n), s1, s2), n);
+        }
+      }
+    });
+  } else {  // rows of C channels, vectorised along C
+    at::parallel_for(0, outer, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const S* xp = x + row * C;
+        S* yp = y + row * C;
+        for (int64_t c = 0; c < C; c += V) {
+          const int64_t n = std::min(V, C - c);
+          Stage<T> s1 = stage_at(d, C, 0, c, n, true), s2 = s1;
+          if (is_pair(op)) s2 = stage_at(d, C, 1, c, n, true);
+          store<S, T>(yp + c, fwd(op, load<S, T>(xp + c, n), s1, s2), n);
+        }
+      }
+    });
+  }
+}
+
+template <typename T>
+inline T hsum(const Vectorized<T>& v, int64_t n) {
+  T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) s += buf[i];
+  return s;
+}
+
+// Parameter gradients are accumulated per thread in double (acc[thread][k][c]) and summed at the end, so the
+// result does not depend on how blocks were split between threads beyond floating-point order.
+template <typename S, typename T>
+void backward_loop(int64_t op, const S* g, const S* x, S* gx, const T* d, int64_t outer, int64_t C,
+                   int64_t inner, std::vector<double>& acc, int64_t nthreads) {
+  constexpr int64_t V = Vectorized<T>::size();
+  const int64_t np = 2 * n_stages(op);
+  if (inner > 1) {
+    at::parallel_for(0, outer * C, std::max<int64_t>(1, 32768 / inner), [&](int64_t begin, int64_t end) {
+      double* a = acc.data() + at::get_thread_num() * np * C;
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t c = blk % C;
+        Stage<T> s1 = stage_at(d, C, 0, c, V, false), s2 = s1;
+        if (is_pair(op)) s2 = stage_at(d, C, 1, c, V, false);
+        const int64_t off = blk * inner;
+        Vectorized<T> sum[4] = {Vectorized<T>(T(0)), Vectorized<T>(T(0)), Vectorized<T>(T(0)), Vectorized<T>(T(0))};
+        for (int64_t i = 0; i < inner; i += V) {
+          const int64_t n = std::min(V, inner - i);
+          Vectorized<T> vgx, gp[4];
+          // tail lanes load g = 0, so they add exactly 0 to the sums
+          bwd(op, load<S, T>(g + off + i, n), load<S, T>(x + off + i, n), s1, s2, vgx, gp);
+          store<S, T>(gx + off + i, vgx, n);
+          for (int64_t k = 0; k < np; ++k) sum[k] = sum[k] + gp[k];
+        }
+        for (int64_t k = 0; k < np; ++k) a[k * C + c] += static_cast<double>(hsum(sum[k], V));
+      }
+    });
+  } else {
+    at::parallel_for(0, outer, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
+      double* a = acc.data() + at::get_thread_num() * np * C;
+      // rows are summed in T over chunks of 64, then folded into the double accumulator
+      std::vector<T> part(np * C, T(0));
+      for (int64_t row = begin; row < end; ++row) {
+        const S* gp_ = g + row * C;
+        const S* xp = x + row * C;
+        S* gxp = gx + row * C;
+        for (int64_t c = 0; c < C; c += V) {
+          const int64_t n = std::min(V, C - c);
+          Stage<T> s1 = stage_at(d, C, 0, c, n, true), s2 = s1;
+          if (is_pair(op)) s2 = stage_at(d, C, 1, c, n, true);
+          Vectorized<T> vgx, gp[4];
+          bwd(op, load<S, T>(gp_ + c, n), load<S, T>(xp + c, n), s1, s2, vgx, gp);
+          store<S, T>(gxp + c, vgx, n);
+          for (int64_t k = 0; k < np; ++k) {
+            T* pp = part.data() + k * C + c;
+            store<T, T>(pp, load<T, T>(pp, n) + gp[k], n);
+          }
+        }
+        if ((row - begin) % 64 == 63 || row == end - 1) {
+          for (int64_t i = 0; i < np * C; ++i) { a[i] += static_cast<double>(part[i]); part[i] = T(0); }
+        }
+      }
+    });
+  }
+  (void)nthreads;
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& d, int64_t op, int64_t outer, int64_t C, int64_t inner) {
+  TORCH_CHECK(x.device().is_cpu() && d.device().is_cpu(), "salunet cpu kernel: tensors must be on the CPU");
+  TORCH_CHECK(op >= SALU && op <= SALU_GALU, "salunet cpu kernel: bad op ", op);
+  TORCH_CHECK(x.numel() == outer * C * inner, "salunet cpu kernel: layout ", outer, "x", C, "x", inner,
+              " does not cover ", x.numel(), " elements");
+  TORCH_CHECK(d.is_contiguous() && d.dim() == 2 && d.size(0) == 5 * n_stages(op) && d.size(1) == C,
+              "salunet cpu kernel: derived parameters must be a contiguous (", 5 * n_stages(op), ", ", C, ") tensor");
+  const auto cdt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(d.scalar_type() == cdt, "salunet cpu kernel: parameters must be ", cdt);
+}
+
+}  // namespace
+
+// y = op(x) written into `out` (same storage layout as x: dense, in the memory order described by the layout)
+void salu_forward(int64_t op, torch::Tensor x, torch::Tensor d, torch::Tensor out, int64_t outer, int64_t C,
+                  int64_t inner) {
+  check(x, d, op, outer, C, inner);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "salu_forward", [&] {
+    using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    forward_loop<scalar_t, T>(op, x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                              d.const_data_ptr<T>(), outer, C, inner);
+  });
+}
+
+// dL/dx written into `gx`; returns the (2 * stages, C) parameter gradients (float64)
+torch::Tensor salu_backward(int64_t op, torch::Tensor g, torch::Tensor x, torch::Tensor d, torch::Tensor gx,
+                            int64_t outer, int64_t C, int64_t inner) {
+  check(x, d, op, outer, C, inner);
+  TORCH_CHECK(g.scalar_type() == x.scalar_type() && g.numel() == x.numel(),
+              "salunet cpu kernel: grad_output must match the input's dtype and size");
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t np = 2 * n_stages(op);
+  std::vector<double> acc(nthreads * np * C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "salu_backward", [&] {
+    using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    backward_loop<scalar_t, T>(op, g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                               gx.mutable_data_ptr<scalar_t>(), d.const_data_ptr<T>(), outer, C, inner, acc, nthreads);
+  });
+  auto out = torch::zeros({np, C}, torch::TensorOptions().dtype(at::kDouble));
+  double* o = out.mutable_data_ptr<double>();
+  for (int64_t t = 0; t < nthreads; ++t)
+    for (int64_t i = 0; i < np * C; ++i) o[i] += acc[t * np * C + i];
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &salu_forward, "fused SALU-family forward (CPU)");
+  m.def("backward", &salu_backward, "fused SALU-family backward (CPU)");
+}
