@@ -231,3 +231,40 @@ def test_torch_compile_model_fullgraph():
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     y.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("module", MODULES)
+def test_cpp_edge_values_vectorised_along_channels(module, dtype):
+    """Edge values through the C++ channel-vectorised loop (token layout), where each lane has its own
+    parameters: same values and finite-where-eager-is-finite gradients as the eager path."""
+    m = _randomise(MODULES[module](32, dim=-1))
+    with torch.no_grad():  # include very large amplitudes (A = 1e3) in the first channels
+        for name, p in m.named_parameters():
+            p[:4] = math.log(10.0) if name.endswith("log_a") else math.log(1e-5)
+    vals = _edge_values(dtype).float()
+    x = vals[torch.randint(len(vals), (3, 32))].to(dtype)
+    x[0, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=dtype)
+    g = torch.randn(x.shape, dtype=dtype)
+    outs = {}
+    for mode in ("cpp", "eager"):
+        kernels.set_kernel_mode(mode)
+        xx = x.clone().requires_grad_()
+        y = m(xx)
+        outs[mode] = (y.float(), *[t.float() for t in torch.autograd.grad(y, (xx, *m.parameters()), g)])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    y_c, y_e = outs["cpp"][0], outs["eager"][0]
+    assert y_c[0, 2].isnan() and y_e[0, 2].isnan()
+    fin = torch.isfinite(x.float()) & (x != 0)
+    if module == "SALU":  # +-inf -> +-A exactly, everything else to float precision
+        torch.testing.assert_close(y_c[0, :2], y_e[0, :2], rtol=tol, atol=tol)
+        torch.testing.assert_close(y_c[fin], y_e[fin], rtol=tol, atol=tol)
+    elif "+" in module:  # the gate acts on the bounded z = SALU(x): compare at z's scale
+        scale = y_e[fin].abs().max().item()
+        torch.testing.assert_close(y_c[fin], y_e[fin], rtol=tol, atol=tol * scale)
+    else:  # gates agree to absolute precision (the C++ normal CDF is accurate to 3.5e-7, like ATen's GELU)
+        xf = x.float()[fin]
+        torch.testing.assert_close(y_c[fin] / xf, y_e[fin] / xf, rtol=0, atol=1e-6 if tol < 1e-3 else tol)
+    gx_c, gx_e = outs["cpp"][1][1:], outs["eager"][1][1:]  # rows without inf/NaN inputs
+    assert torch.isfinite(gx_c).all() and torch.isfinite(gx_e).all()
+    torch.testing.assert_close(gx_c, gx_e, rtol=tol, atol=tol)

@@ -48,20 +48,40 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` report errors as one line (``salunet train: error: ...``, exit code 2) instead of its
+    usage block, which for ``train`` lists every config key."""
+    def error(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = error
+    return parser
+
+
+def _unknown_arguments(args, extra: list[str]) -> None:
+    """Report unrecognised arguments of ``train`` / ``eval`` in one line, with the closest known option."""
+    import difflib
+
+    hints = []
+    for arg in extra:
+        close = difflib.get_close_matches(arg.split("=")[0], args.cli_options, n=1) if arg.startswith("--") else []
+        hints += [f"{close[0]} instead of {arg}"] if close else []
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    args.cli_parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
 def _cmd_train(args) -> int:
     from .train import config as C
     from .train import train
 
-    overrides = {k: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    overrides = {k[4:]: v for k, v in overrides.items()}
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     if args.resume:
         if args.recipe or args.config:
             raise UserError("--resume continues a run with its saved config; drop --recipe/--config")
         train(resume=args.resume, **{k: C.parse_value(k, v) for k, v in overrides.items()})
         return 0
     base = C.config_from_json(args.config) if args.config else {}
-    cfg = C.resolve_config(args.recipe, overrides, base=base)
-    train(cfg)
+    train(C.resolve_config(args.recipe, overrides, base=base))
     return 0
 
 
@@ -69,7 +89,8 @@ def _cmd_eval(args) -> int:
     from .train.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, data=args.data, data_path=args.data_path,
-                                 batch_size=args.batch_size, device=args.device, out=args.out)
+                                 batch_size=args.batch_size, device=args.device, out=args.out,
+                                 eval_size=args.eval_size)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -87,35 +108,52 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench", help="directory for the JSON-lines results")
     b.set_defaults(func=_cmd_bench)
 
+    import typing
+
     from .train.config import RECIPES, TrainConfig
 
-    t = sub.add_parser("train", help="train a registered model (recipes, resume, torchrun)",
-                       description="Train. Precedence: defaults < --recipe < --config FILE < --KEY VALUE flags.")
-    t.add_argument("--recipe", choices=sorted(RECIPES), help="named recipe (overrides of the defaults)")
-    t.add_argument("--config", help="JSON file of config keys")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest valid checkpoint")
+    t = _one_line_errors(sub.add_parser(
+        "train", help="train a registered model (recipes, resume, torchrun)",
+        description="Train (with no arguments: SaluNet-C-18 at width 16 on the embedded digits set, well under "
+                    "two minutes on 2 CPU cores). Precedence: defaults < --recipe < --config FILE < --KEY VALUE "
+                    "flags. Boolean keys work as bare flags (--download) or with a value (--flip false)."))
+    actions = [t.add_argument("--recipe", choices=sorted(RECIPES), help="named recipe (overrides of the defaults)"),
+               t.add_argument("--config", help="JSON file of config keys"),
+               t.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest valid checkpoint")]
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "recipe":
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        t.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, metavar="V",
-                       help=f"(default {default!r})")
-    t.set_defaults(func=_cmd_train)
+        flag, dest = "--" + f.name.replace("_", "-"), "cfg_" + f.name
+        if hints[f.name] is bool:  # values are type-checked by the config (parse_value), like every key
+            actions.append(t.add_argument(flag, dest=dest, nargs="?", const="true", metavar="true|false",
+                                          help=f"(default {str(default).lower()}; the bare flag means true)"))
+        else:
+            actions.append(t.add_argument(flag, dest=dest, metavar="V", help=f"(default {default!r})"))
+    t.set_defaults(func=_cmd_train, cli_parser=t, cli_options=[o for a in actions for o in a.option_strings])
 
-    e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint's raw and EMA weights")
-    e.add_argument("checkpoint")
-    e.add_argument("--data", help="data set (default: the checkpoint's)")
-    e.add_argument("--data-path", help="data path (default: the checkpoint's)")
-    e.add_argument("--batch-size", type=_positive_int, default=500)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--out", help="JSON result file (default: <run>/eval/<checkpoint>-<data>.json)")
-    e.set_defaults(func=_cmd_eval)
+    e = _one_line_errors(sub.add_parser("eval", help="top-1/top-5 of a checkpoint's raw and EMA weights"))
+    actions = [
+        e.add_argument("checkpoint"),
+        e.add_argument("--data", help="data set (default: the checkpoint's)"),
+        e.add_argument("--data-path", help="data path (default: the checkpoint's)"),
+        e.add_argument("--batch-size", type=_positive_int, default=500),
+        e.add_argument("--eval-size", type=_positive_int,
+                       help="image folders: evaluate at this size (e.g. 288; default: the checkpoint's eval_size)"),
+        e.add_argument("--device", default="auto"),
+        e.add_argument("--out", help="JSON result file (default: <run>/eval/<checkpoint>-<data>[-<size>].json)")]
+    e.set_defaults(func=_cmd_eval, cli_parser=e, cli_options=[o for a in actions for o in a.option_strings])
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # train / eval: one line naming the closest option; other commands: argparse's own message
+        if hasattr(args, "cli_options"):
+            _unknown_arguments(args, extra)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (UserError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,

@@ -27,6 +27,15 @@ __all__ = ["CIFAR", "ImageArrays", "load_cifar", "download_cifar", "validate_arr
            "read_npz"]
 
 
+def _file_mode() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; restored at once (at import time)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 @dataclass(frozen=True)
 class CifarSpec:
     url: str
@@ -176,13 +185,25 @@ def load_cifar(name: str, path: str | Path) -> ImageArrays:
         raise FileNotFoundError(f"{p}: no such file or directory; pass the .npz, the official archive or its "
                                 "folder, or add --download")
     if p.is_file() and p.suffix == ".npz":
-        d = read_npz(p, spec.num_classes)
-        return d
+        return _check_num_classes(read_npz(p, spec.num_classes), name, str(p))
     if p.is_dir():
         for candidate in (p / f"{name}.npz", p / spec.archive):
             if candidate.is_file() and not (p / spec.folder).is_dir():
                 return load_cifar(name, candidate)
-    return _load_official(p, spec, name)
+    d = _load_official(p, spec, name)
+    return _check_num_classes(d, name, d.source)
+
+
+def _check_num_classes(d: ImageArrays, name: str, where: str) -> ImageArrays:
+    """The labels must use the data set's classes: CIFAR-10 labels (0..9) are all valid CIFAR-100 labels,
+    so without this check cifar10.npz passed as cifar100 would train a 100-way model on 10 classes."""
+    top = int(max(d.y_train.max(), d.y_test.max()))
+    if top + 1 != CIFAR[name].num_classes:
+        other = [k for k, v in CIFAR.items() if v.num_classes == top + 1]
+        hint = f"is this {other[0]}? use --data {other[0]}" if other else "use --data npz for another label set"
+        raise ValueError(f"{where}: labels span 0..{top} ({top + 1} classes), but {name} has "
+                         f"{CIFAR[name].num_classes}; {hint}")
+    return d
 
 
 def _md5(path: Path) -> str:
@@ -224,6 +245,7 @@ def download_cifar(name: str, root: str | Path, *, url: str | None = None, md5: 
     if not (archive.is_file() and _md5(archive) == md5):
         fd, tmp = tempfile.mkstemp(dir=root, prefix=".download-", suffix=".part")
         try:
+            os.fchmod(fd, _FILE_MODE)  # the archive is renamed into place: give it a normal file's mode
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
                 total = int(resp.headers.get("Content-Length") or 0)
                 bar = _bar(total, f"download {spec.archive}") if progress else None

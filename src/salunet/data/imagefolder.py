@@ -1,6 +1,6 @@
 """ImageNet-style folders (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``) decoded with Pillow in
 DataLoader workers, with the standard transforms: train = random-resized crop (scale 0.08-1, ratio 3/4-4/3)
-+ horizontal flip; eval = resize the shorter side to size/0.875 + center crop (224 -> 256, 288 -> 329).
++ horizontal flip (``flip=False`` turns it off); eval = resize the shorter side to size/0.875 + center crop (224 -> 256, 288 -> 329).
 Tensors leave the workers as uint8 CHW; normalisation happens on the training device.
 """
 from __future__ import annotations
@@ -48,10 +48,10 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[tupl
 
 class ImageFolder(Dataset):
     def __init__(self, root: str | Path, *, train: bool, size: int = 224, classes: list[str] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, flip: bool = True) -> None:
         self.root = Path(root)
         self.samples, self.classes = scan_folder(self.root, classes)
-        self.train, self.size, self.seed = train, size, seed
+        self.train, self.size, self.seed, self.flip = train, size, seed, flip
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -72,7 +72,7 @@ class ImageFolder(Dataset):
         if self.train:
             rng = random.Random(hash((self.seed, self.epoch, i)))  # reproducible per (epoch, sample)
             im = _random_resized_crop(im, self.size, rng)
-            if rng.random() < 0.5:
+            if rng.random() < 0.5 and self.flip:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
         else:
             im = _resize_center_crop(im, self.size)

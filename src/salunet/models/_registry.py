@@ -1,48 +1,220 @@
-"""Model registry: a table of named configs plus ``create_model(name, **overrides)``.
+"""Model registry: a table of named configs, one-line registered constructors, ``create_model(name, **kw)``.
 
 Every architecture takes ``norm_layer`` / ``act_layer`` (names or callables, see :mod:`.layers`), so a
-SaluNet and its normalized twin differ only in their table rows.
+SaluNet and its normalized twin differ only in their table rows. Each architecture has one config
+dataclass (:class:`ResNetConfig`, :class:`ViTConfig`) that is the single source of its defaults and of the
+validation of every field: ``create_model`` only routes overrides into it, so the valid override keys are
+the dataclass fields (plus the :class:`~.init.InitRules` fields, as a shortcut) and a bad value fails with
+a ``ValueError`` naming the key and its valid choices or range.
+
+Precedence of init values, lowest first: :class:`~.init.InitRules` defaults < the table row's ``init`` <
+a user's ``init=InitRules(...)`` (it replaces the row's object as a whole: what the user wrote is what the
+model gets) < single-field overrides such as ``salu_b0=0.3``.
 """
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import fields
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, ClassVar
 
 from torch import nn
 
-from .layers import get_act_layer, get_norm_layer
-from .resnet import BasicBlock, Bottleneck, ResNet, ResNetInit
-from .vit import ViT
+from .init import InitRules
+from .layers import LayerFactory, get_act_layer, get_norm_layer
+from .resnet import BLOCKS, STEMS, ResNet
+from .vit import VIT_INIT, ViT
 
-__all__ = ["MODEL_CONFIGS", "create_model", "list_models"]
-
-_RESNET18 = dict(arch="resnet", block="basic", layers=(2, 2, 2, 2), stem="cifar", width=64)
-_RESNET50 = dict(arch="resnet", block="bottleneck", layers=(3, 4, 6, 3), stem="imagenet", width=64)
-_VIT = dict(arch="vit", img_size=32, patch=4, hidden=384, depth=7, heads=12, mlp_hidden=384, dropout=0.0)
-
-MODEL_CONFIGS: dict[str, dict] = {
-    "salunet_c18": {**_RESNET18, "norm_layer": "salu", "act_layer": "swalu"},
-    "resnet18_bn": {**_RESNET18, "norm_layer": "batchnorm", "act_layer": "relu"},
-    "salunet_c50": {**_RESNET50, "norm_layer": "salu", "act_layer": "swalu", "branch_a0": 0.7},
-    "resnet50_bn": {**_RESNET50, "norm_layer": "batchnorm", "act_layer": "relu"},
-    "salunet_t": {**_VIT, "norm_layer": "salu", "act_layer": "galu"},
-    "vit_ln": {**_VIT, "norm_layer": "layernorm", "act_layer": "gelu"},
-}
-
-_RESNET_KEYS = {"layers", "stem", "init"} | {f.name for f in fields(ResNetInit)}
-_VIT_KEYS = {"img_size", "patch", "depth", "heads", "mlp_hidden", "dropout", "salu_b0"}
+__all__ = ["MODEL_CONFIGS", "create_model", "list_models", "register_model", "ResNetConfig", "ViTConfig"]
 
 
-def list_models(pattern: str | None = None) -> list[str]:
-    """Registered model names, optionally filtered by a glob pattern (e.g. ``"salunet_*"``)."""
-    names = sorted(MODEL_CONFIGS)
-    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
-
+# ---- field validators (each names the key and what is valid) ----
 
 def _positive_int(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ValueError(f"{name} must be a positive integer, got {v!r}")
     return v
+
+
+def _choice(name: str, v, choices) -> str:
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {v!r}")
+    return v
+
+
+def _stage_blocks(name: str, v) -> tuple[int, ...]:
+    ok = isinstance(v, (tuple, list)) and len(v) > 0 and all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v)
+    if not ok:
+        raise ValueError(f"{name} must be a non-empty tuple of positive integers (blocks per stage), "
+                         f"e.g. (2, 2, 2, 2); got {v!r}")
+    return tuple(v)
+
+
+def _init_rules(name: str, v) -> InitRules:
+    if not isinstance(v, InitRules):
+        raise ValueError(f"{name} must be a salunet.models.InitRules (alias ResNetInit), got {v!r}; "
+                         f"or pass its fields directly: {', '.join(f.name for f in fields(InitRules))}")
+    return v
+
+
+def _dropout(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
+    return float(v)
+
+
+class _Config:
+    """Shared behaviour of the config dataclasses: validation from each field's ``check`` metadata."""
+
+    width_field: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check = f.metadata.get("check")
+            if check is not None:
+                setattr(self, f.name, check(f.name, getattr(self, f.name)))
+        get_norm_layer(self.norm_layer)  # unknown names fail here, listing the valid ones
+        get_act_layer(self.act_layer)
+
+    def with_width(self, width: int, overrides: dict) -> "_Config":
+        return replace(self, **{self.width_field: _positive_int("width", width)})
+
+
+def _f(default, check: Callable | None = None, **kw):
+    return field(default=default, metadata={"check": check} if check else {}, **kw)
+
+
+@dataclass
+class ResNetConfig(_Config):
+    block: str = _f("basic", lambda n, v: _choice(n, v, tuple(BLOCKS)))
+    layers: tuple[int, ...] = _f((2, 2, 2, 2), _stage_blocks)
+    stem: str = _f("cifar", lambda n, v: _choice(n, v, STEMS))
+    width: int = _f(64, _positive_int)
+    norm_layer: str | LayerFactory = "salu"
+    act_layer: str | LayerFactory = "swalu"
+    init: InitRules = field(default_factory=InitRules, metadata={"check": _init_rules})
+    width_field: ClassVar[str] = "width"
+
+    def build(self, *, num_classes: int, in_chans: int) -> ResNet:
+        return ResNet(BLOCKS[self.block], self.layers, num_classes=num_classes, in_chans=in_chans,
+                      width=self.width, stem=self.stem, norm=get_norm_layer(self.norm_layer),
+                      act=get_act_layer(self.act_layer), init=self.init)
+
+
+@dataclass
+class ViTConfig(_Config):
+    img_size: int = _f(32, _positive_int)
+    patch: int = _f(4, _positive_int)
+    hidden: int = _f(384, _positive_int)
+    depth: int = _f(7, _positive_int)
+    heads: int = _f(12, _positive_int)
+    mlp_hidden: int = _f(384, _positive_int)
+    dropout: float = _f(0.0, _dropout)
+    norm_layer: str | LayerFactory = "salu"
+    act_layer: str | LayerFactory = "galu"
+    init: InitRules = field(default_factory=lambda: replace(VIT_INIT), metadata={"check": _init_rules})
+    width_field: ClassVar[str] = "hidden"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hidden % self.heads:
+            lo = max(self.heads, self.hidden - self.hidden % self.heads)
+            raise ValueError(f"width (hidden size) {self.hidden} is not divisible by heads={self.heads}; valid "
+                             f"widths are multiples of {self.heads} (e.g. {lo} or {lo + self.heads})")
+        if self.img_size % self.patch:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch {self.patch}")
+
+    def with_width(self, width: int, overrides: dict) -> "ViTConfig":
+        # the baseline's MLP hidden equals its hidden size: a narrower ViT keeps that ratio unless told
+        mlp = {} if "mlp_hidden" in overrides else {"mlp_hidden": _positive_int("width", width)}
+        return replace(self, hidden=_positive_int("width", width), **mlp)
+
+    def build(self, *, num_classes: int, in_chans: int) -> ViT:
+        return ViT(num_classes=num_classes, in_chans=in_chans, img_size=self.img_size, patch=self.patch,
+                   hidden=self.hidden, depth=self.depth, heads=self.heads, mlp_hidden=self.mlp_hidden,
+                   dropout=self.dropout, norm=get_norm_layer(self.norm_layer), act=get_act_layer(self.act_layer),
+                   init=self.init)
+
+
+_RESNET18 = ResNetConfig(block="basic", layers=(2, 2, 2, 2), stem="cifar")
+_RESNET50 = ResNetConfig(block="bottleneck", layers=(3, 4, 6, 3), stem="imagenet")
+
+# branch_a0 is the gain of a one-block stage (divided by sqrt(blocks), see models/init.py); a Bottleneck's
+# branch holds two amplifying SALU -> SWALU pairs, so it needs less than a BasicBlock's 1.2.
+MODEL_CONFIGS: dict[str, _Config] = {
+    "salunet_c18": replace(_RESNET18, norm_layer="salu", act_layer="swalu"),
+    "resnet18_bn": replace(_RESNET18, norm_layer="batchnorm", act_layer="relu"),
+    "salunet_c50": replace(_RESNET50, norm_layer="salu", act_layer="swalu", init=InitRules(branch_a0=0.8)),
+    "resnet50_bn": replace(_RESNET50, norm_layer="batchnorm", act_layer="relu"),
+    "salunet_t": ViTConfig(norm_layer="salu", act_layer="galu"),
+    "vit_ln": ViTConfig(norm_layer="layernorm", act_layer="gelu"),
+}
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register ``fn`` under its own name (timm's pattern); the name must have a row in MODEL_CONFIGS."""
+    if fn.__name__ not in MODEL_CONFIGS:
+        raise ValueError(f"register_model: no MODEL_CONFIGS row named {fn.__name__!r}")
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def _build(name: str, *, num_classes: int, in_chans: int = 3, width: int | None = None, norm_layer=None,
+           act_layer=None, **overrides) -> nn.Module:
+    cfg = MODEL_CONFIGS[name]
+    _positive_int("num_classes", num_classes)
+    _positive_int("in_chans", in_chans)
+    init_keys = {f.name for f in fields(InitRules)}
+    cfg_keys = {f.name for f in fields(cfg)} - {cfg.width_field}
+    unknown = sorted(set(overrides) - cfg_keys - init_keys)
+    if unknown:
+        raise ValueError(f"{name}: unknown override(s) {', '.join(unknown)}; valid: "
+                         f"{', '.join(sorted(cfg_keys | init_keys | {'width'}))}")
+    init = _init_rules("init", overrides.pop("init", cfg.init))
+    init = replace(init, **{k: overrides.pop(k) for k in list(overrides) if k in init_keys})  # validates
+    layers = {k: v for k, v in (("norm_layer", norm_layer), ("act_layer", act_layer)) if v is not None}
+    if width is not None:
+        cfg = cfg.with_width(width, overrides)
+    cfg = replace(cfg, init=init, **layers, **overrides)  # __post_init__ validates every field
+    return cfg.build(num_classes=num_classes, in_chans=in_chans)
+
+
+@register_model
+def salunet_c18(**kw) -> ResNet:
+    return _build("salunet_c18", **kw)
+
+
+@register_model
+def resnet18_bn(**kw) -> ResNet:
+    return _build("resnet18_bn", **kw)
+
+
+@register_model
+def salunet_c50(**kw) -> ResNet:
+    return _build("salunet_c50", **kw)
+
+
+@register_model
+def resnet50_bn(**kw) -> ResNet:
+    return _build("resnet50_bn", **kw)
+
+
+@register_model
+def salunet_t(**kw) -> ViT:
+    return _build("salunet_t", **kw)
+
+
+@register_model
+def vit_ln(**kw) -> ViT:
+    return _build("vit_ln", **kw)
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered model names, optionally filtered by a glob pattern (e.g. ``"salunet_*"``)."""
+    return [n for n in sorted(_MODELS) if pattern is None or fnmatch.fnmatch(n, pattern)]
 
 
 def create_model(name: str, *, num_classes: int, in_chans: int = 3, width: int | None = None,
@@ -54,42 +226,16 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, width: int |
         num_classes: size of the classifier.
         in_chans: input channels.
         width: base channels (ResNets) or hidden size (ViT; MLP hidden follows it); None keeps the paper's.
-        norm_layer / act_layer: override the config's norm / activation (names or callables).
-        overrides: architecture fields (ResNet: ``layers``, ``stem`` and the :class:`ResNetInit` fields, or
-            ``init=ResNetInit(...)``; ViT: ``img_size``, ``patch``, ``depth``, ``heads``, ``mlp_hidden``,
-            ``dropout``, ``salu_b0``).
+        norm_layer / act_layer: override the config's norm / activation (names or callables
+            ``(num_features, *, dim) -> nn.Module``).
+        overrides: fields of the model's config dataclass (ResNet: ``block``, ``layers``, ``stem``, ``init``;
+            ViT: ``img_size``, ``patch``, ``depth``, ``heads``, ``mlp_hidden``, ``dropout``, ``init``) and
+            the :class:`~.init.InitRules` fields (``conv``, ``salu_a0``, ``salu_b0``, ``branch_a0``, ...).
+
+    Raises:
+        ValueError: unknown name or override key, or a bad value (the message names the key and what is valid).
     """
-    if name not in MODEL_CONFIGS:
+    if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
-    cfg = dict(MODEL_CONFIGS[name])
-    _positive_int("num_classes", num_classes)
-    _positive_int("in_chans", in_chans)
-    norm = get_norm_layer(norm_layer if norm_layer is not None else cfg["norm_layer"])
-    act = get_act_layer(act_layer if act_layer is not None else cfg["act_layer"])
-    valid = _RESNET_KEYS if cfg["arch"] == "resnet" else _VIT_KEYS
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise ValueError(f"{name}: unknown override(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
-    if cfg["arch"] == "resnet":
-        init = overrides.pop("init", None) or ResNetInit()
-        init_fields = {f.name for f in fields(ResNetInit)}
-        table = {k: cfg.pop(k) for k in list(cfg) if k in init_fields}  # the config's own init rules
-        init = ResNetInit(**{**init.__dict__, **table,
-                             **{k: overrides.pop(k) for k in list(overrides) if k in init_fields}})
-        cfg.update(overrides)
-        w = _positive_int("width", width) if width is not None else cfg["width"]
-        layers = tuple(cfg["layers"])
-        if not layers or any(not isinstance(n, int) or n <= 0 for n in layers):
-            raise ValueError(f"layers must be positive integers, got {cfg['layers']!r}")
-        block = BasicBlock if cfg["block"] == "basic" else Bottleneck
-        return ResNet(block, layers, num_classes=num_classes, in_chans=in_chans, width=w, stem=cfg["stem"],
-                      norm=norm, act=act, init=init)
-    cfg.update(overrides)
-    hidden = _positive_int("width", width) if width is not None else cfg["hidden"]
-    mlp_hidden = cfg["mlp_hidden"] if width is None or "mlp_hidden" in overrides else hidden
-    for k in ("img_size", "patch", "depth", "heads", "mlp_hidden"):
-        _positive_int(k, cfg[k])
-    return ViT(num_classes=num_classes, in_chans=in_chans, img_size=cfg["img_size"], patch=cfg["patch"],
-               hidden=hidden, depth=cfg["depth"], heads=cfg["heads"], mlp_hidden=mlp_hidden,
-               dropout=float(cfg["dropout"]), norm=norm, act=act,
-               **({"salu_b0": cfg["salu_b0"]} if "salu_b0" in cfg else {}))
+    return _MODELS[name](num_classes=num_classes, in_chans=in_chans, width=width, norm_layer=norm_layer,
+                         act_layer=act_layer, **overrides)

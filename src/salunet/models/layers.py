@@ -1,14 +1,23 @@
 """One factory for normalization and activation layers, so that "BN + ReLU vs SALU + SWALU" is a config
-change, never a code fork.
+change, never a code fork. :func:`salunet.convert` uses the same factory, so every name and every callable
+that works in :func:`salunet.create_model` works there too.
 
-A *norm layer* and an *act layer* are callables ``(num_features, *, dim) -> nn.Module``; ``dim`` is the
-channel dimension (1 for NCHW maps, -1 for token tensors). :func:`get_norm_layer` / :func:`get_act_layer`
-resolve names (below) or pass callables through; :func:`norm_act` builds ``act(norm(x))`` and fuses a SALU
-followed by SWALU/GALU into one :class:`salunet.nn.SALUAct` pass.
+A *norm layer* and an *act layer* are callables ``(num_features, *, dim) -> nn.Module``:
+- ``num_features`` is the channel count, or ``None`` when it is unknown (``convert`` on an activation it
+  could not size, or on a LayerNorm over several dims). SALU-family layers then get one scalar (a, b) pair;
+  layers that cannot exist without a width (BatchNorm, LayerNorm, GroupNorm) raise ``ValueError``, which
+  ``convert`` reports instead of guessing a width.
+- ``dim`` is the channel dimension: 1 for channel-first tensors (N, C, *), -1 for token tensors (..., D).
+:func:`get_norm_layer` / :func:`get_act_layer` resolve names (below) or pass callables through;
+:func:`norm_act` builds ``act(norm(x))`` and fuses a SALU followed by SWALU/GALU into one
+:class:`salunet.nn.SALUAct` pass.
 
 Norms: ``salu``, ``batchnorm``, ``layernorm``, ``groupnorm``, ``identity`` (no normalization at all),
 ``batchnorm+salu`` (normalization kept and SALU added after it: the referees' ablation).
 Activations: ``swalu``, ``galu``, ``relu``, ``silu``, ``gelu``, ``prelu``.
+
+``batchnorm`` at dim=1 is a plain ``nn.BatchNorm2d`` on purpose: deployment tools (``torch.fx`` conv-BN
+fusion, used by ``salunet bench``) match the exact type. ``convert`` adapts it to 3-D/5-D inputs.
 """
 from __future__ import annotations
 
@@ -26,10 +35,13 @@ LayerFactory = Callable[..., nn.Module]
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map (ConvNeXt's channels-first LayerNorm)."""
+    """LayerNorm over dim 1 of a channel-first tensor (N, C, *) (ConvNeXt's channels-first LayerNorm).
+
+    Moves the channel dim last and back (rather than a fixed NCHW permute) so that the same module works for
+    (N, C), (N, C, L) and (N, C, D, H, W) inputs, which ``convert`` may meet."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
 
 class TokenBatchNorm(nn.BatchNorm1d):
@@ -39,6 +51,30 @@ class TokenBatchNorm(nn.BatchNorm1d):
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
+class _DimPReLU(nn.PReLU):
+    """PReLU with one slope per entry of ``dim`` (nn.PReLU's channels are always dim 1)."""
+
+    def __init__(self, num_parameters: int, dim: int) -> None:
+        super().__init__(num_parameters)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.dim % x.dim()
+        w = self.weight.view((-1,) + (1,) * (x.dim() - d - 1))
+        return torch.where(x >= 0, x, w * x)
+
+
+def _need_width(name: str, c: int | None) -> int:
+    if c is None:
+        raise ValueError(f"{name} needs a channel count (num_features), got None")
+    return c
+
+
+def _channel_dim(name: str, dim: int) -> None:
+    if dim not in (1, -1):
+        raise ValueError(f"{name} supports dim=1 (channel-first) or dim=-1 (tokens), got dim={dim}")
+
+
 def _groups(c: int) -> int:
     for g in (32, 16, 8, 4, 2):
         if c % g == 0:
@@ -46,22 +82,33 @@ def _groups(c: int) -> int:
     return 1
 
 
-def _batchnorm(c: int, *, dim: int = 1) -> nn.Module:
+def _batchnorm(c: int | None, *, dim: int = 1) -> nn.Module:
+    c = _need_width("batchnorm", c)
+    _channel_dim("batchnorm", dim)
     return nn.BatchNorm2d(c) if dim == 1 else TokenBatchNorm(c)
 
 
-def _layernorm(c: int, *, dim: int = 1) -> nn.Module:
+def _layernorm(c: int | None, *, dim: int = 1) -> nn.Module:
+    c = _need_width("layernorm", c)
+    _channel_dim("layernorm", dim)
     return LayerNorm2d(c) if dim == 1 else nn.LayerNorm(c)
 
 
-def _groupnorm(c: int, *, dim: int = 1) -> nn.Module:
+def _groupnorm(c: int | None, *, dim: int = 1) -> nn.Module:
+    c = _need_width("groupnorm", c)
     if dim != 1:
         raise ValueError("groupnorm needs channel-first input (dim=1); use layernorm for token tensors")
     return nn.GroupNorm(_groups(c), c)
 
 
-def _bn_salu(c: int, *, dim: int = 1) -> nn.Module:
+def _bn_salu(c: int | None, *, dim: int = 1) -> nn.Module:
     return nn.Sequential(_batchnorm(c, dim=dim), SALU(c, dim=dim))
+
+
+def _prelu(c: int | None, *, dim: int = 1) -> nn.Module:
+    if c is None:
+        return nn.PReLU()  # one shared slope: what nn.PReLU does without a channel count
+    return nn.PReLU(c) if dim == 1 else _DimPReLU(c, dim)
 
 
 NORMS: dict[str, LayerFactory] = {
@@ -79,15 +126,8 @@ ACTS: dict[str, LayerFactory] = {
     "relu": lambda c, *, dim=1: nn.ReLU(inplace=False),
     "silu": lambda c, *, dim=1: nn.SiLU(),
     "gelu": lambda c, *, dim=1: nn.GELU(),
-    "prelu": lambda c, *, dim=1: nn.PReLU(c) if dim == 1 else _TokenPReLU(c),
+    "prelu": _prelu,
 }
-
-
-class _TokenPReLU(nn.PReLU):
-    """PReLU with one slope per feature of the last dim (nn.PReLU's channels are dim 1)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(x >= 0, x, self.weight * x)
 
 
 def _resolve(kind: str, table: dict[str, LayerFactory], layer) -> LayerFactory:

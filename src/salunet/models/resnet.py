@@ -8,35 +8,20 @@ Paper: arXiv 2606.02927, section "models" as summarised in SPEC.md section 2.
 SaluNet swaps every norm for SALU (the shortcut's too) and every ReLU for SWALU; SALU -> SWALU pairs run as
 one fused kernel (:class:`salunet.nn.SALUAct`).
 
-Initialisation (**[decided]**, SPEC.md "Trainability at initialisation"): without batch statistics nothing
-re-normalises the signal, so init must keep it alive. :class:`ResNetInit` holds the rules; their reasons:
-- convs: Kaiming-normal, fan-in, ReLU gain: keeps the variance of a conv's output equal to the second moment
-  of its input (PyTorch's default init shrinks it about 3x per conv; 17 convs lose the signal).
-- SALU a0 = 1.5 before each SWALU: SWALU (~SiLU at init) keeps only about 0.36 of the second moment of a
-  unit-variance input (std x0.6 per layer, 0.6^17 over ResNet-18); a gain of 1.5 in the SALU before it
-  brings the pair back to std ~0.9.
-- SALU b0 = 0.1 (width w ~ 2.6 at a0 = 1.5): near-linear for unit-scale input but still bounded; b0 = 1
-  would saturate and compress the signal.
-- the residual branch's last SALU starts with gain ``branch_a0`` (1.0 for BasicBlocks, 0.7 for Bottlenecks,
-  whose branch holds two amplifying SALU -> SWALU pairs) and the shortcut SALU with ``shortcut_a0`` = 1:
-  with them the sum entering each block's final SWALU carries about twice the block input's variance, which
-  that SWALU brings back to ~1, so stage stds stay in [0.65, 1.55] from stem to layer4 (measured at widths
-  16 and 64) instead of decaying 0.6x per block.
-- SWALU b0 = 0.01 (SWALU ~ SiLU at init), the operator default.
-The defaults are checked by ``tests/test_models.py`` (every stage's activation std within [0.5, 2] at init
-on unit-variance input); ``salunet experiment init-study`` compares alternatives.
+Initialisation (**[decided]**, SPEC.md "Trainability at initialisation"): :class:`~.init.InitRules`, applied by
+:func:`~.init.init_model`, the same mechanism as the ViT's; :mod:`salunet.models.init` gives the reason for
+every rule. Blocks expose ``branch_end`` (the norm closing the residual branch), ``shortcut`` and ``out_act``
+(the gate after the sum) so that the init can find them without knowing the block type.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..nn import SALU, SWALU, GALU, SaluFamily
+from .init import InitRules, ResNetInit, init_model
 from .layers import LayerFactory, norm_act
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck", "ResNetInit", "init_resnet"]
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "ResNetInit", "BLOCKS", "STEMS"]
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -69,6 +54,14 @@ class BasicBlock(nn.Module):
         out = self.norm2(self.conv2(self.na1(self.conv1(x))))
         return self.act(out + self.shortcut(x))
 
+    @property
+    def branch_end(self) -> nn.Module:
+        return self.norm2
+
+    @property
+    def out_act(self) -> nn.Module:
+        return self.act
+
 
 class Bottleneck(nn.Module):
     expansion = 4
@@ -88,17 +81,17 @@ class Bottleneck(nn.Module):
         out = self.norm3(self.conv3(self.na2(self.conv2(self.na1(self.conv1(x))))))
         return self.act(out + self.shortcut(x))
 
+    @property
+    def branch_end(self) -> nn.Module:
+        return self.norm3
 
-@dataclass
-class ResNetInit:
-    """Init rules for the SALU-family layers of a ResNet (see the module docstring for the reasons)."""
+    @property
+    def out_act(self) -> nn.Module:
+        return self.act
 
-    conv: str = "kaiming_normal"  # or "default" (PyTorch's kaiming_uniform(a=sqrt(5)))
-    salu_a0: float = 1.5
-    salu_b0: float = 0.1
-    branch_a0: float = 1.0
-    shortcut_a0: float = 1.0
-    swalu_b0: float = 0.01
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+STEMS = ("cifar", "imagenet")
 
 
 class ResNet(nn.Module):
@@ -106,7 +99,7 @@ class ResNet(nn.Module):
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, ...], *, num_classes: int,
                  in_chans: int = 3, width: int = 64, stem: str = "cifar", norm: LayerFactory,
-                 act: LayerFactory, init: ResNetInit | None = None) -> None:
+                 act: LayerFactory, init: InitRules | None = None) -> None:
         super().__init__()
         if stem == "cifar":
             self.stem = nn.Sequential(conv3x3(in_chans, width), norm_act(norm, act, width))
@@ -114,7 +107,7 @@ class ResNet(nn.Module):
             self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 7, 2, 3, bias=False),
                                       norm_act(norm, act, width), nn.MaxPool2d(3, 2, 1))
         else:
-            raise ValueError(f"unknown stem {stem!r}; use 'cifar' or 'imagenet'")
+            raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
         cin = width
         for i, n in enumerate(layers):
             ch = width * 2**i
@@ -127,7 +120,7 @@ class ResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
         self.num_features = cin
-        init_resnet(self, init or ResNetInit())
+        init_model(self, init or InitRules())
 
     def stages(self) -> dict[str, nn.Module]:
         """Named stages, in order, for analysis hooks."""
@@ -141,33 +134,3 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
-
-
-def _set(m: SaluFamily, a0: float | None = None, b0: float | None = None) -> None:
-    if a0 is not None:
-        m.a_init = float(a0)
-    if b0 is not None:
-        m.b_init = float(b0)
-    m.reset_parameters()
-
-
-def init_resnet(model: ResNet, rules: ResNetInit) -> None:
-    """Apply ``rules`` to the convs and SALU-family layers of ``model`` (BatchNorm keeps weight 1, bias 0)."""
-    if rules.conv not in ("kaiming_normal", "default"):
-        raise ValueError(f"unknown conv init {rules.conv!r}; use 'kaiming_normal' or 'default'")
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d) and rules.conv == "kaiming_normal":
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-        elif isinstance(m, SALU):
-            _set(m, rules.salu_a0, rules.salu_b0)
-        elif isinstance(m, (SWALU, GALU)):
-            _set(m, None, rules.swalu_b0)
-    for m in model.modules():
-        if isinstance(m, (BasicBlock, Bottleneck)):
-            end = m.norm2 if isinstance(m, BasicBlock) else m.norm3
-            for s in end.modules():
-                if isinstance(s, SALU):
-                    _set(s, rules.branch_a0)
-            for s in m.shortcut.modules():
-                if isinstance(s, SALU):
-                    _set(s, rules.shortcut_a0)

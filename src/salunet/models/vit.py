@@ -10,9 +10,11 @@ head = norm + Linear on the cls token. ``vit_ln`` has 6,268,810 parameters for 1
 SaluNet-T: every LayerNorm -> SALU(hidden, dim=-1), every GELU -> GALU(hidden, dim=-1).
 
 Init: PyTorch's default Linear init, as the baseline. The residual stream starts at std ~1 (the N(0, 1)
-cls/pos embeddings dominate) and each branch adds a fraction of it, so no SALU-specific rule is needed to
-keep every layer's std within [0.5, 2] (checked by tests/test_models.py); SALU uses a0 = 1 and b0 = 0.1
-(near-linear on the unit-scale stream), GALU the operator default (~GELU).
+cls/pos embeddings dominate) and each branch adds a fraction of it, so no residual scaling is needed to
+keep every layer's std within [0.5, 2] (checked by tests/test_models.py). SALU-family layers are set by the
+same :class:`~.init.InitRules` mechanism as the ResNets (:data:`VIT_INIT`: SALU a0 = 1, b0 = 0.1,
+near-linear on the unit-scale stream; GALU b0 = 0.01, ~GELU); the encoder layers expose no ``branch_end``
+(their branches end in a Linear), so the branch rules do not apply.
 """
 from __future__ import annotations
 
@@ -21,17 +23,21 @@ import math
 import torch
 from torch import nn
 
-from ..nn import SALU
+from .init import InitRules, init_model
 from .layers import LayerFactory
 
-__all__ = ["ViT"]
+__all__ = ["ViT", "VIT_INIT"]
+
+VIT_INIT = InitRules(salu_a0=1.0, salu_b0=0.1, gate_b0=0.01)
 
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"hidden size {dim} is not divisible by heads={heads}")
+            lo = max(heads, dim - dim % heads)
+            raise ValueError(f"hidden size (width) {dim} is not divisible by heads={heads}; valid widths are "
+                             f"multiples of {heads} (e.g. {lo} or {lo + heads}), or change heads")
         self.heads = heads
         self.scale = 1.0 / math.sqrt(dim)  # baseline divides by sqrt(hidden), not sqrt(head_dim)
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
@@ -86,7 +92,7 @@ class TokenEmbed(nn.Module):
 class ViT(nn.Module):
     def __init__(self, *, num_classes: int, in_chans: int = 3, img_size: int = 32, patch: int = 4,
                  hidden: int = 384, depth: int = 7, heads: int = 12, mlp_hidden: int = 384,
-                 dropout: float = 0.0, norm: LayerFactory, act: LayerFactory, salu_b0: float = 0.1) -> None:
+                 dropout: float = 0.0, norm: LayerFactory, act: LayerFactory, init: InitRules | None = None) -> None:
         super().__init__()
         if img_size % patch:
             raise ValueError(f"img_size {img_size} is not divisible by patch {patch}")
@@ -97,10 +103,7 @@ class ViT(nn.Module):
         self.fc = nn.Linear(hidden, num_classes)
         self.num_features = hidden
         self.depth = depth
-        for m in self.modules():
-            if isinstance(m, SALU):
-                m.b_init = salu_b0
-                m.reset_parameters()
+        init_model(self, init or VIT_INIT)
 
     def stages(self) -> dict[str, nn.Module]:
         return {"embed": self.embed, **{f"layer{i + 1}": m for i, m in enumerate(self.layers)}}

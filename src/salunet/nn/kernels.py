@@ -26,6 +26,9 @@ of three paths, chosen by ``set_kernel_mode`` / ``SALUNET_KERNELS``:
 - ``cpp`` (``auto`` on CPU): the same math hand-written in ``csrc/salu_cpu.cpp`` with ATen's vector types, one
   pass over memory per direction, parameter gradients reduced in per-thread accumulators; built once per
   machine (:mod:`salunet.nn.cpu_ext`). This is what makes SALU+SWALU cheaper than BatchNorm+ReLU on CPU.
+  In float32 it uses fast approximations: hardware reciprocal / rsqrt estimates with one Newton step (a few
+  ulp), ATen's polynomial exp, and Abramowitz-Stegun 7.1.26 for the normal CDF (gate absolute error < 3.5e-7,
+  the precision of ATen's vectorised GELU); float64 uses exact operations (gradcheck runs on this path).
 - ``compiled`` (``auto`` on CUDA): ``torch.compile``/inductor of the functions below (one Triton kernel).
 - ``eager``: the functions below op by op.
 If the chosen path cannot be built on this machine, ``auto`` warns once, says why, and takes the eager path.

@@ -34,11 +34,22 @@ class CheckpointError(ValueError):
 
 # ---- atomic files -----------------------------------------------------------------------------------------
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; restored at once (at import time)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file; mkstemp's own 0600 is only for the temp name
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary file in the same directory and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -135,17 +146,14 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    data = path.read_bytes()
+    data = path.read_bytes()  # read once: the header, the tensors and the checksum all come from these bytes
     if data[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05") or data[:2] == b"PK":
         raise CheckpointError(f"{path}: this is a pickle/torch.save file; salunet never unpickles (it could "
                               "run code); checkpoints are .safetensors written by salunet")
     try:
+        metadata = _header_metadata(data)
         tensors = st_load(data)
-        from safetensors import safe_open  # header metadata
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, Exception) as exc:  # noqa: BLE001 - any parse failure = corrupt file
+    except (SafetensorError, ValueError) as exc:  # ValueError covers bad JSON and bad UTF-8 in the header
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(exc).splitlines()[0][:120]}); "
                               "use an earlier checkpoint in the same directory") from None
     if metadata.get("format") != FORMAT:
@@ -153,10 +161,30 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
     if _digest(tensors) != metadata.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt; use an earlier checkpoint in "
                               "the same directory")
-    state = _unflatten(json.loads(metadata["skeleton"]), tensors)
+    try:
+        state = _unflatten(json.loads(metadata["skeleton"]), tensors)
+        meta = json.loads(metadata["meta"])
+    except (KeyError, ValueError, TypeError) as exc:  # the header is not covered by the tensor checksum
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata ({type(exc).__name__}: {exc}); use an "
+                              "earlier checkpoint in the same directory") from None
     if map_location != "cpu":
         state = _to(state, torch.device(map_location))
-    return state, json.loads(metadata["meta"])
+    return state, meta
+
+
+def _header_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file held in memory (8-byte little-endian header length, then a
+    JSON header), so that the file is not opened a second time."""
+    if len(data) < 8:
+        raise ValueError(f"file of {len(data)} bytes is shorter than a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError(f"header length {n} exceeds the file size")
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError("header is not a JSON object with __metadata__")
+    return meta
 
 
 def _to(obj, device):

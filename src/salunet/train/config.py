@@ -13,16 +13,23 @@ Recipes (SPEC.md section 4; **[decided]** where the paper is silent):
   SGD-Nesterov with the linear scaling rule lr = 0.1 x batch/256 (Goyal et al.), 5 warm-up epochs, label
   smoothing 0.1, mixup 0.1 / cutmix 1.0, EMA 0.9998, bfloat16 autocast, evaluation at 224 (``eval_size=288``
   for the paper's second number).
-- ``cpu-quick``: the embedded digits set, SaluNet-C-18 at width 16, a couple of minutes on 2 cores.
+- ``cpu-quick``: the embedded digits set, SaluNet-C-18 at width 16, 6 epochs: the same values as the
+  defaults, pinned here so that the recipe stays fixed if the defaults change.
+
+The defaults are the ``cpu-quick`` settings, so that a bare ``salunet train`` trains on the embedded digits
+set in well under two minutes on 2 CPU cores (measured: ~25 s, ~97% test accuracy). They are *not* a CIFAR
+or ImageNet recipe (width 16, 1-pixel crop padding, no flips): start those from a named recipe. A recipe
+therefore lists every field in which it departs from these defaults.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["TrainConfig", "RECIPES", "resolve_config", "parse_value", "config_from_json"]
@@ -32,7 +39,7 @@ __all__ = ["TrainConfig", "RECIPES", "resolve_config", "parse_value", "config_fr
 class TrainConfig:
     # what
     model: str = "salunet_c18"
-    width: int | None = None  # base channels / hidden size; None = the paper's
+    width: int | None = 16  # base channels / hidden size; None = the paper's (64 for the ResNets)
     norm_layer: str | None = None  # override the model's norm (e.g. "batchnorm" for the ablation)
     act_layer: str | None = None
     model_overrides: dict = field(default_factory=dict)  # extra create_model(**kw), e.g. {"salu_b0": 0.3}
@@ -42,13 +49,13 @@ class TrainConfig:
     train_subset: int = 0  # first N training images only (0 = all); the shared CIFAR copy is class-balanced
     test_subset: int = 0
     # how long, how big
-    epochs: int = 10
-    batch_size: int = 128  # global batch (split across DDP ranks)
+    epochs: int = 6
+    batch_size: int = 64  # global batch (split across DDP ranks)
     eval_batch_size: int = 500
     accum_steps: int = 1  # micro-batches per optimizer step (batch_size is per optimizer step)
     # optimiser and schedule
     optimizer: str = "sgd"  # sgd (Nesterov) | adamw | adam
-    lr: float = 0.1
+    lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4  # on conv kernels and weight matrices only
     warmup_epochs: float = 1.0
@@ -58,9 +65,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
     cutmix: float = 0.0
-    crop_padding: int = 4
-    flip: bool = True
-    ema_decay: float = 0.0  # 0 = no EMA; the paper: 0.9997 SaluNet, 0.997 BN ResNet
+    crop_padding: int = 1  # 8x8 digits; the CIFAR recipes use 4
+    flip: bool = False  # digits are not mirror-symmetric; the CIFAR / ImageNet recipes flip
+    ema_decay: float = 0.99  # 0 = no EMA; the paper: 0.9997 SaluNet, 0.997 BN ResNet
     # images from folders
     image_size: int = 224
     eval_size: int = 224
@@ -80,15 +87,16 @@ class TrainConfig:
 
 
 RECIPES: dict[str, dict] = {
-    "cifar-resnet": dict(model="salunet_c18", data="cifar10", epochs=300, batch_size=128, optimizer="sgd",
-                         lr=0.1, weight_decay=5e-4, warmup_epochs=5, label_smoothing=0.1, mixup=0.2,
-                         cutmix=1.0, ema_decay=0.9997),
-    "cifar-vit": dict(model="salunet_t", data="cifar10", epochs=200, batch_size=128, optimizer="adam", lr=1e-3,
-                      min_lr=1e-5, weight_decay=5e-5, warmup_epochs=5, label_smoothing=0.1),
-    "imagenet-resnet": dict(model="salunet_c50", data="imagefolder", epochs=100, batch_size=256,
+    "cifar-resnet": dict(model="salunet_c18", width=None, data="cifar10", epochs=300, batch_size=128,
+                         optimizer="sgd", lr=0.1, weight_decay=5e-4, warmup_epochs=5, label_smoothing=0.1,
+                         mixup=0.2, cutmix=1.0, crop_padding=4, flip=True, ema_decay=0.9997),
+    "cifar-vit": dict(model="salunet_t", width=None, data="cifar10", epochs=200, batch_size=128,
+                      optimizer="adam", lr=1e-3, min_lr=1e-5, weight_decay=5e-5, warmup_epochs=5,
+                      label_smoothing=0.1, crop_padding=4, flip=True, ema_decay=0.0),
+    "imagenet-resnet": dict(model="salunet_c50", width=None, data="imagefolder", epochs=100, batch_size=256,
                             optimizer="sgd", lr=0.1, weight_decay=5e-5, warmup_epochs=5, label_smoothing=0.1,
                             mixup=0.1, cutmix=1.0, ema_decay=0.9998, amp="bf16", channels_last=True,
-                            eval_batch_size=250, crop_padding=0),
+                            eval_batch_size=250, crop_padding=0, flip=True),
     "cpu-quick": dict(model="salunet_c18", width=16, data="digits", epochs=6, batch_size=64, lr=0.05,
                       weight_decay=5e-4, warmup_epochs=1, crop_padding=1, flip=False, ema_decay=0.99),
 }
@@ -96,22 +104,23 @@ RECIPES: dict[str, dict] = {
 _CHOICES = {"optimizer": ("sgd", "adamw", "adam"), "amp": ("none", "bf16", "fp16"),
             "data": ("digits", "cifar10", "cifar100", "npz", "imagefolder")}
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)  # resolves the annotation strings (PEP 563) without eval()
 
 
-def _types(tp) -> tuple:
-    if isinstance(tp, str):
-        tp = eval(tp, {"dict": dict, "int": int, "float": float, "str": str, "bool": bool})  # noqa: S307
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return tuple(a for a in typing.get_args(tp))
+def _types(key: str) -> tuple:
+    tp = _HINTS[key]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
     return (tp,)
 
 
 def parse_value(key: str, value):
     """Convert ``value`` (a string from the command line, or a JSON value) to the type of field ``key``."""
     if key not in _FIELDS:
-        raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(_FIELDS)}")
-    allowed = _types(_FIELDS[key].type)
+        close = difflib.get_close_matches(key, _FIELDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(_FIELDS)}")
+    allowed = _types(key)
     if isinstance(value, str):
         s = value.strip()
         if type(None) in allowed and s.lower() in ("none", "null", ""):
@@ -178,8 +187,6 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {cfg.ema_decay}")
     if cfg.width is not None and cfg.width <= 0:
         raise ValueError(f"width must be positive, got {cfg.width}")
-    if cfg.batch_size % cfg.accum_steps:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by accum_steps {cfg.accum_steps}")
     return cfg
 
 
@@ -212,6 +219,3 @@ def config_from_json(path: str | Path) -> dict:
         parse_value(k, v)
     return d
 
-
-def to_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

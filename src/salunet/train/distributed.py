@@ -2,7 +2,8 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; we initialise ``torch.distributed`` (gloo on
 CPU, NCCL on CUDA) and wrap the model in DistributedDataParallel. Nothing here re-implements collective
-communication. Rank 0 alone logs, evaluates and writes checkpoints; the others wait at a barrier.
+communication. Every rank evaluates its shard of the test set (counts summed with an all-reduce); rank 0
+alone logs and writes checkpoints, the others wait at a barrier.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup", "teardown", "barrier", "broadcast_object"]
+__all__ = ["DistInfo", "setup", "teardown", "barrier", "broadcast_object", "all_reduce_sum", "resolve_device"]
 
 
 @dataclass
@@ -31,7 +32,8 @@ class DistInfo:
         return self.world > 1
 
 
-def _resolve_device(spec: str, local_rank: int) -> torch.device:
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a torch.device (``cuda`` = this process's local rank)."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda"):
@@ -46,9 +48,9 @@ def _resolve_device(spec: str, local_rank: int) -> torch.device:
 def setup(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo(device=_resolve_device(device, 0))
+        return DistInfo(device=resolve_device(device, 0))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank)
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
@@ -74,3 +76,10 @@ def broadcast_object(info: DistInfo, obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_reduce_sum(info: DistInfo, t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks (in place, returned); a no-op in a single process."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

@@ -1,5 +1,7 @@
 """``salunet eval CHECKPOINT``: rebuild the model from the checkpoint's own config and report top-1/top-5
-of the raw and EMA weights on a data set's test split (the checkpoint's data set unless told otherwise)."""
+of the raw and EMA weights on a data set's test split (the checkpoint's data set unless told otherwise).
+Image folders can be evaluated at another size than in training (``eval_size=288``: the paper's second
+ResNet-50 number; the ResNets pool globally, so any size works)."""
 from __future__ import annotations
 
 import time
@@ -9,26 +11,35 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, write_json_atomic
 from .config import resolve_config
-from .distributed import DistInfo, _resolve_device
-from .loop import MemorySource, FolderSource, build_model, evaluate, _load_source
+from .distributed import DistInfo, resolve_device
+from .loop import MemorySource, build_model, evaluate, load_source
 
 __all__ = ["evaluate_checkpoint", "model_from_checkpoint"]
 
 
-def model_from_checkpoint(path: str | Path, device: str = "cpu", ema: bool = False):
-    """(model, meta) rebuilt from a checkpoint; ``ema=True`` loads the EMA weights."""
-    state, meta = load_checkpoint(Path(path))
-    cfg = resolve_config(None, base=meta["config"])
-    model = build_model(cfg, meta["num_classes"], meta["in_chans"], meta["image_size"])
-    weights = state["ema"]["module"] if ema and state.get("ema") else state["model"]
+def _load_weights(model, weights, path: Path, name: str):
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit model {cfg.model} ({str(exc).splitlines()[0]})") from None
-    return model.to(device), meta, state
+        raise CheckpointError(f"{path}: weights do not fit model {name} ({str(exc).splitlines()[0]})") from None
+    return model
 
 
-def evaluate_checkpoint(path, *, data=None, data_path=None, batch_size=500, device="auto", out=None) -> dict:
+def model_from_checkpoint(path: str | Path, device: str = "cpu", ema: bool = False):
+    """(model, meta, state) rebuilt from a checkpoint; ``ema=True`` loads the EMA weights."""
+    path = Path(path)
+    state, meta = load_checkpoint(path)
+    cfg = resolve_config(None, base=meta["config"])
+    model = build_model(cfg, meta["num_classes"], meta["in_chans"], meta["image_size"])
+    weights = state["ema"]["module"] if ema and state.get("ema") else state["model"]
+    return _load_weights(model, weights, path, cfg.model).to(device), meta, state
+
+
+def evaluate_checkpoint(path, *, data=None, data_path=None, batch_size=500, device="auto", out=None,
+                        eval_size: int | None = None) -> dict:
+    """Evaluate a checkpoint's raw (and EMA) weights; writes and returns a result dict.
+
+    ``eval_size`` (image folders only): evaluate at this size (resize to size/0.875, center crop)."""
     path = Path(path)
     state, meta = load_checkpoint(path)
     over = {"eval_batch_size": batch_size, "train_subset": 0, "test_subset": 0, "download": False}
@@ -37,24 +48,33 @@ def evaluate_checkpoint(path, *, data=None, data_path=None, batch_size=500, devi
         over["data_path"] = data_path
     elif data_path:
         over["data_path"] = data_path
+    if eval_size is not None:
+        over["eval_size"] = eval_size
     cfg = resolve_config(None, over, base=meta["config"])
-    info = DistInfo(device=_resolve_device(device, 0))
-    source = _load_source(cfg, info)
+    if eval_size is not None and cfg.data != "imagefolder":
+        raise ValueError(f"--eval-size applies to image folders only; {cfg.data} images are evaluated at their "
+                         "stored size")
+    info = DistInfo(device=resolve_device(device))
+    source = load_source(cfg, info, train=False)
     if (source.num_classes, source.in_chans) != (meta["num_classes"], meta["in_chans"]):
         raise ValueError(f"{path}: the model has {meta['num_classes']} classes / {meta['in_chans']} channels, "
                          f"data {cfg.data} has {source.num_classes} / {source.in_chans}; pick matching --data")
     if isinstance(source, MemorySource):  # normalise exactly as in training
         source.data.mean = torch.tensor(meta["mean"], device=info.device).view(1, -1, 1, 1)
         source.data.std = torch.tensor(meta["std"], device=info.device).view(1, -1, 1, 1)
-    result = {"checkpoint": str(path), "data": cfg.data, "epoch": meta["epoch"], "model": cfg.model,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    size = cfg.eval_size if cfg.data == "imagefolder" else source.image_size
+    result = {"checkpoint": str(path), "data": cfg.data, "eval_size": size, "epoch": meta["epoch"],
+              "model": cfg.model, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    model = build_model(cfg, meta["num_classes"], meta["in_chans"], meta["image_size"]).to(info.device)
     for which in ("raw", "ema"):
         if which == "ema" and not state.get("ema"):
             continue
-        model, _, _ = model_from_checkpoint(path, info.device, ema=which == "ema")
+        weights = state["ema"]["module"] if which == "ema" else state["model"]
+        _load_weights(model, weights, path, cfg.model)
         ev = evaluate(model, source.eval_batches())
         result[which] = {"top1": ev["acc"], "top5": ev["top5"], "loss": ev["loss"], "n": ev["n"]}
-    out = Path(out) if out else path.parent.parent / "eval" / f"{path.stem}-{cfg.data}.json"
+    suffix = f"-{size}" if cfg.data == "imagefolder" else ""
+    out = Path(out) if out else path.parent.parent / "eval" / f"{path.stem}-{cfg.data}{suffix}.json"
     write_json_atomic(out, result)
     result["written"] = str(out)
     return result

@@ -7,10 +7,29 @@ in each checkpoint with the model, optimizer, EMA, grad-scaler and step counter.
 
 Data parallelism (torchrun): for in-memory data every rank draws the *global* batch and its augmentation
 from the same generator and keeps its own slice, so N ranks see exactly the samples, crops and mixes that
-one process with the same global batch sees; DDP averages gradients. Folder data uses DistributedSampler.
+one process with the same global batch sees; DDP averages gradients. The price is deliberate: every rank
+indexes, crops, flips, normalises and mixes the whole global batch (N times the augmentation work, and one
+global batch of images in memory per rank) to keep only 1/N of it. Mixup and cutmix pair samples across the
+global batch, so slicing first would change the run; the batched tensor ops cost little next to forward and
+backward. Folder data uses DistributedSampler for training (each rank decodes only its own images; the order
+then differs from a 1-process run). Evaluation is sharded: rank r scores test images r, r+N, r+2N, ... (each
+image exactly once) and the counts are summed with an all-reduce. Only rank 0 downloads; the others wait for
+it and then read what it wrote. Per-step loss, accuracy and the finite checks are all-reduced, so every rank
+logs the same numbers and stops at the same step.
 
-Failure behaviour: bad input is rejected before anything is written; a non-finite loss stops the run
-(:class:`TrainingDiverged`) without writing a checkpoint, so the last good one stays the newest.
+``metrics.jsonl`` holds one line per epoch: ``train_loss`` / ``train_acc`` (means over the epoch's optimizer
+steps and all ranks, on the augmented and mixed batches, accuracy against the first mixing target),
+``test_*`` and ``ema_test_*`` (loss, top-1 ``acc``, ``top5``), ``lr`` (the value used by the epoch's *last*
+optimizer step), ``epoch_s`` (wall time of the epoch's training steps), ``eval_s``, ``startup_s`` (the first
+step of the first epoch a process runs: lazy initialisation, kernel loading, ``torch.compile``; 0 in other
+epochs), ``images_per_s`` (training images per second excluding ``startup_s``), ``elapsed_s`` (since this
+process started training).
+
+Failure behaviour: bad input is rejected before anything is written, and a new run that fails before it
+finishes its first epoch removes what it wrote (``config.json``, the run directory it created). A
+non-finite loss or gradient stops the run (:class:`TrainingDiverged`) before the optimizer step, and the
+parameters are checked to be finite before every checkpoint, so no non-finite weights are ever saved and
+the last good checkpoint stays the newest.
 """
 from __future__ import annotations
 
@@ -25,17 +44,17 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..data import (ImageFolder, load_arrays, mix_batch, mixed_cross_entropy, random_crop, random_flip,
-                    to_memory)
+from ..data import ImageFolder, load_arrays, mix_batch, mixed_cross_entropy, random_crop, random_flip, to_memory
 from ..models import create_model, list_models
 from ..nn import SaluFamily, kernels
 from . import distributed as D
-from .checkpoint import (RunLock, append_jsonl, latest_checkpoint, list_checkpoints, read_jsonl, save_checkpoint,
-                         write_json_atomic)
-from .config import TrainConfig, parse_value, resolve_config
+from .checkpoint import (RunLock, append_jsonl, atomic_write_bytes, latest_checkpoint, list_checkpoints,
+                         read_jsonl, save_checkpoint, write_json_atomic)
+from .config import TrainConfig, resolve_config
 from .ema import EMA
 
-__all__ = ["train", "evaluate", "build_model", "lr_at", "param_groups", "TrainingDiverged", "RESUME_KEYS"]
+__all__ = ["train", "evaluate", "build_model", "load_source", "MemorySource", "FolderSource", "lr_at",
+           "param_groups", "TrainingDiverged", "RESUME_KEYS"]
 
 RESUME_KEYS = ("epochs", "progress", "device", "workers", "checkpoint_every", "keep_checkpoints")
 _IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
@@ -43,7 +62,8 @@ _IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the run stopped and its last good checkpoint is kept."""
+    """The loss, the gradients or the weights became NaN or infinite; the run stopped before saving them,
+    and its last good checkpoint is kept."""
 
 
 # ---- pieces -----------------------------------------------------------------------------------------------
@@ -101,25 +121,20 @@ class MemorySource:
 
     def __init__(self, data, cfg: TrainConfig, info: D.DistInfo) -> None:
         self.data, self.cfg, self.info = data, cfg, info
-        if cfg.batch_size % (info.world * cfg.accum_steps):
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by ranks x accum_steps "
-                             f"({info.world} x {cfg.accum_steps})")
-        self.steps = len(data.x_train) // cfg.batch_size
-        if self.steps == 0:
-            raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set "
-                             f"({len(data.x_train)} images); lower --batch-size")
+        self.n_train = len(data.x_train)
+        self.steps = self.n_train // cfg.batch_size
         self.num_classes, self.in_chans, self.image_size = data.num_classes, data.in_chans, data.image_size
         self.mean, self.std = data.mean, data.std
 
     def train_batches(self, epoch: int):
         cfg, B = self.cfg, self.cfg.batch_size
         g = _epoch_generator(cfg.seed, epoch)
-        perm = torch.randperm(len(self.data.x_train), generator=g).to(self.data.x_train.device)
+        perm = torch.randperm(self.n_train, generator=g).to(self.data.x_train.device)
         b = B // self.info.world
         lo = self.info.rank * b
         for s in range(self.steps):
             idx = perm[s * B:(s + 1) * B]
-            x = self.data.x_train[idx]  # (B, C, H, W) uint8, the global batch
+            x = self.data.x_train[idx]  # (B, C, H, W) uint8, the global batch (see the module docstring)
             x = random_crop(x, cfg.crop_padding, g)
             if cfg.flip:
                 x = random_flip(x, g)
@@ -128,57 +143,99 @@ class MemorySource:
             yield x[lo:lo + b], ya[lo:lo + b], yb[lo:lo + b], lam
 
     def eval_batches(self):
-        d, n = self.data, self.cfg.eval_batch_size
-        for i in range(0, len(d.x_test), n):
-            yield d.normalize(d.x_test[i:i + n]), d.y_test[i:i + n]
+        """This rank's shard of the test set: images rank, rank + world, ... (all of them in one process)."""
+        d, n, r, w = self.data, self.cfg.eval_batch_size, self.info.rank, self.info.world
+        x, y = d.x_test[r::w], d.y_test[r::w]
+        for i in range(0, len(x), n):
+            yield d.normalize(x[i:i + n]), y[i:i + n]
 
 
 class FolderSource:
-    """ImageNet-style folders through DataLoader workers (Pillow decoding), sharded by DistributedSampler."""
+    """ImageNet-style folders through DataLoader workers (Pillow decoding); training sharded by
+    DistributedSampler, evaluation by a strided subset per rank."""
 
     def __init__(self, cfg: TrainConfig, info: D.DistInfo) -> None:
         if cfg.data_path is None:
             raise ValueError("data 'imagefolder' needs --data-path ROOT with ROOT/train/<class>/ and ROOT/val/<class>/")
         root = Path(cfg.data_path).expanduser()
-        self.train_set = ImageFolder(root / "train", train=True, size=cfg.image_size, seed=cfg.seed)
+        self.train_set = ImageFolder(root / "train", train=True, size=cfg.image_size, seed=cfg.seed, flip=cfg.flip)
         self.val_set = ImageFolder(root / "val", train=False, size=cfg.eval_size, classes=self.train_set.classes)
-        if cfg.batch_size % (info.world * cfg.accum_steps):
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by ranks x accum_steps")
         self.cfg, self.info = cfg, info
         self.local_batch = cfg.batch_size // info.world
-        self.steps = len(self.train_set) // cfg.batch_size
-        if self.steps == 0:
-            raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(self.train_set)})")
+        self.n_train = len(self.train_set)
+        self.steps = self.n_train // cfg.batch_size
         self.num_classes, self.in_chans, self.image_size = len(self.train_set.classes), 3, cfg.image_size
         self.mean, self.std = _IMAGENET_MEAN.to(info.device), _IMAGENET_STD.to(info.device)
 
-    def _loader(self, ds, batch, shuffle, epoch):
-        from torch.utils.data import DataLoader, DistributedSampler
+    def _loader(self, ds, batch: int, sampler=None, generator=None, shuffle: bool = False):
+        from torch.utils.data import DataLoader
 
-        sampler = None
-        gen = None
-        if self.info.enabled:
-            sampler = DistributedSampler(ds, self.info.world, self.info.rank, shuffle=shuffle, seed=self.cfg.seed,
-                                         drop_last=shuffle)
-            sampler.set_epoch(epoch)
-        elif shuffle:
-            gen = _epoch_generator(self.cfg.seed, epoch)
-        return DataLoader(ds, batch_size=batch, shuffle=shuffle and sampler is None, sampler=sampler,
-                          generator=gen, num_workers=self.cfg.workers, drop_last=shuffle,
+        return DataLoader(ds, batch_size=batch, shuffle=shuffle, sampler=sampler, generator=generator,
+                          num_workers=self.cfg.workers, drop_last=shuffle or sampler is not None,
                           pin_memory=self.info.device.type == "cuda")
 
     def train_batches(self, epoch: int):
+        from torch.utils.data import DistributedSampler
+
+        info = self.info
         self.train_set.set_epoch(epoch)
-        g = _epoch_generator(self.cfg.seed, epoch, self.info.rank)
-        for s, (x, y) in enumerate(self._loader(self.train_set, self.local_batch, True, epoch)):
+        if info.enabled:
+            sampler = DistributedSampler(self.train_set, info.world, info.rank, shuffle=True, seed=self.cfg.seed,
+                                         drop_last=True)
+            sampler.set_epoch(epoch)
+            loader = self._loader(self.train_set, self.local_batch, sampler=sampler)
+        else:
+            loader = self._loader(self.train_set, self.local_batch, shuffle=True,
+                                  generator=_epoch_generator(self.cfg.seed, epoch))
+        g = _epoch_generator(self.cfg.seed, epoch, info.rank)
+        for s, (x, y) in enumerate(loader):
             if s >= self.steps:
                 break
-            x = (x.to(self.info.device, non_blocking=True).float() - self.mean) / self.std
-            yield mix_batch(x, y.to(self.info.device), self.cfg.mixup, self.cfg.cutmix, g)
+            x = (x.to(info.device, non_blocking=True).float() - self.mean) / self.std
+            yield mix_batch(x, y.to(info.device), self.cfg.mixup, self.cfg.cutmix, g)
 
     def eval_batches(self):
-        for x, y in self._loader(self.val_set, self.cfg.eval_batch_size, False, 0):
+        """This rank's shard of the validation set (every image exactly once over all ranks, no padding)."""
+        from torch.utils.data import Subset
+
+        shard = Subset(self.val_set, range(self.info.rank, len(self.val_set), self.info.world))
+        for x, y in self._loader(shard, self.cfg.eval_batch_size):
             yield (x.to(self.info.device).float() - self.mean) / self.std, y.to(self.info.device)
+
+
+def load_source(cfg: TrainConfig, info: D.DistInfo, *, train: bool = True) -> MemorySource | FolderSource:
+    """The batches of ``cfg.data`` for this rank. ``train=False`` (evaluation only) skips the checks that
+    concern the training batches."""
+    if train and cfg.batch_size % (info.world * cfg.accum_steps):
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by ranks x accum_steps "
+                         f"({info.world} x {cfg.accum_steps})")
+    if cfg.data == "imagefolder":
+        source = FolderSource(cfg, info)
+    else:
+        source = MemorySource(to_memory(_load_arrays(cfg, info), info.device, cfg.train_subset, cfg.test_subset),
+                              cfg, info)
+    if train and source.steps == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({source.n_train} images); "
+                         "lower --batch-size")
+    return source
+
+
+def _load_arrays(cfg: TrainConfig, info: D.DistInfo):
+    if not (cfg.download and info.enabled):
+        return load_arrays(cfg.data, cfg.data_path, download=cfg.download)
+    # rank 0 downloads and extracts alone; broadcasting its outcome is also the barrier the others wait at
+    arrays, error = None, None
+    if info.is_main:
+        try:
+            arrays = load_arrays(cfg.data, cfg.data_path, download=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have been told
+            error = exc
+    msg = D.broadcast_object(info, None if error is None else str(error).splitlines()[0])
+    if error is not None:
+        raise error
+    if msg is not None:
+        raise ValueError(f"rank 0 could not get the data: {msg}")
+    return arrays if arrays is not None else load_arrays(cfg.data, cfg.data_path, download=False)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -188,8 +245,12 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, *, amp_ctx=None, channels_last: bool = False) -> dict:
-    """Top-1 / top-5 accuracy and mean loss of ``model`` over ``batches`` of (x, y)."""
+def evaluate(model: nn.Module, batches, *, amp_ctx=None, channels_last: bool = False,
+             dist_info: D.DistInfo | None = None) -> dict:
+    """Top-1 / top-5 accuracy and mean loss of ``model`` over ``batches`` of (x, y).
+
+    With ``dist_info`` of a multi-process run, each rank passes its own shard and the sums are all-reduced:
+    every rank returns the result over the whole set."""
     was = model.training
     model.eval()
     n = correct = correct5 = 0
@@ -206,20 +267,19 @@ def evaluate(model: nn.Module, batches, *, amp_ctx=None, channels_last: bool = F
         correct5 += (top == y[:, None]).any(1).sum().item()
         n += len(y)
     model.train(was)
+    if dist_info is not None and dist_info.enabled:
+        sums = torch.tensor([loss, correct, correct5, n], dtype=torch.float64, device=dist_info.device)
+        loss, correct, correct5, n = D.all_reduce_sum(dist_info, sums).tolist()
+        n = int(n)
     return {"loss": loss / max(n, 1), "acc": correct / max(n, 1), "top5": correct5 / max(n, 1), "n": n}
 
 
-def _load_source(cfg: TrainConfig, info: D.DistInfo):
-    if cfg.data == "imagefolder":
-        return FolderSource(cfg, info)
-    arrays = load_arrays(cfg.data, cfg.data_path, download=cfg.download and info.is_main)
-    return MemorySource(to_memory(arrays, info.device, cfg.train_subset, cfg.test_subset), cfg, info)
-
+# ---- run directory and config -----------------------------------------------------------------------------
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
     name = cfg.name or f"{cfg.model}-{cfg.data}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.out).expanduser() / name
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ValueError(f"{run_dir}: run directory already exists; continue it with --resume {run_dir} or "
                          "choose another --name")
     return run_dir
@@ -239,7 +299,43 @@ def _resume_config(run_dir: Path, overrides: dict) -> tuple[TrainConfig, tuple |
         base = json.loads((run_dir / "config.json").read_text())
     else:
         raise ValueError(f"{run_dir}: not a salunet run directory (no config.json, no checkpoint)")
-    return resolve_config(None, overrides, base={k: v for k, v in base.items()}), found
+    return resolve_config(None, overrides, base=base), found
+
+
+def _resolve(config, resume, overrides: dict) -> tuple[TrainConfig, Path, tuple | None]:
+    """Everything that can fail on bad input and needs no data: the config, the run directory, the
+    checkpoint to resume from. Writes nothing."""
+    if resume is not None:
+        run_dir = Path(resume).expanduser()
+        cfg, found = _resume_config(run_dir, overrides)
+        return cfg, run_dir, found
+    if isinstance(config, TrainConfig):
+        cfg = resolve_config(None, overrides, base=asdict(config))
+    else:
+        cfg = resolve_config(None, {**(config or {}), **overrides})
+    return cfg, _new_run_dir(cfg), None
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p path``; returns the directories this call created, deepest first."""
+    created, p = [], path
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _discard_new_run(run_dir: Path, created: list[Path]) -> None:
+    """Remove what a new run wrote before finishing its first epoch: it holds nothing worth keeping, and a
+    leftover ``config.json`` would block re-running with the same ``--name``."""
+    for f in ("config.json", "metrics.jsonl"):
+        (run_dir / f).unlink(missing_ok=True)
+    for d in [run_dir / "checkpoints", *created]:
+        try:
+            d.rmdir()  # only if empty: anything else in there is not ours to delete
+        except OSError:
+            pass
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
@@ -249,27 +345,18 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
 
     ``resume=RUN_DIR`` continues that run from its newest valid checkpoint (``overrides`` may change only
     :data:`RESUME_KEYS`)."""
-    info = D.setup((overrides.get("device") if overrides.get("device") else
-                    (config.device if isinstance(config, TrainConfig) else (config or {}).get("device", "auto"))))
+    cfg, run_dir, found = _resolve(config, resume, overrides)  # before init: every rank checks, none wrote yet
+    info = D.setup(cfg.device)
     try:
-        return _train(config, resume, overrides, info)
+        run_dir = Path(D.broadcast_object(info, str(run_dir)))  # one name on all ranks (it holds a time stamp)
+        return _train(cfg, run_dir, found, resume is None, info)
     finally:
         D.teardown(info)
 
 
-def _train(config, resume, overrides, info: D.DistInfo) -> dict:
-    # 1. resolve everything that can fail on bad input before a single file is written
-    found = None
-    if resume is not None:
-        run_dir = Path(resume).expanduser()
-        cfg, found = _resume_config(run_dir, overrides)
-    else:
-        if isinstance(config, TrainConfig):
-            cfg = resolve_config(None, overrides, base={k: v for k, v in asdict(config).items()})
-        else:
-            cfg = resolve_config(None, {**(config or {}), **overrides})
-        run_dir = _new_run_dir(cfg)
-    source = _load_source(cfg, info)
+def _train(cfg: TrainConfig, run_dir: Path, found, new_run: bool, info: D.DistInfo) -> dict:
+    # everything that can fail on bad input (data, model) comes before a single file is written
+    source = load_source(cfg, info)
     model = build_model(cfg, source.num_classes, source.in_chans, source.image_size).to(info.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -291,9 +378,11 @@ def _train(config, resume, overrides, info: D.DistInfo) -> dict:
         start_epoch, step = int(meta["epoch"]), int(meta["step"])
 
     lock = RunLock(run_dir)
+    created: list[Path] = []
+    epochs_done = 0
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
+        created = _make_dirs(run_dir)
+        lock.acquire()  # refuses if another live process holds the directory (then nothing here is ours)
     try:
         if info.is_main:
             write_json_atomic(run_dir / "config.json", asdict(cfg))
@@ -301,7 +390,7 @@ def _train(config, resume, overrides, info: D.DistInfo) -> dict:
             print(f"salunet train: {run_dir}  (resumed at epoch {start_epoch})" if found else f"salunet train: {run_dir}")
             print("config: " + json.dumps(asdict(cfg), sort_keys=True))
             print(f"kernels: {kernels.kernel_path(info.device)}; device {info.device}; ranks {info.world}; "
-                  f"{sum(p.numel() for p in model.parameters()):,} parameters; {steps} steps/epoch")
+                  f"{sum(p.numel() for p in model.parameters()):,} parameters; {steps} steps/epoch", flush=True)
         train_model: nn.Module = model
         if info.enabled:
             train_model = nn.parallel.DistributedDataParallel(
@@ -309,15 +398,14 @@ def _train(config, resume, overrides, info: D.DistInfo) -> dict:
         if cfg.compile:
             train_model = torch.compile(train_model)
         amp_ctx = _autocast(cfg, info.device)
-        last = None
-        t_run = time.time()
+        t_run = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
-            last = _train_epoch(cfg, info, source, model, train_model, opt, ema, scaler, amp_ctx, epoch, step,
-                                total, warmup, run_dir)
+            row = _train_epoch(cfg, info, source, model, train_model, opt, ema, scaler, amp_ctx, epoch, step,
+                               total, warmup, run_dir, first=epoch == start_epoch)
             step += steps
+            _check_finite_params(model, info, epoch, run_dir)
             if info.is_main:
-                row = last
-                row["elapsed_s"] = round(time.time() - t_run, 2)
+                row["elapsed_s"] = round(time.perf_counter() - t_run, 2)
                 append_jsonl(run_dir / "metrics.jsonl", row)
                 ema_txt = f"  ema {100 * row['ema_test_acc']:.2f}%" if row.get("ema_test_acc") is not None else ""
                 print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  test {100 * row['test_acc']:.2f}%"
@@ -325,77 +413,128 @@ def _train(config, resume, overrides, info: D.DistInfo) -> dict:
                       flush=True)
                 if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
                     _save(run_dir, cfg, model, opt, ema, scaler, epoch + 1, step, row, source)
+            epochs_done += 1
             D.barrier(info)
-        summary = _finish(run_dir, cfg, info) if info.is_main else {}
-        return summary
+        return _finish(run_dir, cfg) if info.is_main else {}
     finally:
         if info.is_main:
             lock.release()
+            if new_run and epochs_done == 0:
+                _discard_new_run(run_dir, created)
+
+
+def _forward(train_model: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    try:
+        return train_model(x)
+    except Exception as exc:  # torch.compile may wrap the error; recognise it by its text
+        if "Expected more than 1 value per channel when training" in str(exc):
+            raise ValueError(
+                f"model {cfg.model}: BatchNorm needs more than 1 value per channel in training, but with {len(x)} "
+                "image(s) per micro-batch (and rank) a layer's feature map is 1x1; use a larger --batch-size or "
+                "a norm-free model such as salunet_c18") from None
+        raise
+
+
+def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
+    """Global gradient norm (clipping to ``clip`` if > 0): one fused pass, and the cheap finite check."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+def _last_good(run_dir: Path) -> str:
+    good = list_checkpoints(run_dir)
+    return str(good[-1]) if good else "none yet"
 
 
 def _train_epoch(cfg, info, source, model, train_model, opt, ema, scaler, amp_ctx, epoch, step, total, warmup,
-                 run_dir) -> dict:
+                 run_dir, first: bool) -> dict:
     from tqdm import tqdm
 
     train_model.train()
-    t0 = time.time()
-    loss_sum, correct, seen = 0.0, 0, 0
-    micro = cfg.accum_steps
+    micro, dev = cfg.accum_steps, info.device
+    loss_sum = correct_sum = 0.0
+    lr = cfg.lr
     bar = tqdm(total=source.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not (cfg.progress and info.is_main), dynamic_ncols=True)
-    for s, (x, ya, yb, lam) in enumerate(source.train_batches(epoch)):
-        lr = lr_at(step + s, total, warmup, cfg.lr, cfg.min_lr)
-        for gr in opt.param_groups:
-            gr["lr"] = lr
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        xs, yas, ybs = x.chunk(micro), ya.chunk(micro), yb.chunk(micro)
-        step_loss = 0.0
-        for m in range(micro):
-            sync = m == micro - 1 or not info.enabled
-            ctx = nullcontext() if sync else train_model.no_sync()
-            with ctx:
-                with amp_ctx:
-                    logits = train_model(xs[m])
-                    loss = mixed_cross_entropy(logits.float(), yas[m], ybs[m], lam, cfg.label_smoothing)
-                (scaler.scale(loss / micro) if scaler else loss / micro).backward()
-            lv = loss.item()
-            if not math.isfinite(lv):
-                bar.close()
-                good = list_checkpoints(run_dir)
+    t0 = time.perf_counter()
+    t_first = None
+    try:
+        for s, (x, ya, yb, lam) in enumerate(source.train_batches(epoch)):
+            lr = lr_at(step + s, total, warmup, cfg.lr, cfg.min_lr)
+            for gr in opt.param_groups:
+                gr["lr"] = lr
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            xs, yas, ybs = x.chunk(micro), ya.chunk(micro), yb.chunk(micro)
+            step_loss = torch.zeros((), device=dev)
+            step_correct = torch.zeros((), device=dev)
+            for m in range(micro):
+                sync = m == micro - 1 or not info.enabled
+                with nullcontext() if sync else train_model.no_sync():
+                    with amp_ctx:
+                        logits = _forward(train_model, xs[m], cfg)
+                        loss = mixed_cross_entropy(logits.float(), yas[m], ybs[m], lam, cfg.label_smoothing)
+                    (scaler.scale(loss / micro) if scaler else loss / micro).backward()
+                step_loss += loss.detach() / micro
+                step_correct += (logits.argmax(1) == yas[m]).sum()
+            if scaler:
+                scaler.unscale_(opt)
+            gnorm = _grad_norm(model, cfg.grad_clip)
+            # one small all-reduce per step: the loss and hit count of every rank (the gradient norm is the
+            # same on all ranks after DDP's average), so that all ranks log alike and stop alike
+            sums = torch.stack([step_loss.double(), step_correct.double(), gnorm.double().to(dev)])
+            loss_g, correct_g, gnorm_g = (D.all_reduce_sum(info, sums) / info.world).tolist()
+            if not math.isfinite(loss_g):
                 raise TrainingDiverged(
-                    f"non-finite loss ({lv}) at epoch {epoch + 1}, step {s + 1}; stopped. Last good checkpoint: "
-                    f"{good[-1] if good else 'none yet'}. Lower --lr or set --grad-clip")
-            step_loss += lv / micro
-            correct += (logits.argmax(1) == yas[m]).sum().item()
-            seen += len(yas[m])
-        if scaler:
-            scaler.unscale_(opt)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(model)
-        loss_sum += step_loss
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.3g}")
-    bar.close()
-    seconds = time.time() - t0
+                    f"non-finite loss ({loss_g}) at epoch {epoch + 1}, step {s + 1}; stopped before the optimizer "
+                    f"step. Last good checkpoint: {_last_good(run_dir)}. Lower --lr or set --grad-clip")
+            if scaler is None and not math.isfinite(gnorm_g):  # (the fp16 grad scaler skips such steps itself)
+                raise TrainingDiverged(
+                    f"non-finite gradients (norm {gnorm_g}) with a finite loss at epoch {epoch + 1}, step {s + 1}; "
+                    f"stopped before the optimizer step. Last good checkpoint: {_last_good(run_dir)}. Lower --lr")
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+            loss_sum += loss_g
+            correct_sum += correct_g * info.world
+            if s == 0:
+                t_first = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_g:.3f}", lr=f"{lr:.3g}")
+    finally:
+        bar.close()
+    t1 = time.perf_counter()
+    exclude_first = first and source.steps > 1  # the first step of a process carries its one-time costs
+    startup = t_first - t0 if exclude_first else 0.0
+    timed_steps = source.steps - exclude_first
     row = {"epoch": epoch + 1, "step": step + source.steps, "train_loss": loss_sum / source.steps,
-           "train_acc": correct / max(seen, 1), "lr": lr, "epoch_s": round(seconds, 3),
-           "images_per_s": source.steps * cfg.batch_size / seconds}
-    if info.is_main:
-        ev = evaluate(model, source.eval_batches(), amp_ctx=amp_ctx, channels_last=cfg.channels_last)
-        row.update(test_loss=ev["loss"], test_acc=ev["acc"], test_top5=ev["top5"])
-        if ema is not None:
-            ee = evaluate(ema.module, source.eval_batches(), amp_ctx=amp_ctx, channels_last=cfg.channels_last)
-            row.update(ema_test_loss=ee["loss"], ema_test_acc=ee["acc"], ema_test_top5=ee["top5"])
+           "train_acc": correct_sum / (source.steps * cfg.batch_size), "lr": lr, "epoch_s": round(t1 - t0, 3),
+           "startup_s": round(startup, 3), "images_per_s": timed_steps * cfg.batch_size / (t1 - t0 - startup)}
+    ev = evaluate(model, source.eval_batches(), amp_ctx=amp_ctx, channels_last=cfg.channels_last, dist_info=info)
+    row.update(test_loss=ev["loss"], test_acc=ev["acc"], test_top5=ev["top5"])
+    if ema is not None:
+        ee = evaluate(ema.module, source.eval_batches(), amp_ctx=amp_ctx, channels_last=cfg.channels_last,
+                      dist_info=info)
+        row.update(ema_test_loss=ee["loss"], ema_test_acc=ee["acc"], ema_test_top5=ee["top5"])
+    row["eval_s"] = round(time.perf_counter() - t1, 3)
     return row
+
+
+@torch.no_grad()
+def _check_finite_params(model: nn.Module, info: D.DistInfo, epoch: int, run_dir: Path) -> None:
+    """Before anything is saved: every weight finite (one pass per epoch; the per-step gradient check catches
+    almost everything, this catches an optimizer update that overflowed)."""
+    bad = torch.stack([(~torch.isfinite(p)).any() for p in model.parameters()]).sum().double()
+    if D.all_reduce_sum(info, bad).item() > 0:
+        raise TrainingDiverged(f"parameters became non-finite during epoch {epoch + 1}; nothing saved. Last good "
+                               f"checkpoint: {_last_good(run_dir)}. Lower --lr or set --grad-clip")
 
 
 def _save(run_dir, cfg, model, opt, ema, scaler, epoch, step, row, source) -> Path:
@@ -415,34 +554,28 @@ def _save(run_dir, cfg, model, opt, ema, scaler, epoch, step, row, source) -> Pa
 
 
 def _trim_metrics(path: Path, epochs_done: int) -> None:
-    """On resume, drop metric lines of epochs that the checkpoint does not contain (they will be redone)."""
+    """On resume, drop metric lines of epochs that the checkpoint does not contain (they will be redone), so
+    the file keeps exactly one line per epoch."""
     if not path.is_file():
         return
     rows = read_jsonl(path)
     keep = [r for r in rows if r.get("epoch", 0) <= epochs_done]
     if len(keep) != len(rows):
-        from .checkpoint import atomic_write_bytes
-
         atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep).encode())
 
 
-def _finish(run_dir: Path, cfg: TrainConfig, info) -> dict:
+def _finish(run_dir: Path, cfg: TrainConfig) -> dict:
     from ..plots import plot_curves
 
     rows = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     final = rows[-1] if rows else {}
+    ckpts = list_checkpoints(run_dir)
     summary = {"run_dir": str(run_dir), "epochs": final.get("epoch", 0), "final": final,
                "best_test_acc": max((r["test_acc"] for r in rows), default=None),
-               "checkpoint": str(list_checkpoints(run_dir)[-1]) if list_checkpoints(run_dir) else None}
+               "checkpoint": str(ckpts[-1]) if ckpts else None}
     write_json_atomic(run_dir / "summary.json", summary)
     if rows:
         plot_curves({cfg.model: rows}, run_dir / "curves.png", title=f"{cfg.model} on {cfg.data}")
     ema_txt = (f", EMA {100 * final['ema_test_acc']:.2f}%" if final.get("ema_test_acc") is not None else "")
     print(f"final test accuracy {100 * final.get('test_acc', float('nan')):.2f}%{ema_txt}  ->  {run_dir}")
     return summary
-
-
-def apply_overrides(pairs: dict) -> dict:
-    """Type-check a dict of string overrides (CLI) against TrainConfig."""
-    return {k: parse_value(k, v) for k, v in pairs.items()}
-

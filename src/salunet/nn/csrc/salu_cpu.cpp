@@ -20,6 +20,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cfloat>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -28,11 +29,14 @@ namespace {
 
 using at::vec::Vectorized;
 
+// the per-vector math must inline into the loops: as calls, the 512-bit temporaries go through the stack
+#define SALU_INLINE inline __attribute__((always_inline))
+
 enum Op : int64_t { SALU = 0, SWALU = 1, GALU = 2, SALU_SWALU = 3, SALU_GALU = 4 };
 
-inline bool is_pair(int64_t op) { return op == SALU_SWALU || op == SALU_GALU; }
-inline bool is_normal_gate(int64_t op) { return op == GALU || op == SALU_GALU; }
-inline int64_t n_stages(int64_t op) { return is_pair(op) ? 2 : 1; }
+constexpr bool is_pair(int64_t op) { return op == SALU_SWALU || op == SALU_GALU; }
+constexpr bool is_normal_gate(int64_t op) { return op == GALU || op == SALU_GALU; }
+constexpr int64_t n_stages(int64_t op) { return is_pair(op) ? 2 : 1; }
 
 template <typename T>
 constexpr T clamp_limit() { return std::is_same<T, double>::value ? T(1e150) : T(1e18); }
@@ -40,7 +44,7 @@ constexpr T clamp_limit() { return std::is_same<T, double>::value ? T(1e150) : T
 // ---- loads and stores with conversion between storage (S) and compute (T) types ---------------------------
 
 template <typename S, typename T>
-inline Vectorized<T> load(const S* p, int64_t n) {
+SALU_INLINE Vectorized<T> load(const S* p, int64_t n) {
   if constexpr (std::is_same<S, T>::value) {
     return n == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
   } else {
@@ -51,7 +55,7 @@ inline Vectorized<T> load(const S* p, int64_t n) {
 }
 
 template <typename S, typename T>
-inline void store(S* p, const Vectorized<T>& v, int64_t n) {
+SALU_INLINE void store(S* p, const Vectorized<T>& v, int64_t n) {
   if constexpr (std::is_same<S, T>::value) {
     if (n == Vectorized<T>::size()) v.store(p); else v.store(p, n);
   } else {
@@ -69,7 +73,7 @@ struct Stage {  // derived parameters of one SALU stage, broadcast or loaded per
 };
 
 template <typename T>
-inline Stage<T> stage_at(const T* d, int64_t C, int64_t stage, int64_t c, int64_t n, bool per_lane) {
+SALU_INLINE Stage<T> stage_at(const T* d, int64_t C, int64_t stage, int64_t c, int64_t n, bool per_lane) {
   const T* base = d + stage * 5 * C;
   Stage<T> s;
   Vectorized<T>* f[5] = {&s.sab, &s.amp, &s.a, &s.w, &s.hb};
@@ -78,31 +82,75 @@ inline Stage<T> stage_at(const T* d, int64_t C, int64_t stage, int64_t c, int64_
   return s;
 }
 
+// Reciprocal and reciprocal square root in float: the hardware estimate (14 bits on AVX512, 12 on AVX2) refined
+// by one Newton step (~23 bits, within a few ulp), several times cheaper than the exact div / sqrt + div that
+// Vectorized::reciprocal / rsqrt issue. Arguments here are >= 1 and finite (1 + t^2, 1 + p|s|) or +inf (then the
+// estimate is 0 and stays 0, the right limit). double keeps the exact operations.
+SALU_INLINE Vectorized<float> fast_rsqrt(const Vectorized<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  Vectorized<float> y(_mm512_rsqrt14_ps(v));
+#elif defined(CPU_CAPABILITY_AVX2)
+  Vectorized<float> y(_mm256_rsqrt_ps(v));
+#else
+  return v.rsqrt();
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // y (1.5 - 0.5 v y^2), written so that v = inf (y = 0) gives 0 rather than inf * 0
+  auto hy = Vectorized<float>(0.5f) * y;
+  return hy * (Vectorized<float>(3.f) - (v * y) * y);
+#endif
+}
+SALU_INLINE Vectorized<double> fast_rsqrt(const Vectorized<double>& v) { return v.rsqrt(); }
+
+SALU_INLINE Vectorized<float> fast_rcp(const Vectorized<float>& v_in) {
+  // clamp to FLT_MAX first (NaN kept: min returns its second operand when one is NaN), so that +inf (1 + exp of
+  // a large argument) gives 0 and not the inf * 0 = NaN of the Newton step
+#if defined(CPU_CAPABILITY_AVX512)
+  Vectorized<float> v(_mm512_min_ps(_mm512_set1_ps(FLT_MAX), v_in));
+  Vectorized<float> y(_mm512_rcp14_ps(v));
+#elif defined(CPU_CAPABILITY_AVX2)
+  Vectorized<float> v(_mm256_min_ps(_mm256_set1_ps(FLT_MAX), v_in));
+  Vectorized<float> y(_mm256_rcp_ps(v));
+#else
+  return v_in.reciprocal();
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return y * (Vectorized<float>(2.f) - v * y);  // one Newton step
+#endif
+}
+SALU_INLINE Vectorized<double> fast_rcp(const Vectorized<double>& v) { return v.reciprocal(); }
+
 // r = rsqrt(1 + t^2), q = t r with t = clamp(x sqrt(ab)); clamp via maximum/minimum, which propagate NaN
 template <typename T>
-inline void salu_terms(const Vectorized<T>& x, const Stage<T>& s, Vectorized<T>& r, Vectorized<T>& q) {
+SALU_INLINE void salu_terms(const Vectorized<T>& x, const Stage<T>& s, Vectorized<T>& r, Vectorized<T>& q) {
   const Vectorized<T> lim(clamp_limit<T>()), one(T(1));
   auto t = at::vec::minimum(at::vec::maximum(x * s.sab, -lim), lim);
-  r = (one + t * t).rsqrt();
+  r = fast_rsqrt(one + t * t);
   q = t * r;
 }
 
+// exp for the gates: in float, ATen's polynomial exp_u20 (relative error ~1e-7 here, about twice as fast as
+// Sleef's exp); its result saturates near FLT_MAX instead of inf and returns a finite value for NaN, which is
+// harmless in the gates because every NaN input also reaches the output through the factor x (or z).
+SALU_INLINE Vectorized<float> fast_exp(const Vectorized<float>& v) { return v.exp_u20(); }
+SALU_INLINE Vectorized<double> fast_exp(const Vectorized<double>& v) { return v.exp(); }
+
 // Standard normal CDF and density in float: Abramowitz & Stegun 7.1.26 for erf (|error| < 1.5e-7, the form
 // ATen's own vectorised erf uses), whose exp(-u^2) with u = s/sqrt(2) *is* exp(-s^2/2): one exp gives both.
-inline void normal_cdf_pdf(const Vectorized<float>& s, Vectorized<float>& cdf, Vectorized<float>& pdf) {
+SALU_INLINE void normal_cdf_pdf(const Vectorized<float>& s, Vectorized<float>& cdf, Vectorized<float>& pdf) {
   const Vectorized<float> one(1.f), half(0.5f), p(0.3275911f);
   const Vectorized<float> p1(0.254829592f), p2(-0.284496736f), p3(1.421413741f), p4(-1.453152027f),
       p5(1.061405429f);
   auto u = s.abs() * Vectorized<float>(static_cast<float>(M_SQRT1_2));
-  auto t = one / (one + p * u);
+  auto t = fast_rcp(one + p * u);
   auto poly = ((((p5 * t + p4) * t + p3) * t + p2) * t + p1) * t;
-  auto e = (u * u).neg().exp();               // exp(-s^2 / 2)
+  auto e = (u * u).neg().exp_u20();           // exp(-s^2 / 2), see fast_exp below
   auto tail = half * poly * e;                // 1 - Phi(|s|)
   cdf = Vectorized<float>::blendv(one - tail, tail, s < Vectorized<float>(0.f));
   pdf = e * Vectorized<float>(0.3989422804014327f);  // 1/sqrt(2 pi)
 }
 
-inline void normal_cdf_pdf(const Vectorized<double>& s, Vectorized<double>& cdf, Vectorized<double>& pdf) {
+SALU_INLINE void normal_cdf_pdf(const Vectorized<double>& s, Vectorized<double>& cdf, Vectorized<double>& pdf) {
   const Vectorized<double> half(0.5);
   cdf = half + half * (s * Vectorized<double>(M_SQRT1_2)).erf();
   pdf = (Vectorized<double>(-0.5) * s * s).exp() * Vectorized<double>(0.3989422804014327);
@@ -110,34 +158,40 @@ inline void normal_cdf_pdf(const Vectorized<double>& s, Vectorized<double>& cdf,
 
 // gate p(s) and its derivative p'(s): logistic (SWALU) or standard normal CDF (GALU)
 template <typename T>
-inline void gate(const Vectorized<T>& s, bool normal, Vectorized<T>& p, Vectorized<T>& dp) {
+SALU_INLINE void gate(const Vectorized<T>& s, bool normal, Vectorized<T>& p, Vectorized<T>& dp) {
   if (normal) {
     normal_cdf_pdf(s, p, dp);
   } else {
+    // with e = exp(-|s|) <= 1: sigmoid(s) = 1/(1+e) for s >= 0 and e/(1+e) for s < 0, exact in both tails (no
+    // overflowing exp(-s), and sigmoid(-1000) is 0, not 1/FLT_MAX)
     const Vectorized<T> one(T(1));
-    p = one / (one + s.neg().exp());
-    dp = p * (one - p);
+    auto e = fast_exp(s.abs().neg());
+    auto inv = fast_rcp(one + e);
+    p = Vectorized<T>::blendv(inv, e * inv, s < Vectorized<T>(T(0)));
+    dp = e * inv * inv;  // p (1 - p) without cancellation
   }
 }
 
-template <typename T>
-inline Vectorized<T> fwd(int64_t op, const Vectorized<T>& x, const Stage<T>& s1, const Stage<T>& s2) {
+template <int64_t OP, typename T>
+SALU_INLINE Vectorized<T> fwd(const Vectorized<T>& x, const Stage<T>& s1, const Stage<T>& s2) {
   Vectorized<T> r, q, p, dp;
   salu_terms(x, s1, r, q);
   Vectorized<T> z = s1.amp * q;  // SALU(x)
-  if (op == SALU) return z;
-  if (!is_pair(op)) {  // x * gate(SALU(x))
-    gate(z, is_normal_gate(op), p, dp);
+  if constexpr (OP == SALU) {
+    return z;
+  } else if constexpr (!is_pair(OP)) {  // x * gate(SALU(x))
+    gate(z, is_normal_gate(OP), p, dp);
     return x * p;
+  } else {
+    salu_terms(z, s2, r, q);
+    gate(s2.amp * q, is_normal_gate(OP), p, dp);
+    return z * p;
   }
-  salu_terms(z, s2, r, q);
-  gate(s2.amp * q, is_normal_gate(op), p, dp);
-  return z * p;
 }
 
 // backward of one SALU: dL/dx and the unreduced dL/da, dL/db
 template <typename T>
-inline void salu_bwd(const Vectorized<T>& g, const Vectorized<T>& r, const Vectorized<T>& q, const Stage<T>& s,
+SALU_INLINE void salu_bwd(const Vectorized<T>& g, const Vectorized<T>& r, const Vectorized<T>& q, const Stage<T>& s,
                      Vectorized<T>& gx, Vectorized<T>& ga, Vectorized<T>& gb) {
   auto r2 = r * r;
   gx = g * s.a * r2 * r;
@@ -147,7 +201,7 @@ inline void salu_bwd(const Vectorized<T>& g, const Vectorized<T>& r, const Vecto
 
 // backward of a gate x * p(SALU(x)) given the SALU terms (r, q) of x
 template <typename T>
-inline void gate_bwd(const Vectorized<T>& g, const Vectorized<T>& x, const Vectorized<T>& r, const Vectorized<T>& q,
+SALU_INLINE void gate_bwd(const Vectorized<T>& g, const Vectorized<T>& x, const Vectorized<T>& r, const Vectorized<T>& q,
                      const Stage<T>& s, bool normal, Vectorized<T>& gx, Vectorized<T>& ga, Vectorized<T>& gb) {
   Vectorized<T> p, dp;
   auto sq = s.amp * q;
@@ -160,39 +214,39 @@ inline void gate_bwd(const Vectorized<T>& g, const Vectorized<T>& x, const Vecto
 }
 
 // full backward: gx and up to four unreduced parameter gradients (a1, b1[, a2, b2])
-template <typename T>
-inline void bwd(int64_t op, const Vectorized<T>& g, const Vectorized<T>& x, const Stage<T>& s1, const Stage<T>& s2,
-                Vectorized<T>& gx, Vectorized<T>* gp) {
+template <int64_t OP, typename T>
+SALU_INLINE void bwd(const Vectorized<T>& g, const Vectorized<T>& x, const Stage<T>& s1, const Stage<T>& s2,
+                     Vectorized<T>& gx, Vectorized<T>* gp) {
   Vectorized<T> r1, q1;
   salu_terms(x, s1, r1, q1);
-  if (op == SALU) {
+  if constexpr (OP == SALU) {
     salu_bwd(g, r1, q1, s1, gx, gp[0], gp[1]);
-  } else if (!is_pair(op)) {
-    gate_bwd(g, x, r1, q1, s1, is_normal_gate(op), gx, gp[0], gp[1]);
+  } else if constexpr (!is_pair(OP)) {
+    gate_bwd(g, x, r1, q1, s1, is_normal_gate(OP), gx, gp[0], gp[1]);
   } else {
     Vectorized<T> z = s1.amp * q1, r2, q2, gz;
     salu_terms(z, s2, r2, q2);
-    gate_bwd(g, z, r2, q2, s2, is_normal_gate(op), gz, gp[2], gp[3]);
+    gate_bwd(g, z, r2, q2, s2, is_normal_gate(OP), gz, gp[2], gp[3]);
     salu_bwd(gz, r1, q1, s1, gx, gp[0], gp[1]);
   }
 }
 
 // ---- loops ---------------------------------------------------------------------------------------------------
 
-template <typename S, typename T>
-void forward_loop(int64_t op, const S* x, S* y, const T* d, int64_t outer, int64_t C, int64_t inner) {
+template <int64_t OP, typename S, typename T>
+void forward_loop(const S* x, S* y, const T* d, int64_t outer, int64_t C, int64_t inner) {
   constexpr int64_t V = Vectorized<T>::size();
   if (inner > 1) {  // blocks of `inner` elements share channel c
     at::parallel_for(0, outer * C, std::max<int64_t>(1, 32768 / inner), [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t c = blk % C;
         Stage<T> s1 = stage_at(d, C, 0, c, V, false), s2 = s1;
-        if (is_pair(op)) s2 = stage_at(d, C, 1, c, V, false);
+        if constexpr (is_pair(OP)) s2 = stage_at(d, C, 1, c, V, false);
         const S* xp = x + blk * inner;
         S* yp = y + blk * inner;
         for (int64_t i = 0; i < inner; i += V) {
           const int64_t n = std::min(V, inner - i);
-          store<S, T>(yp + i, fwd(op, load<S, T>(xp + i, n), s1, s2), n);
+          store<S, T>(yp + i, fwd<OP>(load<S, T>(xp + i, n), s1, s2), n);
         }
       }
     });
@@ -204,8 +258,8 @@ void forward_loop(int64_t op, const S* x, S* y, const T* d, int64_t outer, int64
         for (int64_t c = 0; c < C; c += V) {
           const int64_t n = std::min(V, C - c);
           Stage<T> s1 = stage_at(d, C, 0, c, n, true), s2 = s1;
-          if (is_pair(op)) s2 = stage_at(d, C, 1, c, n, true);
-          store<S, T>(yp + c, fwd(op, load<S, T>(xp + c, n), s1, s2), n);
+          if constexpr (is_pair(OP)) s2 = stage_at(d, C, 1, c, n, true);
+          store<S, T>(yp + c, fwd<OP>(load<S, T>(xp + c, n), s1, s2), n);
         }
       }
     });
@@ -213,7 +267,7 @@ void forward_loop(int64_t op, const S* x, S* y, const T* d, int64_t outer, int64
 }
 
 template <typename T>
-inline T hsum(const Vectorized<T>& v, int64_t n) {
+SALU_INLINE T hsum(const Vectorized<T>& v, int64_t n) {
   T buf[Vectorized<T>::size()];
   v.store(buf);
   T s = 0;
@@ -223,25 +277,25 @@ inline T hsum(const Vectorized<T>& v, int64_t n) {
 
 // Parameter gradients are accumulated per thread in double (acc[thread][k][c]) and summed at the end, so the
 // result does not depend on how blocks were split between threads beyond floating-point order.
-template <typename S, typename T>
-void backward_loop(int64_t op, const S* g, const S* x, S* gx, const T* d, int64_t outer, int64_t C,
-                   int64_t inner, std::vector<double>& acc, int64_t nthreads) {
+template <int64_t OP, typename S, typename T>
+void backward_loop(const S* g, const S* x, S* gx, const T* d, int64_t outer, int64_t C,
+                   int64_t inner, std::vector<double>& acc) {
   constexpr int64_t V = Vectorized<T>::size();
-  const int64_t np = 2 * n_stages(op);
+  constexpr int64_t np = 2 * n_stages(OP);
   if (inner > 1) {
     at::parallel_for(0, outer * C, std::max<int64_t>(1, 32768 / inner), [&](int64_t begin, int64_t end) {
       double* a = acc.data() + at::get_thread_num() * np * C;
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t c = blk % C;
         Stage<T> s1 = stage_at(d, C, 0, c, V, false), s2 = s1;
-        if (is_pair(op)) s2 = stage_at(d, C, 1, c, V, false);
+        if constexpr (is_pair(OP)) s2 = stage_at(d, C, 1, c, V, false);
         const int64_t off = blk * inner;
         Vectorized<T> sum[4] = {Vectorized<T>(T(0)), Vectorized<T>(T(0)), Vectorized<T>(T(0)), Vectorized<T>(T(0))};
         for (int64_t i = 0; i < inner; i += V) {
           const int64_t n = std::min(V, inner - i);
           Vectorized<T> vgx, gp[4];
           // tail lanes load g = 0, so they add exactly 0 to the sums
-          bwd(op, load<S, T>(g + off + i, n), load<S, T>(x + off + i, n), s1, s2, vgx, gp);
+          bwd<OP>(load<S, T>(g + off + i, n), load<S, T>(x + off + i, n), s1, s2, vgx, gp);
           store<S, T>(gx + off + i, vgx, n);
           for (int64_t k = 0; k < np; ++k) sum[k] = sum[k] + gp[k];
         }
@@ -260,9 +314,9 @@ void backward_loop(int64_t op, const S* g, const S* x, S* gx, const T* d, int64_
         for (int64_t c = 0; c < C; c += V) {
           const int64_t n = std::min(V, C - c);
           Stage<T> s1 = stage_at(d, C, 0, c, n, true), s2 = s1;
-          if (is_pair(op)) s2 = stage_at(d, C, 1, c, n, true);
+          if constexpr (is_pair(OP)) s2 = stage_at(d, C, 1, c, n, true);
           Vectorized<T> vgx, gp[4];
-          bwd(op, load<S, T>(gp_ + c, n), load<S, T>(xp + c, n), s1, s2, vgx, gp);
+          bwd<OP>(load<S, T>(gp_ + c, n), load<S, T>(xp + c, n), s1, s2, vgx, gp);
           store<S, T>(gxp + c, vgx, n);
           for (int64_t k = 0; k < np; ++k) {
             T* pp = part.data() + k * C + c;
@@ -275,7 +329,18 @@ void backward_loop(int64_t op, const S* g, const S* x, S* gx, const T* d, int64_
       }
     });
   }
-  (void)nthreads;
+}
+
+// call f(std::integral_constant<int64_t, OP>) for the runtime op code: one specialised loop per op
+template <typename F>
+void dispatch_op(int64_t op, F&& f) {
+  switch (op) {
+    case SALU: f(std::integral_constant<int64_t, SALU>()); break;
+    case SWALU: f(std::integral_constant<int64_t, SWALU>()); break;
+    case GALU: f(std::integral_constant<int64_t, GALU>()); break;
+    case SALU_SWALU: f(std::integral_constant<int64_t, SALU_SWALU>()); break;
+    default: f(std::integral_constant<int64_t, SALU_GALU>()); break;
+  }
 }
 
 void check(const torch::Tensor& x, const torch::Tensor& d, int64_t op, int64_t outer, int64_t C, int64_t inner) {
@@ -297,8 +362,11 @@ void salu_forward(int64_t op, torch::Tensor x, torch::Tensor d, torch::Tensor ou
   check(x, d, op, outer, C, inner);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "salu_forward", [&] {
     using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    forward_loop<scalar_t, T>(op, x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                              d.const_data_ptr<T>(), outer, C, inner);
+    auto run = [&](auto op_const) {
+      forward_loop<decltype(op_const)::value, scalar_t, T>(x.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), d.const_data_ptr<T>(), outer, C, inner);
+    };
+    dispatch_op(op, run);
   });
 }
 
@@ -313,8 +381,11 @@ torch::Tensor salu_backward(int64_t op, torch::Tensor g, torch::Tensor x, torch:
   std::vector<double> acc(nthreads * np * C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "salu_backward", [&] {
     using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    backward_loop<scalar_t, T>(op, g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                               gx.mutable_data_ptr<scalar_t>(), d.const_data_ptr<T>(), outer, C, inner, acc, nthreads);
+    auto run = [&](auto op_const) {
+      backward_loop<decltype(op_const)::value, scalar_t, T>(g.const_data_ptr<scalar_t>(),
+          x.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), d.const_data_ptr<T>(), outer, C, inner, acc);
+    };
+    dispatch_op(op, run);
   });
   auto out = torch::zeros({np, C}, torch::TensorOptions().dtype(at::kDouble));
   double* o = out.mutable_data_ptr<double>();
