@@ -1,0 +1,115 @@
+"""salunet.analysis: statistics against inputs with known answers, and hook capture."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from salunet import SALU, SWALU, create_model
+from salunet.analysis import capture as C
+from salunet.analysis import stats as S
+
+
+def test_effective_rank_known_answers():
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(500, 1, generator=g, dtype=torch.float64), torch.randn(1, 32, generator=g, dtype=torch.float64)
+    assert S.effective_rank(u @ v) == pytest.approx(1.0, abs=1e-6)  # rank one
+    z = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(z - z.mean(0))  # centred orthonormal columns: all singular values equal
+    assert S.effective_rank(q) == pytest.approx(16.0, rel=1e-9)  # -> D
+    iso = torch.randn(20000, 8, generator=g)
+    assert 7.8 < S.effective_rank(iso) <= 8.0
+    assert S.effective_rank(torch.ones(10, 4)) == 1.0  # constant: degenerate, minimum
+
+
+def test_isotropy_known_answers():
+    g = torch.Generator().manual_seed(1)
+    assert S.isotropy(torch.randn(50000, 10, generator=g)) == pytest.approx(1.0, abs=0.01)
+    rank1 = torch.randn(1000, 1, generator=g) * torch.ones(1, 10)
+    assert S.isotropy(rank1) == pytest.approx(0.1, abs=1e-9)  # 1/D
+    # two directions with variances 1 and 1: (2)^2 / (D * 2) = 2/D
+    f = torch.zeros(4000, 10)
+    f[:, :2] = torch.randn(4000, 2, generator=g)
+    assert S.isotropy(f) == pytest.approx(0.2, abs=0.01)
+    stats = S.spectrum_stats(f)
+    assert stats["isotropy"] == pytest.approx(S.isotropy(f)) and stats["effective_rank"] == pytest.approx(
+        S.effective_rank(f))
+
+
+def test_spectrum_rejects_bad_input():
+    with pytest.raises(ValueError, match="samples, dims"):
+        S.effective_rank(torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        S.isotropy(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        S.effective_rank(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+
+
+def test_moments_known_distributions():
+    g = torch.Generator().manual_seed(2)
+    n = 400_000
+    gauss = S.moments(torch.randn(n, generator=g) * 3, channel_dim=None)
+    assert gauss["variance"] == pytest.approx(9.0, rel=0.02)
+    assert abs(gauss["skewness"]) < 0.02 and abs(gauss["excess_kurtosis"]) < 0.05
+    expo = S.moments(torch.empty(n).exponential_(generator=g), channel_dim=None)
+    assert expo["skewness"] == pytest.approx(2.0, rel=0.05) and expo["excess_kurtosis"] == pytest.approx(6.0, rel=0.1)
+    uni = S.moments(torch.rand(n, generator=g), channel_dim=None)
+    assert uni["excess_kurtosis"] == pytest.approx(-1.2, abs=0.02)
+    # per channel along dim 1 of an NCHW map: channel c has variance (c+1)^2
+    x = torch.randn(64, 3, 16, 16, generator=g) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    m = S.moments(x, channel_dim=1)
+    assert m["channels"] == 3 and m["channel_variance_mean"] == pytest.approx((1 + 4 + 9) / 3, rel=0.03)
+    const = S.moments(torch.ones(5, 2), channel_dim=1)
+    assert const["variance"] == 0 and const["skewness"] == 0 and const["channel_excess_kurtosis_mean"] == 0
+
+
+def test_dormant_units_without_zeros():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 10, 4, 4, generator=g) + 5.0  # never zero
+    x[:, 2] = 0.7  # constant (dead) unit with a nonzero value
+    x[:, 7] = 0.7 + 1e-4 * torch.randn(256, 4, 4, generator=g)  # nearly constant
+    assert S.dormant_fraction(x, channel_dim=1) == pytest.approx(0.2)
+    scores = S.dormant_scores(x, channel_dim=1)
+    assert scores[2] == 0 and scores[0] > 0.9
+    with pytest.raises(ValueError, match="tau"):
+        S.dormant_fraction(x, tau=-1)
+
+
+def test_plasticity_spread_and_drift():
+    # three parameters, two epochs: collapse to a narrow range while moving
+    v = [[0.0, 1.0, 2.0], [0.9, 1.0, 1.1], [1.0, 1.0, 1.0]]
+    p = S.plasticity(v)
+    assert p["spread"][0] == pytest.approx(math.sqrt(2 / 3)) and p["spread"][2] == 0.0
+    assert p["drift"] == pytest.approx([(0.9 + 0 + 0.9) / 3, (0.1 + 0 + 0.1) / 3])
+    assert p["total_drift"][2] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="time >= 2"):
+        S.plasticity([[1.0, 2.0]])
+
+
+def test_salu_geometry_reports_every_layer():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), SALU(4, a_init=2.0, b_init=0.5), SWALU(4))
+    rows = S.salu_geometry(model)
+    assert [r["kind"] for r in rows] == ["SALU", "SWALU"]
+    assert rows[0]["amplitude_gmean"] == pytest.approx(2.0) and rows[0]["width_gmean"] == pytest.approx(1.0)
+    assert rows[1]["amplitude_gmean"] == pytest.approx(10.0)
+
+
+def test_capture_stages_and_features():
+    model = create_model("salunet_c18", num_classes=10, width=8)
+    x = torch.randn(6, 3, 16, 16)
+    out = C.capture(model, x)
+    assert list(out) == ["stem", "layer1", "layer2", "layer3", "layer4", "features"]
+    assert out["layer4"].shape == (6, 64, 2, 2) and out["features"].shape == (6, 64)
+    assert model.training  # mode restored
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    model.eval()
+    torch.testing.assert_close(out["features"], model.forward_features(x).detach())
+
+
+def test_capture_removes_hooks_on_error():
+    model = create_model("salunet_c18", num_classes=10, width=8)
+    with pytest.raises(RuntimeError):
+        C.capture(model, torch.randn(2, 5, 16, 16))  # wrong channel count fails inside the forward
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="unknown stage"):
+        C.capture(model, torch.randn(2, 3, 16, 16), names=["layer9"])
