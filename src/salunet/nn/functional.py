@@ -26,8 +26,8 @@ def _check(name: str, x: Tensor, params: tuple[Tensor, ...]) -> None:
         if not isinstance(p, Tensor):
             raise TypeError(f"{name}: parameters must be tensors, got {type(p).__name__}")
         try:
-            ok = torch.broadcast_shapes(x.shape, p.shape) == x.shape
-        except RuntimeError:
+            ok = kernels.broadcast_shape([x.shape, p.shape]) == tuple(x.shape)
+        except ValueError:
             ok = False
         if not ok:
             raise ValueError(

@@ -306,10 +306,24 @@ def _call_core(direction: str, op: str, *args: Tensor):
 
 # ---- the C++ path: (outer, C, inner) layouts ---------------------------------------------------------------
 
-def _cpp_layout(x: Tensor, pshape: torch.Size):
-    """``(x, outer, C, inner, axis)`` describing ``x`` in memory order with per-channel parameters of
-    broadcast shape ``pshape`` along ``axis`` (None for scalar parameters), or None if the parameters vary
-    along more than one axis (then the generic path runs). ``x`` is made dense if it is not."""
+def broadcast_shape(shapes) -> tuple[int, ...]:
+    """Broadcast shape of a few small shapes; ``torch.broadcast_shapes`` costs ~40 us per call (it runs the
+    symbolic-shape machinery), which dominates a batch-size-1 step. Raises ValueError if they do not broadcast."""
+    nd = max(len(s) for s in shapes)
+    out = [1] * nd
+    for shp in shapes:
+        for i, n in enumerate(shp, nd - len(shp)):
+            if n != 1:
+                if out[i] not in (1, n):
+                    raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+                out[i] = n
+    return tuple(out)
+
+
+def _cpp_layout(x: Tensor, pshape: tuple[int, ...]):
+    """``(x, outer, C, inner)`` describing ``x`` in memory order with per-channel parameters of broadcast shape
+    ``pshape``, or None if the parameters vary along more than one axis (then the generic path runs). ``x`` is
+    made dense if it is not."""
     nd = x.dim()
     aligned = (1,) * (nd - len(pshape)) + tuple(pshape)
     axes = [i for i, n in enumerate(aligned) if n != 1]
@@ -319,63 +333,59 @@ def _cpp_layout(x: Tensor, pshape: torch.Size):
     dense = x.is_contiguous() or (cl is not None and x.is_contiguous(memory_format=cl))
     if not axes:
         x = x if dense else x.contiguous()
-        return x, 1, 1, x.numel(), None
+        return x, 1, 1, x.numel()
     k = axes[0]
     if not x.is_contiguous():
         if k == 1 and cl is not None and x.is_contiguous(memory_format=cl):
-            return x, x.numel() // x.shape[1], x.shape[1], 1, k  # (N, *spatial, C) in memory
+            return x, x.numel() // x.shape[1], x.shape[1], 1  # (N, *spatial, C) in memory
         x = x.contiguous()
-    outer = math.prod(x.shape[:k])
-    return x, outer, x.shape[k], math.prod(x.shape[k + 1:]), k
+    return x, math.prod(x.shape[:k]), x.shape[k], math.prod(x.shape[k + 1:])
 
 
-def _cpp_params(derived: Sequence[Tensor], C: int) -> Tensor:
-    return torch.stack([d.reshape(-1).expand(C) for d in derived]).contiguous()
-
-
-def _cpp_forward(op: str, x: Tensor, derived: Sequence[Tensor]):
-    lay = _cpp_layout(x, torch.broadcast_shapes(*(d.shape for d in derived[::5])))
+def _cpp_call(direction: str, op: str, log_params: bool, x: Tensor, params: Sequence[Tensor], g=None):
+    """Run the C++ kernel; None when the parameter layout is not per-channel (the caller falls back)."""
+    lay = _cpp_layout(x, broadcast_shape([p.shape for p in params]))
     if lay is None:
         return None
-    x, outer, C, inner, _ = lay
-    out = torch.empty_like(x)  # dense input: same strides, so the same memory order
-    cpu_ext.load().forward(_OP_CODE[op], x, _cpp_params(derived, C), out, outer, C, inner)
-    return out
-
-
-def _cpp_backward(op: str, g: Tensor, x: Tensor, derived: Sequence[Tensor]):
-    lay = _cpp_layout(x, torch.broadcast_shapes(*(d.shape for d in derived[::5])))
-    if lay is None:
-        return None
-    x, outer, C, inner, _ = lay
+    x, outer, C, inner = lay
+    flat = [p.detach().reshape(-1) for p in params]
+    limit = LOG_LIMIT if log_params else -1.0
+    ext = cpu_ext.load()
+    if direction == "fwd":
+        out = torch.empty_like(x)  # dense input: same strides, so the same memory order
+        ext.forward(_OP_CODE[op], x, flat, limit, out, outer, C, inner)
+        return out
     g = g.to(x.dtype).contiguous(memory_format=_memory_format(x))
     gx = torch.empty_like(x)
-    grads = cpu_ext.load().backward(_OP_CODE[op], g, x, _cpp_params(derived, C), gx, outer, C, inner)
-    shapes = [d.shape for d in derived[::5] for _ in (0, 1)]
-    return (gx, *[gr.to(derived[0].dtype).reshape(shp) if math.prod(shp) == C else gr.sum().reshape(shp)
-                  for gr, shp in zip(grads, shapes)])
+    grads = ext.backward(_OP_CODE[op], g, x, flat, limit, gx, outer, C, inner)
+    return [gx, *[gp.view(p.shape) for gp, p in zip(grads, params)]]
+
+
+def _use_cpp(x: Tensor, params: Sequence[Tensor]) -> bool:
+    if torch.compiler.is_compiling() or _path_for(x.device) != "cpp":
+        return False
+    _report(x.device)
+    return all(p.device.type == "cpu" for p in params)
 
 
 def _forward(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor]) -> Tensor:
     cdt = _compute_dtype(x, *params)
-    _, derived = _prepare(log_params, cdt, params)
-    if not torch.compiler.is_compiling() and _path_for(x.device) == "cpp":
-        _report(x.device)
-        y = _cpp_forward(op, x if cdt != torch.float64 else x.to(cdt), derived)
+    if _use_cpp(x, params):
+        y = _cpp_call("fwd", op, log_params, x if cdt != torch.float64 else x.to(cdt), params)
         if y is not None:
             return y.to(x.dtype)
+    _, derived = _prepare(log_params, cdt, params)
     return _call_core("fwd", op, x.to(cdt), *derived).to(x.dtype)
 
 
 def _backward(op: str, log_params: bool, g: Tensor, x: Tensor, params: Sequence[Tensor]):
     cdt = _compute_dtype(x, *params)
+    if _use_cpp(x, params):
+        res = _cpp_call("bwd", op, log_params, x if cdt != torch.float64 else x.to(cdt), params, g)
+        if res is not None:
+            return [res[0].to(x.dtype), *res[1:]]
     ps, derived = _prepare(log_params, cdt, params)
-    res = None
-    if not torch.compiler.is_compiling() and _path_for(x.device) == "cpp":
-        res = _cpp_backward(op, g, x if cdt != torch.float64 else x.to(cdt), derived)
-    if res is None:
-        res = _call_core("bwd", op, g.to(cdt), x.to(cdt), *derived)
-    gx, *gps = res
+    gx, *gps = _call_core("bwd", op, g.to(cdt), x.to(cdt), *derived)
     out = [gx.to(x.dtype)]
     for gp, p, raw in zip(gps, ps, params):
         gp = gp.sum_to_size(raw.shape)

@@ -11,8 +11,10 @@
 // parameter set and is vectorised along itself; when inner == 1 (token tensors, channels_last maps) rows of C
 // channels are vectorised along C with the parameters loaded as vectors.
 //
-// Parameters arrive pre-derived (kernels.py `_derive`): for each SALU stage five rows of length C:
-// sqrt(ab), A = sqrt(a/b), a, w = 1/sqrt(ab), A/(2b); in the compute dtype (double for double input, else float).
+// Parameters arrive raw (a, b per stage, or their logs) with 1 or C values each; the kernel derives per channel
+// sqrt(ab), A = sqrt(a/b), a, w = 1/sqrt(ab), A/(2b) (as kernels.py `_derive`) and, in backward, applies the
+// chain rule to the logs, so that one call does everything: no small per-parameter tensor ops around it, which
+// matters when batches are tiny. Compute dtype: double for double input, float otherwise.
 // Half / BFloat16 storage is converted to float on load and back on store.
 #include <torch/extension.h>
 
@@ -20,6 +22,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <type_traits>
@@ -343,55 +346,116 @@ void dispatch_op(int64_t op, F&& f) {
   }
 }
 
-void check(const torch::Tensor& x, const torch::Tensor& d, int64_t op, int64_t outer, int64_t C, int64_t inner) {
-  TORCH_CHECK(x.device().is_cpu() && d.device().is_cpu(), "salunet cpu kernel: tensors must be on the CPU");
+// Per-channel derived quantities, from the raw parameters (a, b per stage, each of C or 1 values; their logs when
+// log_limit >= 0, then clamped to [-log_limit, log_limit] before exp exactly as kernels.py `_prepare` does):
+// d[(stage * 5 + k) * C + c] for k = sqrt(ab), A = sqrt(a/b), a, w = 1/sqrt(ab), A/(2b). `ab` keeps a and b.
+template <typename T>
+void derive(const std::vector<torch::Tensor>& params, double log_limit, int64_t C, std::vector<T>& d,
+            std::vector<double>& ab) {
+  const int64_t ns = static_cast<int64_t>(params.size()) / 2;
+  d.assign(ns * 5 * C, T(0));
+  ab.assign(ns * 2 * C, 0.0);
+  // read float / double parameters in place (no tensor op for the common case); anything else converted once
+  auto value = [&](const torch::Tensor& p0, int64_t c) -> double {
+    const int64_t i = p0.numel() > 1 ? c : 0;
+    if (p0.scalar_type() == at::kFloat) return p0.const_data_ptr<float>()[i];
+    return p0.const_data_ptr<double>()[i];
+  };
+  std::vector<torch::Tensor> ps;
+  for (const auto& p : params) {
+    auto q = p.is_contiguous() ? p : p.contiguous();
+    if (q.scalar_type() != at::kFloat && q.scalar_type() != at::kDouble) q = q.to(at::kDouble);
+    ps.push_back(q);
+  }
+  for (int64_t st = 0; st < ns; ++st) {
+    for (int64_t c = 0; c < C; ++c) {
+      double a = value(ps[2 * st], c), b = value(ps[2 * st + 1], c);
+      if (log_limit >= 0) {  // NaN stays NaN (std::clamp would not promise it)
+        a = std::isnan(a) ? a : std::exp(std::min(std::max(a, -log_limit), log_limit));
+        b = std::isnan(b) ? b : std::exp(std::min(std::max(b, -log_limit), log_limit));
+      }
+      const double sab = std::sqrt(a * b), amp = std::sqrt(a / b);
+      const double vals[5] = {sab, amp, a, 1.0 / sab, 0.5 * amp / b};
+      for (int k = 0; k < 5; ++k) d[(st * 5 + k) * C + c] = static_cast<T>(vals[k]);
+      ab[(st * 2) * C + c] = a;
+      ab[(st * 2 + 1) * C + c] = b;
+    }
+  }
+}
+
+void check(const torch::Tensor& x, const std::vector<torch::Tensor>& params, int64_t op, int64_t outer, int64_t C,
+           int64_t inner) {
+  TORCH_CHECK(x.device().is_cpu(), "salunet cpu kernel: tensors must be on the CPU");
   TORCH_CHECK(op >= SALU && op <= SALU_GALU, "salunet cpu kernel: bad op ", op);
   TORCH_CHECK(x.numel() == outer * C * inner, "salunet cpu kernel: layout ", outer, "x", C, "x", inner,
               " does not cover ", x.numel(), " elements");
-  TORCH_CHECK(d.is_contiguous() && d.dim() == 2 && d.size(0) == 5 * n_stages(op) && d.size(1) == C,
-              "salunet cpu kernel: derived parameters must be a contiguous (", 5 * n_stages(op), ", ", C, ") tensor");
-  const auto cdt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(d.scalar_type() == cdt, "salunet cpu kernel: parameters must be ", cdt);
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == 2 * n_stages(op), "salunet cpu kernel: op ", op, " takes ",
+              2 * n_stages(op), " parameter tensors");
+  for (const auto& p : params)
+    TORCH_CHECK(p.device().is_cpu() && (p.numel() == 1 || p.numel() == C),
+                "salunet cpu kernel: each parameter must hold 1 or ", C, " values on the CPU");
 }
 
 }  // namespace
 
 // y = op(x) written into `out` (same storage layout as x: dense, in the memory order described by the layout)
-void salu_forward(int64_t op, torch::Tensor x, torch::Tensor d, torch::Tensor out, int64_t outer, int64_t C,
-                  int64_t inner) {
-  check(x, d, op, outer, C, inner);
+void salu_forward(int64_t op, torch::Tensor x, std::vector<torch::Tensor> params, double log_limit,
+                  torch::Tensor out, int64_t outer, int64_t C, int64_t inner) {
+  check(x, params, op, outer, C, inner);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "salu_forward", [&] {
     using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    std::vector<T> d;
+    std::vector<double> ab;
+    derive<T>(params, log_limit, C, d, ab);
     auto run = [&](auto op_const) {
       forward_loop<decltype(op_const)::value, scalar_t, T>(x.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), d.const_data_ptr<T>(), outer, C, inner);
+          out.mutable_data_ptr<scalar_t>(), d.data(), outer, C, inner);
     };
     dispatch_op(op, run);
   });
 }
 
-// dL/dx written into `gx`; returns the (2 * stages, C) parameter gradients (float64)
-torch::Tensor salu_backward(int64_t op, torch::Tensor g, torch::Tensor x, torch::Tensor d, torch::Tensor gx,
-                            int64_t outer, int64_t C, int64_t inner) {
-  check(x, d, op, outer, C, inner);
+// dL/dx written into `gx`; returns the gradients of the parameters as given (d/dlog when log_limit >= 0), each
+// with the parameter's number of values (1 or C) and dtype.
+std::vector<torch::Tensor> salu_backward(int64_t op, torch::Tensor g, torch::Tensor x,
+                                         std::vector<torch::Tensor> params, double log_limit, torch::Tensor gx,
+                                         int64_t outer, int64_t C, int64_t inner) {
+  check(x, params, op, outer, C, inner);
   TORCH_CHECK(g.scalar_type() == x.scalar_type() && g.numel() == x.numel(),
               "salunet cpu kernel: grad_output must match the input's dtype and size");
   const int64_t nthreads = at::get_num_threads();
   const int64_t np = 2 * n_stages(op);
-  std::vector<double> acc(nthreads * np * C, 0.0);
+  std::vector<double> acc(nthreads * np * C, 0.0), ab;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "salu_backward", [&] {
     using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    std::vector<T> d;
+    derive<T>(params, log_limit, C, d, ab);
     auto run = [&](auto op_const) {
       backward_loop<decltype(op_const)::value, scalar_t, T>(g.const_data_ptr<scalar_t>(),
-          x.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), d.const_data_ptr<T>(), outer, C, inner, acc);
+          x.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), d.data(), outer, C, inner, acc);
     };
     dispatch_op(op, run);
   });
-  auto out = torch::zeros({np, C}, torch::TensorOptions().dtype(at::kDouble));
-  double* o = out.mutable_data_ptr<double>();
-  for (int64_t t = 0; t < nthreads; ++t)
-    for (int64_t i = 0; i < np * C; ++i) o[i] += acc[t * np * C + i];
-  return out;
+  std::vector<torch::Tensor> grads;
+  for (int64_t k = 0; k < np; ++k) {
+    const int64_t n = params[k].numel();
+    std::vector<double> o(n, 0.0);
+    for (int64_t c = 0; c < C; ++c) {
+      double v = 0;
+      for (int64_t t = 0; t < nthreads; ++t) v += acc[(t * np + k) * C + c];
+      if (log_limit >= 0) v *= ab[k * C + c];  // d/dlog a = a d/da (straight through the clamp, like kernels.py)
+      o[n > 1 ? c : 0] += v;
+    }
+    const auto dt = params[k].scalar_type();
+    auto gk = torch::empty({n}, torch::TensorOptions().dtype(dt == at::kDouble ? at::kDouble : at::kFloat));
+    if (gk.scalar_type() == at::kDouble) {
+      std::copy(o.begin(), o.end(), gk.mutable_data_ptr<double>());
+    } else {
+      std::transform(o.begin(), o.end(), gk.mutable_data_ptr<float>(), [](double v) { return static_cast<float>(v); });
+    }
+    grads.push_back(gk.scalar_type() == dt ? gk : gk.to(dt));
+  }
+  return grads;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
