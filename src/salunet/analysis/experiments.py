@@ -1,0 +1,613 @@
+"""``salunet experiment NAME``: each of the paper's analyses as one command, plus the controlled ablation and the
+init study that the paper never ran (arXiv 2606.02927; SPEC.md section 5).
+
+Every experiment writes into its own run directory: ``results.json`` (everything measured), ``runs.jsonl`` (one
+line per training run it made, for experiments that train), PNG figures, and the training runs themselves in
+``runs/``. Defaults are CPU scale (each finishes in about 15 minutes or less on 2 cores); ``--full`` switches to the
+paper's scale (GPU hours). Accuracies are reported as mean +- std over seeds; every training run of a grid uses
+the same seeds, hence the same data order, crops and mixes (``salunet.train``: the order of epoch e is drawn from
+a generator seeded with (seed, e)), the same optimiser and augmentation, so a grid changes only what it names.
+
+**[decided]** choices where the paper is silent, kept configurable:
+- learning rate across batch sizes (``batch-sweep``): square-root scaling from a reference batch of 128,
+  lr(B) = base_lr * sqrt(B / 128) (Krizhevsky 2014; Hoffer et al. 2017), with ``warmup_epochs`` of warm-up at
+  every size; ``--lr-rule linear`` gives Goyal et al.'s linear rule instead.
+- the plasticity CNN (appendix A names only Conv(32)-Conv(64)-FC(128)-FC(10) with PReLU): 3x3 convs with 2x2
+  max-pooling, per-channel PReLU (one slope per unit: 32 + 64 + 128 slopes), the norm before each PReLU.
+- representation statistics use the test images: each stage's output is global-average-pooled to one vector per
+  image for effective rank and isotropy; moments pool every element of the stage output (and per channel).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+import typing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import plots
+from . import stats as S
+from .capture import capture_batches
+
+__all__ = ["EXPERIMENTS", "run_experiment", "ExperimentArgs"]
+
+
+# ---- shared machinery ---------------------------------------------------------------------------------------
+
+@dataclass
+class ExperimentArgs:
+    """Options every experiment has."""
+
+    out: str = "runs/experiments"
+    name: str | None = None  # run directory name (default: <experiment>-<time>)
+    data: str = "cifar10"
+    data_path: str | None = None  # an .npz, the official archive or its folder
+    device: str = "auto"
+    seeds: int = 2
+    full: bool = False  # the paper's scale instead of the CPU defaults
+    progress: bool = False  # progress bars of the inner training runs (a line per epoch is always printed)
+
+
+FULL: dict[str, dict] = {}  # experiment name -> overrides applied by --full
+EXPERIMENTS: dict[str, tuple[type, Callable]] = {}
+
+
+def experiment(name: str, args_cls: type, full: dict | None = None):
+    """Register ``fn(args, run_dir) -> dict`` as experiment ``name`` with its args dataclass."""
+    def deco(fn):
+        EXPERIMENTS[name] = (args_cls, fn)
+        FULL[name] = full or {}
+        return fn
+    return deco
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def _fmt(mean, std) -> str:
+    return "diverged" if mean is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+class _Runs:
+    """Runs training jobs into ``run_dir/runs/<name>`` and logs one JSON line per job to ``runs.jsonl``."""
+
+    def __init__(self, run_dir: Path, base: dict, total: int, label: str) -> None:
+        self.dir, self.base, self.total, self.done, self.label = run_dir, base, total, 0, label
+        self.log = run_dir / "runs.jsonl"
+
+    def run(self, name: str, **over) -> dict:
+        from ..train import TrainingDiverged, train
+        from ..train.checkpoint import append_jsonl, read_jsonl
+
+        self.done += 1
+        cfg = {**self.base, **over, "out": str(self.dir / "runs"), "name": name}
+        print(f"[{self.label} {self.done}/{self.total}] {name}", flush=True)
+        t0 = time.time()
+        row = {"run": name, "config": {k: v for k, v in cfg.items() if k not in ("out", "name")}}
+        try:
+            summary = train(cfg)
+            final = summary["final"]
+            row.update(diverged=False, test_acc=final.get("test_acc"), ema_test_acc=final.get("ema_test_acc"),
+                       train_loss=final.get("train_loss"), epochs=summary["epochs"], run_dir=summary["run_dir"],
+                       metrics=read_jsonl(Path(summary["run_dir"]) / "metrics.jsonl"))
+        except TrainingDiverged as exc:
+            row.update(diverged=True, test_acc=None, ema_test_acc=None, error=str(exc),
+                       run_dir=str(self.dir / "runs" / name))
+        row["seconds"] = round(time.time() - t0, 1)
+        append_jsonl(self.log, {k: v for k, v in row.items() if k != "metrics"})
+        return row
+
+
+def _train_base(args, **extra) -> dict:
+    """Config keys shared by every training run of an experiment."""
+    base = {"data": args.data, "data_path": args.data_path, "device": args.device, "progress": args.progress,
+            "keep_checkpoints": 1}
+    base.update(extra)
+    return base
+
+
+def _write(run_dir: Path, result: dict) -> Path:
+    from ..train.checkpoint import write_json_atomic
+
+    path = run_dir / "results.json"
+    write_json_atomic(path, result)
+    return path
+
+
+# ---- plasticity (figure 1, appendix A) ----------------------------------------------------------------------
+
+@dataclass
+class PlasticityArgs(ExperimentArgs):
+    variants: str = "batchnorm,identity,salu"  # the norm before each PReLU
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.05
+    train_subset: int = 10000
+    test_subset: int = 2000
+    seeds: int = 1
+
+
+def _prelu_slopes(state: dict) -> dict[str, list[float]]:
+    return {k: v.flatten().tolist() for k, v in state.items() if k.endswith(".weight") and "act" in k
+            and v.dim() == 1 and "prelu" in k}
+
+
+@experiment("plasticity", PlasticityArgs, full={"epochs": 100, "train_subset": 0, "test_subset": 0, "seeds": 3})
+def plasticity_experiment(args: PlasticityArgs, run_dir: Path) -> dict:
+    """Appendix A: the 4-layer PReLU CNN with BN, without BN, and with SALU before each PReLU; every PReLU
+    slope after every epoch (read from the per-epoch checkpoints), then spread and drift per variant."""
+    from ..train.checkpoint import list_checkpoints, load_checkpoint
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    base = _train_base(args, model="cnn4", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       train_subset=args.train_subset, test_subset=args.test_subset, warmup_epochs=1,
+                       weight_decay=5e-4, keep_checkpoints=args.epochs + 1, crop_padding=4, flip=True)
+    runs = _Runs(run_dir, base, len(variants) * args.seeds, "plasticity")
+    out: dict = {"experiment": "plasticity", "variants": {}, "args": asdict(args)}
+    for v in variants:
+        per_seed = []
+        for seed in range(args.seeds):
+            row = runs.run(f"{v}-s{seed}", norm_layer=v, seed=seed)
+            if row["diverged"]:
+                per_seed.append({"diverged": True})
+                continue
+            # slopes at init: PReLU's 0.25 for every unit; then after each epoch
+            ckpts = list_checkpoints(Path(row["run_dir"]))
+            series = [_prelu_slopes(load_checkpoint(p)[0]["model"]) for p in ckpts]
+            init = {k: [0.25] * len(vals) for k, vals in series[0].items()}
+            series = [init] + series
+            layers = {k: S.plasticity([s[k] for s in series]) for k in init}
+            pooled = S.plasticity([[x for k in init for x in s[k]] for s in series])
+            per_seed.append({"diverged": False, "layers": layers, "pooled": pooled, "test_acc": row["test_acc"],
+                             "final_slopes": series[-1]})
+        ok = [p for p in per_seed if not p["diverged"]]
+        mean_acc, std_acc = _mean_std([p["test_acc"] for p in ok])
+        out["variants"][v] = {"seeds": per_seed, "pooled": ok[0]["pooled"] if ok else None,
+                              "test_acc_mean": mean_acc, "test_acc_std": std_acc,
+                              "final_spread_mean": _mean_std([p["pooled"]["spread"][-1] for p in ok])[0],
+                              "late_drift_mean": _mean_std([statistics.fmean(p["pooled"]["drift"][-3:]) for p in ok])[0]}
+    if all(out["variants"][v]["pooled"] for v in variants):
+        plots.plot_plasticity(out, run_dir / "plasticity.png")
+    for v in variants:
+        r = out["variants"][v]
+        print(f"  {v:10s} acc {_fmt(r['test_acc_mean'], r['test_acc_std'] or 0)}%  final slope spread "
+              f"{r['final_spread_mean']}  late drift/epoch {r['late_drift_mean']}")
+    return out
+
+
+# ---- batch-size resilience (figure 10) ----------------------------------------------------------------------
+
+@dataclass
+class BatchSweepArgs(ExperimentArgs):
+    models: str = "salunet_c18,resnet18_bn"
+    width: int = 16
+    batch_sizes: str = "1,2,4,8,16,32,64,128,256"
+    epochs: int = 2
+    base_lr: float = 0.05  # at batch 128
+    lr_rule: str = "sqrt"  # sqrt | linear
+    train_subset: int = 2560
+    test_subset: int = 1000
+
+
+@experiment("batch-sweep", BatchSweepArgs,
+            full={"width": 0, "epochs": 200, "train_subset": 0, "test_subset": 0, "seeds": 3, "base_lr": 0.1,
+                  "batch_sizes": "1,2,4,8,16,32,64,128,256,512"})
+def batch_sweep_experiment(args: BatchSweepArgs, run_dir: Path) -> dict:
+    """Final accuracy vs batch size at equal epochs for a SaluNet and its BN twin."""
+    if args.lr_rule not in ("sqrt", "linear"):
+        raise ValueError(f"lr_rule must be 'sqrt' or 'linear', got {args.lr_rule!r}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    if any(b <= 0 for b in sizes):
+        raise ValueError(f"batch sizes must be positive, got {sizes}")
+    base = _train_base(args, width=args.width or None, epochs=args.epochs, train_subset=args.train_subset,
+                       test_subset=args.test_subset, warmup_epochs=min(1.0, args.epochs / 2), weight_decay=5e-4,
+                       eval_batch_size=500)
+    runs = _Runs(run_dir, base, len(models) * len(sizes) * args.seeds, "batch-sweep")
+    rows = []
+    for model in models:
+        for b in sizes:
+            scale = b / 128 if args.lr_rule == "linear" else math.sqrt(b / 128)
+            for seed in range(args.seeds):
+                r = runs.run(f"{model}-b{b}-s{seed}", model=model, batch_size=b, lr=args.base_lr * scale, seed=seed)
+                rows.append({"model": model, "batch_size": b, "seed": seed, "lr": args.base_lr * scale,
+                             "test_acc": r["test_acc"], "diverged": r["diverged"], "seconds": r["seconds"]})
+    summary = {}
+    for model in models:
+        summary[model] = []
+        for b in sizes:
+            rs = [r for r in rows if r["model"] == model and r["batch_size"] == b]
+            m, s = _mean_std([r["test_acc"] for r in rs])
+            summary[model].append({"batch_size": b, "mean": m, "std": s, "diverged": sum(r["diverged"] for r in rs),
+                                   "seeds": len(rs), "lr": rs[0]["lr"]})
+    num_classes = 100 if args.data == "cifar100" else 10
+    out = {"experiment": "batch-sweep", "args": asdict(args), "runs": rows, "summary": summary,
+           "chance": 1 / num_classes, "title": f"batch-size resilience ({args.data}, {args.epochs} epochs)"}
+    plots.plot_batch_sweep(out, run_dir / "batch_sweep.png")
+    for model, srows in summary.items():
+        print(f"  {model}: " + "  ".join(f"b{r['batch_size']} {_fmt(r['mean'], r['std'])}" for r in srows))
+    return out
+
+
+# ---- the controlled ablation ----------------------------------------------------------------------------
+
+DEFAULT_PAIRS = "salu:swalu,batchnorm:relu,batchnorm:swalu,batchnorm+salu:swalu,identity:swalu,identity:relu"
+
+
+@dataclass
+class AblationArgs(ExperimentArgs):
+    model: str = "salunet_c18"  # the architecture; only norm/act change
+    pairs: str = DEFAULT_PAIRS  # norm:act pairs
+    width: int = 16
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 0.05
+    train_subset: int = 5000
+    test_subset: int = 2000
+    ema_decay: float = 0.0
+
+
+@experiment("ablation", AblationArgs,
+            full={"width": 0, "epochs": 300, "train_subset": 0, "test_subset": 0, "seeds": 3, "lr": 0.1,
+                  "ema_decay": 0.9997})
+def ablation_experiment(args: AblationArgs, run_dir: Path) -> dict:
+    """Same architecture, seeds, data order, optimiser and augmentation; only the (norm, act) pair changes."""
+    pairs = []
+    for p in args.pairs.split(","):
+        if p.count(":") != 1:
+            raise ValueError(f"pairs are norm:act items separated by commas, got {p!r} in {args.pairs!r}")
+        pairs.append(tuple(s.strip() for s in p.split(":")))
+    base = _train_base(args, model=args.model, width=args.width or None, epochs=args.epochs,
+                       batch_size=args.batch_size, lr=args.lr, train_subset=args.train_subset,
+                       test_subset=args.test_subset, warmup_epochs=1, weight_decay=5e-4, ema_decay=args.ema_decay)
+    runs = _Runs(run_dir, base, len(pairs) * args.seeds, "ablation")
+    rows, table = [], []
+    for norm, act in pairs:
+        accs, emas = [], []
+        for seed in range(args.seeds):
+            r = runs.run(f"{norm}-{act}-s{seed}", norm_layer=norm, act_layer=act, seed=seed)
+            rows.append({"norm": norm, "act": act, "seed": seed, "test_acc": r["test_acc"],
+                         "ema_test_acc": r["ema_test_acc"], "diverged": r["diverged"], "run_dir": r["run_dir"]})
+            accs.append(r["test_acc"])
+            emas.append(r["ema_test_acc"])
+        m, s = _mean_std(accs)
+        em, es = _mean_std(emas)
+        table.append({"label": f"{norm} + {act}", "norm": norm, "act": act, "mean": m, "std": s, "ema_mean": em,
+                      "ema_std": es, "diverged": sum(a is None for a in accs), "seeds": len(accs)})
+    out = {"experiment": "ablation", "args": asdict(args), "runs": rows, "table": table}
+    plots.plot_grid_bars(table, run_dir / "ablation.png",
+                         title=f"controlled ablation: {args.model} w{args.width or 'paper'}, {args.epochs} epochs")
+    for t in table:
+        print(f"  {t['label']:24s} {_fmt(t['mean'], t['std'])}%  ({t['diverged']} diverged)")
+    return out
+
+
+# ---- init study -----------------------------------------------------------------------------------------
+
+INIT_GRID = {  # name -> model overrides (InitRules fields); "default" = the registered rules
+    "default": {},
+    "naive (torch conv, a0=b0=1)": {"conv": "default", "salu_a0": 1.0, "salu_b0": 1.0, "branch_a0": 1.0,
+                                    "shortcut_a0": 1.0, "block_gate_a0": 1.0, "branch_scaling": "none"},
+    "torch conv init": {"conv": "default"},
+    "salu b0=1": {"salu_b0": 1.0},
+    "salu a0=1": {"salu_a0": 1.0},
+    "block gate a0=1": {"block_gate_a0": 1.0},
+    "no branch scaling": {"branch_scaling": "none"},
+}
+
+
+@dataclass
+class InitStudyArgs(ExperimentArgs):
+    model: str = "salunet_c18"
+    width: int = 16
+    configs: str = ",".join(INIT_GRID)
+    lrs: str = "0.05,0.1"
+    epochs: int = 1
+    batch_size: int = 128
+    train_subset: int = 5000
+    test_subset: int = 2000
+    seeds: int = 1
+
+
+@experiment("init-study", InitStudyArgs, full={"width": 0, "epochs": 5, "train_subset": 0, "seeds": 3})
+def init_study_experiment(args: InitStudyArgs, run_dir: Path) -> dict:
+    """First-epochs accuracy of a SaluNet over init choices (each default rule reverted one at a time, and all
+    of them: the naive reconstruction of SPEC.md) and learning rates."""
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [n for n in names if n not in INIT_GRID]
+    if unknown:
+        raise ValueError(f"unknown init config(s) {unknown}; choose from {', '.join(INIT_GRID)}")
+    lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
+    base = _train_base(args, model=args.model, width=args.width or None, epochs=args.epochs,
+                       batch_size=args.batch_size, train_subset=args.train_subset, test_subset=args.test_subset,
+                       warmup_epochs=0.2, weight_decay=5e-4)
+    runs = _Runs(run_dir, base, len(names) * len(lrs) * args.seeds, "init-study")
+    table = []
+    for n in names:
+        for lr in lrs:
+            accs = [runs.run(f"{n.split(' (')[0].replace(' ', '_').replace('=', '')}-lr{lr}-s{seed}", lr=lr,
+                             seed=seed, model_overrides=INIT_GRID[n])["test_acc"] for seed in range(args.seeds)]
+            m, s = _mean_std(accs)
+            table.append({"label": f"{n} @ lr {lr}", "config": n, "lr": lr, "overrides": INIT_GRID[n], "mean": m,
+                          "std": s, "diverged": sum(a is None for a in accs)})
+    best = max((t for t in table if t["mean"] is not None), key=lambda t: t["mean"], default=None)
+    out = {"experiment": "init-study", "args": asdict(args), "table": table, "best": best}
+    plots.plot_grid_bars(table, run_dir / "init_study.png",
+                         title=f"init study: {args.model} w{args.width}, {args.epochs} epoch(s)")
+    for t in table:
+        print(f"  {t['label']:36s} {_fmt(t['mean'], t['std'])}%")
+    if best:
+        print(f"  best: {best['label']}")
+    return out
+
+
+# ---- variance propagation (figure 11) -------------------------------------------------------------------
+
+@dataclass
+class VarianceArgs(ExperimentArgs):
+    depth: int = 64
+    dim: int = 256
+    samples: int = 4096
+    settings: str = "1:1,1.5:0.1,1:0.01,4:1"  # SALU a0:b0 pairs
+    seeds: int = 1
+
+
+@experiment("variance", VarianceArgs, full={"depth": 256, "dim": 1024, "samples": 16384})
+@torch.no_grad()
+def variance_experiment(args: VarianceArgs, run_dir: Path) -> dict:
+    """Variance of x_l through l blocks x -> layer(W x), W with variance-preserving N(0, 1/D) entries, for SALU
+    with several (a0, b0), against the same stack with no layer (linear), tanh and LayerNorm. SALU's fixed
+    point: variance settles where the gain a of the linear regime and the saturation A = sqrt(a/b) balance,
+    instead of exploding (linear, a > 1) or vanishing."""
+    from ..nn import functional as F
+
+    if args.depth <= 0 or args.dim <= 0 or args.samples < 2:
+        raise ValueError("depth and dim must be positive and samples >= 2")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(args.samples, args.dim, generator=g, dtype=torch.float64)
+    ws = [torch.randn(args.dim, args.dim, generator=g, dtype=torch.float64) / math.sqrt(args.dim)
+          for _ in range(args.depth)]
+    layers: dict[str, Callable] = {"linear (no norm)": lambda h: h, "tanh": torch.tanh,
+                                   "LayerNorm": lambda h: torch.nn.functional.layer_norm(h, h.shape[-1:])}
+    for s in args.settings.split(","):
+        a0, b0 = (float(v) for v in s.split(":"))
+        if a0 <= 0 or b0 <= 0:
+            raise ValueError(f"SALU a0, b0 must be positive, got {s!r}")
+        a, b = torch.tensor(a0, dtype=torch.float64), torch.tensor(b0, dtype=torch.float64)
+        layers[f"SALU a0={a0:g} b0={b0:g} (A={math.sqrt(a0 / b0):.3g})"] = lambda h, a=a, b=b: F.salu(h, a, b)
+    curves = {}
+    for name, fn in layers.items():
+        h, var = x0, [float(x0.var())]
+        for w in ws:
+            h = fn(h @ w)
+            var.append(float(h.var()))
+        curves[name] = var
+    out = {"experiment": "variance", "args": asdict(args), "curves": curves,
+           "title": f"variance through {args.depth} layers (D={args.dim})"}
+    plots.plot_variance(out, run_dir / "variance.png")
+    for name, var in curves.items():
+        print(f"  {name:36s} var at depth 0/{args.depth // 4}/{args.depth}: {var[0]:.3g} / "
+              f"{var[args.depth // 4]:.3g} / {var[-1]:.3g}")
+    return out
+
+
+# ---- geometry and representation (figures 6-9), from checkpoints --------------------------------------------
+
+@dataclass
+class CheckpointArgs(ExperimentArgs):
+    checkpoints: str = ""  # comma-separated checkpoint files (or run directories: their newest checkpoint)
+    labels: str = ""  # comma-separated labels (default: the model names)
+    ema: bool = False  # use the EMA weights
+    images: int = 1000  # test images for the representation statistics
+    seeds: int = 1
+
+
+def _checkpoint_list(args: CheckpointArgs) -> list[tuple[Path, str]]:
+    from ..train.checkpoint import list_checkpoints
+
+    items = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
+    if not items:
+        raise ValueError("give --checkpoints PATH[,PATH...] (checkpoint files or run directories)")
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else []
+    if labels and len(labels) != len(items):
+        raise ValueError(f"{len(labels)} labels for {len(items)} checkpoints; give one label per checkpoint")
+    out = []
+    for i, c in enumerate(items):
+        p = Path(c).expanduser()
+        if p.is_dir():
+            found = list_checkpoints(p)
+            if not found:
+                raise FileNotFoundError(f"{p}: no checkpoints in this run directory")
+            p = found[-1]
+        elif not p.is_file():
+            raise FileNotFoundError(f"{p}: no such checkpoint or run directory")
+        out.append((p, labels[i] if labels else ""))
+    return out
+
+
+def _stage_of(name: str) -> str:
+    head = name.split(".")[0]
+    return head if head.startswith(("layer", "stem", "embed", "layers", "head")) else "other"
+
+
+@experiment("geometry", CheckpointArgs)
+def geometry_experiment(args: CheckpointArgs, run_dir: Path) -> dict:
+    """Figures 6-7: learned amplitude sqrt(a/b) and width 1/sqrt(ab) of every SALU / SWALU / GALU layer."""
+    from ..train.evaluate import model_from_checkpoint
+
+    ckpts = []
+    for path, label in _checkpoint_list(args):
+        model, meta, _ = model_from_checkpoint(path, ema=args.ema)
+        layers = S.salu_geometry(model)
+        for l in layers:
+            l["stage"] = _stage_of(l["name"])
+            l["downsample"] = "shortcut" in l["name"]
+        ckpts.append({"checkpoint": str(path), "label": label or meta["config"]["model"], "epoch": meta["epoch"],
+                      "layers": layers})
+        if not layers:
+            print(f"  {path}: no SALU-family layers (a normalised baseline?)")
+    out = {"experiment": "geometry", "args": asdict(args), "checkpoints": ckpts}
+    if any(c["layers"] for c in ckpts):
+        plots.plot_geometry({"checkpoints": [c for c in ckpts if c["layers"]]}, run_dir / "geometry.png")
+    return out
+
+
+@experiment("representation", CheckpointArgs)
+def representation_experiment(args: CheckpointArgs, run_dir: Path) -> dict:
+    """Figures 8-9: effective rank and isotropy of each stage's (pooled) representation, and the moments of
+    each stage's activations, on ``images`` test images of the checkpoint's data set."""
+    from ..data import load_arrays
+    from ..train.evaluate import model_from_checkpoint
+
+    if args.images < 2:
+        raise ValueError(f"images must be >= 2, got {args.images}")
+    ckpts = []
+    for path, label in _checkpoint_list(args):
+        model, meta, _ = model_from_checkpoint(path, ema=args.ema)
+        cfg = meta["config"]
+        arrays = load_arrays(cfg["data"], args.data_path or cfg["data_path"])
+        x = torch.from_numpy(arrays.x_test[:args.images]).permute(0, 3, 1, 2).float()
+        mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
+        x = (x - mean) / std
+        feats = capture_batches(model, [x[i:i + 250] for i in range(0, len(x), 250)])
+        stages = {}
+        for name, t in feats.items():
+            pooled = t.mean(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t
+            spec = S.spectrum_stats(pooled)
+            mom = S.moments(t, channel_dim=1 if t.dim() > 2 else -1)
+            stages[name] = {**spec, **mom, "dormant_fraction": S.dormant_fraction(t, channel_dim=1)}
+        ckpts.append({"checkpoint": str(path), "label": label or cfg["model"], "epoch": meta["epoch"],
+                      "images": len(x), "stages": stages})
+    out = {"experiment": "representation", "args": asdict(args), "checkpoints": ckpts}
+    plots.plot_representation(out, run_dir / "representation.png")
+    for c in ckpts:
+        print(f"  {c['label']}: " + "  ".join(f"{s} erank {v['effective_rank']:.1f} iso {v['isotropy']:.3f}"
+                                            for s, v in c["stages"].items()))
+    return out
+
+
+# ---- training curves (figure 5) ---------------------------------------------------------------------------
+
+@dataclass
+class CurvesArgs(ExperimentArgs):
+    runs: str = ""  # comma-separated run directories
+    labels: str = ""
+    seeds: int = 1
+
+
+@experiment("curves", CurvesArgs)
+def curves_experiment(args: CurvesArgs, run_dir: Path) -> dict:
+    """Figure 5: test and EMA accuracy curves of several runs on one plot, from their metrics.jsonl."""
+    from ..plots import plot_curves
+    from ..train.checkpoint import read_jsonl
+
+    dirs = [Path(r.strip()).expanduser() for r in args.runs.split(",") if r.strip()]
+    if not dirs:
+        raise ValueError("give --runs RUN_DIR[,RUN_DIR...]")
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else [d.name for d in dirs]
+    if len(labels) != len(dirs):
+        raise ValueError(f"{len(labels)} labels for {len(dirs)} runs; give one label per run")
+    series = {}
+    for d, label in zip(dirs, labels):
+        f = d / "metrics.jsonl"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: no such file; is {d} a salunet run directory?")
+        series[label] = read_jsonl(f)
+    plot_curves(series, run_dir / "curves.png", title="training curves")
+    return {"experiment": "curves", "args": asdict(args), "runs": {k: [str(d)] for k, d in zip(labels, dirs)},
+            "final": {k: v[-1] if v else None for k, v in series.items()}}
+
+
+# ---- entry point ------------------------------------------------------------------------------------------
+
+def args_from_dict(name: str, values: dict):
+    """Build experiment ``name``'s args dataclass from ``values`` (type-checked; unknown keys rejected); with
+    ``full=True`` the paper-scale overrides apply underneath explicit values."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    cls = EXPERIMENTS[name][0]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(values) - known)
+    if bad:
+        raise ValueError(f"experiment {name}: unknown option(s) {', '.join(bad)}; valid: {', '.join(sorted(known))}")
+    merged = dict(FULL[name]) if values.get("full") else {}
+    merged.update(values)
+    for k, v in merged.items():
+        merged[k] = _coerce(name, k, v, hints[k])
+    return cls(**merged)
+
+
+def _coerce(exp: str, key: str, v, tp):
+    allowed = typing.get_args(tp) or (tp,)
+    if v is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is bool and isinstance(v, bool):
+            return v
+        if t is bool and isinstance(v, str) and v.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return v.lower() in ("1", "true", "yes", "on")
+        if t in (int, float) and not isinstance(v, bool):
+            try:
+                out = t(v)
+            except (TypeError, ValueError):
+                continue
+            if t is int and isinstance(v, float) and v != out:
+                continue
+            return out
+        if t is str and isinstance(v, str):
+            return v
+    names = "/".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ValueError(f"experiment {exp}: option {key} must be {names}, got {v!r}")
+
+
+def run_experiment(which: str, args=None, /, **values) -> dict:
+    """Run experiment ``which`` (args dataclass or keyword options); returns its result dict, which is also
+    written to ``<out>/<name>-<time>/results.json`` beside its figures."""
+    if args is None:
+        args = args_from_dict(which, values)
+    fn = EXPERIMENTS[which][1]
+    if args.seeds <= 0:
+        raise ValueError(f"seeds must be >= 1, got {args.seeds}")
+    run_dir = Path(args.out).expanduser() / (args.name or f"{which}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ValueError(f"{run_dir}: already exists; choose another --name (nothing was overwritten)")
+    if which in ("plasticity", "batch-sweep", "ablation", "init-study"):
+        _check_data(args)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"salunet experiment {which}: {run_dir}")
+    t0 = time.time()
+    result = fn(args, run_dir)
+    result.update(seconds=round(time.time() - t0, 1), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                  commit=_commit())
+    path = _write(run_dir, result)
+    print(f"wrote {path} and {', '.join(sorted(p.name for p in run_dir.glob('*.png')))} "
+          f"({result['seconds']:.0f} s)")
+    return result
+
+
+def _check_data(args) -> None:
+    """Fail before anything is written if the training data cannot be loaded."""
+    from ..data import load_arrays
+
+    load_arrays(args.data, args.data_path)
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

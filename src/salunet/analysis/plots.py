@@ -1,0 +1,155 @@
+"""Figures of the analyses (matplotlib only, Agg backend). Each function takes the JSON-ready result dict an
+experiment wrote and a path; nothing here computes statistics, so figures can be redrawn from saved JSON."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+__all__ = ["plot_plasticity", "plot_batch_sweep", "plot_grid_bars", "plot_geometry", "plot_representation",
+           "plot_variance"]
+
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def plot_plasticity(result: dict, path: Path) -> Path:
+    """Figure 1: PReLU slopes per epoch (10th-90th percentile band and mean) for each variant, and their
+    spread (std over units) per epoch."""
+    plt = _plt()
+    variants = list(result["variants"])
+    fig, axes = plt.subplots(1, len(variants) + 1, figsize=(4 * (len(variants) + 1), 3.4))
+    for ax, (i, v) in zip(axes, enumerate(variants)):
+        p = result["variants"][v]["pooled"]
+        ep = list(range(len(p["mean"])))
+        ax.fill_between(ep, p["p10"], p["p90"], color=_COLORS[i], alpha=0.25, label="10-90th pct")
+        ax.plot(ep, p["mean"], color=_COLORS[i], label="mean")
+        ax.set_title(f"{v}: PReLU slopes")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+        spread_ax = axes[-1]
+        spread_ax.plot(ep, p["spread"], color=_COLORS[i], label=v)
+    axes[-1].set_title("spread of slopes (std over units)")
+    axes[-1].set_xlabel("epoch")
+    axes[-1].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_batch_sweep(result: dict, path: Path) -> Path:
+    """Figure 10: final accuracy vs batch size (mean +- std over seeds), one line per model; diverged runs
+    are drawn as crosses at chance level."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (model, rows) in enumerate(result["summary"].items()):
+        bs = [r["batch_size"] for r in rows]
+        mean = [r["mean"] if r["mean"] is not None else math.nan for r in rows]
+        std = [r["std"] or 0.0 for r in rows]
+        ax.errorbar(bs, [100 * m for m in mean], yerr=[100 * s for s in std], marker="o", capsize=3,
+                    color=_COLORS[i], label=model)
+        div = [r["batch_size"] for r in rows if r["diverged"]]
+        if div:
+            ax.scatter(div, [100 * result["chance"]] * len(div), marker="x", color=_COLORS[i], s=60,
+                       label=f"{model} diverged (some seeds)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(result.get("title", "batch-size resilience"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_grid_bars(rows: list[dict], path: Path, *, title: str, key: str = "label") -> Path:
+    """Bar chart of mean +- std accuracy per grid cell (ablation, init study)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
+    labels = [r[key] for r in rows]
+    means = [100 * (r["mean"] if r["mean"] is not None else 0.0) for r in rows]
+    stds = [100 * (r["std"] or 0.0) for r in rows]
+    ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color=[_COLORS[i % len(_COLORS)] for i in range(len(rows))])
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_geometry(result: dict, path: Path) -> Path:
+    """Figures 6-7: per-layer saturation amplitude sqrt(a/b) and width 1/sqrt(ab) (geometric mean over
+    channels, log scale), coloured by stage, downsampling layers marked."""
+    plt = _plt()
+    ckpts = result["checkpoints"]
+    fig, axes = plt.subplots(len(ckpts), 2, figsize=(11, 3.4 * len(ckpts)), squeeze=False)
+    for row, ck in zip(axes, ckpts):
+        layers = ck["layers"]
+        stages = sorted({l["stage"] for l in layers}, key=[l["stage"] for l in layers].index)
+        for ax, key, label in ((row[0], "amplitude_gmean", "amplitude sqrt(a/b)"),
+                               (row[1], "width_gmean", "width 1/sqrt(ab)")):
+            for kind, marker in (("SALU", "o"), ("SWALU", "^"), ("GALU", "s")):
+                for si, st in enumerate(stages):
+                    pts = [(i, l[key]) for i, l in enumerate(layers) if l["stage"] == st and l["kind"] == kind]
+                    if pts:
+                        ax.scatter(*zip(*pts), color=_COLORS[si % len(_COLORS)], marker=marker, s=18,
+                                   label=f"{st} {kind}")
+            down = [(i, l[key]) for i, l in enumerate(layers) if l["downsample"]]
+            if down:
+                ax.scatter(*zip(*down), facecolors="none", edgecolors="k", s=80, label="downsampling")
+            ax.set_yscale("log")
+            ax.set_xlabel("layer (module order)")
+            ax.set_title(f"{ck['label']}: {label}")
+        row[1].legend(fontsize=6, ncol=2, loc="best")
+    return _save(fig, path)
+
+
+def plot_representation(result: dict, path: Path) -> Path:
+    """Figures 8-9: effective rank and isotropy per stage, and variance (log), skewness and excess kurtosis
+    per stage, one line per checkpoint."""
+    plt = _plt()
+    keys = [("effective_rank", "effective rank", False), ("isotropy", "isotropy index", False),
+            ("variance", "variance", True), ("skewness", "skewness", False),
+            ("excess_kurtosis", "excess kurtosis", False)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
+    for i, ck in enumerate(result["checkpoints"]):
+        stages = list(ck["stages"])
+        for ax, (k, label, log) in zip(axes, keys):
+            ax.plot(range(len(stages)), [ck["stages"][s][k] for s in stages], marker="o", color=_COLORS[i],
+                    label=ck["label"])
+            ax.set_xticks(range(len(stages)))
+            ax.set_xticklabels(stages, rotation=30, fontsize=8)
+            ax.set_title(label)
+            if log:
+                ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_variance(result: dict, path: Path) -> Path:
+    """Figure 11: activation variance vs depth through stacked (linear -> layer) blocks, log scale."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (label, var) in enumerate(result["curves"].items()):
+        ax.plot(range(len(var)), var, color=_COLORS[i % len(_COLORS)], label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("depth (layers)")
+    ax.set_ylabel("activation variance")
+    ax.set_title(result.get("title", "variance propagation"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
