@@ -188,8 +188,9 @@ def test_kernel_path_is_reported():
     with pytest.raises(ValueError, match="use one of"):
         kernels.set_kernel_mode("fast")
     kernels.set_kernel_mode("cpp")
+    assert kernels._path_for(torch.device("meta")) == "eager"  # shape propagation only
     with pytest.raises(ValueError, match="CPU tensors only"):
-        kernels._path_for(torch.device("meta"))
+        kernels._path_for(torch.device("cuda"))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

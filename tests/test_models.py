@@ -5,14 +5,15 @@ import torch
 from torch import nn
 
 import salunet
-from salunet.models import ACTS, NORMS, create_model, list_models
+from salunet.models import (ACTS, MODEL_CONFIGS, NORMS, InitRules, ResNet, ViT, ViTConfig, create_model,
+                            list_models)
 
 SMALL = {"width": 8}
 SMALL_VIT = {"width": 24, "depth": 2}
 
 
 def small(name, **kw):
-    extra = SMALL_VIT if name in ("salunet_t", "vit_ln") else SMALL
+    extra = SMALL_VIT if isinstance(MODEL_CONFIGS[name], ViTConfig) else SMALL
     return create_model(name, num_classes=7, **{**extra, **kw})
 
 
@@ -58,10 +59,15 @@ def test_exact_parameter_counts(name, classes, count):
 
 def test_salunet_and_twin_share_structure():
     s, b = create_model("salunet_c18", num_classes=10), create_model("resnet18_bn", num_classes=10)
-    # every BatchNorm(C) became SALU(C): 2C parameters each, plus 2C per SWALU
-    n_act = sum(isinstance(m, salunet.SWALU) for m in s.modules())
-    extra = sum(2 * m.num_features for m in s.modules() if isinstance(m, salunet.SWALU))
-    assert n_act == 17 and sum(p.numel() for p in s.parameters()) == 11_173_962 + extra
+    # every BatchNorm(C) became SALU(C) (2C parameters each, like BN's weight and bias) and every ReLU a
+    # SWALU(C), which adds 2C parameters
+    n_relu = sum(isinstance(m, nn.ReLU) for m in b.modules())
+    swalus = [m for m in s.modules() if isinstance(m, salunet.SWALU)]
+    assert len(swalus) == n_relu > 0
+    assert sum(isinstance(m, salunet.SALU) for m in s.modules()) == sum(isinstance(m, nn.BatchNorm2d)
+                                                                        for m in b.modules())
+    extra = sum(2 * m.num_features for m in swalus)
+    assert sum(p.numel() for p in s.parameters()) == sum(p.numel() for p in b.parameters()) + extra
 
 
 def _stage_stds(m, x):
@@ -75,22 +81,47 @@ def _stage_stds(m, x):
     return out
 
 
-@pytest.mark.parametrize("name,width,shape", [("salunet_c18", 16, (16, 3, 32, 32)), ("salunet_c18", None, (8, 3, 32, 32)),
-                                              ("salunet_c50", 16, (4, 3, 64, 64)), ("salunet_c50", None, (2, 3, 64, 64)),
-                                              ("salunet_t", 96, (8, 3, 32, 32)), ("salunet_t", None, (4, 3, 32, 32))])
-def test_init_keeps_stage_std_in_range(name, width, shape):
-    m = create_model(name, num_classes=10, width=width)
+# (name, width, overrides, input shape): small widths are where per-channel noise compounds, deeper `layers`
+# where residual variance accumulates; None = the paper's width
+INIT_CASES = [
+    ("salunet_c18", 4, {}, (8, 3, 32, 32)), ("salunet_c18", 16, {}, (8, 3, 32, 32)),
+    ("salunet_c18", None, {}, (4, 3, 32, 32)),
+    ("salunet_c18", 8, {"layers": (3, 4, 6, 3)}, (8, 3, 32, 32)),
+    ("salunet_c18", 8, {"layers": (3, 4, 23, 3)}, (4, 3, 32, 32)),
+    ("salunet_c50", 4, {}, (8, 3, 64, 64)), ("salunet_c50", 16, {}, (4, 3, 64, 64)),
+    ("salunet_c50", None, {}, (2, 3, 64, 64)),
+    ("salunet_t", 24, {}, (8, 3, 32, 32)), ("salunet_t", 96, {}, (8, 3, 32, 32)),
+    ("salunet_t", None, {}, (4, 3, 32, 32)), ("salunet_t", 48, {"depth": 14}, (4, 3, 32, 32)),
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name,width,overrides,shape", INIT_CASES,
+                         ids=[f"{n}-w{w}-{'-'.join(map(str, o.get('layers', ()))) or o.get('depth', '')}"
+                              for n, w, o, _ in INIT_CASES])
+def test_init_keeps_stage_std_in_range(name, width, overrides, shape, seed):
+    torch.manual_seed(seed)
+    m = create_model(name, num_classes=10, width=width, **overrides)
     stds = _stage_stds(m, torch.randn(shape))
     assert len(stds) >= 5
     bad = {k: round(v, 3) for k, v in stds.items() if not 0.5 <= v <= 2.0}
     assert not bad, f"stage std out of [0.5, 2] at init: {bad}"
 
 
-def test_naive_init_would_fail_the_rule():
-    """The check can fail: PyTorch's default conv init and a0 = b0 = 1 lose the signal (SPEC.md)."""
-    m = create_model("salunet_c18", num_classes=10, width=16, conv="default", salu_a0=1.0, salu_b0=1.0)
-    stds = _stage_stds(m, torch.randn(16, 3, 32, 32))
-    assert stds["layer4"] < 0.5
+def test_every_salunet_model_is_covered_by_the_init_test():
+    assert {n for n, *_ in INIT_CASES} == set(list_models("salunet_*"))
+
+
+@pytest.mark.parametrize("overrides,stage", [
+    (dict(conv="default", salu_a0=1.0, salu_b0=1.0), "layer4"),  # SPEC.md's naive reconstruction: vanishes
+    (dict(layers=(3, 4, 23, 3), branch_scaling="none", block_gate_a0=1.0), "layer3"),  # no depth rule
+])
+def test_init_rules_are_needed(overrides, stage):
+    """The check can fail: without the rules the signal vanishes (or, for deep stages, drifts)."""
+    torch.manual_seed(0)
+    m = create_model("salunet_c18", num_classes=10, width=8, **overrides)
+    std = _stage_stds(m, torch.randn(4, 3, 32, 32))[stage]
+    assert not 0.5 <= std <= 2.0, std
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
@@ -111,15 +142,28 @@ def test_callable_layers_and_width():
     m = create_model("salunet_c18", num_classes=10, width=4, norm_layer=lambda c, dim=1: nn.GroupNorm(2, c))
     assert sum(isinstance(x, nn.GroupNorm) for x in m.modules()) > 0
     assert create_model("salunet_t", num_classes=10, width=48).num_features == 48
+    assert create_model("salunet_t", num_classes=10, width=50, heads=5, depth=1).num_features == 50
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(name="resnet34"), "unknown model 'resnet34'; choose one of"),
     (dict(name="salunet_c18", norm_layer="rmsnorm"), "unknown norm_layer 'rmsnorm'; choose one of"),
     (dict(name="salunet_c18", act_layer="tanh"), "unknown act_layer"),
-    (dict(name="salunet_c18", depth=3), "unknown override"),
+    (dict(name="salunet_c18", depth=3), "unknown override.*valid: .*layers"),
     (dict(name="salunet_c18", width=0), "width must be a positive integer"),
-    (dict(name="salunet_t", heads=5), "not divisible by heads"),
+    (dict(name="salunet_c18", salu_a0=-1), "salu_a0 must be a finite number > 0, got -1"),
+    (dict(name="salunet_c18", salu_b0=0), "salu_b0 must be a finite number > 0, got 0"),
+    (dict(name="salunet_c18", salu_a0="x"), "salu_a0 must be a finite number > 0, got 'x'"),
+    (dict(name="salunet_t", salu_b0=float("nan")), "salu_b0 must be a finite number > 0"),
+    (dict(name="salunet_c18", layers=5), r"layers must be a non-empty tuple of positive integers .*got 5"),
+    (dict(name="salunet_c18", layers=(2, 0, 2, 2)), "layers must be a non-empty tuple"),
+    (dict(name="salunet_c18", init="x"), "init must be a salunet.models.InitRules"),
+    (dict(name="salunet_c18", conv="xavier"), "conv must be one of 'kaiming_normal', 'default'"),
+    (dict(name="salunet_c18", stem="big"), "stem must be one of 'cifar', 'imagenet'"),
+    (dict(name="salunet_t", heads=5), "not divisible by heads=5; valid widths are multiples of 5"),
+    (dict(name="salunet_t", width=100), r"width \(hidden size\) 100 is not divisible by heads=12; valid widths "
+                                        r"are multiples of 12 \(e.g. 96 or 108\)"),
+    (dict(name="vit_ln", dropout=1.5), r"dropout must be a number in \[0, 1\)"),
 ])
 def test_bad_arguments(kwargs, match):
     name = kwargs.pop("name")
@@ -127,6 +171,34 @@ def test_bad_arguments(kwargs, match):
         create_model(name, num_classes=10, **kwargs)
     with pytest.raises(ValueError, match="num_classes"):
         create_model("salunet_c18", num_classes=0)
+
+
+def _salu_a(m, path):
+    return dict(m.named_modules())[path].a.flatten()[0].item()
+
+
+def test_user_init_wins_over_the_table():
+    """salunet_c50's row sets its own branch_a0; a user's InitRules replaces the row's as a whole, and single
+    fields override both."""
+    m = create_model("salunet_c50", num_classes=10, width=4)
+    blocks = len(m.layer1)  # the branch gain is branch_a0 / sqrt(blocks in the stage)
+    table = MODEL_CONFIGS["salunet_c50"].init.branch_a0
+    assert table != InitRules().branch_a0  # otherwise this test could not tell who won
+    assert _salu_a(m, "layer1.0.norm3") == pytest.approx(table / blocks**0.5, rel=1e-5)
+    m = create_model("salunet_c50", num_classes=10, width=4, init=InitRules(branch_a0=2.0, salu_a0=0.9))
+    assert _salu_a(m, "layer1.0.norm3") == pytest.approx(2.0 / blocks**0.5, rel=1e-5)
+    assert _salu_a(m, "layer1.0.na1.norm") == pytest.approx(0.9, rel=1e-5)
+    m = create_model("salunet_c50", num_classes=10, width=4, init=InitRules(branch_a0=2.0), branch_a0=3.0)
+    assert _salu_a(m, "layer1.0.norm3") == pytest.approx(3.0 / blocks**0.5, rel=1e-5)
+    m = create_model("salunet_t", num_classes=10, width=24, depth=1, salu_b0=0.3)
+    assert dict(m.named_modules())["head_norm"].b.flatten()[0].item() == pytest.approx(0.3, rel=1e-5)
+
+
+def test_registry_has_one_constructor_per_config():
+    assert set(list_models()) == set(MODEL_CONFIGS)
+    for name in list_models():
+        expected = ViT if isinstance(MODEL_CONFIGS[name], ViTConfig) else ResNet
+        assert type(small(name)) is expected
 
 
 def test_list_models_pattern():

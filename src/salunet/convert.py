@@ -1,26 +1,71 @@
-"""Make any model normalization-free in one call: ``salunet.convert(model)``.
+"""Make any model normalization-free in one call: ``salunet.convert(model, example_input=x)``.
 
-Replaces, in place, every normalization module (BatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm, GroupNorm,
-InstanceNorm1d/2d/3d, RMSNorm) by a SALU of the right width on the right dimension, ReLU-family activations
-(ReLU, ReLU6, LeakyReLU, PReLU, ELU, CELU, SELU), SiLU and Hardswish by SWALU, and GELU by GALU. Returns a
-:class:`ConvertReport` saying what was replaced where, and what could not be.
+Replaces, in place, every normalization module (BatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm, RMSNorm, GroupNorm,
+InstanceNorm1d/2d/3d, and subclasses of them) by a SALU of the right width on the right dimension, ReLU-family
+activations (ReLU, ReLU6, LeakyReLU, PReLU, RReLU, ELU, CELU, SELU), SiLU, Mish and Hardswish by SWALU, and GELU
+by GALU. Replacements come from the model zoo's factory (:mod:`salunet.models.layers`), so every norm/act name
+and every callable ``(num_features, *, dim) -> nn.Module`` that :func:`salunet.create_model` accepts works here
+too. Returns a :class:`ConvertReport`: what was replaced where, what was kept, and what could not be replaced.
 
-How per-channel sizes are found (the decision DyT-style converters leave to the user):
-- norms know their width: ``num_features`` / ``num_channels`` (channel dim 1) or ``normalized_shape``
-  (last dim; a LayerNorm over several dims becomes a scalar-parameter SALU, reported as such);
-- activation modules do not. With ``example_input``, one forward pass records the shape each activation
-  sees: 4-D/5-D inputs are channel-first (dim 1), 2-D inputs (N, C) use dim 1, and 3-D inputs are taken as
-  tokens (B, N, D) with dim -1 unless the model contains Conv1d layers (then (N, C, L), dim 1). Without
-  ``example_input``, or for an activation the pass never reaches, or one called on inputs of different
-  widths, the gate gets one scalar (a, b) pair, and the report says so.
-- activations stored as *functions* on a module (``nn.TransformerEncoderLayer.activation`` is F.relu or
-  F.gelu) are replaced by modules too (the layer's fused fast path is switched off, as it requires ReLU/GELU);
-  activations or norms *called* as functions inside ``forward`` code cannot be swapped from outside: with
-  ``example_input`` the same pass detects them and the report lists them.
-Device and dtype of every new module follow the module it replaces (or the model's parameters).
+The rule throughout: never guess silently. When convert cannot tell something it either uses a choice that
+is correct whatever the truth is (a scalar SALU/SWALU) or leaves the module alone, and says so in the report.
+
+**Which dim a norm normalises.** A module's class does not say what its ``forward`` does: ConvNeXt's
+``LayerNorm2d`` is an ``nn.LayerNorm`` that normalises dim 1 of NCHW, timm's ``BatchNormAct2d`` a BatchNorm2d
+that also applies an activation. So the class decides only when ``forward`` is the library's own
+(``nn.BatchNorm*`` / ``InstanceNorm*`` / ``GroupNorm``: dim 1; ``nn.LayerNorm`` / ``RMSNorm`` over one dim: the
+last dim; over several dims: a scalar SALU) or one of this project's classes (``LayerNorm2d``: dim 1,
+``TokenBatchNorm``: last dim). For any other subclass, the traced forward of ``example_input`` decides:
+1. probe: bump one entry ``k`` of the module's own affine weight (or bias) and rerun it on the traced input;
+   the channel dim is the one dim whose index is ``k`` at every output entry that changed (exact for any
+   per-channel affine, and unaffected by an activation applied after it);
+2. without affine parameters: the channel dim found for the module's input by the tracing below, if its size
+   matches; else the only input dim whose size equals the module's width.
+If none of these is conclusive (or no ``example_input`` was given), the module is *not replaced* and the report
+says why: a wrong dim would be worse than no conversion (with W == C it would even run, silently wrong).
+
+**How activations get their per-channel size.** Activation modules do not know their width. With
+``example_input``, one forward pass tracks which dim of each tensor holds the channels, from the layer that
+produced it: a conv's output has ``out_channels`` at dim 1, a Linear's ``out_features`` at the last dim, an
+Embedding's / MultiheadAttention's at the last dim, a norm or SALU at the dim found above. The tag follows the
+tensor through shape-preserving elementwise ops (add, mul, dropout, activations, norm functions: e.g. the
+residual sum ``out + shortcut``) but not through reshapes, permutes or concatenations, whose layout it cannot
+know. An activation then gets ``SWALU(C, dim)`` from the tag of its input. An untagged 2-D input is (N, C)
+(dim 1); an untagged input of higher rank, an activation the pass never reaches, one that sees inputs of
+different widths, or any activation without ``example_input`` gets one scalar (a, b) pair, and the report says
+so. (The old rule, "3-D inputs are tokens unless the model has a Conv1d", guessed and was wrong for models with
+both.)
+
+**Activations stored as functions** (``nn.TransformerEncoderLayer.activation`` is ``F.relu`` or ``F.gelu``):
+when their kind is being replaced (``act`` for the ReLU family, ``gelu`` for GELU) they become the matching
+module first and are then swapped like any other; when it is kept (``"keep"``), the attribute stays exactly as
+it was and the report lists it as kept. Unknown callables stored as ``activation`` are reported. Activations or
+norms *called* as functions inside ``forward`` code (``F.relu(x)``, ``x.relu()``, ``torch.relu_``, ``F.mish``,
+``F.hardtanh``, ``F.selu``, ``F.prelu``, ``F.layer_norm``, ...) cannot be swapped from outside: the traced pass
+detects them and the report lists them (only for kinds the call asked to replace).
+
+**Calibration (trainability at init).** A SALU with a0 = b0 = 1 is not a BatchNorm: it does not rescale its
+input to unit variance, and a converted ResNet loses its signal (SPEC.md "Trainability at initialisation":
+stage std 0.34 -> 0.03 at width 16). With ``calibrate`` (the default when ``example_input`` is given), one more
+forward of ``example_input`` through the converted model sets each new SALU, in forward order, from the input
+it actually receives: b0 = a0 / A^2 with A = :data:`CALIBRATION_AMPLITUDE` = 4 (a saturation amplitude of a
+few units: bounded, yet linear over about +-4 rms of the input), and per channel a0 such that the SALU's output
+has unit rms on that input, i.e. it starts by doing what the replaced norm did (unit-scale output). That is
+a0 ~ 1.1 / rms(input) for Gaussian input; it is solved per channel (bisection) rather than set to 1/std,
+because 1/std leaves the output at ~0.92 after saturation, and the ~8% loss per stage showed up as a stem std
+of 0.50 in a converted ResNet-18 (the edge of the [0.5, 2] rule). rms rather than std: SALU has no bias to
+remove a mean, so the second moment is what sets its output scale. Channels with no signal keep a0 = 1; a SALU
+called several times is calibrated on its first call; ``reset_parameters()`` returns it to its scalar a_init /
+b_init. Gates keep their operator init (SWALU ~ SiLU, GALU ~ GELU).
+
+Device and dtype of every new module follow the module it replaces (or the model's parameters): meta-device
+models convert (without value-based probing or calibration, which the report notes).
 """
 from __future__ import annotations
 
+import math
+import textwrap
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,226 +74,653 @@ import torch.nn.functional as Fn
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .nn import GALU, SALU, SWALU, SaluFamily
+from .models.layers import LayerNorm2d, TokenBatchNorm, get_act_layer, get_norm_layer
+from .nn import SALU, SaluFamily
 
-__all__ = ["convert", "ConvertReport"]
+__all__ = ["convert", "ConvertReport", "CALIBRATION_AMPLITUDE"]
+
+CALIBRATION_AMPLITUDE = 4.0
+_REPORT_WIDTH = 116
+
+# ---- what convert knows -------------------------------------------------------------------------------------
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _IN = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _LN = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-_RELU_LIKE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.SiLU, nn.Hardswish)
+_NORM_BASES = _BN + _IN + (nn.GroupNorm,) + _LN
+_OWN_NORMS = {LayerNorm2d: 1, TokenBatchNorm: -1}  # this project's norms whose forward moves the channel dim
+
+_RELU_LIKE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.SiLU, nn.Mish,
+              nn.Hardswish)
 _GELU = (nn.GELU,)
-_ACT_FUNCS = {Fn.relu: "relu", torch.relu: "relu", Fn.gelu: "gelu", Fn.silu: "silu", Fn.relu6: "relu6",
-              Fn.hardswish: "hardswish", Fn.leaky_relu: "leaky_relu", Fn.elu: "elu"}
-_NORM_FUNCS = {Fn.batch_norm: "batch_norm", Fn.layer_norm: "layer_norm", Fn.group_norm: "group_norm",
-               Fn.instance_norm: "instance_norm"}
-if hasattr(Fn, "rms_norm"):
-    _NORM_FUNCS[Fn.rms_norm] = "rms_norm"
+# activation functions that a module may store as an attribute, and the module each one is equivalent to
+_FUNC_MODULES: dict[Callable, type[nn.Module]] = {
+    Fn.relu: nn.ReLU, torch.relu: nn.ReLU, Fn.relu6: nn.ReLU6, Fn.leaky_relu: nn.LeakyReLU, Fn.elu: nn.ELU,
+    Fn.celu: nn.CELU, Fn.selu: nn.SELU, torch.selu: nn.SELU, Fn.silu: nn.SiLU, Fn.mish: nn.Mish,
+    Fn.hardswish: nn.Hardswish, Fn.gelu: nn.GELU}
+_TORCH_LEAF_MODULES = ("torch.nn.modules.activation", "torch.nn.modules.normalization")
+_ACTIVATION_ATTRS = ("activation", "act", "act_fn", "activation_fn")  # where an unknown callable is reported
+
+# functional calls that the traced pass reports (names as torch-function dispatch sees them, trailing "_" cut)
+_ACT_CALLS = {"relu", "relu6", "hardtanh", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu", "silu", "mish",
+              "hardswish"}
+_GELU_CALLS = {"gelu"}
+_NORM_CALLS = {"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"}
+# ops through which a channel-dim tag follows a tensor: elementwise, layout-preserving (see module docstring)
+_TAG_PRESERVING = _ACT_CALLS | _GELU_CALLS | _NORM_CALLS | {
+    "add", "radd", "iadd", "sub", "rsub", "isub", "mul", "rmul", "imul", "div", "truediv", "rtruediv", "itruediv",
+    "true_divide", "neg", "clone", "contiguous", "detach", "dropout", "alpha_dropout", "feature_alpha_dropout",
+    "dropout1d", "dropout2d", "dropout3d", "to", "float", "half", "bfloat16", "double", "type_as", "clamp", "clip",
+    "abs", "sigmoid", "tanh", "softplus", "hardsigmoid", "logsigmoid", "pow", "sqrt", "exp", "where"}
 
 
 @dataclass
 class ConvertReport:
-    replaced: list[tuple[str, str, str]] = field(default_factory=list)  # (path, old, new)
-    not_replaced: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+    """What :func:`convert` did, in model order.
+
+    ``replaced``: (path, old type, new module); ``kept``: (path, why) for things left as they were on purpose
+    (``"keep"``); ``not_replaced``: (path, why) for things convert could not or would not replace;
+    ``notes``: (path, note) for side effects worth knowing (calibration, fast paths switched off)."""
+
+    replaced: list[tuple[str, str, str]] = field(default_factory=list)
+    not_replaced: list[tuple[str, str]] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
+        """True when nothing convert was asked to replace was left behind."""
         return not self.not_replaced
 
     def __str__(self) -> str:
-        lines = [f"salunet.convert: {len(self.replaced)} module(s) replaced, "
-                 f"{len(self.not_replaced)} thing(s) not replaced"]
-        w = max([len(p) for p, _, _ in self.replaced] + [4])
-        for path, old, new in self.replaced:
-            lines.append(f"  {path:<{w}}  {old}  ->  {new}")
-        for where, why in self.not_replaced:
-            lines.append(f"  NOT REPLACED {where}: {why}")
+        lines = [f"salunet.convert: {len(self.replaced)} replaced, {len(self.kept)} kept, "
+                 f"{len(self.not_replaced)} not replaced"]
+        paths = [p for p, *_ in self.replaced + self.kept + self.not_replaced + self.notes]
+        w = min(max([len(p) for p in paths] + [4]), 40)
+        ow = min(max([len(o) for _, o, _ in self.replaced] + [4]), 24)
+        sections = [("replaced", [(p, f"{o:<{ow}} -> {n}") for p, o, n in self.replaced]),
+                    ("kept", self.kept), ("NOT replaced", self.not_replaced), ("notes", self.notes)]
+        for title, rows in sections:
+            if rows:
+                lines.append(f"  {title}:")
+                for p, text in rows:  # long reasons wrap under their own column, paths stay scannable
+                    body = textwrap.wrap(text, max(40, _REPORT_WIDTH - w - 6)) or [""]
+                    lines.append(f"    {p:<{w}}  {body[0]}")
+                    lines += [f"    {'':<{w}}    {t}" for t in body[1:]]
         return "\n".join(lines)
 
+    def _sort(self, order: dict[str, int]) -> None:
+        def key(entry):
+            p = entry[0]
+            while p not in order and "." in p:  # function-call sites and new children sort with their module
+                p = p.rsplit(".", 1)[0]
+            return order.get(p, -1 if p == "<model>" else len(order))
+        for lst in (self.replaced, self.kept, self.not_replaced, self.notes):
+            lst.sort(key=key)
 
-def _norm_spec(m: nn.Module) -> tuple[int | None, int, str] | None:
-    """(num_features or None for scalar, dim, note) for a known normalization module, else None."""
-    if isinstance(m, _BN + _IN):
-        return m.num_features, 1, ""
-    if isinstance(m, nn.GroupNorm):
-        return m.num_channels, 1, ""
-    if isinstance(m, _LN):
-        shape = tuple(m.normalized_shape)
-        if len(shape) == 1:
-            return shape[0], -1, ""
-        return None, -1, f" (scalar: normalized_shape {shape} spans several dims)"
+
+# ---- norm specs -------------------------------------------------------------------------------------------------
+
+@dataclass
+class _NormSpec:
+    width: int | None  # None: scalar SALU (a LayerNorm over several dims)
+    dim: int | None  # None: unknown until the traced forward tells
+    trusted: bool  # forward is the library's own (or this project's): the class tells the dim
+    note: str = ""
+
+
+def _norm_base(m: nn.Module) -> type | None:
+    for cls in type(m).__mro__:
+        if cls in _NORM_BASES:
+            return cls
     return None
+
+
+def _norm_spec(m: nn.Module) -> _NormSpec | None:
+    """How to replace ``m`` if it is a normalization module, else None (see the module docstring)."""
+    for own, dim in _OWN_NORMS.items():
+        if isinstance(m, own) and type(m).forward is own.forward:
+            return _NormSpec(m.normalized_shape[0] if own is LayerNorm2d else m.num_features, dim, True)
+    base = _norm_base(m)
+    if base is None:
+        return None
+    trusted = type(m).forward is base.forward
+    if issubclass(base, _LN):
+        shape = tuple(m.normalized_shape)
+        if len(shape) != 1:
+            return _NormSpec(None, -1, trusted, f" (scalar: normalized_shape {shape} spans several dims)")
+        width, dim = shape[0], -1
+    else:
+        width, dim = (m.num_channels if base is nn.GroupNorm else m.num_features), 1
+    return _NormSpec(width, dim if trusted else None, trusted)
+
+
+def _affine(m: nn.Module) -> torch.Tensor | None:
+    for name in ("weight", "bias"):
+        p = getattr(m, name, None)
+        if isinstance(p, torch.Tensor) and p.dim() == 1 and p.numel() > 1:
+            return p
+    return None
+
+
+# ---- the traced forward -----------------------------------------------------------------------------------------
+
+class _Tracer(TorchFunctionMode):
+    """One forward of ``example_input`` with hooks on every module and a torch-function mode that (a) tags each
+    tensor with the dim holding its channels, (b) probes norms whose forward is not the library's, (c) records
+    input shapes and tags of watched activations and (d) records activation/norm *function* calls made outside
+    the modules that convert handles."""
+
+    def __init__(self, norms: dict[int, _NormSpec], acts: set[int], owned: set[int], report_calls: set[str]) -> None:
+        super().__init__()
+        self.norms, self.acts, self.owned = norms, acts, owned
+        self.report_calls = report_calls
+        self.tags: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
+        self.act_inputs: dict[int, list[tuple[tuple[int, ...], tuple[int, int] | None]]] = {}
+        self.norm_dims: dict[int, list[tuple[int, int | None, str]]] = {}  # id -> [(rank, abs dim or None, why)]
+        self.calls: dict[tuple[str, str], int] = {}
+        self.stack: list[str] = []
+        self.inside = 0
+        self.quiet = 0  # >0 while our own hooks or probes run: record nothing
+
+    # -- tags --
+    def tag(self, t, tag: tuple[int, int] | None) -> None:
+        if isinstance(t, torch.Tensor) and tag is not None:
+            self.tags[id(t)] = (weakref.ref(t), tag)
+
+    def tag_of(self, t) -> tuple[int, int] | None:
+        e = self.tags.get(id(t)) if isinstance(t, torch.Tensor) else None
+        if e is None or e[0]() is not t:
+            return None
+        c, d = e[1]
+        return (c, d) if d < t.dim() and t.shape[d] == c else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.quiet:
+            return out
+        name = getattr(func, "__name__", "").strip("_")
+        name = name[:-1] if name.endswith("_") else name
+        if self.inside == 0 and name in self.report_calls:
+            key = (self.stack[-1] if self.stack else "<model>", name)
+            self.calls[key] = self.calls.get(key, 0) + 1
+        if name in _TAG_PRESERVING and isinstance(out, torch.Tensor):
+            self.quiet += 1
+            try:
+                tags = {self.tag_of(a) for a in list(args) + list(kwargs.values())
+                        if isinstance(a, torch.Tensor) and a.shape == out.shape}
+                tags.discard(None)
+                if len(tags) == 1:
+                    self.tag(out, tags.pop())
+            finally:
+                self.quiet -= 1
+        return out
+
+    # -- hooks --
+    def pre(self, name: str, mod: nn.Module, args, kwargs) -> None:
+        if self.quiet:
+            return
+        self.stack.append(name or "<model>")
+        if id(mod) in self.owned:
+            self.inside += 1
+        if id(mod) in self.acts and args and isinstance(args[0], torch.Tensor):
+            self.quiet += 1
+            try:
+                self.act_inputs.setdefault(id(mod), []).append((tuple(args[0].shape), self.tag_of(args[0])))
+            finally:
+                self.quiet -= 1
+
+    def post(self, name: str, mod: nn.Module, args, kwargs, out) -> None:
+        if self.quiet:
+            return
+        self.stack.pop()
+        if id(mod) in self.owned:
+            self.inside -= 1
+        self.quiet += 1
+        try:
+            self._tag_output(mod, args, kwargs, out)
+        finally:
+            self.quiet -= 1
+
+    def _tag_output(self, mod, args, kwargs, out) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if isinstance(mod, nn.modules.conv._ConvNd) and isinstance(out, torch.Tensor):
+            self.tag(out, (mod.out_channels, out.dim() - len(mod.kernel_size) - 1))
+        elif isinstance(mod, nn.Linear) and isinstance(out, torch.Tensor):
+            self.tag(out, (mod.out_features, out.dim() - 1))
+        elif isinstance(mod, nn.Embedding) and isinstance(out, torch.Tensor):
+            self.tag(out, (mod.embedding_dim, out.dim() - 1))
+        elif isinstance(mod, nn.MultiheadAttention) and isinstance(out, tuple):
+            self.tag(out[0], (mod.embed_dim, out[0].dim() - 1))
+        elif isinstance(mod, SaluFamily) and mod.num_features is not None and isinstance(out, torch.Tensor):
+            self.tag(out, (mod.num_features, mod.dim % out.dim()))
+        elif id(mod) in self.norms and x is not None and isinstance(out, torch.Tensor):
+            spec = self.norms[id(mod)]
+            d, why = (spec.dim % x.dim(), "") if spec.trusted else self._norm_dim(mod, spec, x, args, kwargs, out)
+            self.norm_dims.setdefault(id(mod), []).append((x.dim(), d, why))
+            if d is not None and spec.width is not None:
+                self.tag(out, (spec.width, d))
+
+    def _norm_dim(self, mod, spec: _NormSpec, x, args, kwargs, out) -> tuple[int | None, str]:
+        """The dim an untrusted norm normalises: probe its affine parameter, else tags/shapes (docstring)."""
+        c = spec.width
+        if c is None:
+            return -1 % x.dim(), ""  # scalar SALU: any dim does
+        cands = [d for d in range(x.dim()) if x.shape[d] == c]
+        if out.shape != x.shape:
+            return None, f"its output shape {tuple(out.shape)} differs from its input's {tuple(x.shape)}"
+        if not cands:
+            return None, f"no dim of its input {tuple(x.shape)} has its width {c}"
+        if len(cands) == 1:
+            return cands[0], ""
+        p = _affine(mod)
+        if p is not None and p.shape[0] == c and not x.is_meta:
+            hits = self._probe(mod, p, cands, args, kwargs, out)
+            if len(hits) == 1:
+                return hits[0], ""
+        tag = self.tag_of(x)
+        if tag is not None and tag[1] in cands:
+            return tag[1], ""
+        dims = ", ".join(map(str, cands))
+        probe = "the probe of its affine parameter was inconclusive" if p is not None else \
+            "it has no affine parameter to probe"
+        return None, (f"dims {dims} of its input {tuple(x.shape)} all have its width {c} and its forward is not "
+                      f"the library's; {probe}, and no traced layer says which dim holds the channels")
+
+    @torch.no_grad()
+    def _probe(self, mod, p: torch.Tensor, cands: list[int], args, kwargs, out) -> list[int]:
+        hits = set(cands)
+        for k in sorted({0, p.shape[0] - 1}):
+            old = p[k].clone()
+            p[k] = old + 1.0 + old.abs()  # a change no rounding hides
+            try:
+                y = mod.forward(*args, **kwargs)
+            finally:
+                p[k] = old
+            changed = (y.float() - out.float()).abs() > 1e-3 * (1.0 + out.float().abs())
+            if not bool(changed.any()):
+                return []
+            for d in list(hits):
+                mask = torch.ones(changed.shape[d], dtype=torch.bool, device=changed.device)
+                mask[k] = False
+                view = [1] * changed.dim()
+                view[d] = -1
+                if bool((changed & mask.view(view)).any()):
+                    hits.discard(d)
+        return sorted(hits)
+
+
+def _run(model: nn.Module, example_input) -> None:
+    if isinstance(example_input, (tuple, list)):
+        model(*example_input)
+    elif isinstance(example_input, dict):
+        model(**example_input)
+    else:
+        model(example_input)
+
+
+class _NoFastPaths:
+    """Switch off the native fast paths of nn.TransformerEncoder(Layer) for a traced pass: they run the whole
+    layer in one kernel, so no hook inside it would fire."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved = [(m, a, getattr(m, a)) for m in model.modules()
+                      for a in ("activation_relu_or_gelu", "use_nested_tensor") if hasattr(m, a)]
+
+    def __enter__(self):
+        for m, a, _ in self.saved:
+            setattr(m, a, False)
+
+    def __exit__(self, *exc):
+        for m, a, v in self.saved:
+            setattr(m, a, v)
+
+
+def _trace(model: nn.Module, example_input, tracer: _Tracer) -> None:
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(
+            lambda mod, a, kw, name=name: tracer.pre(name, mod, a, kw), with_kwargs=True))
+        handles.append(m.register_forward_hook(
+            lambda mod, a, kw, o, name=name: tracer.post(name, mod, a, kw, o), with_kwargs=True))
+    was_training = model.training
+    try:
+        model.eval()  # no running-statistics updates, no dropout
+        with torch.no_grad(), _NoFastPaths(model), tracer:
+            _run(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+# ---- sizing ---------------------------------------------------------------------------------------------------
+
+def _salu_dim(d: int, rank: int) -> int:
+    """Absolute dim -> the ``dim`` a SALU gets: 1 (channel-first, any rank) or -1 (last, any leading shape)."""
+    return 1 if d == 1 else (-1 if d == rank - 1 else d)
+
+
+def _act_size(seen: list | None, traced: bool) -> tuple[int | None, int, str]:
+    """(width or None for scalar, dim, note) for an activation from the inputs it saw (module docstring)."""
+    if not traced:
+        return None, 1, " (scalar: pass example_input for per-channel)"
+    if not seen:
+        return None, 1, " (scalar: not reached by the example forward)"
+    found = set()
+    for shape, tag in seen:
+        if tag is not None:
+            found.add((tag[0], _salu_dim(tag[1], len(shape))))
+        elif len(shape) == 2:
+            found.add((shape[1], 1))
+        else:
+            return None, 1, (f" (scalar: could not trace which dim of its {len(shape)}-d input holds the "
+                             "channels)")
+    if len(found) != 1:
+        return None, 1, " (scalar: called on inputs of different widths or layouts)"
+    c, d = found.pop()
+    return c, d, ""
+
+
+def _norm_size(spec: _NormSpec, seen: list | None, traced: bool, on_meta: bool) -> tuple[int | None, int | None,
+                                                                                             int | None, str]:
+    """(width, dim, rank or None, note), dim None = do not replace and ``note`` says why."""
+    ranks = {r for r, _, _ in seen or []}
+    rank = ranks.pop() if len(ranks) == 1 else None
+    if spec.trusted:
+        return spec.width, spec.dim, rank, spec.note
+    if not traced:
+        return spec.width, None, rank, ("its forward is not the library's, so its class does not say which dim "
+                                         "it normalises; pass example_input to find out")
+    if not seen:
+        return spec.width, None, rank, "its forward is overridden and the example forward never reached it"
+    dims = {(_salu_dim(d, r) if d is not None else None) for r, d, _ in seen}
+    if None in dims or len(dims) != 1:
+        why = next((w for _, d, w in seen if d is None and w), "it normalised different dims in different calls")
+        if on_meta:
+            why += " (meta tensors carry no values to probe)"
+        return spec.width, None, rank, why
+    return spec.width, dims.pop(), rank, spec.note
+
+
+_BN_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+_RANK_OF = {nn.BatchNorm1d: 3, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5, nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4,
+            nn.InstanceNorm3d: 5}
+
+
+def _fit_rank(new: nn.Module, rank: int | None) -> nn.Module:
+    """The factory's ``batchnorm`` is an exact nn.BatchNorm2d (deployment tools match that type); for a 2-D, 3-D
+    or 5-D input give it the class of that rank. BatchNorm1d/2d/3d differ only in their input-rank check, so
+    this changes no parameter, buffer or value."""
+    if rank in _BN_BY_RANK:
+        for m in new.modules():
+            if type(m) is nn.BatchNorm2d:
+                m.__class__ = _BN_BY_RANK[rank]
+    return new
 
 
 def _like(new: nn.Module, old: nn.Module, fallback: torch.Tensor | None) -> nn.Module:
     ref = next(iter(old.parameters(recurse=False)), None)
     if ref is None:
-        ref = next(iter(old.buffers(recurse=False)), None)
+        ref = next((b for b in old.buffers(recurse=False) if b.is_floating_point()), None)
     ref = ref if ref is not None else fallback
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     return new
 
 
-class _Spy(TorchFunctionMode):
-    """Records activation/normalization *function* calls made outside any module that we replace."""
-
-    def __init__(self, inside: list[int], stack: list[str]) -> None:
-        super().__init__()
-        self.inside, self.stack, self.calls = inside, stack, {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if self.inside[0] == 0:
-            name = _ACT_FUNCS.get(func) or _NORM_FUNCS.get(func)
-            if name is not None:
-                where = self.stack[-1] if self.stack else "<model>"
-                self.calls[(where, name)] = self.calls.get((where, name), 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
-def _trace(model: nn.Module, example_input, watch: dict[str, nn.Module]):
-    """One forward of ``example_input``: input shapes seen by each watched module, and function calls
-    of activations/norms made outside any SALU-family or watched module."""
-    shapes: dict[str, set[tuple[int, ...]]] = {k: set() for k in watch}
-    inside, stack = [0], []
-    handles = []
-    owned = {id(m) for m in watch.values()} | {id(m) for m in model.modules() if _norm_spec(m) is not None}
-    for name, m in model.named_modules():
-        def pre(mod, args, name=name):
-            stack.append(name or "<model>")
-            if id(mod) in owned or isinstance(mod, SaluFamily):
-                inside[0] += 1
-            if name in shapes and args and isinstance(args[0], torch.Tensor):
-                shapes[name].add(tuple(args[0].shape))
-
-        def post(mod, args, out):
-            stack.pop()
-            if id(mod) in owned or isinstance(mod, SaluFamily):
-                inside[0] -= 1
-        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    spy = _Spy(inside, stack)
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad(), spy:
-            if isinstance(example_input, (tuple, list)):
-                model(*example_input)
-            else:
-                model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return shapes, spy.calls
-
-
-def _function_activations(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
-    """(owner, attribute, kind) for activations stored as functions on modules (TransformerEncoderLayer)."""
-    found = []
-    for m in model.modules():
-        for attr, val in list(vars(m).items()):
-            if callable(val) and not isinstance(val, nn.Module):
-                try:
-                    kind = _ACT_FUNCS.get(val)
-                except TypeError:  # unhashable callable
-                    kind = None
-                if kind is not None:
-                    found.append((m, attr, kind))
-    return found
-
-
-def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Callable = "swalu",
-            gelu: str | Callable = "galu", example_input=None) -> ConvertReport:
-    """Replace norms and activations of ``model`` in place; see the module docstring.
-
-    Args:
-        norm: "salu", "identity" (drop normalization), or a callable ``(num_features, dim) -> nn.Module``.
-        act: replacement of ReLU-family / SiLU / Hardswish: "swalu", "galu", "keep", or a callable
-            ``(num_features or None, dim) -> nn.Module``.
-        gelu: replacement of GELU: "galu", "swalu", "keep", or a callable like ``act``.
-        example_input: a tensor (or tuple of positional inputs) for one forward pass that sizes the
-            per-channel activation parameters and finds activations called as functions.
-    """
-    norm_fn = _factory("norm", norm, {"salu": lambda c, d: SALU(c, dim=d), "identity": lambda c, d: nn.Identity()})
-    gates = {"swalu": lambda c, d: SWALU(c, dim=d), "galu": lambda c, d: GALU(c, dim=d), "keep": None}
-    act_fn = _factory("act", act, gates)
-    gelu_fn = _factory("gelu", gelu, gates)
-    report = ConvertReport()
-    fallback = next(iter(model.parameters()), None)
-
-    # 1. activations stored as functions -> equivalent modules, so that step 3 can swap them like others
-    for owner, attr, kind in _function_activations(model):
-        setattr(owner, attr, nn.GELU() if kind == "gelu" else nn.ReLU())
-        if hasattr(owner, "activation_relu_or_gelu"):  # TransformerEncoderLayer's fused path needs relu/gelu
-            owner.activation_relu_or_gelu = 0
-
-    # 2. size activations with one traced forward
-    acts = {n: m for n, m in model.named_modules() if isinstance(m, _RELU_LIKE + _GELU)}
-    has_conv1d = any(isinstance(m, nn.Conv1d) for m in model.modules())
-    shapes, calls = (_trace(model, example_input, acts) if example_input is not None else ({}, {}))
-
-    # 3. swap activations first, then norms (a norm with children, like timm's BatchNormAct2d, keeps its
-    #    already-converted children after the SALU: Sequential(SALU, *children))
-    for name, m in list(model.named_modules()):
-        for child_name, child in list(m.named_children()):
-            if isinstance(child, _RELU_LIKE + _GELU):
-                path = f"{name}.{child_name}" if name else child_name
-                fn = gelu_fn if isinstance(child, _GELU) else act_fn
-                if fn is None:
-                    continue
-                c, d, note = _act_size(shapes.get(path), has_conv1d, example_input is not None)
-                new = _like(fn(c, d), child, fallback)
-                setattr(m, child_name, new)
-                report.replaced.append((path, type(child).__name__, _describe(new) + note))
-    for name, m in list(model.named_modules()):
-        for child_name, child in list(m.named_children()):
-            path = f"{name}.{child_name}" if name else child_name
-            spec = _norm_spec(child)
-            if spec is not None:
-                c, d, note = spec
-                new = _like(norm_fn(c, d), child, fallback)
-                inner = list(child.children())
-                if inner:
-                    note += f" (+ its own children: {', '.join(type(x).__name__ for x in inner)})"
-                    new = nn.Sequential(new, *inner)
-                setattr(m, child_name, new)
-                report.replaced.append((path, type(child).__name__, _describe(new) + note))
-            elif type(child).__name__.lower().endswith("norm") and not isinstance(child, SaluFamily) \
-                    and not any(True for _ in child.children()):
-                report.not_replaced.append((path, f"unknown normalization type {type(child).__name__}"))
-    for (where, fname), n in sorted(calls.items()):
-        report.not_replaced.append((where, f"{fname} called as a function in forward code ({n} call(s)); "
-                                           "replace it by a module to convert it"))
-    return report
-
-
-def _act_size(seen: set | None, has_conv1d: bool, traced: bool) -> tuple[int | None, int, str]:
-    if not seen:
-        return None, 1, " (scalar: pass example_input for per-channel)" if not traced else \
-            " (scalar: not reached by the example forward)"
-    dims = set()
-    for shp in seen:
-        if len(shp) <= 1:
-            return None, 1, " (scalar: 0-d/1-d input)"
-        d = -1 if (len(shp) == 3 and not has_conv1d) else 1
-        dims.add((shp[d], d))
-    if len(dims) != 1:
-        return None, 1, " (scalar: called on inputs of different widths)"
-    c, d = dims.pop()
-    return c, d, ""
+def _children(m: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every (name, child) slot, repeats included (named_children() skips a module's second slot)."""
+    return [(k, v) for k, v in m._modules.items() if v is not None]
 
 
 def _describe(m: nn.Module) -> str:
     if isinstance(m, nn.Sequential):
         return "Sequential(" + ", ".join(_describe(x) for x in m) + ")"
     if isinstance(m, SaluFamily):
-        return f"{type(m).__name__}({'scalar' if m.num_features is None else m.num_features}, dim={m.dim})"
+        return f"{type(m).__name__}({'scalar' if m.num_features is None else f'{m.num_features}, dim={m.dim}'})"
     return type(m).__name__
 
 
-def _factory(kind: str, spec, table: dict):
-    if callable(spec) and not isinstance(spec, str):
-        return spec
-    if isinstance(spec, str) and spec in table:
-        return table[spec]
-    raise ValueError(f"convert: unknown {kind}={spec!r}; use one of {', '.join(table)} or a callable")
+# ---- calibration --------------------------------------------------------------------------------------------
+
+def _unit_rms_log_gain(xc: torch.Tensor, amplitude: float, iters: int = 24, samples: int = 4096) -> torch.Tensor:
+    """Per row of ``xc`` (C, M): log a such that SALU(x; a, a/A^2) has rms 1 over the row, by bisection (the rms
+    grows monotonically with a; 24 halvings of the bracket leave a relative error < 1e-6). Rows without signal
+    get a = 1; rows whose rms cannot reach 1 (mostly zeros) get the largest gain tried. At most ``samples``
+    evenly strided values per row are used: an rms needs no more, and a large example batch stays cheap."""
+    xc = xc[:, ::max(1, xc.shape[1] // samples)]
+    rms = xc.square().mean(1).sqrt()
+    alive = rms > 1e-12
+    lo = torch.where(alive, -rms.clamp_min(1e-12).log(), torch.zeros_like(rms))  # a = 1/rms: output rms < 1
+    hi = lo + math.log(4.0 * amplitude)
+    inv_a2 = 1.0 / amplitude**2
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        u = xc * mid.exp()[:, None]
+        out_ms = (u.square() / (1.0 + inv_a2 * u.square())).mean(1)
+        up = out_ms < 1.0
+        lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+    return torch.where(alive, 0.5 * (lo + hi), torch.zeros_like(rms))
+
+
+@torch.no_grad()
+def _calibrate(model: nn.Module, example_input, salus: list[SALU], amplitude: float) -> int:
+    """Set each SALU in ``salus`` from the input it receives in one forward (module docstring)."""
+    done: set[int] = set()
+
+    def pre(mod: SALU, args):
+        if id(mod) in done or not args or not isinstance(args[0], torch.Tensor):
+            return
+        done.add(id(mod))
+        x = args[0].detach().float()
+        xc = x.reshape(1, -1) if mod.num_features is None else \
+            x.movedim(mod.dim % x.dim(), 0).reshape(mod.num_features, -1)
+        log_a = _unit_rms_log_gain(xc, amplitude)
+        log_a = log_a.reshape(()) if mod.num_features is None else log_a
+        mod.log_a.copy_(log_a.to(mod.log_a.dtype))
+        mod.log_b.copy_((log_a - 2.0 * math.log(amplitude)).to(mod.log_b.dtype))
+
+    handles = [s.register_forward_pre_hook(pre) for s in salus]
+    was_training = model.training
+    try:
+        model.eval()
+        _run(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return len(done)
+
+
+# ---- convert --------------------------------------------------------------------------------------------------
+
+def _resolve(kind: str, spec, getter) -> Callable | None:
+    if isinstance(spec, str) and spec == "keep":
+        return None
+    try:
+        return getter(spec)
+    except ValueError as e:
+        raise ValueError(f"convert: {e} (or 'keep')".replace(f"{kind}_layer", kind)) from None
+
+
+def _stored_functions(model: nn.Module) -> list[tuple[str, nn.Module, str, Callable, type[nn.Module] | None]]:
+    """(path, owner, attribute, function, equivalent module type or None) for activations stored as functions."""
+    found = []
+    for path, m in model.named_modules():
+        for attr, val in list(vars(m).items()):
+            if isinstance(val, nn.Module) or not callable(val) or isinstance(val, type):
+                continue
+            try:
+                cls = _FUNC_MODULES.get(val)
+            except TypeError:  # unhashable callable
+                cls = None
+            if cls is not None or attr in _ACTIVATION_ATTRS:
+                found.append((f"{path}.{attr}" if path else attr, m, attr, val, cls))
+    return found
+
+
+def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Callable = "swalu",
+            gelu: str | Callable = "galu", example_input=None, calibrate: bool | None = None) -> ConvertReport:
+    """Replace the norms and activations of ``model`` in place; the module docstring explains every decision.
+
+    Args:
+        norm: replacement of normalization modules: a name of ``salunet.models.NORMS`` ("salu", "identity",
+            "batchnorm+salu", ...), "keep", or a callable ``(num_features, *, dim) -> nn.Module``, the
+            signature ``create_model`` uses; ``num_features`` is None when the width is unknown (a scalar SALU
+            is then right), and a factory that cannot work without it raises ValueError, which is reported.
+        act: replacement of the ReLU family / SiLU / Mish / Hardswish: a name of ``salunet.models.ACTS``
+            ("swalu", "galu", "relu", ...), "keep", or a callable like ``norm``.
+        gelu: replacement of GELU, like ``act``.
+        example_input: a tensor, tuple of positional inputs or dict of keyword inputs for one forward pass that
+            sizes the per-channel parameters, finds the dim each norm normalises, and finds activations and norms
+            called as functions. Without it, gates are scalar and norms whose forward is not the library's are
+            left in place (both reported).
+        calibrate: set each new SALU's a0, b0 from the input it receives in a forward of ``example_input``
+            (per channel, unit-rms output, amplitude :data:`CALIBRATION_AMPLITUDE`), so that the converted model is
+            trainable at init. Default: True when ``example_input`` is given; True without it is an error.
+
+    Returns:
+        A :class:`ConvertReport` (``print`` it), entries in model order.
+    """
+    norm_fn = _resolve("norm", norm, get_norm_layer)
+    act_fn = _resolve("act", act, get_act_layer)
+    gelu_fn = _resolve("gelu", gelu, get_act_layer)
+    traced = example_input is not None
+    if calibrate is None:
+        calibrate = traced
+    if calibrate and not traced:
+        raise ValueError("convert: calibrate=True needs example_input")
+    report = ConvertReport()
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    fallback = next(iter(model.parameters()), None)
+
+    # 1. activations stored as functions: replace only the kinds asked for, keep the rest exactly as they are
+    from_function: dict[int, tuple[str, nn.Module, str, Callable]] = {}
+    for path, owner, attr, fn, cls in _stored_functions(model):
+        fname = getattr(fn, "__name__", type(fn).__name__)
+        if cls is None:
+            report.not_replaced.append((path, f"activation function {fname!r} stored on the module is not one "
+                                              "convert knows; pass a module instead"))
+            continue
+        want = gelu_fn if issubclass(cls, _GELU) else act_fn
+        if want is None:
+            report.kept.append((path, f"{fname} (a function), as asked "
+                                      f"({'gelu' if issubclass(cls, _GELU) else 'act'}='keep')"))
+            continue
+        setattr(owner, attr, cls())  # the matching module; step 3 swaps it like any other
+        from_function[id(getattr(owner, attr))] = (f"{fname} (function)", owner, attr, fn)
+
+    # 2. what to replace, and one traced forward
+    norms = {id(m): s for m in model.modules() if (s := _norm_spec(m)) is not None}
+    acts = {id(m) for m in model.modules()
+            if (isinstance(m, _GELU) and gelu_fn is not None) or (isinstance(m, _RELU_LIKE) and act_fn is not None)}
+    # calls made inside these are the library's business, not forward code the user could change
+    owned = set(norms) | {id(m) for m in model.modules() if isinstance(m, (SaluFamily,) + _RELU_LIKE + _GELU)
+                          or type(m).__module__ in _TORCH_LEAF_MODULES}
+    report_calls = (_ACT_CALLS if act_fn is not None else set()) | (_GELU_CALLS if gelu_fn is not None else set()) \
+        | (_NORM_CALLS if norm_fn is not None else set())
+    tracer = _Tracer(norms, acts, owned, report_calls)
+    on_meta = False
+    if traced:
+        ex = example_input if isinstance(example_input, (tuple, list)) else (
+            list(example_input.values()) if isinstance(example_input, dict) else [example_input])
+        on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in ex)
+        _trace(model, example_input, tracer)
+
+    # 3. swap activations first, then norms (a norm with children, like timm's BatchNormAct2d, keeps its
+    #    already-converted children after the SALU: Sequential(SALU, *children)); a module shared by several
+    #    parents gets one replacement, still shared
+    done: dict[int, nn.Module] = {}
+    new_salus: list[SALU] = []
+    changed_owners: set[int] = set()
+    for name, m in list(model.named_modules()):
+        for child_name, child in _children(m):
+            path = f"{name}.{child_name}" if name else child_name
+            if id(child) not in acts:
+                if isinstance(child, _RELU_LIKE + _GELU) and id(child) not in done:
+                    done[id(child)] = child
+                    report.kept.append((path, f"{type(child).__name__}, as asked "
+                                              f"({'gelu' if isinstance(child, _GELU) else 'act'}='keep')"))
+                continue
+            if id(child) not in done:
+                fn = gelu_fn if isinstance(child, _GELU) else act_fn
+                c, d, note = _act_size(tracer.act_inputs.get(id(child)), traced)
+                old = from_function[id(child)][0] if id(child) in from_function else type(child).__name__
+                try:
+                    done[id(child)] = _like(fn(c, dim=d), child, fallback)
+                except ValueError as e:
+                    report.not_replaced.append((path, f"{old}: the act factory refused (num_features={c}, "
+                                                      f"dim={d}): {e}"))
+                    done[id(child)] = child
+                    if id(child) in from_function:  # put the original function back, exactly as it was
+                        _, owner, attr, fn = from_function[id(child)]
+                        del owner._modules[attr]  # a registered child slot refuses a plain function
+                        setattr(owner, attr, fn)
+                    continue
+                report.replaced.append((path, old, _describe(done[id(child)]) + note))
+            if done[id(child)] is not child:
+                setattr(m, child_name, done[id(child)])
+                changed_owners.add(id(m))
+    if norm_fn is None:
+        report.kept += [(n, f"{type(m).__name__}, as asked (norm='keep')") for n, m in model.named_modules()
+                        if id(m) in norms]
+    else:
+        for name, m in list(model.named_modules()):
+            for child_name, child in _children(m):
+                path = f"{name}.{child_name}" if name else child_name
+                spec = norms.get(id(child))
+                if spec is None:
+                    if (type(child).__name__.lower().endswith("norm") and not isinstance(child, SaluFamily)
+                            and not any(True for _ in child.children())):
+                        report.not_replaced.append((path, f"unknown normalization type {type(child).__name__}"))
+                    continue
+                if id(child) not in done:
+                    c, d, rank, note = _norm_size(spec, tracer.norm_dims.get(id(child)), traced, on_meta)
+                    if d is None:
+                        report.not_replaced.append((path, f"{type(child).__name__}: {note}"))
+                        done[id(child)] = child
+                        continue
+                    try:
+                        new = norm_fn(c, dim=d)
+                    except ValueError as e:
+                        report.not_replaced.append((path, f"{type(child).__name__}: the norm factory refused "
+                                                          f"(num_features={c}, dim={d}): {e}"))
+                        done[id(child)] = child
+                        continue
+                    new = _like(_fit_rank(new, rank if rank is not None else _RANK_OF.get(type(child))), child,
+                                fallback)
+                    new_salus += [s for s in new.modules() if isinstance(s, SALU)]
+                    inner = list(child.children())
+                    if inner:
+                        note += f" (+ its own children: {', '.join(type(x).__name__ for x in inner)})"
+                        new = nn.Sequential(new, *inner)
+                    done[id(child)] = new
+                    report.replaced.append((path, type(child).__name__, _describe(new) + note))
+                if done[id(child)] is not child:
+                    setattr(m, child_name, done[id(child)])
+                    changed_owners.add(id(m))
+    for (where, fname), n in tracer.calls.items():
+        report.not_replaced.append((where, f"{fname} called as a function in forward code ({n} call(s)); "
+                                           "replace it by a module to convert it"))
+
+    # 4. PyTorch's transformer fast path runs its own ReLU/GELU and LayerNorm kernels: off wherever we swapped
+    for name, m in model.named_modules():
+        if hasattr(m, "activation_relu_or_gelu") and id(m) in changed_owners and m.activation_relu_or_gelu:
+            m.activation_relu_or_gelu = 0
+            report.notes.append((name or "<model>", "native fast path switched off (it would bypass the new "
+                                                    "modules)"))
+        if getattr(m, "use_nested_tensor", False) and any(id(x) in changed_owners for x in m.modules()):
+            m.use_nested_tensor = False
+
+    # 5. calibration
+    if calibrate and new_salus:
+        if on_meta:
+            report.notes.append(("<model>", "not calibrated: meta tensors carry no values"))
+        else:
+            n = _calibrate(model, example_input, new_salus, CALIBRATION_AMPLITUDE)
+            report.notes.append(("<model>", f"calibrated {n} of {len(new_salus)} new SALU(s) from example_input "
+                                            f"(unit-rms output, amplitude {CALIBRATION_AMPLITUDE:g})"))
+    report._sort(order)
+    return report

@@ -14,7 +14,6 @@ model gets) < single-field overrides such as ``salu_b0=0.3``.
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable, ClassVar
 
@@ -77,8 +76,10 @@ class _Config:
         get_norm_layer(self.norm_layer)  # unknown names fail here, listing the valid ones
         get_act_layer(self.act_layer)
 
-    def with_width(self, width: int, overrides: dict) -> "_Config":
-        return replace(self, **{self.width_field: _positive_int("width", width)})
+    def width_fields(self, width: int, overrides: dict) -> dict:
+        """The field changes that ``create_model(width=...)`` means (applied with the other overrides in one
+        ``replace``, so that validation sees the final combination, e.g. a width valid only with new heads)."""
+        return {self.width_field: _positive_int("width", width)}
 
 
 def _f(default, check: Callable | None = None, **kw):
@@ -125,10 +126,10 @@ class ViTConfig(_Config):
         if self.img_size % self.patch:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch {self.patch}")
 
-    def with_width(self, width: int, overrides: dict) -> "ViTConfig":
+    def width_fields(self, width: int, overrides: dict) -> dict:
         # the baseline's MLP hidden equals its hidden size: a narrower ViT keeps that ratio unless told
         mlp = {} if "mlp_hidden" in overrides else {"mlp_hidden": _positive_int("width", width)}
-        return replace(self, hidden=_positive_int("width", width), **mlp)
+        return {"hidden": _positive_int("width", width), **mlp}
 
     def build(self, *, num_classes: int, in_chans: int) -> ViT:
         return ViT(num_classes=num_classes, in_chans=in_chans, img_size=self.img_size, patch=self.patch,
@@ -176,9 +177,8 @@ def _build(name: str, *, num_classes: int, in_chans: int = 3, width: int | None 
     init = _init_rules("init", overrides.pop("init", cfg.init))
     init = replace(init, **{k: overrides.pop(k) for k in list(overrides) if k in init_keys})  # validates
     layers = {k: v for k, v in (("norm_layer", norm_layer), ("act_layer", act_layer)) if v is not None}
-    if width is not None:
-        cfg = cfg.with_width(width, overrides)
-    cfg = replace(cfg, init=init, **layers, **overrides)  # __post_init__ validates every field
+    widths = cfg.width_fields(width, overrides) if width is not None else {}
+    cfg = replace(cfg, init=init, **layers, **widths, **overrides)  # __post_init__ validates every field
     return cfg.build(num_classes=num_classes, in_chans=in_chans)
 
 

@@ -213,7 +213,7 @@ def get_kernel_mode() -> str:
 def _path_for(device: torch.device) -> str:
     """The path (``cpp`` / ``compiled`` / ``eager``) that the current mode takes on ``device``."""
     global _compile_failed
-    if _mode == "eager":
+    if _mode == "eager" or device.type == "meta":  # meta tensors: shapes only, the math traces as is
         return "eager"
     if _mode == "compiled":
         return "compiled"
