@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import salunet
-from salunet.models import (ACTS, MODEL_CONFIGS, NORMS, InitRules, ResNet, ViT, ViTConfig, create_model,
-                            list_models)
+from salunet.models import (ACTS, MODEL_CONFIGS, NORMS, CNNConfig, InitRules, PlasticityCNN, ResNet,
+                            ResNetConfig, ViT, ViTConfig, create_model, list_models)
 
 SMALL = {"width": 8}
 SMALL_VIT = {"width": 24, "depth": 2}
@@ -197,10 +197,11 @@ def test_user_init_wins_over_the_table():
 def test_registry_has_one_constructor_per_config():
     assert set(list_models()) == set(MODEL_CONFIGS)
     for name in list_models():
-        expected = ViT if isinstance(MODEL_CONFIGS[name], ViTConfig) else ResNet
+        expected = {ViTConfig: ViT, ResNetConfig: ResNet, CNNConfig: PlasticityCNN}[type(MODEL_CONFIGS[name])]
         assert type(small(name)) is expected
 
 
 def test_list_models_pattern():
     assert list_models("salunet_*") == ["salunet_c18", "salunet_c50", "salunet_t"]
-    assert set(list_models()) == {"salunet_c18", "resnet18_bn", "salunet_c50", "resnet50_bn", "salunet_t", "vit_ln"}
+    assert set(list_models()) == {"salunet_c18", "resnet18_bn", "salunet_c50", "resnet50_bn", "salunet_t", "vit_ln",
+                                  "cnn4"}

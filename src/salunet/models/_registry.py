@@ -19,12 +19,14 @@ from typing import Callable, ClassVar
 
 from torch import nn
 
+from .cnn import PlasticityCNN
 from .init import InitRules
 from .layers import LayerFactory, get_act_layer, get_norm_layer
 from .resnet import BLOCKS, STEMS, ResNet
 from .vit import VIT_INIT, ViT
 
-__all__ = ["MODEL_CONFIGS", "create_model", "list_models", "register_model", "ResNetConfig", "ViTConfig"]
+__all__ = ["MODEL_CONFIGS", "create_model", "list_models", "register_model", "ResNetConfig", "ViTConfig",
+           "CNNConfig"]
 
 
 # ---- field validators (each names the key and what is valid) ----
@@ -138,6 +140,20 @@ class ViTConfig(_Config):
                    init=self.init)
 
 
+@dataclass
+class CNNConfig(_Config):
+    img_size: int = _f(32, _positive_int)
+    width: int = _f(32, _positive_int)
+    norm_layer: str | LayerFactory = "salu"
+    act_layer: str | LayerFactory = "prelu"
+    init: InitRules = field(default_factory=InitRules, metadata={"check": _init_rules})
+    width_field: ClassVar[str] = "width"
+
+    def build(self, *, num_classes: int, in_chans: int) -> PlasticityCNN:
+        return PlasticityCNN(num_classes=num_classes, in_chans=in_chans, img_size=self.img_size, width=self.width,
+                             norm=get_norm_layer(self.norm_layer), act=get_act_layer(self.act_layer), init=self.init)
+
+
 _RESNET18 = ResNetConfig(block="basic", layers=(2, 2, 2, 2), stem="cifar")
 _RESNET50 = ResNetConfig(block="bottleneck", layers=(3, 4, 6, 3), stem="imagenet")
 
@@ -150,6 +166,9 @@ MODEL_CONFIGS: dict[str, _Config] = {
     "resnet50_bn": replace(_RESNET50, norm_layer="batchnorm", act_layer="relu"),
     "salunet_t": ViTConfig(norm_layer="salu", act_layer="galu"),
     "vit_ln": ViTConfig(norm_layer="layernorm", act_layer="gelu"),
+    # the plasticity CNN (figure 1) in its SALU-stabilised variant; `salunet experiment plasticity` also builds
+    # it with norm_layer="batchnorm" and "identity" (appendix A's two other variants)
+    "cnn4": CNNConfig(norm_layer="salu", act_layer="prelu"),
 }
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -210,6 +229,11 @@ def salunet_t(**kw) -> ViT:
 @register_model
 def vit_ln(**kw) -> ViT:
     return _build("vit_ln", **kw)
+
+
+@register_model
+def cnn4(**kw) -> PlasticityCNN:
+    return _build("cnn4", **kw)
 
 
 def list_models(pattern: str | None = None) -> list[str]:
