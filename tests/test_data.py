@@ -1,8 +1,10 @@
 """Data: CIFAR official format / .npz / download (local server) / safe extraction, digits, image folders,
 batched augmentation."""
+import dataclasses
 import hashlib
 import http.server
 import io
+import os
 import pickle
 import tarfile
 import threading
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from salunet.data import (ImageFolder, download_cifar, load_arrays, load_cifar, mix_batch, random_crop,
+from salunet.data import (CIFAR, ImageFolder, download_cifar, load_arrays, load_cifar, mix_batch, random_crop,
                           random_flip, read_npz, safe_extract, scan_folder)
 from salunet.data.cifar import _read_batch
 
@@ -207,3 +209,90 @@ def test_mixup_and_cutmix():
     changed = (xc != x).any(1).float().mean((1, 2))  # fraction of pixels pasted, per image
     assert torch.allclose(changed[yb != ya], torch.full_like(changed[yb != ya], 1 - lam), atol=1e-6)
     assert mix_batch(x, y, 0, 0, torch.Generator())[3] == 1.0
+
+
+# ---- CIFAR-100 in the official python format -----------------------------------------------------------------
+
+def make_cifar100_archive(path, n_train=30, n_test=10):
+    """A .tar.gz in the official CIFAR-100 python layout: cifar-100-python/{train,test,meta}, protocol-2
+    pickles with b"data" (N, 3072) uint8, b"fine_labels" and b"coarse_labels" (fine labels 0 and 99 present)."""
+    def batch(n, seed):
+        rng = np.random.RandomState(seed)
+        fine = rng.randint(0, 100, n)
+        fine[:2] = (0, 99)
+        return pickle.dumps({b"batch_label": b"training batch 1 of 1", b"filenames": [b"x.png"] * n,
+                             b"fine_labels": fine.tolist(), b"coarse_labels": (fine // 5).tolist(),
+                             b"data": rng.randint(0, 256, (n, 3072)).astype(np.uint8)}, protocol=2)
+    meta = pickle.dumps({b"fine_label_names": [b"c%d" % i for i in range(100)],
+                         b"coarse_label_names": [b"s%d" % i for i in range(20)]}, protocol=2)
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in (("train", batch(n_train, 1)), ("test", batch(n_test, 2)), ("meta", meta)):
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_cifar100_official_archive_and_folder(tmp_path):
+    arch = make_cifar100_archive(tmp_path / "cifar-100-python.tar.gz")
+    d = load_cifar("cifar100", arch)
+    assert d.x_train.shape == (30, 32, 32, 3) and d.x_test.shape == (10, 32, 32, 3) and d.num_classes == 100
+    assert d.y_train.min() == 0 and d.y_train.max() == 99
+    safe_extract(arch, tmp_path / "ex")
+    d2 = load_arrays("cifar100", str(tmp_path / "ex"))  # the folder holding cifar-100-python/
+    np.testing.assert_array_equal(d.x_train, d2.x_train)
+    np.testing.assert_array_equal(d.y_test, d2.y_test)
+    d3 = load_cifar("cifar100", tmp_path / "ex" / "cifar-100-python")  # the extracted folder itself
+    np.testing.assert_array_equal(d.y_train, d3.y_train)
+    # the pixels are unpacked channel-first (R plane, G plane, B plane), as the official format stores them
+    raw = pickle.loads((tmp_path / "ex" / "cifar-100-python" / "train").read_bytes(), encoding="bytes")[b"data"]
+    np.testing.assert_array_equal(d.x_train[3, :, :, 1].ravel(), raw[3, 1024:2048])
+
+
+def test_cifar10_files_are_refused_as_cifar100(tmp_path):
+    y = np.arange(64) % 10  # CIFAR-10 labels: all valid CIFAR-100 labels, so only the class count tells
+    p = make_npz(tmp_path / "cifar10.npz", y_train=y, y_test=y[:32])
+    with pytest.raises(ValueError, match=r"cifar10.npz: labels span 0..9 \(10 classes\), but cifar100 has 100; "
+                                         r"is this cifar10\? use --data cifar10"):
+        load_cifar("cifar100", p)
+    assert load_cifar("cifar10", p).num_classes == 10
+    with pytest.raises(ValueError, match="archive has no cifar-100-python/train"):
+        load_cifar("cifar100", make_cifar10_archive(tmp_path / "c10.tar.gz"))
+
+
+def test_shared_cifar10_npz_refused_as_cifar100(cifar_npz):
+    with pytest.raises(ValueError, match="but cifar100 has 100; is this cifar10"):
+        load_arrays("cifar100", str(cifar_npz))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_download_through_load_arrays(tmp_path, local_server, monkeypatch, name):
+    """``--download``'s path: load_arrays fetches the official archive (here from 127.0.0.1), verifies its
+    checksum, extracts it, and loads it; a second call reads the extracted folder without the network."""
+    srv_root, base = local_server
+    spec = CIFAR[name]
+    maker = make_cifar10_archive if name == "cifar10" else make_cifar100_archive
+    arch = maker(srv_root / spec.archive)
+    monkeypatch.setitem(CIFAR, name, dataclasses.replace(spec, url=f"{base}/{spec.archive}",
+                                                         md5=hashlib.md5(arch.read_bytes()).hexdigest()))
+    dest = tmp_path / "data"
+    d = load_arrays(name, str(dest), download=True)
+    assert (dest / spec.folder).is_dir() and d.num_classes == spec.num_classes
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (dest / spec.archive).stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    (srv_root / spec.archive).unlink()  # the server no longer has it: the local copy must be used
+    d2 = load_arrays(name, str(dest), download=True)
+    np.testing.assert_array_equal(d.x_train, d2.x_train)
+
+
+def test_image_folder_flip_can_be_turned_off(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", per_class=6)
+    on = ImageFolder(root / "train", train=True, size=12, flip=True)
+    off = ImageFolder(root / "train", train=True, size=12, flip=False)
+    flipped = 0
+    for i in range(len(on)):
+        a, b = on[i][0], off[i][0]
+        assert torch.equal(a, b) or torch.equal(a, b.flip(-1))  # same crop, mirrored or not
+        flipped += not torch.equal(a, b)
+    assert flipped > 0

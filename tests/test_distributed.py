@@ -4,16 +4,30 @@ Tolerance: the two runs see identical samples, crops and mixes (the global batch
 drawn from the same generator on every rank), so the only difference is floating-point summation order:
 DDP averages two half-batch gradients with an all-reduce instead of reducing one full batch. That is a
 relative error of ~1e-7 per step in float32; over the run's 16 SGD steps we allow 1e-4 relative (and 1e-5
-absolute) on every weight (measured: max abs difference 2.4e-7)."""
+absolute) on every weight (measured: max abs difference 2.4e-7). The logged numbers are all-reduced (train
+loss and accuracy over both ranks' halves, evaluation sharded and summed), so they match the 1-process run's
+within the same tolerance.
+
+The second test runs one torchrun job through the other multi-process paths: ``--download`` (rank 0 fetches
+from a 127.0.0.1 server, the other rank waits and then reads), folder evaluation (sharded, every validation
+image exactly once), and a non-finite loss on one rank only (both ranks stop at the same step, same message).
+"""
+import hashlib
+import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from salunet.data import CIFAR
 from salunet.train.checkpoint import list_checkpoints
+
+from helpers import make_cifar10_archive, make_image_folder
+from test_data import local_server  # noqa: F401 - the fixture serving a folder on 127.0.0.1
 
 ARGS = ["--model", "salunet_c18", "--width", "4", "--data", "digits", "--train-subset", "256", "--test-subset",
         "64", "--batch-size", "32", "--epochs", "2", "--lr", "0.05", "--crop-padding", "1", "--mixup", "0.2",
@@ -44,4 +58,84 @@ def test_two_ranks_match_one(tmp_path):
     first = load_file(str(list_checkpoints(tmp_path / "one")[0]))
     assert any(not torch.equal(first[k], a[k]) for k in keys)
     # only rank 0 wrote: one metrics line per epoch
-    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2
+    rows = {n: [json.loads(r) for r in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("one", "two")}
+    assert len(rows["two"]) == 2
+    # and it logged what the 1-process run logged: losses and accuracies over the whole global batch / test set
+    for r1, r2 in zip(rows["one"], rows["two"]):
+        for k in ("train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "ema_test_loss", "ema_test_acc"):
+            assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-5), k
+
+
+SCRIPT = """
+import dataclasses, json, sys
+import torch.distributed as dist
+from salunet.data import CIFAR
+from salunet.train import TrainingDiverged, loop, train
+from salunet.train.evaluate import evaluate_checkpoint
+
+url, md5, data_root, folder_root, out = sys.argv[1:6]
+CIFAR["cifar10"] = dataclasses.replace(CIFAR["cifar10"], url=url, md5=md5)
+dist.init_process_group("gloo")  # the script's own group: train() must use it and leave it alone
+rank, res = dist.get_rank(), {}
+common = dict(model="salunet_c18", width=4, progress=False, device="cpu", out=out, epochs=1, ema_decay=0.0)
+
+# --download: only rank 0 fetches; rank 1 must wait for it, then read the extracted folder
+s = train(common, data="cifar10", data_path=data_root, download=True, batch_size=12, name="dl")
+res["dl"] = s.get("epochs")
+
+# image folder: 9 validation images over 2 ranks (5 + 4, no padding, no duplicates)
+s = train(common, data="imagefolder", data_path=folder_root, image_size=16, eval_size=16, batch_size=4,
+          workers=0, ema_decay=0.9, name="folder")
+if rank == 0:
+    res["folder"] = {"ddp": s["final"], "single": evaluate_checkpoint(s["checkpoint"], device="cpu")}
+
+# a non-finite loss on rank 1 only, at its third step
+real, calls = loop.mixed_cross_entropy, [0]
+def poisoned(*a):
+    calls[0] += 1
+    loss = real(*a)
+    return loss * float("inf") if rank == 1 and calls[0] == 3 else loss
+loop.mixed_cross_entropy = poisoned
+try:
+    train(common, data="digits", train_subset=64, test_subset=32, batch_size=16, name="nan")
+    res["nan"] = None
+except TrainingDiverged as exc:
+    res["nan"] = str(exc)
+loop.mixed_cross_entropy = real
+res["group_alive"] = dist.is_initialized()
+dist.barrier()
+dist.destroy_process_group()
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump(res, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_download_folder_eval_and_divergence(tmp_path, local_server):  # noqa: F811
+    srv_root, base = local_server
+    spec = CIFAR["cifar10"]
+    arch = make_cifar10_archive(srv_root / spec.archive)
+    folder = make_image_folder(tmp_path / "imgs", classes=("ant", "bee", "cat"), per_class=3, size=(20, 26))
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    out = tmp_path / "runs"
+    out.mkdir()
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), f"{base}/{spec.archive}", hashlib.md5(arch.read_bytes()).hexdigest(),
+                          str(tmp_path / "data"), str(folder), str(out)],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    # (a) both ranks trained on the data rank 0 downloaded
+    assert r0["dl"] == 1 and (tmp_path / "data" / spec.folder).is_dir()
+    # (b) the logged evaluation is the 1-process evaluation of the same weights over all 9 images
+    ddp, single = r0["folder"]["ddp"], r0["folder"]["single"]
+    assert single["raw"]["n"] == 9
+    assert ddp["test_loss"] == pytest.approx(single["raw"]["loss"], rel=1e-5)
+    assert ddp["test_acc"] == pytest.approx(single["raw"]["top1"])
+    assert ddp["ema_test_loss"] == pytest.approx(single["ema"]["loss"], rel=1e-5)
+    # (c) the rank that saw the non-finite loss and the one that did not stop together, with one message
+    assert r0["nan"] is not None and r0["nan"] == r1["nan"]
+    assert r0["nan"].startswith("non-finite loss (inf) at epoch 1, step 3; stopped before the optimizer step")
+    assert r0["group_alive"] and r1["group_alive"]  # train() left the caller's process group alone

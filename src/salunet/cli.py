@@ -48,6 +48,39 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_experiment(args) -> int:
+    from .analysis.experiments import run_experiment
+
+    values = {k[4:]: v for k, v in vars(args).items() if k.startswith("exp_") and v is not None}
+    run_experiment(args.experiment, **values)
+    return 0
+
+
+def _add_experiment_parsers(sub) -> None:
+    """``salunet experiment NAME --option value``: options come from each experiment's args dataclass."""
+    import typing
+
+    from .analysis.experiments import EXPERIMENTS
+
+    x = sub.add_parser("experiment", help="the paper's analyses, the controlled ablation, the init study",
+                       description="Each experiment writes results.json, runs.jsonl and PNG figures into "
+                                   "<out>/<name>-<time>/. CPU-scale defaults; --full for the paper's scale.")
+    xs = x.add_subparsers(dest="experiment", required=True)
+    for name, (cls, fn) in EXPERIMENTS.items():
+        e = _one_line_errors(xs.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0],
+                                           description=(fn.__doc__ or "").strip()))
+        hints = typing.get_type_hints(cls)
+        actions = []
+        for f in dataclasses.fields(cls):
+            flag, dest = "--" + f.name.replace("_", "-"), "exp_" + f.name
+            if hints[f.name] is bool:
+                actions.append(e.add_argument(flag, dest=dest, nargs="?", const="true", metavar="true|false",
+                                              help=f"(default {str(f.default).lower()})"))
+            else:
+                actions.append(e.add_argument(flag, dest=dest, metavar="V", help=f"(default {f.default!r})"))
+        e.set_defaults(func=_cmd_experiment, cli_parser=e, cli_options=[o for a in actions for o in a.option_strings])
+
+
 def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Make ``parser`` report errors as one line (``salunet train: error: ...``, exit code 2) instead of its
     usage block, which for ``train`` lists every config key."""
@@ -59,7 +92,8 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def _unknown_arguments(args, extra: list[str]) -> None:
-    """Report unrecognised arguments of ``train`` / ``eval`` in one line, with the closest known option."""
+    """Report unrecognised arguments of a subcommand (``train``, ``eval``, ...) in one line, with the closest
+    known option (``args.cli_options``)."""
     import difflib
 
     hints = []
@@ -144,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--device", default="auto"),
         e.add_argument("--out", help="JSON result file (default: <run>/eval/<checkpoint>-<data>[-<size>].json)")]
     e.set_defaults(func=_cmd_eval, cli_parser=e, cli_options=[o for a in actions for o in a.option_strings])
+
+    _add_experiment_parsers(sub)
     return p
 
 

@@ -85,7 +85,8 @@ def validate_arrays(d: ImageArrays, where: str) -> ImageArrays:
         if len(x) == 0:
             raise ValueError(f"{where}: x_{split} is empty")
         if y.min() < 0 or y.max() >= d.num_classes:
-            raise ValueError(f"{where}: y_{split} has labels in [{y.min()}, {y.max()}], expected 0..{d.num_classes - 1}")
+            raise ValueError(f"{where}: y_{split} has labels in [{y.min()}, {y.max()}], "
+                             f"expected 0..{d.num_classes - 1}")
     if d.x_train.shape[1:] != d.x_test.shape[1:]:
         raise ValueError(f"{where}: train images {d.x_train.shape[1:]} and test images {d.x_test.shape[1:]} differ")
     return d

@@ -1,6 +1,7 @@
 """ImageNet-style folders (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``) decoded with Pillow in
 DataLoader workers, with the standard transforms: train = random-resized crop (scale 0.08-1, ratio 3/4-4/3)
-+ horizontal flip (``flip=False`` turns it off); eval = resize the shorter side to size/0.875 + center crop (224 -> 256, 288 -> 329).
++ horizontal flip (``flip=False`` turns it off); eval = resize the shorter side to size/0.875 + center crop
+(224 -> 256, 288 -> 329).
 Tensors leave the workers as uint8 CHW; normalisation happens on the training device.
 """
 from __future__ import annotations

@@ -17,9 +17,9 @@ Recipes (SPEC.md section 4; **[decided]** where the paper is silent):
   defaults, pinned here so that the recipe stays fixed if the defaults change.
 
 The defaults are the ``cpu-quick`` settings, so that a bare ``salunet train`` trains on the embedded digits
-set in well under two minutes on 2 CPU cores (measured: ~25 s, ~97% test accuracy). They are *not* a CIFAR
-or ImageNet recipe (width 16, 1-pixel crop padding, no flips): start those from a named recipe. A recipe
-therefore lists every field in which it departs from these defaults.
+set in well under two minutes on 2 CPU cores (measured 2026-11-24: 6-12 s of training, 95-96% test accuracy
+over seeds 0-3). They are *not* a CIFAR or ImageNet recipe (width 16, 1-pixel crop padding, no flips): start
+those from a named recipe. A recipe therefore lists every field in which it departs from these defaults.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # setup() created the process group (so teardown() destroys it)
 
     @property
     def is_main(self) -> bool:
@@ -46,21 +47,23 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
 
 
 def setup(device: str = "auto") -> DistInfo:
+    """Join the torchrun job described by the environment (WORLD_SIZE, RANK, LOCAL_RANK), if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(device=resolve_device(device, 0))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()  # a caller's own process group is used as it is, and left alone
+    if owns:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local_rank, dev)
+    return DistInfo(rank, world, local_rank, dev, owns)
 
 
 def teardown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if info.enabled and info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -387,7 +387,7 @@ def _train(cfg: TrainConfig, run_dir: Path, found, new_run: bool, info: D.DistIn
         if info.is_main:
             write_json_atomic(run_dir / "config.json", asdict(cfg))
             _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
-            print(f"salunet train: {run_dir}  (resumed at epoch {start_epoch})" if found else f"salunet train: {run_dir}")
+            print(f"salunet train: {run_dir}" + (f"  (resumed at epoch {start_epoch})" if found else ""))
             print("config: " + json.dumps(asdict(cfg), sort_keys=True))
             print(f"kernels: {kernels.kernel_path(info.device)}; device {info.device}; ranks {info.world}; "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters; {steps} steps/epoch", flush=True)
