@@ -22,8 +22,10 @@ steps and all ranks, on the augmented and mixed batches, accuracy against the fi
 ``test_*`` and ``ema_test_*`` (loss, top-1 ``acc``, ``top5``), ``lr`` (the value used by the epoch's *last*
 optimizer step), ``epoch_s`` (wall time of the epoch's training steps), ``eval_s``, ``startup_s`` (the first
 step of the first epoch a process runs: lazy initialisation, kernel loading, ``torch.compile``; 0 in other
-epochs), ``images_per_s`` (training images per second excluding ``startup_s``), ``elapsed_s`` (since this
-process started training).
+epochs), ``images_per_s`` (training images per second excluding ``startup_s``), ``data_s`` / ``data_share``
+(time spent producing batches: loading and augmentation, and its share of ``epoch_s``; on CUDA the
+augmentation kernels run asynchronously, so this is the launch cost), ``elapsed_s`` (since this process
+started training).
 
 Failure behaviour: bad input is rejected before anything is written, and a new run that fails before it
 finishes its first epoch removes what it wrote (``config.json``, the run directory it created). A
@@ -33,6 +35,7 @@ the last good checkpoint stays the newest.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -45,7 +48,7 @@ from torch import nn
 
 from .. import __version__
 from ..data import ImageFolder, load_arrays, mix_batch, mixed_cross_entropy, random_crop, random_flip, to_memory
-from ..models import create_model, list_models
+from ..models import MODEL_CONFIGS, create_model, list_models
 from ..nn import SaluFamily, kernels
 from . import distributed as D
 from .checkpoint import (RunLock, append_jsonl, atomic_write_bytes, latest_checkpoint, list_checkpoints,
@@ -94,9 +97,10 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, image_size: i
     if cfg.model not in list_models():
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(list_models())}")
     kw = dict(cfg.model_overrides)
-    if cfg.model in ("salunet_t", "vit_ln") and "img_size" not in kw:
+    fields = {f.name for f in dataclasses.fields(MODEL_CONFIGS[cfg.model])}
+    if "img_size" in fields and "img_size" not in kw:  # models whose shapes depend on the image size
         kw["img_size"] = image_size
-        if image_size % 4:
+        if "patch" in fields and image_size % 4:
             kw.setdefault("patch", 2 if image_size % 2 == 0 else 1)
     torch.manual_seed(cfg.seed)
     return create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, width=cfg.width,
@@ -448,6 +452,19 @@ def _last_good(run_dir: Path) -> str:
     return str(good[-1]) if good else "none yet"
 
 
+def _timed(batches, total: list):
+    """Yield from ``batches``, adding the time each item took to produce to ``total[0]``."""
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        total[0] += time.perf_counter() - t
+        yield item
+
+
 def _train_epoch(cfg, info, source, model, train_model, opt, ema, scaler, amp_ctx, epoch, step, total, warmup,
                  run_dir, first: bool) -> dict:
     from tqdm import tqdm
@@ -460,8 +477,9 @@ def _train_epoch(cfg, info, source, model, train_model, opt, ema, scaler, amp_ct
                disable=not (cfg.progress and info.is_main), dynamic_ncols=True)
     t0 = time.perf_counter()
     t_first = None
+    data_s = [0.0]  # time spent producing batches (loading, augmentation): the data pipeline's share
     try:
-        for s, (x, ya, yb, lam) in enumerate(source.train_batches(epoch)):
+        for s, (x, ya, yb, lam) in enumerate(_timed(source.train_batches(epoch), data_s)):
             lr = lr_at(step + s, total, warmup, cfg.lr, cfg.min_lr)
             for gr in opt.param_groups:
                 gr["lr"] = lr
@@ -516,7 +534,8 @@ def _train_epoch(cfg, info, source, model, train_model, opt, ema, scaler, amp_ct
     timed_steps = source.steps - exclude_first
     row = {"epoch": epoch + 1, "step": step + source.steps, "train_loss": loss_sum / source.steps,
            "train_acc": correct_sum / (source.steps * cfg.batch_size), "lr": lr, "epoch_s": round(t1 - t0, 3),
-           "startup_s": round(startup, 3), "images_per_s": timed_steps * cfg.batch_size / (t1 - t0 - startup)}
+           "startup_s": round(startup, 3), "images_per_s": timed_steps * cfg.batch_size / (t1 - t0 - startup),
+           "data_s": round(data_s[0], 3), "data_share": data_s[0] / (t1 - t0)}
     ev = evaluate(model, source.eval_batches(), amp_ctx=amp_ctx, channels_last=cfg.channels_last, dist_info=info)
     row.update(test_loss=ev["loss"], test_acc=ev["acc"], test_top5=ev["top5"])
     if ema is not None:

@@ -132,10 +132,29 @@ SALU_INLINE void salu_terms(const Vectorized<T>& x, const Stage<T>& s, Vectorize
   q = t * r;
 }
 
-// exp for the gates: in float, ATen's polynomial exp_u20 (relative error ~1e-7 here, about twice as fast as
-// Sleef's exp); its result saturates near FLT_MAX instead of inf and returns a finite value for NaN, which is
-// harmless in the gates because every NaN input also reaches the output through the factor x (or z).
-SALU_INLINE Vectorized<float> fast_exp(const Vectorized<float>& v) { return v.exp_u20(); }
+// exp of a non-positive argument, the only kind the gates need (exp(-|s|), exp(-s^2/2)): the result lies in
+// [0, 1], so no overflow handling is needed. On AVX512: round-to-nearest range reduction x = n ln2 + r, Cephes'
+// degree-7 expf polynomial on |r| <= ln2/2 (relative error ~1e-7) and scalef for 2^n, which underflows to 0
+// correctly; ~14 instructions against ~20 for ATen's exp_u20. NaN stays NaN. Elsewhere: ATen's exp_u20.
+SALU_INLINE Vectorized<float> fast_exp(const Vectorized<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.f), v);  // below: 0 anyway; max keeps a NaN in v
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  return Vectorized<float>(_mm512_scalef_ps(y, n));
+#else
+  return v.exp_u20();  // ATen's polynomial exp; for v <= 0 it is in range, NaN reaches the output through x
+#endif
+}
 SALU_INLINE Vectorized<double> fast_exp(const Vectorized<double>& v) { return v.exp(); }
 
 // Standard normal CDF and density in float: Abramowitz & Stegun 7.1.26 for erf (|error| < 1.5e-7, the form
@@ -147,7 +166,7 @@ SALU_INLINE void normal_cdf_pdf(const Vectorized<float>& s, Vectorized<float>& c
   auto u = s.abs() * Vectorized<float>(static_cast<float>(M_SQRT1_2));
   auto t = fast_rcp(one + p * u);
   auto poly = ((((p5 * t + p4) * t + p3) * t + p2) * t + p1) * t;
-  auto e = (u * u).neg().exp_u20();           // exp(-s^2 / 2), see fast_exp below
+  auto e = fast_exp((u * u).neg());           // exp(-s^2 / 2)
   auto tail = half * poly * e;                // 1 - Phi(|s|)
   cdf = Vectorized<float>::blendv(one - tail, tail, s < Vectorized<float>(0.f));
   pdf = e * Vectorized<float>(0.3989422804014327f);  // 1/sqrt(2 pi)
