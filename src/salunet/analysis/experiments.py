@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import statistics
 import time
 import typing
@@ -108,9 +109,12 @@ class _Runs:
 
 
 def _train_base(args, **extra) -> dict:
-    """Config keys shared by every training run of an experiment."""
+    """Config keys shared by every training run of an experiment. Everything that shapes the result is set
+    here or by the experiment, never inherited from TrainConfig's defaults (which suit the embedded digits)."""
     base = {"data": args.data, "data_path": args.data_path, "device": args.device, "progress": args.progress,
-            "keep_checkpoints": 1}
+            "keep_checkpoints": 1, "optimizer": "sgd", "momentum": 0.9, "ema_decay": 0.0, "crop_padding": 4,
+            "flip": True, "label_smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0, "min_lr": 0.0, "grad_clip": 0.0,
+            "amp": "none", "accum_steps": 1}
     base.update(extra)
     return base
 
@@ -128,6 +132,7 @@ def _write(run_dir: Path, result: dict) -> Path:
 @dataclass
 class PlasticityArgs(ExperimentArgs):
     variants: str = "batchnorm,identity,salu"  # the norm before each PReLU
+    width: int = 32  # conv1 channels (appendix A: 32; conv2 and the hidden FC scale with it)
     epochs: int = 15
     batch_size: int = 128
     lr: float = 0.05
@@ -137,8 +142,12 @@ class PlasticityArgs(ExperimentArgs):
 
 
 def _prelu_slopes(state: dict) -> dict[str, list[float]]:
-    return {k: v.flatten().tolist() for k, v in state.items() if k.endswith(".weight") and "act" in k
-            and v.dim() == 1 and "prelu" in k}
+    """PReLU slopes of a cnn4 state dict (its activations are ``act1`` .. ``act3``), by layer."""
+    found = {k[:-len(".weight")]: v.flatten().tolist() for k, v in state.items()
+             if re.fullmatch(r"act\d+\.weight", k)}
+    if not found:
+        raise ValueError("no PReLU slopes in the checkpoint (keys act<N>.weight); is act_layer 'prelu'?")
+    return found
 
 
 @experiment("plasticity", PlasticityArgs, full={"epochs": 100, "train_subset": 0, "test_subset": 0, "seeds": 3})
@@ -148,7 +157,7 @@ def plasticity_experiment(args: PlasticityArgs, run_dir: Path) -> dict:
     from ..train.checkpoint import list_checkpoints, load_checkpoint
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    base = _train_base(args, model="cnn4", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    base = _train_base(args, model="cnn4", width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        train_subset=args.train_subset, test_subset=args.test_subset, warmup_epochs=1,
                        weight_decay=5e-4, keep_checkpoints=args.epochs + 1, crop_padding=4, flip=True)
     runs = _Runs(run_dir, base, len(variants) * args.seeds, "plasticity")
