@@ -22,3 +22,17 @@ def test_saved_bytes_counts_batchnorm_relu():
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     n = saved_bytes(lambda t: relu(bn(t)), x, list(bn.parameters()))
     assert n >= 2 * x.numel() * 4  # BN keeps its input, ReLU its output
+
+
+def test_train_once_reports_speed_memory_and_data_share(cifar_npz, tmp_path):
+    from salunet.bench import _train_once
+
+    r = _train_once("salunet_c18", 4, str(cifar_npz), 256, 1, str(tmp_path), "b", threads=1)
+    assert r["images_per_s"] > 0 and 0 <= r["data_share"] < 1 and r["peak_rss_mib"] > 50
+
+
+def test_bench_train_needs_data(capsys):
+    from salunet.cli import main
+
+    assert main(["bench", "train"]) == 2
+    assert "needs --data-path" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -20,7 +21,8 @@ from torch import nn
 from .nn import GALU, SALU, SALUAct, SWALU, kernels
 from .nn import functional as F
 
-__all__ = ["saved_bytes", "time_fwd_bwd", "bench_ops", "OpResult"]
+__all__ = ["saved_bytes", "time_fwd_bwd", "bench_ops", "OpResult", "bench_models", "ModelResult", "bench_train",
+           "TrainBenchResult", "fold_batchnorm"]
 
 
 def saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -274,4 +276,87 @@ def format_model_table(results: list[ModelResult]) -> str:
     for r in results:
         lines.append(f"| {r.pair} | {r.batch} x {r.image}² | {r.train_img_s:.1f} | {r.train_ratio:.2f}x | "
                      f"{r.infer_img_s:.1f} | {r.infer_ratio:.2f}x | {r.infer_baseline} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training through the real trainer: images/s, peak memory, data-pipeline share
+
+@dataclass
+class TrainBenchResult:
+    width: str
+    model: str
+    baseline: str
+    images_per_s: float
+    ratio_speed: float  # model / baseline images per second (>1 = faster)
+    peak_rss_mib: float
+    ratio_memory: float  # model / baseline peak resident memory (<1 = leaner)
+    data_share: float  # share of training time spent producing batches (loading + augmentation)
+    repeats: int
+
+
+TRAIN_PAIRS = [("salunet_c18", "resnet18_bn")]
+
+
+def _train_once(model: str, width: int | None, data_path: str, subset: int, epochs: int, out: str, name: str,
+                threads: int) -> dict:
+    """One ``python -m salunet train`` in a fresh process; returns its last epoch's metrics and peak RSS."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "salunet", "train", "--model", model, "--data", "cifar10", "--data-path", data_path,
+           "--train-subset", str(subset), "--test-subset", "500", "--epochs", str(epochs), "--batch-size", "128",
+           "--lr", "0.05", "--ema-decay", "0", "--crop-padding", "4", "--flip", "true", "--progress", "false",
+           "--out", out, "--name", name]
+    if width:
+        cmd += ["--width", str(width)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"training benchmark run failed ({' '.join(cmd)}):\n{output[-2000:]}")
+    from .train.checkpoint import read_jsonl
+
+    last = read_jsonl(Path(out) / name / "metrics.jsonl")[-1]
+    return {"images_per_s": last["images_per_s"], "data_share": last["data_share"],
+            "peak_rss_mib": usage.ru_maxrss / 1024}  # ru_maxrss is in KiB on Linux
+
+
+def bench_train(data_path: str, repeats: int = 3, threads: int = 2, full: bool = False,
+                progress: Callable[[str], None] = print) -> list[TrainBenchResult]:
+    """Training images/s and peak memory of each SaluNet vs its BN twin through ``salunet train`` (fresh
+    processes, interleaved repeats, medians), at CPU width 16 and, with ``full``, at the paper's width."""
+    import tempfile
+
+    if not Path(data_path).expanduser().exists():
+        raise FileNotFoundError(f"{data_path}: no such file; bench train needs CIFAR-10 (--data-path, an .npz "
+                                "or the official archive)")
+    settings = [(16, 2560, 2)] + ([(None, 512, 2)] if full else [])
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for width, subset, epochs in settings:
+            for model, twin in TRAIN_PAIRS:
+                runs: dict[str, list[dict]] = {model: [], twin: []}
+                for r in range(repeats):
+                    for m in (model, twin):  # interleaved: machine noise hits both alike
+                        progress(f"train: {m} width {width or 'paper'} repeat {r + 1}/{repeats} ...")
+                        runs[m].append(_train_once(m, width, data_path, subset, epochs, tmp, f"{m}-{width}-{r}",
+                                                   threads))
+                med = {m: {k: statistics.median(x[k] for x in v) for k in v[0]} for m, v in runs.items()}
+                for m in (model, twin):
+                    out.append(TrainBenchResult(str(width or "paper"), m, twin, med[m]["images_per_s"],
+                                                med[m]["images_per_s"] / med[twin]["images_per_s"],
+                                                med[m]["peak_rss_mib"], med[m]["peak_rss_mib"] / med[twin]["peak_rss_mib"],
+                                                med[m]["data_share"], repeats))
+    return out
+
+
+def format_train_table(results: list[TrainBenchResult]) -> str:
+    lines = ["| width | model | train img/s | vs twin | peak RSS MiB | vs twin | data-pipeline share |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.width} | {r.model} | {r.images_per_s:.0f} | {r.ratio_speed:.2f}x | {r.peak_rss_mib:.0f} | "
+                     f"{r.ratio_memory:.2f}x | {100 * r.data_share:.1f}% |")
     return "\n".join(lines)

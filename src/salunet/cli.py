@@ -34,11 +34,16 @@ def _cmd_bench(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "ops":
-        results = bench.bench_ops(repeats=args.repeats, threads=args.threads)
+        results = bench.bench_ops(repeats=args.repeats or 15, threads=args.threads)
         table = bench.format_table(results)
-    else:
-        results = bench.bench_models(repeats=args.repeats, threads=args.threads, full=args.full)
+    elif args.what == "models":
+        results = bench.bench_models(repeats=args.repeats or 7, threads=args.threads, full=args.full)
         table = bench.format_model_table(results)
+    else:
+        if not args.data_path:
+            raise UserError("bench train needs --data-path (CIFAR-10 as an .npz or the official archive)")
+        results = bench.bench_train(args.data_path, repeats=args.repeats or 3, threads=args.threads, full=args.full)
+        table = bench.format_train_table(results)
     env = bench.environment()
     path = out / f"bench_{args.what}.jsonl"
     bench.write_jsonl(path, results, env)
@@ -135,10 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="operator / model benchmarks (ratios against baselines, same run)")
-    b.add_argument("what", choices=["ops", "models"])
-    b.add_argument("--repeats", type=_positive_int, default=15, help="timed repeats per variant (median)")
+    b.add_argument("what", choices=["ops", "models", "train"])
+    b.add_argument("--repeats", type=_positive_int, help="timed repeats per variant, median (default: ops 15, "
+                   "models 7, train 3)")
     b.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
-    b.add_argument("--full", action="store_true", help="models: also full-width models (slow on CPU)")
+    b.add_argument("--full", action="store_true", help="models/train: also full-width models (slow on CPU)")
+    b.add_argument("--data-path", help="train: CIFAR-10 (.npz or the official archive)")
     b.add_argument("--out", default="runs/bench", help="directory for the JSON-lines results")
     b.set_defaults(func=_cmd_bench)
 
