@@ -304,13 +304,13 @@ def ablation_experiment(args: AblationArgs, run_dir: Path) -> dict:
 
 INIT_GRID = {  # name -> model overrides (InitRules fields); "default" = the registered rules
     "default": {},
-    "naive (torch conv, a0=b0=1)": {"conv": "default", "salu_a0": 1.0, "salu_b0": 1.0, "branch_a0": 1.0,
-                                    "shortcut_a0": 1.0, "block_gate_a0": 1.0, "branch_scaling": "none"},
-    "torch conv init": {"conv": "default"},
-    "salu b0=1": {"salu_b0": 1.0},
-    "salu a0=1": {"salu_a0": 1.0},
-    "block gate a0=1": {"block_gate_a0": 1.0},
-    "no branch scaling": {"branch_scaling": "none"},
+    "naive": {"conv": "default", "salu_a0": 1.0, "salu_b0": 1.0, "branch_a0": 1.0, "shortcut_a0": 1.0,
+              "block_gate_a0": 1.0, "branch_scaling": "none"},  # SPEC.md's naive reconstruction
+    "torch-conv-init": {"conv": "default"},
+    "salu-b0=1": {"salu_b0": 1.0},
+    "salu-a0=1": {"salu_a0": 1.0},
+    "block-gate-a0=1": {"block_gate_a0": 1.0},
+    "no-branch-scaling": {"branch_scaling": "none"},
 }
 
 
@@ -343,7 +343,7 @@ def init_study_experiment(args: InitStudyArgs, run_dir: Path) -> dict:
     table = []
     for n in names:
         for lr in lrs:
-            accs = [runs.run(f"{n.split(' (')[0].replace(' ', '_').replace('=', '')}-lr{lr}-s{seed}", lr=lr,
+            accs = [runs.run(f"{n}-lr{lr}-s{seed}", lr=lr,
                              seed=seed, model_overrides=INIT_GRID[n])["test_acc"] for seed in range(args.seeds)]
             m, s = _mean_std(accs)
             table.append({"label": f"{n} @ lr {lr}", "config": n, "lr": lr, "overrides": INIT_GRID[n], "mean": m,
@@ -593,10 +593,16 @@ def run_experiment(which: str, args=None, /, **values) -> dict:
         raise ValueError(f"{run_dir}: already exists; choose another --name (nothing was overwritten)")
     if which in ("plasticity", "batch-sweep", "ablation", "init-study"):
         _check_data(args)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"salunet experiment {which}: {run_dir}")
     t0 = time.time()
-    result = fn(args, run_dir)
+    try:
+        result = fn(args, run_dir)
+    except BaseException:
+        if created and not any(run_dir.iterdir()):  # failed before writing anything: leave no trace
+            run_dir.rmdir()
+        raise
     result.update(seconds=round(time.time() - t0, 1), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                   commit=_commit())
     path = _write(run_dir, result)
