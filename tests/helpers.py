@@ -51,3 +51,10 @@ def make_image_folder(root: Path, classes=("cat", "dog"), per_class=4, size=(20,
             for i in range(per_class):
                 Image.fromarray(rng.randint(0, 256, (*size, 3)).astype(np.uint8)).save(d / f"{i}.png")
     return root
+
+
+def stage_stds(model, x) -> dict[str, float]:
+    """Std of each named stage's output (the init rule's measure), captured by salunet's own hooks."""
+    from salunet.analysis.capture import capture, named_stages
+
+    return {k: v.std().item() for k, v in capture(model, x, names=list(named_stages(model))).items()}

@@ -8,19 +8,9 @@ import salunet
 from salunet import SALU
 from salunet.convert import CALIBRATION_AMPLITUDE
 from salunet.models import create_model
+from helpers import stage_stds
 
 LO, HI = 0.5, 2.0  # the models' init rule (tests/test_models.py)
-
-
-def _stage_stds(m, x):
-    out = {}
-    hooks = [mod.register_forward_hook(lambda mod, i, o, n=n: out.__setitem__(n, o.std().item()))
-             for n, mod in m.stages().items()]
-    with torch.no_grad():
-        m(x)
-    for h in hooks:
-        h.remove()
-    return out
 
 
 def _converted_resnet18(seed, **kw):
@@ -35,7 +25,7 @@ def _converted_resnet18(seed, **kw):
 def test_converted_resnet18_keeps_stage_std_in_range(seed):
     m, _, report = _converted_resnet18(seed)
     assert report.ok and "calibrated 20 of 20 new SALU" in str(report), str(report)
-    stds = _stage_stds(m, torch.randn(16, 3, 32, 32))  # a fresh batch, not the calibration one
+    stds = stage_stds(m, torch.randn(16, 3, 32, 32))  # a fresh batch, not the calibration one
     bad = {k: round(v, 3) for k, v in stds.items() if not LO <= v <= HI}
     assert not bad, f"stage std out of [{LO}, {HI}] after calibrated convert: {bad}"
 
@@ -44,7 +34,7 @@ def test_without_calibration_the_rule_fails():
     """The check can fail: a0 = b0 = 1 SALUs lose the signal (SPEC.md: 0.34 -> 0.03 at width 16)."""
     m, x, report = _converted_resnet18(0, calibrate=False)
     assert "calibrated" not in str(report)
-    assert _stage_stds(m, x)["layer4"] < LO
+    assert stage_stds(m, x)["layer4"] < LO
 
 
 def test_calibrated_salu_reproduces_unit_scale_output():

@@ -7,6 +7,7 @@ from torch import nn
 import salunet
 from salunet.models import (ACTS, MODEL_CONFIGS, NORMS, CNNConfig, InitRules, PlasticityCNN, ResNet,
                             ResNetConfig, ViT, ViTConfig, create_model, list_models)
+from helpers import stage_stds
 
 SMALL = {"width": 8}
 SMALL_VIT = {"width": 24, "depth": 2}
@@ -70,17 +71,6 @@ def test_salunet_and_twin_share_structure():
     assert sum(p.numel() for p in s.parameters()) == sum(p.numel() for p in b.parameters()) + extra
 
 
-def _stage_stds(m, x):
-    out = {}
-    hooks = [mod.register_forward_hook(lambda mod, i, o, n=n: out.__setitem__(n, o.std().item()))
-             for n, mod in m.stages().items()]
-    with torch.no_grad():
-        m(x)
-    for h in hooks:
-        h.remove()
-    return out
-
-
 # (name, width, overrides, input shape): small widths are where per-channel noise compounds, deeper `layers`
 # where residual variance accumulates; None = the paper's width
 INIT_CASES = [
@@ -102,7 +92,7 @@ INIT_CASES = [
 def test_init_keeps_stage_std_in_range(name, width, overrides, shape, seed):
     torch.manual_seed(seed)
     m = create_model(name, num_classes=10, width=width, **overrides)
-    stds = _stage_stds(m, torch.randn(shape))
+    stds = stage_stds(m, torch.randn(shape))
     assert len(stds) >= 5
     bad = {k: round(v, 3) for k, v in stds.items() if not 0.5 <= v <= 2.0}
     assert not bad, f"stage std out of [0.5, 2] at init: {bad}"
@@ -120,7 +110,7 @@ def test_init_rules_are_needed(overrides, stage):
     """The check can fail: without the rules the signal vanishes (or, for deep stages, drifts)."""
     torch.manual_seed(0)
     m = create_model("salunet_c18", num_classes=10, width=8, **overrides)
-    std = _stage_stds(m, torch.randn(4, 3, 32, 32))[stage]
+    std = stage_stds(m, torch.randn(4, 3, 32, 32))[stage]
     assert not 0.5 <= std <= 2.0, std
 
 
