@@ -427,4 +427,23 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False) -> Tens
         raise ValueError(f"unknown op {op!r}; use one of {', '.join(OPS)}")
     if len(params) != _NPARAMS[op]:
         raise ValueError(f"op {op!r} takes {_NPARAMS[op]} parameter tensors, got {len(params)}")
+    if _use_cpp(x, params):  # the whole autograd node in C++ (see csrc/salu_cpu.cpp, SaluFunction)
+        y = _cpp_apply(op, log_params, x, params)
+        if y is not None:
+            return y
     return FusedFn.apply(op, log_params, x, *params)
+
+
+def _cpp_apply(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor]):
+    cdt = _compute_dtype(x, *params)
+    xc = x if cdt != torch.float64 else x.to(cdt)
+    lay = _cpp_layout(xc, broadcast_shape([p.shape for p in params]))
+    if lay is None:
+        return None
+    xd, outer, C, inner = lay
+    # single-stage ops pass (a, b) again in the second slots: autograd cannot take undefined tensors as inputs,
+    # and the node returns no gradient for those slots
+    a2, b2 = (params[2], params[3]) if len(params) == 4 else (params[0], params[1])
+    y = cpu_ext.load().apply(xd, params[0], params[1], a2, b2, _OP_CODE[op], LOG_LIMIT if log_params else -1.0,
+                             outer, C, inner)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
