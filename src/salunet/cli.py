@@ -1,7 +1,8 @@
 """Command line: ``salunet bench ops|models``, ``salunet train``, ``salunet eval``, ``salunet experiment``.
 
 Errors a user can fix (bad names, paths, values) print one line ``salunet: error: ...`` and exit with code 2;
-``--debug`` shows the traceback instead.
+a run that stops part-way (non-finite loss, full disk, SIGTERM, a lost torchrun worker) prints one line
+``salunet: stopped: ...`` naming what was kept and exits with code 1. ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -112,6 +113,11 @@ def _unknown_arguments(args, extra: list[str]) -> None:
 def _cmd_train(args) -> int:
     from .train import config as C
     from .train import train
+    from .train.loop import stop_on_sigterm
+
+    # SIGTERM (a scheduler, torchrun stopping a job) ends the run cleanly, with a message; main() restores the
+    # previous handler once that message is printed
+    args.previous_sigterm = stop_on_sigterm()
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     if args.resume:
@@ -190,6 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    """The first line of an error message. An error raised in a DataLoader worker arrives wrapped ("Caught
+    ValueError in DataLoader worker process 0." + the worker's traceback): its last line is the message."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror and "\n" not in exc.strerror:
+        fix = {errno.EACCES: "; make it readable (and its directory writable) for this user or choose another path",
+               errno.EROFS: "; choose a writable --out"}.get(exc.errno, "")
+        return f"{exc.filename}: {exc.strerror.lower()}{fix}"  # instead of "[Errno 13] Permission denied: 'x'"
+    text = str(exc)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
+        last = lines[-1].strip()
+        return last.split(": ", 1)[1] if ": " in last else last
+    return lines[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -197,28 +222,37 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "cli_options"):
             _unknown_arguments(args, extra)
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .train.loop import Terminated
+
     try:
         return args.func(args)
     except (UserError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
             NotADirectoryError) as exc:
         if args.debug:
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"salunet: error: {msg}", file=sys.stderr)
+        print(f"salunet: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        if args.debug or type(exc).__name__ != "TrainingDiverged":
+    except RuntimeError as exc:  # the run stopped (divergence, full disk, SIGTERM, a lost torchrun worker)
+        if args.debug or type(exc).__name__ not in ("TrainingDiverged", "RunStopped"):
             raise
         print(f"salunet: stopped: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # disk full and the like: say it in one line, keep exit code 1
         if args.debug:
             raise
-        print(f"salunet: error: {exc}", file=sys.stderr)
+        print(f"salunet: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("salunet: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("salunet: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    finally:
+        if getattr(args, "previous_sigterm", None) is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, args.previous_sigterm)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ __all__ = ["DATASETS", "load_arrays", "MemoryData", "to_memory", "ImageArrays", 
 DATASETS = ("digits", "cifar10", "cifar100", "npz", "imagefolder")
 
 
-def load_arrays(name: str, path: str | None = None, *, download: bool = False) -> ImageArrays:
+def load_arrays(name: str, path: str | None = None, *, download: bool = False, progress: bool = True) -> ImageArrays:
     """In-memory data set ``name``: "digits" (embedded), "cifar10"/"cifar100" (``path`` = .npz, archive,
     folder, or download root with ``download``), "npz" (any .npz in the CIFAR layout)."""
     if name == "digits":
@@ -31,12 +31,15 @@ def load_arrays(name: str, path: str | None = None, *, download: bool = False) -
         if download:
             p = Path(path).expanduser()
             if not (p.is_file() or (p / CIFAR[name].folder).is_dir()):
-                return load_cifar(name, download_cifar(name, p))
+                return load_cifar(name, download_cifar(name, p, progress=progress))
         return load_cifar(name, path)
     if name == "npz":
         if path is None:
             raise ValueError("data 'npz' needs --data-path pointing at an .npz with x_train, y_train, x_test, y_test")
         p = Path(path).expanduser()
+        if p.is_dir():
+            raise IsADirectoryError(f"{p}: is a directory; data 'npz' needs an .npz file with x_train, y_train, "
+                                    "x_test, y_test")
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such file; pass an .npz with x_train, y_train, x_test, y_test")
         return read_npz(p)

@@ -75,7 +75,12 @@ def validate_arrays(d: ImageArrays, where: str) -> ImageArrays:
     for split in ("train", "test"):
         x, y = getattr(d, f"x_{split}"), getattr(d, f"y_{split}")
         if x.dtype != np.uint8:
-            raise ValueError(f"{where}: x_{split} has dtype {x.dtype}, expected uint8 images (0-255)")
+            bad = int(np.size(x) - np.isfinite(x).sum()) if np.issubdtype(x.dtype, np.inexact) else 0
+            if bad:
+                raise ValueError(f"{where}: x_{split} has {bad} NaN/inf pixel value(s) (dtype {x.dtype}); the "
+                                 "images must be uint8 0-255: fix or drop those images and save them as uint8")
+            raise ValueError(f"{where}: x_{split} has dtype {x.dtype}, expected uint8 images (0-255); save them as "
+                             "uint8 (e.g. np.clip(x * 255, 0, 255).astype(np.uint8) for floats in [0, 1])")
         if x.ndim != 4 or x.shape[-1] not in (1, 3):
             raise ValueError(f"{where}: x_{split} has shape {x.shape}, expected (N, H, W, C) with C = 1 or 3")
         if y.ndim != 1 or len(y) != len(x):
@@ -83,17 +88,25 @@ def validate_arrays(d: ImageArrays, where: str) -> ImageArrays:
         if not np.issubdtype(y.dtype, np.integer):
             raise ValueError(f"{where}: y_{split} has dtype {y.dtype}, expected integer labels")
         if len(x) == 0:
-            raise ValueError(f"{where}: x_{split} is empty")
-        if y.min() < 0 or y.max() >= d.num_classes:
+            raise ValueError(f"{where}: x_{split} is empty; it needs at least one image")
+        if y.min() < 0:
+            raise ValueError(f"{where}: y_{split} has negative labels (min {y.min()}); labels must be class indices "
+                             f"0..{d.num_classes - 1}")
+        if y.max() >= d.num_classes:
             raise ValueError(f"{where}: y_{split} has labels in [{y.min()}, {y.max()}], "
                              f"expected 0..{d.num_classes - 1}")
     if d.x_train.shape[1:] != d.x_test.shape[1:]:
-        raise ValueError(f"{where}: train images {d.x_train.shape[1:]} and test images {d.x_test.shape[1:]} differ")
+        raise ValueError(f"{where}: train images {d.x_train.shape[1:]} and test images {d.x_test.shape[1:]} differ; "
+                         "save both splits at one size")
     return d
 
 
 def read_npz(path: str | Path, num_classes: int | None = None) -> ImageArrays:
     path = Path(path)
+    with open(path, "rb") as f:  # np.load would try anything that is not a zip as a pickle (and refuse it)
+        if f.read(4) != b"PK\x03\x04":
+            raise ValueError(f"{path}: not a readable .npz archive (not a zip file); pass an .npz saved by np.savez "
+                             "with uint8 x_train, x_test and integer y_train, y_test")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
@@ -104,8 +117,17 @@ def read_npz(path: str | Path, num_classes: int | None = None) -> ImageArrays:
     except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
         if isinstance(exc, ValueError) and str(exc).startswith(str(path)):
             raise
-        raise ValueError(f"{path}: not a readable .npz archive ({exc})") from None
-    n = num_classes or int(max(arrs["y_train"].max(), arrs["y_test"].max())) + 1
+        if isinstance(exc, (PermissionError, IsADirectoryError)):  # the file system's answer, not the format's
+            raise
+        if "pickle" in str(exc) or "Object arrays" in str(exc):
+            raise ValueError(f"{path}: holds object arrays (pickled Python objects), which salunet never loads: "
+                             "unpickling can run code; save plain uint8 / integer arrays") from None
+        raise ValueError(f"{path}: not a readable .npz archive ({str(exc).splitlines()[0][:120]}); pass an .npz "
+                         "saved by np.savez with uint8 x_train, x_test and integer y_train, y_test") from None
+    if num_classes is None:  # inferred from the labels; malformed ones are reported by validate_arrays
+        ys = [a for a in (arrs["y_train"], arrs["y_test"]) if a.size and np.issubdtype(a.dtype, np.integer)]
+        num_classes = max(int(max(a.max() for a in ys)) + 1, 1) if ys else 1
+    n = num_classes
     return validate_arrays(ImageArrays(**arrs, num_classes=n, source=str(path)), str(path))
 
 
@@ -125,7 +147,8 @@ def _read_batch(data: bytes, where: str, label_key: bytes) -> tuple[np.ndarray, 
     try:
         d = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as exc:  # noqa: BLE001 - any failure here means a bad file
-        raise ValueError(f"{where}: not a CIFAR python batch ({exc})") from None
+        raise ValueError(f"{where}: not a CIFAR python batch ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
+                         "replace it with the official file (or use --download)") from None
     if not isinstance(d, dict) or b"data" not in d or label_key not in d:
         raise ValueError(f"{where}: not a CIFAR python batch (keys b'data' and {label_key!r} expected)")
     x = np.asarray(d[b"data"])
@@ -140,7 +163,7 @@ def _load_official(root: Path, spec: CifarSpec, name: str) -> ImageArrays:
     def read_all(get):
         xs, ys = {}, {}
         for split, files in (("train", spec.train_files), ("test", spec.test_files)):
-            parts = [_read_batch(get(f), f, spec.label_key) for f in files]
+            parts = [_read_batch(*get(f), spec.label_key) for f in files]
             xs[split] = np.concatenate([p[0] for p in parts])
             ys[split] = np.concatenate([p[1] for p in parts])
         return ImageArrays(xs["train"], ys["train"], xs["test"], ys["test"], spec.num_classes, str(root))
@@ -148,8 +171,11 @@ def _load_official(root: Path, spec: CifarSpec, name: str) -> ImageArrays:
     if root.is_file():
         try:
             tf = tarfile.open(root, "r:*")
+        except PermissionError:
+            raise
         except (tarfile.TarError, OSError) as exc:
-            raise ValueError(f"{root}: not a readable {name} archive ({exc})") from None
+            raise ValueError(f"{root}: not a readable {name} archive ({str(exc).splitlines()[0][:120]}); pass the "
+                             f"official {spec.archive}, its extracted '{spec.folder}' folder, or an .npz") from None
         with tf:
             def get(f):
                 try:
@@ -158,11 +184,11 @@ def _load_official(root: Path, spec: CifarSpec, name: str) -> ImageArrays:
                     raise ValueError(f"{root}: archive has no {spec.folder}/{f}; is it the official {name} "
                                      "python archive?") from None
                 except (tarfile.TarError, OSError, EOFError) as exc:
-                    raise ValueError(f"{root}: corrupt or truncated archive ({exc})") from None
+                    raise ValueError(f"{root}: corrupt or truncated archive ({exc}); download it again") from None
                 try:
-                    return tf.extractfile(member).read()
+                    return tf.extractfile(member).read(), f"{root}:{member.name}"
                 except (tarfile.TarError, OSError, EOFError, AttributeError) as exc:
-                    raise ValueError(f"{root}: corrupt archive member {f} ({exc})") from None
+                    raise ValueError(f"{root}: corrupt archive member {f} ({exc}); download it again") from None
             return validate_arrays(read_all(get), str(root))
     folder = root / spec.folder if (root / spec.folder).is_dir() else root
 
@@ -171,7 +197,7 @@ def _load_official(root: Path, spec: CifarSpec, name: str) -> ImageArrays:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing {name} batch file; point --data-path at the extracted "
                                     f"'{spec.folder}' folder, the .tar.gz, or use --download")
-        return p.read_bytes()
+        return p.read_bytes(), str(p)
     return validate_arrays(read_all(get), str(folder))
 
 

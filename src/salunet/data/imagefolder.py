@@ -25,11 +25,12 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[tupl
         raise FileNotFoundError(f"{root}: no such directory; an image folder needs {root}/<class>/<image> files")
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not found:
-        raise ValueError(f"{root}: no class folders; expected {root}/<class>/<image> files")
+        raise ValueError(f"{root}: no class folders; put the images in {root}/<class>/<image>.jpg")
     classes = classes or found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f"{root}: class folder(s) {', '.join(unknown[:5])} not among the training classes")
+        raise ValueError(f"{root}: class folder(s) {', '.join(unknown[:5])} not among the training classes; "
+                         "train/ and val/ need the same class folders")
     samples = []
     for label, c in enumerate(classes):
         d = root / c
@@ -43,7 +44,8 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[tupl
                                  f"it to one of {', '.join(IMG_EXTENSIONS)}")
             samples.append((p, label))
     if not samples:
-        raise ValueError(f"{root}: no images found under its class folders")
+        raise ValueError(f"{root}: no images found under its class folders; put image files "
+                         f"({', '.join(IMG_EXTENSIONS[:3])}, ...) in {root}/<class>/")
     return samples, classes
 
 
@@ -69,7 +71,7 @@ class ImageFolder(Dataset):
             with Image.open(path) as im:
                 im = im.convert("RGB")
         except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"{path}: cannot decode image ({exc})") from None
+            raise ValueError(f"{path}: cannot decode image ({type(exc).__name__}); replace or remove the file") from None
         if self.train:
             rng = random.Random(hash((self.seed, self.epoch, i)))  # reproducible per (epoch, sample)
             im = _random_resized_crop(im, self.size, rng)

@@ -2,7 +2,8 @@
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RECIPES, TrainConfig, resolve_config
 from .ema import EMA
-from .loop import TrainingDiverged, build_model, evaluate, lr_at, param_groups, train
+from .loop import RunStopped, TrainingDiverged, build_model, evaluate, lr_at, param_groups, train
 
 __all__ = ["train", "evaluate", "TrainConfig", "RECIPES", "resolve_config", "EMA", "save_checkpoint",
-           "load_checkpoint", "CheckpointError", "TrainingDiverged", "build_model", "lr_at", "param_groups"]
+           "load_checkpoint", "CheckpointError", "TrainingDiverged", "RunStopped", "build_model", "lr_at",
+           "param_groups"]

@@ -5,17 +5,22 @@ safetensors; everything else (config, epoch, step, the structure of nested state
 safetensors header metadata, together with a SHA-256 of the tensor payload. Loading never executes code
 (no pickle), and a truncated or corrupted file is detected (header parse or checksum) and reported with
 its path. Writes go to a temporary file in the same directory, are fsynced, then atomically renamed: a
-crash mid-write leaves the previous checkpoint untouched.
+crash mid-write leaves the previous checkpoint untouched (the partial temporary file is removed by the
+next run that takes the directory's lock).
+
+The run-directory lock is an ``flock`` on ``RUN_DIR/.lock``: the kernel drops it when its holder exits in
+any way (``kill -9`` included), so a lock is never stale and a reused pid cannot keep a directory locked.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -23,7 +28,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "write_json_atomic", "append_jsonl",
-           "read_jsonl", "RunLock", "atomic_write_bytes", "list_checkpoints", "latest_checkpoint"]
+           "read_jsonl", "RunLock", "atomic_write_bytes", "list_checkpoints", "latest_checkpoint",
+           "state_mismatch", "remove_partial_files"]
 
 FORMAT = "salunet-checkpoint/1"
 
@@ -43,25 +49,43 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file; mkstemp's own 0600 is only for the temp name
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file in the same directory and an atomic rename."""
+def atomic_write_bytes(path: Path, data: bytes, midway: Callable[[], None] | None = None) -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary file in the same directory and an atomic rename.
+
+    Whatever stops the write (an error, a full disk, a signal turned into an exception) removes the temporary
+    file and leaves ``path`` as it was. ``midway`` (the fault-injection hook) runs with half the bytes written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if midway is not None:
+                f.write(data[:len(data) // 2])
+                f.flush()
+                midway()
+                f.write(data[len(data) // 2:])
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if exc.errno == errno.ENOSPC:
-            raise OSError(exc.errno, f"no space left on device while writing {path}; free space and "
-                                     "resume, the previous checkpoint is intact") from None
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, "no space left on device", str(path)) from None
         raise
+
+
+def remove_partial_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of writes that a killed process never finished (``.<name>.*.tmp`` in the
+    run directory and its ``checkpoints/``). Call only while holding the run's :class:`RunLock`."""
+    run_dir = Path(run_dir)
+    found = [p for d in (run_dir, run_dir / "checkpoints") if d.is_dir() for p in d.glob(".*.tmp") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -138,33 +162,43 @@ def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
     skeleton = _flatten(state, "s", tensors)
     metadata = {"format": FORMAT, "meta": json.dumps(meta), "skeleton": json.dumps(skeleton),
                 "sha256": _digest(tensors)}
-    atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata))
+    from . import faults
+
+    epoch = meta.get("epoch") if isinstance(meta, dict) else None
+    atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata),
+                       midway=lambda: faults.hit("checkpoint", epoch))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
     """Return (state, meta). Raises FileNotFoundError or :class:`CheckpointError` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory; pass a checkpoint file (RUN_DIR/checkpoints/"
+                                "epoch_NNNN.safetensors)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     data = path.read_bytes()  # read once: the header, the tensors and the checksum all come from these bytes
-    if data[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05") or data[:2] == b"PK":
-        raise CheckpointError(f"{path}: this is a pickle/torch.save file; salunet never unpickles (it could "
-                              "run code); checkpoints are .safetensors written by salunet")
-    try:
+    try:  # parsing safetensors runs no code, whatever the bytes are
         metadata = _header_metadata(data)
         tensors = st_load(data)
-    except (SafetensorError, ValueError) as exc:  # ValueError covers bad JSON and bad UTF-8 in the header
+    except (SafetensorError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8 in the header
+        # only now look for a pickle's or a zip's signature, for a better message: a valid safetensors file may
+        # start with the same bytes (its first 8 are the header length), so this cannot be tested first
+        if (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or data[:4] == b"PK\x03\x04":
+            raise CheckpointError(f"{path}: this is a pickle/torch.save file, refused unread: unpickling can run "
+                                  "code; pass a .safetensors checkpoint written by salunet train") from None
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(exc).splitlines()[0][:120]}); "
                               "use an earlier checkpoint in the same directory") from None
     if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a salunet checkpoint (format {metadata.get('format')!r})")
+        raise CheckpointError(f"{path}: not a salunet checkpoint (format {metadata.get('format')!r}); pass a "
+                              "checkpoints/epoch_NNNN.safetensors file written by salunet train")
     if _digest(tensors) != metadata.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt; use an earlier checkpoint in "
                               "the same directory")
     try:
         state = _unflatten(json.loads(metadata["skeleton"]), tensors)
         meta = json.loads(metadata["meta"])
-    except (KeyError, ValueError, TypeError) as exc:  # the header is not covered by the tensor checksum
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:  # the header is not under the checksum
         raise CheckpointError(f"{path}: corrupt checkpoint metadata ({type(exc).__name__}: {exc}); use an "
                               "earlier checkpoint in the same directory") from None
     if map_location != "cpu":
@@ -203,8 +237,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(d.glob("epoch_*.safetensors")) if d.is_dir() else []
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[Path, dict, dict] | None:
-    """The newest checkpoint that loads and verifies; corrupt newer ones are skipped (and reported)."""
+def latest_checkpoint(run_dir: Path, skipped: list[str] | None = None) -> tuple[Path, dict, dict] | None:
+    """The newest checkpoint that loads and verifies. Corrupt newer ones are skipped: their messages are
+    appended to ``skipped`` if given, else issued as warnings."""
     import warnings
 
     for p in reversed(list_checkpoints(run_dir)):
@@ -212,44 +247,99 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict, dict] | None:
             state, meta = load_checkpoint(p)
             return p, state, meta
         except CheckpointError as exc:
-            warnings.warn(f"skipping {exc}", RuntimeWarning, stacklevel=2)
+            if skipped is not None:
+                skipped.append(str(exc))
+            else:
+                warnings.warn(f"skipping {exc}", RuntimeWarning, stacklevel=2)
     return None
+
+
+def state_mismatch(expected: dict, got) -> str | None:
+    """Why the state dict ``got`` cannot be loaded into a module whose state dict is ``expected`` (missing or
+    unexpected tensors, other shapes), or None if it fits. One line, for error messages."""
+    if not isinstance(got, dict):
+        return f"the weights are a {type(got).__name__}, not a dict of tensors"
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    wrong = [k for k in expected if k in got and not (isinstance(got[k], torch.Tensor)
+                                                      and got[k].shape == expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]!r}")
+    if wrong:
+        k = wrong[0]
+        have = tuple(got[k].shape) if isinstance(got[k], torch.Tensor) else type(got[k]).__name__
+        parts.append(f"{len(wrong)} of another shape, e.g. {k!r} {have} instead of {tuple(expected[k].shape)}")
+    return "; ".join(parts) or None
 
 
 # ---- run-directory lock -----------------------------------------------------------------------------------
 
 class RunLock:
-    """Exclusive lock on a run directory (``.lock`` holding the owner's pid). A lock left by a process that
-    no longer exists (killed with -9) is taken over; a live owner makes the second run refuse."""
+    """Exclusive lock on a run directory: ``flock`` on ``RUN_DIR/.lock``, which holds the owner's pid for
+    messages. The kernel releases it when the owner dies, however it dies; a live owner makes a second run
+    refuse with a message naming it."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / ".lock"
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def acquire(self) -> None:
-        for _ in range(2):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _alive(pid):
-                    raise ValueError(f"{self.path.parent}: run directory is in use by process {pid}; wait for it "
-                                     "or choose another --name") from None
-                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _read_pid(fd)
+                os.close(fd)
+                raise ValueError(_in_use(self.path.parent, pid)) from None
+            try:  # the owner we raced with may have unlinked the file before we locked it: retry on the new one
+                st, cur = os.fstat(fd), os.stat(self.path)
+                same = (st.st_ino, st.st_dev) == (cur.st_ino, cur.st_dev)
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            self.held = True
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self._fd = fd
             return
-        raise ValueError(f"{self.path}: could not take the run-directory lock")
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked (see acquire), then drop the lock
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def holder(run_dir: Path) -> int | None:
+        """The pid holding ``run_dir``'s lock (0 if it cannot be read), or None if nobody holds it."""
+        try:
+            fd = os.open(Path(run_dir) / ".lock", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd)
+        finally:
+            os.close(fd)  # also drops the shared lock just taken, if it was
+        return None
+
+    @staticmethod
+    def refuse_if_held(run_dir: Path) -> None:
+        """Raise the "in use" error if a live process holds ``run_dir`` (a check before any work; the lock
+        itself is taken by :meth:`acquire`)."""
+        pid = RunLock.holder(run_dir)
+        if pid is not None:
+            raise ValueError(_in_use(Path(run_dir), pid))
 
     def __enter__(self):
         self.acquire()
@@ -259,17 +349,13 @@ class RunLock:
         self.release()
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def _read_pid(fd: int) -> int:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped) is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
+        return int(os.pread(fd, 32, 0).decode().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _in_use(run_dir: Path, pid: int) -> str:
+    who = f"process {pid}" if pid else "another process"
+    return f"{run_dir}: run directory is in use by {who} (a run is writing there); wait for it or choose another --name"

@@ -187,6 +187,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {cfg.ema_decay}")
     if cfg.width is not None and cfg.width <= 0:
         raise ValueError(f"width must be positive, got {cfg.width}")
+    if cfg.data == "digits" and cfg.data_path is not None:  # a path given for the embedded set is a mistake
+        raise ValueError(f"data_path {cfg.data_path!r} given, but data 'digits' is embedded and reads no file; "
+                         "pass --data npz, cifar10, cifar100 or imagefolder with it")
     return cfg
 
 
@@ -207,15 +210,21 @@ def resolve_config(recipe: str | None = None, overrides: dict | None = None, bas
 def config_from_json(path: str | Path) -> dict:
     """Read a JSON config file (only keys of :class:`TrainConfig`; checked when resolved)."""
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{p}: is a directory; --config needs a JSON file of config keys")
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: config file not found")
+        raise FileNotFoundError(f"{p}: config file not found; --config needs a JSON file of config keys")
     try:
         d = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" ({exc.msg} at line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ValueError(f"{p}: not valid JSON{where}; fix the file") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{p}: a config file must hold a JSON object")
+        raise ValueError(f"{p}: a config file must hold a JSON object of config keys, not a {type(d).__name__}")
     for k, v in d.items():
-        parse_value(k, v)
+        try:
+            parse_value(k, v)
+        except ValueError as exc:
+            raise ValueError(f"{p}: {exc}") from None
     return d
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup", "teardown", "barrier", "broadcast_object", "all_reduce_sum", "resolve_device"]
+__all__ = ["DistInfo", "setup", "teardown", "barrier", "broadcast_object", "all_reduce_sum", "resolve_device",
+           "restart_count", "max_restarts"]
 
 
 @dataclass
@@ -58,12 +59,38 @@ def setup(device: str = "auto") -> DistInfo:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend=backend)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps one TCPStore for the whole job, and the keys that a failed attempt's process group left
+            # there (its ranks' addresses) are read by the restarted attempt, which then connects to dead ports
+            # ("Gloo connectFullMesh failed ... Connection refused"; pytorch/pytorch#135712). A key prefix per
+            # attempt keeps the attempts apart; the store and the rendezvous are torch's own.
+            store, _, _ = next(dist.rendezvous("env://"))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"salunet/attempt{restart}", store),
+                                    rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend=backend)
     return DistInfo(rank, world, local_rank, dev, owns)
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this job (``--max-restarts``); 0 in the first attempt or outside
+    torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def max_restarts() -> int:
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
 
 
 def teardown(info: DistInfo) -> None:
     if info.enabled and info.owns_group and dist.is_initialized():
+        import gc
+
+        # a DistributedDataParallel left in a reference cycle keeps the group alive past destroy_process_group;
+        # destroyed only during interpreter shutdown, gloo's threads can then abort the process ("terminate
+        # called without an active exception", seen once at the end of a finished 2-rank run)
+        gc.collect()
         dist.destroy_process_group()
 
 

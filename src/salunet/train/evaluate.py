@@ -5,19 +5,24 @@ ResNet-50 number; the ResNets pool globally, so any size works)."""
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, write_json_atomic
+from .checkpoint import CheckpointError, load_checkpoint, state_mismatch, write_json_atomic
 from .config import resolve_config
 from .distributed import DistInfo, resolve_device
-from .loop import MemorySource, build_model, evaluate, load_source
+from .loop import MemorySource, _checkpoint_config, build_model, evaluate, load_source
 
 __all__ = ["evaluate_checkpoint", "model_from_checkpoint"]
 
 
 def _load_weights(model, weights, path: Path, name: str):
+    problem = state_mismatch(model.state_dict(), weights)
+    if problem:
+        raise CheckpointError(f"{path}: its weights do not fit model {name}, which its config names ({problem}); "
+                              "the file was written for another model or altered")
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
@@ -25,13 +30,22 @@ def _load_weights(model, weights, path: Path, name: str):
     return model
 
 
+def _ema_weights(state: dict, path: Path):
+    ema = state.get("ema")
+    if not ema:
+        return None
+    if not isinstance(ema, dict) or "module" not in ema:
+        raise CheckpointError(f"{path}: its EMA state is malformed; the file was altered")
+    return ema["module"]
+
+
 def model_from_checkpoint(path: str | Path, device: str = "cpu", ema: bool = False):
     """(model, meta, state) rebuilt from a checkpoint; ``ema=True`` loads the EMA weights."""
     path = Path(path)
     state, meta = load_checkpoint(path)
-    cfg = resolve_config(None, base=meta["config"])
+    cfg = _checkpoint_config(path, meta)
     model = build_model(cfg, meta["num_classes"], meta["in_chans"], meta["image_size"])
-    weights = state["ema"]["module"] if ema and state.get("ema") else state["model"]
+    weights = (ema and _ema_weights(state, path)) or state.get("model")
     return _load_weights(model, weights, path, cfg.model).to(device), meta, state
 
 
@@ -50,7 +64,7 @@ def evaluate_checkpoint(path, *, data=None, data_path=None, batch_size=500, devi
         over["data_path"] = data_path
     if eval_size is not None:
         over["eval_size"] = eval_size
-    cfg = resolve_config(None, over, base=meta["config"])
+    cfg = resolve_config(None, over, base=asdict(_checkpoint_config(path, meta)))  # its own config, then ours
     if eval_size is not None and cfg.data != "imagefolder":
         raise ValueError(f"--eval-size applies to image folders only; {cfg.data} images are evaluated at their "
                          "stored size")
@@ -66,11 +80,14 @@ def evaluate_checkpoint(path, *, data=None, data_path=None, batch_size=500, devi
     result = {"checkpoint": str(path), "data": cfg.data, "eval_size": size, "epoch": meta["epoch"],
               "model": cfg.model, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     model = build_model(cfg, meta["num_classes"], meta["in_chans"], meta["image_size"]).to(info.device)
+    ema_weights = _ema_weights(state, path)
+    _load_weights(model, state.get("model"), path, cfg.model)  # both checked before evaluating either
+    if ema_weights is not None:
+        _load_weights(model, ema_weights, path, cfg.model)
     for which in ("raw", "ema"):
-        if which == "ema" and not state.get("ema"):
+        if which == "ema" and ema_weights is None:
             continue
-        weights = state["ema"]["module"] if which == "ema" else state["model"]
-        _load_weights(model, weights, path, cfg.model)
+        _load_weights(model, ema_weights if which == "ema" else state["model"], path, cfg.model)
         ev = evaluate(model, source.eval_batches())
         result[which] = {"top1": ev["acc"], "top5": ev["top5"], "loss": ev["loss"], "n": ev["n"]}
     suffix = f"-{size}" if cfg.data == "imagefolder" else ""
