@@ -106,3 +106,21 @@ def test_bad_input_one_line_nothing_written(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not any(tmp_path.iterdir())  # no run directory left behind
+
+
+def test_full_false_keeps_cpu_defaults():
+    assert args_from_dict("plasticity", {"full": "false"}).epochs == 15
+    assert args_from_dict("plasticity", {"full": "true"}).epochs == 100
+
+
+def test_representation_of_a_vit_pools_tokens(tmp_path):
+    from salunet.train import train
+
+    run = train({"model": "salunet_t", "width": 24, "model_overrides": {"depth": 2}, "epochs": 1,
+                 "out": str(tmp_path), "name": "vit", "progress": False})["run_dir"]
+    rep, _ = _run(tmp_path, "representation", checkpoints=run, images=64)
+    stages = rep["checkpoints"][0]["stages"]
+    assert list(stages) == ["embed", "layer1", "layer2", "features"]
+    assert all(s["dims"] == 24 for s in stages.values())  # the hidden size, not the 17 tokens
+    geo, _ = _run(tmp_path, "geometry", checkpoints=run)
+    assert {l["stage"] for l in geo["checkpoints"][0]["layers"]} == {"layer1", "layer2", "head"}

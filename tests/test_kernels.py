@@ -269,3 +269,64 @@ def test_cpp_edge_values_vectorised_along_channels(module, dtype):
     gx_c, gx_e = outs["cpp"][1][1:], outs["eager"][1][1:]  # rows without inf/NaN inputs
     assert torch.isfinite(gx_c).all() and torch.isfinite(gx_e).all()
     torch.testing.assert_close(gx_c, gx_e, rtol=tol, atol=tol)
+
+
+def test_backward_runs_the_forward_path_and_channels_last_3d():
+    """The path is fixed at forward time: switching the mode before backward changes nothing (5-D
+    channels_last_3d included, whose memory order the kernels must keep in backward)."""
+    m = _randomise(SALUAct(SALU(6), GALU(6)))
+    x = (torch.randn(2, 6, 3, 4, 5) * 2).to(memory_format=torch.channels_last_3d)
+    g = torch.randn_like(x)
+    ref = None
+    for fwd_mode, bwd_mode in (("eager", "eager"), ("eager", "cpp"), ("cpp", "eager"), ("cpp", "cpp")):
+        kernels.set_kernel_mode(fwd_mode)
+        xx = x.clone().requires_grad_()
+        y = m(xx)
+        kernels.set_kernel_mode(bwd_mode)
+        grads = torch.autograd.grad(y, (xx, *m.parameters()), g)
+        if ref is None:
+            ref = grads
+        for a, b in zip(grads, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_parameters_on_another_device_are_refused():
+    m = SALU(4).to("meta")
+    with pytest.raises(ValueError, match="move the module"):
+        m(torch.randn(2, 4))
+
+
+def test_cpp_double_backward_says_how():
+    kernels.set_kernel_mode("cpp")
+    x = torch.randn(3, 4, requires_grad=True)
+    (gx,) = torch.autograd.grad(SALU(4)(x).sum(), x, create_graph=False)  # first order works
+    with pytest.raises(RuntimeError, match="SALUNET_KERNELS=eager"):
+        torch.autograd.grad(SALU(4)(x).sum(), x, create_graph=True)
+    kernels.set_kernel_mode("eager")  # the eager path differentiates its own backward
+    (g1,) = torch.autograd.grad(SALU(4)(x).sum(), x, create_graph=True)
+    g1.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 5000), (2, 3, 700), (64, 1, 1)])
+def test_cpp_scalar_parameters_large_tensors(shape):
+    """Scalar parameters split the tensor into blocks that threads share; sums over blocks stay exact."""
+    m = _randomise(SWALU())
+    x = torch.randn(shape) * 3
+    outs = {}
+    for mode in ("cpp", "eager"):
+        kernels.set_kernel_mode(mode)
+        xx = x.clone().requires_grad_()
+        y = m(xx)
+        outs[mode] = (y, *torch.autograd.grad(y.square().sum(), (xx, *m.parameters())))
+    for c, e in zip(outs["cpp"], outs["eager"]):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["eager", "cpp"])
+def test_galu_left_tail_keeps_its_sign(path):
+    """At GALU's default init (A = 10) Phi(-A) ~ 7.6e-24 is tiny but not 0: x * Phi(SALU(x)) for x = -inf is
+    -inf and for x = -1e20 a small negative number, on every path (not NaN, not 0)."""
+    kernels.set_kernel_mode(path)
+    y = GALU()(torch.tensor([-float("inf"), -1e20]))
+    assert y[0].item() == -float("inf") and y[1].item() < 0

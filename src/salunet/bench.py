@@ -7,6 +7,7 @@ saved for backward (unique storages kept by autograd, parameters excluded since 
 """
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import statistics
@@ -135,6 +136,7 @@ def bench_ops(repeats: int = 15, warmup: int = 3, threads: int = 2,
     ref_compiled = torch.compile(F.salu_reference, dynamic=False)
 
     def in_mode(mode, m):
+        """``m`` in kernel mode ``mode``; the path is fixed at forward time, so backward runs the same path."""
         def run(x):
             old = kernels.get_kernel_mode()
             kernels.set_kernel_mode(mode)
@@ -198,8 +200,6 @@ class ModelResult:
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Eval-mode copy of ``model`` with every Conv->BatchNorm folded into the conv (what a deployment runs)."""
-    import copy
-
     from torch.fx.experimental.optimization import fuse
 
     return fuse(copy.deepcopy(model).eval())
@@ -248,8 +248,10 @@ def bench_models(repeats: int = 7, warmup: int = 3, threads: int = 2, full: bool
         models = {n: create_model(n, num_classes=10, width=width) for n in (name, twin)}
         opts = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in models.items()}
         has_bn = any(isinstance(m, nn.BatchNorm2d) for m in models[twin].modules())
-        infer_models = {name: models[name].eval(), twin: fold_batchnorm(models[twin]) if has_bn
-                        else models[twin].eval()}
+        # separate eval-mode copies: the training models stay in train mode (SaluNets behave the same in both,
+        # the twin's BatchNorm does not)
+        infer_models = {name: copy.deepcopy(models[name]).eval(),
+                        twin: fold_batchnorm(models[twin]) if has_bn else copy.deepcopy(models[twin]).eval()}
         times = {k: [] for k in ("train_" + name, "train_" + twin, "infer_" + name, "infer_" + twin)}
         for m in models.values():
             m.train()

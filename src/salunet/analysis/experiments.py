@@ -46,11 +46,17 @@ class ExperimentArgs:
 
     out: str = "runs/experiments"
     name: str | None = None  # run directory name (default: <experiment>-<time>)
+    device: str = "auto"
+    full: bool = False  # the paper's scale instead of the CPU defaults
+
+
+@dataclass
+class TrainingArgs(ExperimentArgs):
+    """Options of the experiments that train."""
+
     data: str = "cifar10"
     data_path: str | None = None  # an .npz, the official archive or its folder
-    device: str = "auto"
     seeds: int = 2
-    full: bool = False  # the paper's scale instead of the CPU defaults
     progress: bool = False  # progress bars of the inner training runs (a line per epoch is always printed)
 
 
@@ -68,14 +74,21 @@ def experiment(name: str, args_cls: type, full: dict | None = None):
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample std over the runs that finished (None/NaN are diverged runs, counted separately by
+    callers); the std is None with fewer than two finished runs, never a misleading 0."""
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return None, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
-def _fmt(mean, std) -> str:
-    return "diverged" if mean is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
+def _fmt(mean, std, n_ok: int | None = None, n: int | None = None) -> str:
+    if mean is None:
+        return "diverged" if n is None else f"diverged ({n}/{n})"
+    txt = f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+    if n is not None and n_ok != n:
+        txt += f" ({n - n_ok}/{n} diverged)"
+    return txt
 
 
 class _Runs:
@@ -130,7 +143,7 @@ def _write(run_dir: Path, result: dict) -> Path:
 # ---- plasticity (figure 1, appendix A) ----------------------------------------------------------------------
 
 @dataclass
-class PlasticityArgs(ExperimentArgs):
+class PlasticityArgs(TrainingArgs):
     variants: str = "batchnorm,identity,salu"  # the norm before each PReLU
     width: int = 32  # conv1 channels (appendix A: 32; conv2 and the hidden FC scale with it)
     epochs: int = 15
@@ -171,16 +184,24 @@ def plasticity_experiment(args: PlasticityArgs, run_dir: Path) -> dict:
                 continue
             # slopes at init: PReLU's 0.25 for every unit; then after each epoch
             ckpts = list_checkpoints(Path(row["run_dir"]))
+            if len(ckpts) != args.epochs:
+                raise RuntimeError(f"{row['run_dir']}: {len(ckpts)} checkpoints for {args.epochs} epochs; the slope "
+                                   "series needs one per epoch")
             series = [_prelu_slopes(load_checkpoint(p)[0]["model"]) for p in ckpts]
             init = {k: [0.25] * len(vals) for k, vals in series[0].items()}
             series = [init] + series
             layers = {k: S.plasticity([s[k] for s in series]) for k in init}
-            pooled = S.plasticity([[x for k in init for x in s[k]] for s in series])
-            per_seed.append({"diverged": False, "layers": layers, "pooled": pooled, "test_acc": row["test_acc"],
-                             "final_slopes": series[-1]})
+            values = [[x for k in init for x in s[k]] for s in series]
+            per_seed.append({"diverged": False, "layers": layers, "pooled": S.plasticity(values),
+                             "test_acc": row["test_acc"], "final_slopes": series[-1], "pooled_values": values})
         ok = [p for p in per_seed if not p["diverged"]]
         mean_acc, std_acc = _mean_std([p["test_acc"] for p in ok])
-        out["variants"][v] = {"seeds": per_seed, "pooled": ok[0]["pooled"] if ok else None,
+        # the figure pools every seed's slopes at each epoch (seeds x units)
+        pooled_all = S.plasticity([[x for p in ok for x in p["pooled_values"][t]] for t in range(args.epochs + 1)]) \
+            if ok else None
+        for p in ok:
+            del p["pooled_values"]
+        out["variants"][v] = {"seeds": per_seed, "pooled": pooled_all,
                               "test_acc_mean": mean_acc, "test_acc_std": std_acc,
                               "final_spread_mean": _mean_std([p["pooled"]["spread"][-1] for p in ok])[0],
                               "late_drift_mean": _mean_std([statistics.fmean(p["pooled"]["drift"][-3:]) for p in ok])[0]}
@@ -188,7 +209,7 @@ def plasticity_experiment(args: PlasticityArgs, run_dir: Path) -> dict:
         plots.plot_plasticity(out, run_dir / "plasticity.png")
     for v in variants:
         r = out["variants"][v]
-        print(f"  {v:10s} acc {_fmt(r['test_acc_mean'], r['test_acc_std'] or 0)}%  final slope spread "
+        print(f"  {v:10s} acc {_fmt(r['test_acc_mean'], r['test_acc_std'])}%  final slope spread "
               f"{r['final_spread_mean']}  late drift/epoch {r['late_drift_mean']}")
     return out
 
@@ -196,7 +217,7 @@ def plasticity_experiment(args: PlasticityArgs, run_dir: Path) -> dict:
 # ---- batch-size resilience (figure 10) ----------------------------------------------------------------------
 
 @dataclass
-class BatchSweepArgs(ExperimentArgs):
+class BatchSweepArgs(TrainingArgs):
     models: str = "salunet_c18,resnet18_bn"
     width: int = 16
     batch_sizes: str = "1,2,4,8,16,32,64,128,256"
@@ -237,13 +258,15 @@ def batch_sweep_experiment(args: BatchSweepArgs, run_dir: Path) -> dict:
             rs = [r for r in rows if r["model"] == model and r["batch_size"] == b]
             m, s = _mean_std([r["test_acc"] for r in rs])
             summary[model].append({"batch_size": b, "mean": m, "std": s, "diverged": sum(r["diverged"] for r in rs),
-                                   "seeds": len(rs), "lr": rs[0]["lr"]})
+                                   "seeds": len(rs), "finished": len(rs) - sum(r["diverged"] for r in rs),
+                                   "lr": rs[0]["lr"]})
     num_classes = 100 if args.data == "cifar100" else 10
     out = {"experiment": "batch-sweep", "args": asdict(args), "runs": rows, "summary": summary,
            "chance": 1 / num_classes, "title": f"batch-size resilience ({args.data}, {args.epochs} epochs)"}
     plots.plot_batch_sweep(out, run_dir / "batch_sweep.png")
     for model, srows in summary.items():
-        print(f"  {model}: " + "  ".join(f"b{r['batch_size']} {_fmt(r['mean'], r['std'])}" for r in srows))
+        print(f"  {model}: " + "  ".join(f"b{r['batch_size']} {_fmt(r['mean'], r['std'], r['finished'], r['seeds'])}"
+                                         for r in srows))
     return out
 
 
@@ -253,7 +276,7 @@ DEFAULT_PAIRS = "salu:swalu,batchnorm:relu,batchnorm:swalu,batchnorm+salu:swalu,
 
 
 @dataclass
-class AblationArgs(ExperimentArgs):
+class AblationArgs(TrainingArgs):
     model: str = "salunet_c18"  # the architecture; only norm/act change
     pairs: str = DEFAULT_PAIRS  # norm:act pairs
     width: int = 16
@@ -290,13 +313,14 @@ def ablation_experiment(args: AblationArgs, run_dir: Path) -> dict:
             emas.append(r["ema_test_acc"])
         m, s = _mean_std(accs)
         em, es = _mean_std(emas)
+        n_div = sum(a is None for a in accs)
         table.append({"label": f"{norm} + {act}", "norm": norm, "act": act, "mean": m, "std": s, "ema_mean": em,
-                      "ema_std": es, "diverged": sum(a is None for a in accs), "seeds": len(accs)})
+                      "ema_std": es, "diverged": n_div, "seeds": len(accs), "finished": len(accs) - n_div})
     out = {"experiment": "ablation", "args": asdict(args), "runs": rows, "table": table}
     plots.plot_grid_bars(table, run_dir / "ablation.png",
                          title=f"controlled ablation: {args.model} w{args.width or 'paper'}, {args.epochs} epochs")
     for t in table:
-        print(f"  {t['label']:24s} {_fmt(t['mean'], t['std'])}%  ({t['diverged']} diverged)")
+        print(f"  {t['label']:24s} {_fmt(t['mean'], t['std'], t['finished'], t['seeds'])}%")
     return out
 
 
@@ -310,15 +334,16 @@ INIT_GRID = {  # name -> model overrides (InitRules fields); "default" = the reg
     "salu-b0=1": {"salu_b0": 1.0},
     "salu-a0=1": {"salu_a0": 1.0},
     "block-gate-a0=1": {"block_gate_a0": 1.0},
+    "gate-b0=0.1": {"gate_b0": 0.1},  # SWALU's b0: a narrower gate (A = sqrt(a0/b0) ~ 3 instead of 10)
     "no-branch-scaling": {"branch_scaling": "none"},
 }
 
 
 @dataclass
-class InitStudyArgs(ExperimentArgs):
+class InitStudyArgs(TrainingArgs):
     model: str = "salunet_c18"
     width: int = 16
-    configs: str = ",".join(INIT_GRID)
+    configs: str = "default,naive,torch-conv-init,salu-b0=1,salu-a0=1,block-gate-a0=1,no-branch-scaling"
     lrs: str = "0.05,0.1"
     epochs: int = 1
     batch_size: int = 128
@@ -327,7 +352,8 @@ class InitStudyArgs(ExperimentArgs):
     seeds: int = 1
 
 
-@experiment("init-study", InitStudyArgs, full={"width": 0, "epochs": 5, "train_subset": 0, "seeds": 3})
+@experiment("init-study", InitStudyArgs,
+            full={"width": 0, "epochs": 5, "train_subset": 0, "test_subset": 0, "seeds": 3})
 def init_study_experiment(args: InitStudyArgs, run_dir: Path) -> dict:
     """First-epochs accuracy of a SaluNet over init choices (each default rule reverted one at a time, and all
     of them: the naive reconstruction of SPEC.md) and learning rates."""
@@ -346,14 +372,15 @@ def init_study_experiment(args: InitStudyArgs, run_dir: Path) -> dict:
             accs = [runs.run(f"{n}-lr{lr}-s{seed}", lr=lr,
                              seed=seed, model_overrides=INIT_GRID[n])["test_acc"] for seed in range(args.seeds)]
             m, s = _mean_std(accs)
+            n_div = sum(a is None for a in accs)
             table.append({"label": f"{n} @ lr {lr}", "config": n, "lr": lr, "overrides": INIT_GRID[n], "mean": m,
-                          "std": s, "diverged": sum(a is None for a in accs)})
+                          "std": s, "diverged": n_div, "seeds": len(accs), "finished": len(accs) - n_div})
     best = max((t for t in table if t["mean"] is not None), key=lambda t: t["mean"], default=None)
     out = {"experiment": "init-study", "args": asdict(args), "table": table, "best": best}
     plots.plot_grid_bars(table, run_dir / "init_study.png",
                          title=f"init study: {args.model} w{args.width}, {args.epochs} epoch(s)")
     for t in table:
-        print(f"  {t['label']:36s} {_fmt(t['mean'], t['std'])}%")
+        print(f"  {t['label']:36s} {_fmt(t['mean'], t['std'], t['finished'], t['seeds'])}%")
     if best:
         print(f"  best: {best['label']}")
     return out
@@ -367,7 +394,6 @@ class VarianceArgs(ExperimentArgs):
     dim: int = 256
     samples: int = 4096
     settings: str = "1:1,1.5:0.1,1:0.01,4:1"  # SALU a0:b0 pairs
-    seeds: int = 1
 
 
 @experiment("variance", VarianceArgs, full={"depth": 256, "dim": 1024, "samples": 16384})
@@ -417,7 +443,7 @@ class CheckpointArgs(ExperimentArgs):
     labels: str = ""  # comma-separated labels (default: the model names)
     ema: bool = False  # use the EMA weights
     images: int = 1000  # test images for the representation statistics
-    seeds: int = 1
+    data_path: str | None = None  # the data set's location if not the checkpoint's
 
 
 def _checkpoint_list(args: CheckpointArgs) -> list[tuple[Path, str]]:
@@ -444,8 +470,27 @@ def _checkpoint_list(args: CheckpointArgs) -> list[tuple[Path, str]]:
 
 
 def _stage_of(name: str) -> str:
-    head = name.split(".")[0]
-    return head if head.startswith(("layer", "stem", "embed", "layers", "head")) else "other"
+    """Stage of a module name: ResNets ``stem`` / ``layerK``; the ViT's ``layers.K`` is block ``layer{K+1}``
+    (as its ``stages()`` names them) and its final norm ``head``."""
+    parts = name.split(".")
+    if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit():
+        return f"layer{int(parts[1]) + 1}"
+    if parts[0] in ("stem", "embed") or re.fullmatch(r"layer\d+", parts[0]):
+        return parts[0]
+    return "head" if parts[0].startswith("head") else "other"
+
+
+def _downsampling(model: torch.nn.Module) -> set[str]:
+    """Names of the SALU-family modules inside residual blocks that change resolution (a strided conv)."""
+    from ..nn import SaluFamily
+
+    out = set()
+    for bname, block in model.named_modules():
+        if not hasattr(block, "branch_end"):
+            continue
+        if any(isinstance(m, torch.nn.Conv2d) and max(m.stride) > 1 for m in block.modules()):
+            out |= {f"{bname}.{n}" for n, m in block.named_modules() if isinstance(m, SaluFamily)}
+    return out
 
 
 @experiment("geometry", CheckpointArgs)
@@ -457,9 +502,10 @@ def geometry_experiment(args: CheckpointArgs, run_dir: Path) -> dict:
     for path, label in _checkpoint_list(args):
         model, meta, _ = model_from_checkpoint(path, ema=args.ema)
         layers = S.salu_geometry(model)
+        down = _downsampling(model)
         for l in layers:
             l["stage"] = _stage_of(l["name"])
-            l["downsample"] = "shortcut" in l["name"]
+            l["downsample"] = l["name"] in down
         ckpts.append({"checkpoint": str(path), "label": label or meta["config"]["model"], "epoch": meta["epoch"],
                       "layers": layers})
         if not layers:
@@ -481,20 +527,27 @@ def representation_experiment(args: CheckpointArgs, run_dir: Path) -> dict:
         raise ValueError(f"images must be >= 2, got {args.images}")
     ckpts = []
     for path, label in _checkpoint_list(args):
-        model, meta, _ = model_from_checkpoint(path, ema=args.ema)
+        from ..train.distributed import resolve_device
+
+        device = resolve_device(args.device)
+        model, meta, _ = model_from_checkpoint(path, device=device, ema=args.ema)
         cfg = meta["config"]
         arrays = load_arrays(cfg["data"], args.data_path or cfg["data_path"])
         x = torch.from_numpy(arrays.x_test[:args.images]).permute(0, 3, 1, 2).float()
         mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1)
         std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
-        x = (x - mean) / std
+        x = ((x - mean) / std).to(device)
         feats = capture_batches(model, [x[i:i + 250] for i in range(0, len(x), 250)])
         stages = {}
+        token_model = not isinstance(feats.get("stem"), torch.Tensor) or feats["stem"].dim() != 4
         for name, t in feats.items():
-            pooled = t.mean(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t
+            # one vector per image: maps (N, C, H, W) are averaged over space; token tensors (N, T, D) over
+            # tokens, their feature dim being the last
+            cdim = -1 if (t.dim() == 3 and token_model) or t.dim() == 2 else 1
+            pooled = t if t.dim() == 2 else (t.mean(1) if cdim == -1 else t.mean(dim=tuple(range(2, t.dim()))))
             spec = S.spectrum_stats(pooled)
-            mom = S.moments(t, channel_dim=1 if t.dim() > 2 else -1)
-            stages[name] = {**spec, **mom, "dormant_fraction": S.dormant_fraction(t, channel_dim=1)}
+            mom = S.moments(t, channel_dim=cdim)
+            stages[name] = {**spec, **mom, "dormant_fraction": S.dormant_fraction(t, channel_dim=cdim)}
         ckpts.append({"checkpoint": str(path), "label": label or cfg["model"], "epoch": meta["epoch"],
                       "images": len(x), "stages": stages})
     out = {"experiment": "representation", "args": asdict(args), "checkpoints": ckpts}
@@ -511,13 +564,11 @@ def representation_experiment(args: CheckpointArgs, run_dir: Path) -> dict:
 class CurvesArgs(ExperimentArgs):
     runs: str = ""  # comma-separated run directories
     labels: str = ""
-    seeds: int = 1
 
 
 @experiment("curves", CurvesArgs)
 def curves_experiment(args: CurvesArgs, run_dir: Path) -> dict:
     """Figure 5: test and EMA accuracy curves of several runs on one plot, from their metrics.jsonl."""
-    from ..plots import plot_curves
     from ..train.checkpoint import read_jsonl
 
     dirs = [Path(r.strip()).expanduser() for r in args.runs.split(",") if r.strip()]
@@ -532,7 +583,7 @@ def curves_experiment(args: CurvesArgs, run_dir: Path) -> dict:
         if not f.is_file():
             raise FileNotFoundError(f"{f}: no such file; is {d} a salunet run directory?")
         series[label] = read_jsonl(f)
-    plot_curves(series, run_dir / "curves.png", title="training curves")
+    plots.plot_curves(series, run_dir / "curves.png", title="training curves")
     return {"experiment": "curves", "args": asdict(args), "runs": {k: [str(d)] for k, d in zip(labels, dirs)},
             "final": {k: v[-1] if v else None for k, v in series.items()}}
 
@@ -550,7 +601,8 @@ def args_from_dict(name: str, values: dict):
     bad = sorted(set(values) - known)
     if bad:
         raise ValueError(f"experiment {name}: unknown option(s) {', '.join(bad)}; valid: {', '.join(sorted(known))}")
-    merged = dict(FULL[name]) if values.get("full") else {}
+    full = _coerce(name, "full", values.get("full", False), hints["full"])
+    merged = dict(FULL[name]) if full else {}
     merged.update(values)
     for k, v in merged.items():
         merged[k] = _coerce(name, k, v, hints[k])
@@ -586,7 +638,7 @@ def run_experiment(which: str, args=None, /, **values) -> dict:
     if args is None:
         args = args_from_dict(which, values)
     fn = EXPERIMENTS[which][1]
-    if args.seeds <= 0:
+    if getattr(args, "seeds", 1) <= 0:
         raise ValueError(f"seeds must be >= 1, got {args.seeds}")
     run_dir = Path(args.out).expanduser() / (args.name or f"{which}-{time.strftime('%Y%m%d-%H%M%S')}")
     if run_dir.exists() and any(run_dir.iterdir()):

@@ -1,11 +1,12 @@
-"""Figures of the analyses (matplotlib only, Agg backend). Each function takes the JSON-ready result dict an
-experiment wrote and a path; nothing here computes statistics, so figures can be redrawn from saved JSON."""
+"""Every figure of the project (matplotlib only, Agg backend): training curves and the analyses. Each function
+takes the JSON-ready rows / result dict that a run or an experiment wrote and a path; nothing here computes
+statistics, so figures can be redrawn from saved JSON."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-__all__ = ["plot_plasticity", "plot_batch_sweep", "plot_grid_bars", "plot_geometry", "plot_representation",
+__all__ = ["plot_curves", "plot_plasticity", "plot_batch_sweep", "plot_grid_bars", "plot_geometry", "plot_representation",
            "plot_variance"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -27,6 +28,29 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     _plt().close(fig)
     return path
+
+
+def plot_curves(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
+    """Figure 5 and every run's ``curves.png``: train / test loss and raw / EMA test accuracy per epoch of one
+    or more runs (``{label: metrics.jsonl rows}``)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (label, rows) in enumerate(runs.items()):
+        ep = [r["epoch"] for r in rows]
+        c = _COLORS[i % len(_COLORS)]
+        axes[0].plot(ep, [r["train_loss"] for r in rows], color=c, label=f"{label} train")
+        axes[0].plot(ep, [r["test_loss"] for r in rows], color=c, ls="--", label=f"{label} test")
+        axes[1].plot(ep, [100 * r["test_acc"] for r in rows], color=c, label=f"{label} raw")
+        if rows and rows[0].get("ema_test_acc") is not None:
+            axes[1].plot(ep, [100 * r["ema_test_acc"] for r in rows], color=c, ls=":", label=f"{label} EMA")
+    axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
+    axes[1].set(xlabel="epoch", ylabel="test accuracy (%)", title="accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
 
 
 def plot_plasticity(result: dict, path: Path) -> Path:

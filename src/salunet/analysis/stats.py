@@ -13,7 +13,10 @@ Definitions (**[decided]** where the paper gives only a name):
   iso = (sum l)^2 / (D sum l^2). 1 when every direction carries the same variance, 1/D when one direction
   carries it all, so it tends to 0 for collapsed features of large D. Unlike lambda_min / lambda_max it does not
   collapse to 0 because of a single dead direction, and it is the normalised form of the participation ratio
-  used for neural representations (Gao et al., 2017).
+  used for neural representations (Gao et al., 2017). Caveat: the sample covariance of N samples spreads the
+  eigenvalues of even isotropic features (Marchenko-Pastur), so iso ~ 1 / (1 + D/N) for isotropic Gaussian
+  features: 0.94 at D/N = 0.064, 0.66 at D/N = 0.5. Compare stages of different D only at N >> D, or at equal
+  D/N (``spectrum_stats`` records ``dims / samples``).
 - *Moments*: per channel (the statistic of each channel over every other axis), and pooled (over all elements);
   excess kurtosis is the fourth standardised moment minus 3 (0 for a Gaussian).
 - *Dormant units*: SALU-family units are never exactly 0, so "ReLU outputs 0" cannot define dormancy. A unit
@@ -78,8 +81,9 @@ def spectrum_stats(f: Tensor) -> dict:
     s = torch.linalg.svdvals(f)
     n, d = f.shape
     erank = _erank(s)
+    # after centring, N samples span at most N - 1 dimensions
     return {"effective_rank": erank, "isotropy": _iso(s, n, d), "dims": d, "samples": n,
-            "effective_rank_fraction": erank / min(n, d)}
+            "dims_per_sample": d / n, "effective_rank_fraction": erank / min(n - 1, d)}
 
 
 def moments(x: Tensor, channel_dim: int | None = 1) -> dict:

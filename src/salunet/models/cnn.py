@@ -41,10 +41,6 @@ class PlasticityCNN(nn.Module):
         """Named stages for analysis hooks: each PReLU's output."""
         return {"act1": self.act1, "act2": self.act2, "act3": self.act3}
 
-    def prelu_slopes(self) -> dict[str, torch.Tensor]:
-        """The learnable slope of every PReLU unit, by layer (empty for other activations)."""
-        return {n: m.weight.detach().flatten() for n, m in self.stages().items() if isinstance(m, nn.PReLU)}
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.act1(self.norm1(self.conv1(x))))  # (N, c1, H/2, W/2)
         x = self.pool(self.act2(self.norm2(self.conv2(x))))  # (N, c2, H/4, W/4)

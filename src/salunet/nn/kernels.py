@@ -101,11 +101,13 @@ def _salu_bwd(g, x, d):
 
 def _gate(s: Tensor, kind: str):
     """Return (p(s), p'(s)) for the gate kind: logistic (SWALU) or standard normal CDF (GALU).
-    erf, not erfc: it is vectorised by inductor and ATen, and s is bounded by A so no tail needs erfc."""
+    Phi(s) = erfc(-s/sqrt 2)/2 keeps relative precision in the left tail, where 0.5 + 0.5 erf(.) cancels to 0
+    for s < -5.5 (A = sqrt(a/b) is 10 at GALU's default init, so such s occur), which would turn
+    GALU(-inf) = -inf * Phi(-A) into NaN."""
     if kind == "sigmoid":
         p = torch.sigmoid(s)
         return p, p * (1.0 - p)
-    p = 0.5 + 0.5 * torch.erf(s * _INV_SQRT2)
+    p = 0.5 * torch.erfc(-s * _INV_SQRT2)
     return p, torch.exp(-0.5 * s * s) * _INV_SQRT_2PI
 
 
@@ -283,15 +285,13 @@ def _get_compiled(direction: str, op: str, x: Tensor, derived: Sequence[Tensor])
     return fn
 
 
-def _call_core(direction: str, op: str, *args: Tensor):
-    """Run the fwd/bwd math compiled or eagerly (the non-C++ paths); inputs already in the compute dtype."""
+def _call_core(path: str, direction: str, op: str, *args: Tensor):
+    """Run the fwd/bwd math on ``path`` ("compiled" or "eager"); inputs already in the compute dtype."""
     global _compile_failed
     core = _fwd_core if direction == "fwd" else _bwd_core
-    if torch.compiler.is_compiling():  # inside the user's compiled model: trace inline, let inductor fuse
+    if path == "eager" or torch.compiler.is_compiling():  # in a compiled model: trace inline, inductor fuses
         return core(op, *args)
     x = args[0] if direction == "fwd" else args[1]
-    if _path_for(x.device) == "eager":
-        return core(op, *args)
     derived = args[1:] if direction == "fwd" else args[2:]
     fn = _get_compiled(direction, op, x, derived)
     try:
@@ -331,9 +331,14 @@ def _cpp_layout(x: Tensor, pshape: tuple[int, ...]):
         return None
     cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(nd)
     dense = x.is_contiguous() or (cl is not None and x.is_contiguous(memory_format=cl))
-    if not axes:
+    if not axes:  # scalar parameters: blocks of >= 1024 contiguous elements, so that threads can share them
         x = x if dense else x.contiguous()
-        return x, 1, 1, x.numel()
+        inner = 1
+        for d in sorted(range(nd), key=lambda i: x.stride(i)):  # physical order, innermost first
+            if inner >= 1024:
+                break
+            inner *= x.shape[d]
+        return x, x.numel() // max(inner, 1), 1, max(inner, 1)
     k = axes[0]
     if not x.is_contiguous():
         if k == 1 and cl is not None and x.is_contiguous(memory_format=cl):
@@ -342,50 +347,24 @@ def _cpp_layout(x: Tensor, pshape: tuple[int, ...]):
     return x, math.prod(x.shape[:k]), x.shape[k], math.prod(x.shape[k + 1:])
 
 
-def _cpp_call(direction: str, op: str, log_params: bool, x: Tensor, params: Sequence[Tensor], g=None):
-    """Run the C++ kernel; None when the parameter layout is not per-channel (the caller falls back)."""
-    lay = _cpp_layout(x, broadcast_shape([p.shape for p in params]))
-    if lay is None:
-        return None
-    x, outer, C, inner = lay
-    flat = [p.detach().reshape(-1) for p in params]
-    limit = LOG_LIMIT if log_params else -1.0
-    ext = cpu_ext.load()
-    if direction == "fwd":
-        out = torch.empty_like(x)  # dense input: same strides, so the same memory order
-        ext.forward(_OP_CODE[op], x, flat, limit, out, outer, C, inner)
-        return out
-    g = g.to(x.dtype).contiguous(memory_format=_memory_format(x))
-    gx = torch.empty_like(x)
-    grads = ext.backward(_OP_CODE[op], g, x, flat, limit, gx, outer, C, inner)
-    return [gx, *[gp.view(p.shape) for gp, p in zip(grads, params)]]
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format that the kernels walk ``x`` in (the test ``_cpp_layout`` uses)."""
+    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl):
+        return cl
+    return torch.contiguous_format
 
 
-def _use_cpp(x: Tensor, params: Sequence[Tensor]) -> bool:
-    if torch.compiler.is_compiling() or _path_for(x.device) != "cpp":
-        return False
-    _report(x.device)
-    return all(p.device.type == "cpu" for p in params)
-
-
-def _forward(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor]) -> Tensor:
+def _forward(path: str, op: str, log_params: bool, x: Tensor, params: Sequence[Tensor]) -> Tensor:
     cdt = _compute_dtype(x, *params)
-    if _use_cpp(x, params):
-        y = _cpp_call("fwd", op, log_params, x if cdt != torch.float64 else x.to(cdt), params)
-        if y is not None:
-            return y.to(x.dtype)
     _, derived = _prepare(log_params, cdt, params)
-    return _call_core("fwd", op, x.to(cdt), *derived).to(x.dtype)
+    return _call_core(path, "fwd", op, x.to(cdt), *derived).to(x.dtype)
 
 
-def _backward(op: str, log_params: bool, g: Tensor, x: Tensor, params: Sequence[Tensor]):
+def _backward(path: str, op: str, log_params: bool, g: Tensor, x: Tensor, params: Sequence[Tensor]):
     cdt = _compute_dtype(x, *params)
-    if _use_cpp(x, params):
-        res = _cpp_call("bwd", op, log_params, x if cdt != torch.float64 else x.to(cdt), params, g)
-        if res is not None:
-            return [res[0].to(x.dtype), *res[1:]]
     ps, derived = _prepare(log_params, cdt, params)
-    gx, *gps = _call_core("bwd", op, g.to(cdt), x.to(cdt), *derived)
+    gx, *gps = _call_core(path, "bwd", op, g.to(cdt), x.to(cdt), *derived)
     out = [gx.to(x.dtype)]
     for gp, p, raw in zip(gps, ps, params):
         gp = gp.sum_to_size(raw.shape)
@@ -399,42 +378,56 @@ def _backward(op: str, log_params: bool, g: Tensor, x: Tensor, params: Sequence[
 # autograd
 
 class FusedFn(torch.autograd.Function):
-    """Custom autograd Function for every op in :data:`OPS`; saves only ``x`` and the parameters."""
+    """Autograd Function of the compiled and eager paths for every op in :data:`OPS`; saves only ``x`` and the
+    parameters. The path is fixed at forward time, so backward runs the same math whatever the mode is then.
+    (The C++ path has its own autograd node in C++: ``SaluFunction`` in csrc/salu_cpu.cpp.)"""
 
     @staticmethod
-    def forward(ctx, op: str, log_params: bool, x: Tensor, *params: Tensor) -> Tensor:
-        ctx.op, ctx.log_params = op, log_params
+    def forward(ctx, path: str, op: str, log_params: bool, x: Tensor, *params: Tensor) -> Tensor:
+        ctx.path, ctx.op, ctx.log_params = path, op, log_params
         ctx.save_for_backward(x, *params)
-        return _forward(op, log_params, x, params)
+        return _forward(path, op, log_params, x, params)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, *params = ctx.saved_tensors
-        grads = _backward(ctx.op, ctx.log_params, g.contiguous(memory_format=_memory_format(x)), x, params)
-        return (None, None, *grads)
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+        grads = _backward(ctx.path, ctx.op, ctx.log_params, g.contiguous(memory_format=_memory_format(x)), x,
+                          params)
+        return (None, None, None, *grads)
 
 
 def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False) -> Tensor:
     """Apply fused op ``op`` to ``x``; ``params`` are (a, b) or (a1, b1, a2, b2), or their logs if
-    ``log_params``. Parameters must broadcast against ``x``."""
+    ``log_params``. Parameters must broadcast against ``x`` and live on its device."""
     if op not in _NPARAMS:
         raise ValueError(f"unknown op {op!r}; use one of {', '.join(OPS)}")
     if len(params) != _NPARAMS[op]:
         raise ValueError(f"op {op!r} takes {_NPARAMS[op]} parameter tensors, got {len(params)}")
-    if _use_cpp(x, params):  # the whole autograd node in C++ (see csrc/salu_cpu.cpp, SaluFunction)
+    if any(p.device != x.device for p in params):
+        raise ValueError(f"{op}: parameters on {sorted({str(p.device) for p in params})} but input on {x.device}; "
+                         "move the module to the input's device (module.to(x.device))")
+    if torch.compiler.is_compiling():  # traced inline: inductor fuses the math with its neighbours
+        return FusedFn.apply("eager", op, log_params, x, *params)
+    path = _path_for(x.device)
+    _report(x.device)
+    if path == "cpp":
         y = _cpp_apply(op, log_params, x, params)
         if y is not None:
             return y
-    return FusedFn.apply(op, log_params, x, *params)
+        path = "eager"  # parameters varying along several axes (functional API only): no C++ layout
+        _log_once(f"{op}: parameters vary along more than one axis; the C++ kernels handle scalar or "
+                  "per-channel parameters, this call runs op by op")
+    return FusedFn.apply(path, op, log_params, x, *params)
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _reported:
+        _reported.add(msg)
+        log.info("salunet kernels: %s", msg)
 
 
 def _cpp_apply(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor]):
+    """The C++ autograd node; None when the parameter layout is not scalar / per-channel."""
     cdt = _compute_dtype(x, *params)
     xc = x if cdt != torch.float64 else x.to(cdt)
     lay = _cpp_layout(xc, broadcast_shape([p.shape for p in params]))

@@ -844,7 +844,7 @@ def _trim_metrics(path: Path, epochs_done: int) -> None:
 
 
 def _finish(run_dir: Path, cfg: TrainConfig) -> dict:
-    from ..plots import plot_curves
+    from ..analysis.plots import plot_curves
 
     rows = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     final = rows[-1] if rows else {}

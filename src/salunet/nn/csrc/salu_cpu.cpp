@@ -87,8 +87,8 @@ SALU_INLINE Stage<T> stage_at(const T* d, int64_t C, int64_t stage, int64_t c, i
 
 // Reciprocal and reciprocal square root in float: the hardware estimate (14 bits on AVX512, 12 on AVX2) refined
 // by one Newton step (~23 bits, within a few ulp), several times cheaper than the exact div / sqrt + div that
-// Vectorized::reciprocal / rsqrt issue. Arguments here are >= 1 and finite (1 + t^2, 1 + p|s|) or +inf (then the
-// estimate is 0 and stays 0, the right limit). double keeps the exact operations.
+// Vectorized::reciprocal / rsqrt issue. fast_rsqrt's argument 1 + t^2 is >= 1 and finite (t is clamped);
+// fast_rcp clamps its own argument (see there). double keeps the exact operations.
 SALU_INLINE Vectorized<float> fast_rsqrt(const Vectorized<float>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   Vectorized<float> y(_mm512_rsqrt14_ps(v));
@@ -98,7 +98,7 @@ SALU_INLINE Vectorized<float> fast_rsqrt(const Vectorized<float>& v) {
   return v.rsqrt();
 #endif
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  // y (1.5 - 0.5 v y^2), written so that v = inf (y = 0) gives 0 rather than inf * 0
+  // y (1.5 - 0.5 v y^2)
   auto hy = Vectorized<float>(0.5f) * y;
   return hy * (Vectorized<float>(3.f) - (v * y) * y);
 #endif
@@ -299,14 +299,29 @@ SALU_INLINE T hsum(const Vectorized<T>& v, int64_t n) {
 
 // Parameter gradients are accumulated per thread in double (acc[thread][k][c]) and summed at the end, so the
 // result does not depend on how blocks were split between threads beyond floating-point order.
+// Parallel loop over [0, n) in `chunks` contiguous pieces, f(chunk, begin, end): per-chunk accumulators are then
+// indexed by chunk number, which (unlike a thread id) cannot exceed their count whatever OpenMP runtime runs it.
+template <typename F>
+void for_chunks(int64_t n, int64_t chunks, F&& f) {
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t k = cb; k < ce; ++k) f(k, k * n / chunks, (k + 1) * n / chunks);
+  });
+}
+
+inline int64_t n_chunks(int64_t n, int64_t grain) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain));
+}
+
 template <int64_t OP, typename S, typename T>
 void backward_loop(const S* g, const S* x, S* gx, const T* d, int64_t outer, int64_t C,
                    int64_t inner, std::vector<double>& acc) {
   constexpr int64_t V = Vectorized<T>::size();
   constexpr int64_t np = 2 * n_stages(OP);
   if (inner > 1) {
-    at::parallel_for(0, outer * C, std::max<int64_t>(1, 32768 / inner), [&](int64_t begin, int64_t end) {
-      double* a = acc.data() + at::get_thread_num() * np * C;
+    const int64_t chunks = n_chunks(outer * C, std::max<int64_t>(1, 32768 / inner));
+    acc.assign(chunks * np * C, 0.0);
+    for_chunks(outer * C, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+      double* a = acc.data() + chunk * np * C;
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t c = blk % C;
         Stage<T> s1 = stage_at(d, C, 0, c, V, false), s2 = s1;
@@ -325,8 +340,10 @@ void backward_loop(const S* g, const S* x, S* gx, const T* d, int64_t outer, int
       }
     });
   } else {
-    at::parallel_for(0, outer, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
-      double* a = acc.data() + at::get_thread_num() * np * C;
+    const int64_t chunks = n_chunks(outer, std::max<int64_t>(1, 32768 / C));
+    acc.assign(chunks * np * C, 0.0);
+    for_chunks(outer, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+      double* a = acc.data() + chunk * np * C;
       // rows are summed in T over chunks of 64, then folded into the double accumulator
       std::vector<T> part(np * C, T(0));
       for (int64_t row = begin; row < end; ++row) {
@@ -345,7 +362,7 @@ void backward_loop(const S* g, const S* x, S* gx, const T* d, int64_t outer, int
             store<T, T>(pp, load<T, T>(pp, n) + gp[k], n);
           }
         }
-        if ((row - begin) % 64 == 63 || row == end - 1) {
+        if ((row - begin) % 64 == 63 || row == end - 1) {  // (an empty chunk never enters the loop)
           for (int64_t i = 0; i < np * C; ++i) { a[i] += static_cast<double>(part[i]); part[i] = T(0); }
         }
       }
@@ -442,9 +459,8 @@ std::vector<torch::Tensor> salu_backward(int64_t op, torch::Tensor g, torch::Ten
   check(x, params, op, outer, C, inner);
   TORCH_CHECK(g.scalar_type() == x.scalar_type() && g.numel() == x.numel(),
               "salunet cpu kernel: grad_output must match the input's dtype and size");
-  const int64_t nthreads = at::get_num_threads();
   const int64_t np = 2 * n_stages(op);
-  std::vector<double> acc(nthreads * np * C, 0.0), ab;
+  std::vector<double> acc, ab;  // acc: (chunks, np, C), sized by the loop
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "salu_backward", [&] {
     using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
     std::vector<T> d;
@@ -461,7 +477,7 @@ std::vector<torch::Tensor> salu_backward(int64_t op, torch::Tensor g, torch::Ten
     std::vector<double> o(n, 0.0);
     for (int64_t c = 0; c < C; ++c) {
       double v = 0;
-      for (int64_t t = 0; t < nthreads; ++t) v += acc[(t * np + k) * C + c];
+      for (int64_t t = 0; t < static_cast<int64_t>(acc.size()) / (np * C); ++t) v += acc[(t * np + k) * C + c];
       if (log_limit >= 0) v *= ab[k * C + c];  // d/dlog a = a d/da (straight through the clamp, like kernels.py)
       o[n > 1 ? c : 0] += v;
     }
@@ -500,6 +516,9 @@ struct SaluFunction : public torch::autograd::Function<SaluFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    TORCH_CHECK(!torch::GradMode::is_enabled(),
+                "salunet: the C++ SALU kernels have no double backward (create_graph=True); for higher-order "
+                "gradients use SALUNET_KERNELS=eager");
     auto saved = ctx->get_saved_variables();
     const auto& x = saved[0];
     const int64_t op = ctx->saved_data["op"].toInt();
