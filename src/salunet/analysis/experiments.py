@@ -648,7 +648,7 @@ def run_experiment(which: str, args=None, /, **values) -> dict:
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"salunet experiment {which}: {run_dir}")
-    t0 = time.time()
+    t0, commit = time.time(), _commit()  # the code that runs is the code at start
     try:
         result = fn(args, run_dir)
     except BaseException:
@@ -656,7 +656,7 @@ def run_experiment(which: str, args=None, /, **values) -> dict:
             run_dir.rmdir()
         raise
     result.update(seconds=round(time.time() - t0, 1), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                  commit=_commit())
+                  commit=commit)
     path = _write(run_dir, result)
     print(f"wrote {path} and {', '.join(sorted(p.name for p in run_dir.glob('*.png')))} "
           f"({result['seconds']:.0f} s)")
@@ -671,10 +671,17 @@ def _check_data(args) -> None:
 
 
 def _commit() -> str | None:
+    """The git commit of the package's checkout, with "+dirty" if it has uncommitted changes; None outside git."""
     import subprocess
 
+    def git(*a):
+        return subprocess.run(["git", *a], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
+        head = git("rev-parse", "--short", "HEAD").stdout.strip()
+        if not head:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
