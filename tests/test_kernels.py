@@ -330,3 +330,27 @@ def test_galu_left_tail_keeps_its_sign(path):
     kernels.set_kernel_mode(path)
     y = GALU()(torch.tensor([-float("inf"), -1e20]))
     assert y[0].item() == -float("inf") and y[1].item() < 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.empty(2, 3, 4, 5), lambda: torch.empty(2, 3, 4, 5).to(memory_format=torch.channels_last),
+    lambda: torch.empty(2, 3, 1, 1).to(memory_format=torch.channels_last), lambda: torch.empty(1, 3, 4, 1),
+    lambda: torch.empty(2, 3, 2, 4, 5).to(memory_format=torch.channels_last_3d), lambda: torch.empty(4, 6)[:, ::2],
+    lambda: torch.empty(5, 4).t(), lambda: torch.empty(3, 7, 24)])
+def test_layout_matches_memory_order(make):
+    """The cached (outer, C, inner) layout agrees with torch's contiguity and never claims a non-dense tensor."""
+    x = make()
+    for axis in (None, 1, x.dim() - 1):
+        lay = kernels._layout(tuple(x.shape), x.stride(), axis)
+        cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+        dense = x.is_contiguous() or (cl is not None and x.is_contiguous(memory_format=cl))
+        if not dense:
+            assert lay is None
+            continue
+        if lay is None:  # channels_last with channels off dim 1: the caller copies to contiguous
+            assert not x.is_contiguous() and axis not in (None, 1)
+            continue
+        outer, C, inner = lay
+        assert outer * C * inner == x.numel()
+        if axis is not None:
+            assert C == x.shape[axis]

@@ -37,6 +37,7 @@ neighbours (no graph break).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -320,35 +321,53 @@ def broadcast_shape(shapes) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _cpp_layout(x: Tensor, pshape: tuple[int, ...]):
-    """``(x, outer, C, inner)`` describing ``x`` in memory order with per-channel parameters of broadcast shape
-    ``pshape``, or None if the parameters vary along more than one axis (then the generic path runs). ``x`` is
-    made dense if it is not."""
-    nd = x.dim()
-    aligned = (1,) * (nd - len(pshape)) + tuple(pshape)
+def _param_axis(x_dim: int, pshape: tuple[int, ...]) -> int | None | bool:
+    """The axis of ``x`` along which parameters of broadcast shape ``pshape`` vary: an int, None for scalar
+    parameters, False if they vary along several axes (no C++ layout)."""
+    aligned = (1,) * (x_dim - len(pshape)) + tuple(pshape)
     axes = [i for i, n in enumerate(aligned) if n != 1]
-    if len(axes) > 1:
+    return False if len(axes) > 1 else (axes[0] if axes else None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(shape: tuple[int, ...], stride: tuple[int, ...], axis: int | None):
+    """(outer, C, inner) of a tensor of ``shape`` / ``stride`` in memory order, parameters per channel along
+    ``axis`` (None: scalar), or None if the tensor is not dense in a supported order (then it is made contiguous
+    first). Cached: a network meets a handful of shapes, and this runs for every call."""
+    nd = len(shape)
+    numel = math.prod(shape)
+    contiguous = _dense_in_order(shape, stride, range(nd - 1, -1, -1))
+    channels_last = nd in (4, 5) and not contiguous and _dense_in_order(shape, stride, [1, *range(nd - 1, 1, -1), 0])
+    if not (contiguous or channels_last):
         return None
-    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(nd)
-    dense = x.is_contiguous() or (cl is not None and x.is_contiguous(memory_format=cl))
-    if not axes:  # scalar parameters: blocks of >= 1024 contiguous elements, so that threads can share them
-        x = x if dense else x.contiguous()
+    if axis is None:  # scalar parameters: blocks of >= 1024 contiguous elements, so that threads can share them
         inner = 1
-        for d in sorted(range(nd), key=lambda i: x.stride(i)):  # physical order, innermost first
+        for d in sorted(range(nd), key=lambda i: stride[i]):  # physical order, innermost first
             if inner >= 1024:
                 break
-            inner *= x.shape[d]
-        return x, x.numel() // max(inner, 1), 1, max(inner, 1)
-    k = axes[0]
-    if not x.is_contiguous():
-        if k == 1 and cl is not None and x.is_contiguous(memory_format=cl):
-            return x, x.numel() // x.shape[1], x.shape[1], 1  # (N, *spatial, C) in memory
-        x = x.contiguous()
-    return x, math.prod(x.shape[:k]), x.shape[k], math.prod(x.shape[k + 1:])
+            inner *= shape[d]
+        inner = max(inner, 1)
+        return numel // inner, 1, inner
+    if channels_last:
+        if axis != 1:
+            return None
+        return numel // shape[1], shape[1], 1  # (N, *spatial, C) in memory
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+
+
+def _dense_in_order(shape, stride, order) -> bool:
+    """Whether the tensor is dense with its dims laid out innermost-first in ``order`` (size-1 dims ignored):
+    reversed dims for contiguous, (1, last, ..., 2, 0) for channels_last / channels_last_3d."""
+    expect = 1
+    for d in order:
+        if shape[d] != 1 and stride[d] != expect:
+            return False
+        expect *= shape[d]
+    return True
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    """The memory format that the kernels walk ``x`` in (the test ``_cpp_layout`` uses)."""
+    """The memory format that the kernels walk ``x`` in (the test ``_layout`` uses)."""
     cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
     if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl):
         return cl
@@ -396,9 +415,13 @@ class FusedFn(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False) -> Tensor:
+def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: int | None | bool = False) -> Tensor:
     """Apply fused op ``op`` to ``x``; ``params`` are (a, b) or (a1, b1, a2, b2), or their logs if
-    ``log_params``. Parameters must broadcast against ``x`` and live on its device."""
+    ``log_params``. Parameters must broadcast against ``x`` and live on its device.
+
+    ``axis`` (modules only): the parameters are 1-D (or 0-d) vectors of the channels along that dim of ``x``
+    (None: scalars); then they are passed to the C++ kernels as they are, and viewed for broadcasting only on the
+    other paths. The default (False) means "broadcast ``params`` against ``x``", the functional API's contract."""
     if op not in _NPARAMS:
         raise ValueError(f"unknown op {op!r}; use one of {', '.join(OPS)}")
     if len(params) != _NPARAMS[op]:
@@ -406,18 +429,45 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False) -> Tens
     if any(p.device != x.device for p in params):
         raise ValueError(f"{op}: parameters on {sorted({str(p.device) for p in params})} but input on {x.device}; "
                          "move the module to the input's device (module.to(x.device))")
+    if axis is not False and axis is not None:
+        axis %= x.dim()
     if torch.compiler.is_compiling():  # traced inline: inductor fuses the math with its neighbours
-        return FusedFn.apply("eager", op, log_params, x, *params)
+        return FusedFn.apply("eager", op, log_params, x, *_broadcastable(params, x, axis))
     path = _path_for(x.device)
     _report(x.device)
     if path == "cpp":
-        y = _cpp_apply(op, log_params, x, params)
-        if y is not None:
-            return y
+        if axis is False:
+            axis = _param_axis(x.dim(), broadcast_shape([p.shape for p in params]))
+        if axis is not False:
+            return _cpp_apply(op, log_params, x, params, axis)
         path = "eager"  # parameters varying along several axes (functional API only): no C++ layout
         _log_once(f"{op}: parameters vary along more than one axis; the C++ kernels handle scalar or "
                   "per-channel parameters, this call runs op by op")
-    return FusedFn.apply(path, op, log_params, x, *params)
+    return FusedFn.apply(path, op, log_params, x, *_broadcastable(params, x, axis))
+
+
+def _broadcastable(params: Sequence[Tensor], x: Tensor, axis) -> Sequence[Tensor]:
+    """Per-channel parameter vectors viewed as (C, 1, ..., 1) to broadcast along ``axis`` of ``x``."""
+    if axis is False or axis is None:
+        return params
+    shape = (-1,) + (1,) * (x.dim() - axis - 1)
+    return [p.view(shape) if p.dim() else p for p in params]
+
+
+def _cpp_apply(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor], axis: int | None) -> Tensor:
+    """The C++ autograd node (csrc/salu_cpu.cpp, SaluFunction)."""
+    cdt = _compute_dtype(x, *params)
+    xc = x if cdt != torch.float64 else x.to(cdt)
+    lay = _layout(tuple(xc.shape), xc.stride(), axis)
+    if lay is None:
+        xc = xc.contiguous()
+        lay = _layout(tuple(xc.shape), xc.stride(), axis)
+    # single-stage ops pass (a, b) again in the second slots: autograd cannot take undefined tensors as inputs,
+    # and the node returns no gradient for those slots
+    a2, b2 = (params[2], params[3]) if len(params) == 4 else (params[0], params[1])
+    y = cpu_ext.load().apply(xc, params[0], params[1], a2, b2, _OP_CODE[op], LOG_LIMIT if log_params else -1.0,
+                             *lay)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _log_once(msg: str) -> None:
@@ -425,18 +475,3 @@ def _log_once(msg: str) -> None:
         _reported.add(msg)
         log.info("salunet kernels: %s", msg)
 
-
-def _cpp_apply(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor]):
-    """The C++ autograd node; None when the parameter layout is not scalar / per-channel."""
-    cdt = _compute_dtype(x, *params)
-    xc = x if cdt != torch.float64 else x.to(cdt)
-    lay = _cpp_layout(xc, broadcast_shape([p.shape for p in params]))
-    if lay is None:
-        return None
-    xd, outer, C, inner = lay
-    # single-stage ops pass (a, b) again in the second slots: autograd cannot take undefined tensors as inputs,
-    # and the node returns no gradient for those slots
-    a2, b2 = (params[2], params[3]) if len(params) == 4 else (params[0], params[1])
-    y = cpu_ext.load().apply(xd, params[0], params[1], a2, b2, _OP_CODE[op], LOG_LIMIT if log_params else -1.0,
-                             outer, C, inner)
-    return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -84,9 +84,17 @@ class SaluFamily(nn.Module):
         return torch.exp(-0.5 * (la + lb))
 
     def param_views(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(log_a, log_b) viewed to broadcast against ``x`` along ``self.dim``."""
-        if self.num_features is None:
+        """(log_a, log_b) viewed to broadcast against ``x`` along ``self.dim`` (for the functional API)."""
+        d = self.channel_axis(x)
+        if d is None:
             return self.log_a, self.log_b
+        shape = (self.num_features,) + (1,) * (x.dim() - d - 1)
+        return self.log_a.view(shape), self.log_b.view(shape)
+
+    def channel_axis(self, x: Tensor) -> int | None:
+        """The dim of ``x`` that holds the channels (None for scalar parameters), checked against the shape."""
+        if self.num_features is None:
+            return None
         nd = x.dim()
         if not -nd <= self.dim < nd:
             raise ValueError(f"{type(self).__name__}: dim={self.dim} is out of range for an input of "
@@ -95,11 +103,10 @@ class SaluFamily(nn.Module):
         if x.shape[d] != self.num_features:
             raise ValueError(f"{type(self).__name__}: expected {self.num_features} channels along dim "
                              f"{self.dim}, got {x.shape[d]} (input shape {tuple(x.shape)})")
-        shape = (self.num_features,) + (1,) * (nd - d - 1)
-        return self.log_a.view(shape), self.log_b.view(shape)
+        return d
 
     def forward(self, x: Tensor) -> Tensor:
-        return kernels.fused(self.op, x, *self.param_views(x), log_params=True)
+        return kernels.fused(self.op, x, self.log_a, self.log_b, log_params=True, axis=self.channel_axis(x))
 
     def extra_repr(self) -> str:
         n = "scalar" if self.num_features is None else f"{self.num_features}, dim={self.dim}"
@@ -147,4 +154,8 @@ class SALUAct(nn.Module):
         self.op = "salu_swalu" if isinstance(act, SWALU) else "salu_galu"
 
     def forward(self, x: Tensor) -> Tensor:
-        return kernels.fused(self.op, x, *self.norm.param_views(x), *self.act.param_views(x), log_params=True)
+        d = self.norm.channel_axis(x)
+        if self.act.channel_axis(x) != d:
+            raise ValueError(f"SALUAct: norm and act see different channel dims ({d} and {self.act.channel_axis(x)})")
+        return kernels.fused(self.op, x, self.norm.log_a, self.norm.log_b, self.act.log_a, self.act.log_b,
+                             log_params=True, axis=d)

@@ -35,6 +35,10 @@ using at::vec::Vectorized;
 // the per-vector math must inline into the loops: as calls, the 512-bit temporaries go through the stack
 #define SALU_INLINE inline __attribute__((always_inline))
 
+// Elements per parallel task: the gates cost ~60 vector instructions per 16 elements, so a 32K-element tensor is
+// worth two threads (ATen's 32768 suits memory-bound ops; a parallel region costs a few microseconds).
+constexpr int64_t kGrain = 4096;
+
 enum Op : int64_t { SALU = 0, SWALU = 1, GALU = 2, SALU_SWALU = 3, SALU_GALU = 4 };
 
 constexpr bool is_pair(int64_t op) { return op == SALU_SWALU || op == SALU_GALU; }
@@ -259,7 +263,7 @@ template <int64_t OP, typename S, typename T>
 void forward_loop(const S* x, S* y, const T* d, int64_t outer, int64_t C, int64_t inner) {
   constexpr int64_t V = Vectorized<T>::size();
   if (inner > 1) {  // blocks of `inner` elements share channel c
-    at::parallel_for(0, outer * C, std::max<int64_t>(1, 32768 / inner), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, outer * C, std::max<int64_t>(1, kGrain / inner), [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t c = blk % C;
         Stage<T> s1 = stage_at(d, C, 0, c, V, false), s2 = s1;
@@ -273,7 +277,7 @@ void forward_loop(const S* x, S* y, const T* d, int64_t outer, int64_t C, int64_
       }
     });
   } else {  // rows of C channels, vectorised along C
-    at::parallel_for(0, outer, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, outer, std::max<int64_t>(1, kGrain / C), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const S* xp = x + row * C;
         S* yp = y + row * C;
@@ -318,7 +322,7 @@ void backward_loop(const S* g, const S* x, S* gx, const T* d, int64_t outer, int
   constexpr int64_t V = Vectorized<T>::size();
   constexpr int64_t np = 2 * n_stages(OP);
   if (inner > 1) {
-    const int64_t chunks = n_chunks(outer * C, std::max<int64_t>(1, 32768 / inner));
+    const int64_t chunks = n_chunks(outer * C, std::max<int64_t>(1, kGrain / inner));
     acc.assign(chunks * np * C, 0.0);
     for_chunks(outer * C, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
       double* a = acc.data() + chunk * np * C;
@@ -340,7 +344,7 @@ void backward_loop(const S* g, const S* x, S* gx, const T* d, int64_t outer, int
       }
     });
   } else {
-    const int64_t chunks = n_chunks(outer, std::max<int64_t>(1, 32768 / C));
+    const int64_t chunks = n_chunks(outer, std::max<int64_t>(1, kGrain / C));
     acc.assign(chunks * np * C, 0.0);
     for_chunks(outer, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
       double* a = acc.data() + chunk * np * C;
