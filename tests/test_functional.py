@@ -87,3 +87,34 @@ def test_bad_inputs():
         F.salu(x, torch.ones(()), torch.ones(()), impl="nope")
     with pytest.raises(TypeError, match="floating-point"):
         F.salu(torch.ones(3, dtype=torch.long), torch.ones(()), torch.ones(()))
+
+
+RESIDUAL = {"salu_add_swalu": (F.salu_add_swalu, F.swalu_reference), "salu_add_galu": (F.salu_add_galu, F.galu_reference)}
+
+
+@pytest.mark.parametrize("op", RESIDUAL)
+def test_residual_tail_gradcheck_and_reference(op, path):
+    """gate(SALU(x) + r) in one pass: float64 gradcheck for x, r and all four parameters, and equality with the
+    plain formula in value and gradient."""
+    fused, gate_ref = RESIDUAL[op]
+    x = (torch.randn(2, 3, 4, 4, dtype=torch.float64) * 2).requires_grad_()
+    r = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    ps = [_params((3, 1, 1)) for _ in range(4)]
+    assert gradcheck(lambda *t: fused(*t), (x, r, *ps))
+    g = torch.randn_like(x)
+    y1 = fused(x, r, *ps)
+    y2 = gate_ref(F.salu_reference(x, ps[0], ps[1]) + r, ps[2], ps[3])
+    torch.testing.assert_close(y1, y2, rtol=1e-12, atol=1e-12)
+    for g1, g2 in zip(torch.autograd.grad(y1, (x, r, *ps), g), torch.autograd.grad(y2, (x, r, *ps), g)):
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+
+
+def test_residual_is_checked():
+    x, ones = torch.randn(2, 3), torch.ones(())
+    with pytest.raises(ValueError, match="residual"):
+        F.salu_add_swalu(x, torch.randn(3, 2), ones, ones, ones, ones)
+    from salunet.nn import kernels
+    with pytest.raises(ValueError, match="residual is required"):
+        kernels.fused("salu_add_galu", x, ones, ones, ones, ones)
+    with pytest.raises(ValueError, match="not taken"):
+        kernels.fused("salu", x, ones, ones, residual=x)

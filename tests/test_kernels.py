@@ -223,7 +223,17 @@ def test_saved_bytes_at_most_input(path):
 def test_torch_compile_model_fullgraph():
     """A user's compiled model containing SALU layers compiles without graph breaks (fullgraph=True raises
     on any break) and matches eager."""
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), SALUAct(SALU(4), SWALU(4)),
+    from salunet.nn import SALUAddAct
+
+    class Block(torch.nn.Module):  # a residual tail, as in the ResNets
+        def __init__(self):
+            super().__init__()
+            self.conv, self.tail = torch.nn.Conv2d(4, 4, 3, padding=1), SALUAddAct(SALU(4), SWALU(4))
+
+        def forward(self, x):
+            return self.tail(self.conv(x), x)
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), SALUAct(SALU(4), SWALU(4)), Block(),
                                 torch.nn.Conv2d(4, 4, 3, padding=1), SALU(4), GALU(4))
     x = torch.randn(2, 3, 8, 8)
     ref = model(x)
@@ -354,3 +364,28 @@ def test_layout_matches_memory_order(make):
         assert outer * C * inner == x.numel()
         if axis is not None:
             assert C == x.shape[axis]
+
+
+@pytest.mark.parametrize("act", [SWALU, GALU])
+@pytest.mark.parametrize("mode", ["cpp", "compiled", "eager"])
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last", "tokens"])
+def test_residual_tail_matches_unfused(act, mode, layout):
+    """SALUAddAct(x, r) == act(norm(x) + r) in value and in the gradients of x, r and every parameter, on every
+    path and layout (the residual may arrive in another layout than x)."""
+    from salunet.nn import SALUAddAct
+
+    dim = -1 if layout == "tokens" else 1
+    m = _randomise(SALUAddAct(SALU(8, dim=dim), act(8, dim=dim)))
+    x = torch.randn(3, 7, 8) * 3 if layout == "tokens" else torch.randn(2, 8, 5, 5) * 3
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    r = torch.randn(x.shape)  # contiguous even when x is channels_last
+    g = torch.randn(x.shape)
+    outs = {}
+    for which in ("fused", "unfused"):
+        kernels.set_kernel_mode(mode if which == "fused" else "eager")
+        xx, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+        y = m(xx, rr) if which == "fused" else m.act(m.norm(xx) + rr)
+        outs[which] = (y, *torch.autograd.grad(y, (xx, rr, *m.parameters()), g))
+    for a, b in zip(outs["fused"], outs["unfused"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -174,12 +174,12 @@ def test_user_init_wins_over_the_table():
     blocks = len(m.layer1)  # the branch gain is branch_a0 / sqrt(blocks in the stage)
     table = MODEL_CONFIGS["salunet_c50"].init.branch_a0
     assert table != InitRules().branch_a0  # otherwise this test could not tell who won
-    assert _salu_a(m, "layer1.0.norm3") == pytest.approx(table / blocks**0.5, rel=1e-5)
+    assert _salu_a(m, "layer1.0.tail.norm") == pytest.approx(table / blocks**0.5, rel=1e-5)
     m = create_model("salunet_c50", num_classes=10, width=4, init=InitRules(branch_a0=2.0, salu_a0=0.9))
-    assert _salu_a(m, "layer1.0.norm3") == pytest.approx(2.0 / blocks**0.5, rel=1e-5)
+    assert _salu_a(m, "layer1.0.tail.norm") == pytest.approx(2.0 / blocks**0.5, rel=1e-5)
     assert _salu_a(m, "layer1.0.na1.norm") == pytest.approx(0.9, rel=1e-5)
     m = create_model("salunet_c50", num_classes=10, width=4, init=InitRules(branch_a0=2.0), branch_a0=3.0)
-    assert _salu_a(m, "layer1.0.norm3") == pytest.approx(3.0 / blocks**0.5, rel=1e-5)
+    assert _salu_a(m, "layer1.0.tail.norm") == pytest.approx(3.0 / blocks**0.5, rel=1e-5)
     m = create_model("salunet_t", num_classes=10, width=24, depth=1, salu_b0=0.3)
     assert dict(m.named_modules())["head_norm"].b.flatten()[0].item() == pytest.approx(0.3, rel=1e-5)
 

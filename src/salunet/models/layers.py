@@ -26,10 +26,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..nn import GALU, SALU, SALUAct, SWALU
+from ..nn import GALU, SALU, SALUAct, SALUAddAct, SWALU
 
-__all__ = ["NORMS", "ACTS", "get_norm_layer", "get_act_layer", "norm_act", "LayerNorm2d", "TokenBatchNorm",
-           "LayerFactory"]
+__all__ = ["NORMS", "ACTS", "get_norm_layer", "get_act_layer", "norm_act", "norm_add_act", "NormAddAct",
+           "LayerNorm2d", "TokenBatchNorm", "LayerFactory"]
 
 LayerFactory = Callable[..., nn.Module]
 
@@ -144,6 +144,27 @@ def get_norm_layer(layer: str | LayerFactory) -> LayerFactory:
 
 def get_act_layer(layer: str | LayerFactory) -> LayerFactory:
     return _resolve("act_layer", ACTS, layer)
+
+
+class NormAddAct(nn.Module):
+    """``act(norm(x) + residual)`` for any norm and activation: the tail of a residual block. With a SALU and a
+    SWALU/GALU, :func:`norm_add_act` builds the fused :class:`~salunet.nn.SALUAddAct` instead (same children)."""
+
+    def __init__(self, norm: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.act = norm, act
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(x) + residual)
+
+
+def norm_add_act(norm: LayerFactory, act: LayerFactory, c: int, *, dim: int = 1) -> nn.Module:
+    """``act(norm(x) + residual)`` for ``c`` channels; one fused pass when it is SALU followed by SWALU/GALU.
+    The children are ``norm`` and ``act`` in both cases, so weights move between the two forms."""
+    n, a = norm(c, dim=dim), act(c, dim=dim)
+    if isinstance(n, SALU) and isinstance(a, (SWALU, GALU)):
+        return SALUAddAct(n, a)
+    return NormAddAct(n, a)
 
 
 def norm_act(norm: LayerFactory, act: LayerFactory, c: int, *, dim: int = 1) -> nn.Module:

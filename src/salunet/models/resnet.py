@@ -6,7 +6,8 @@ Paper: arXiv 2606.02927, section "models" as summarised in SPEC.md section 2.
 - ImageNet ResNet-50: 7x7/2 stem + 3x3/2 max-pool, Bottleneck x[3, 4, 6, 3] (stride on the 3x3, "v1.5",
   as torchvision), 25,557,032 parameters for 1000 classes.
 SaluNet swaps every norm for SALU (the shortcut's too) and every ReLU for SWALU; SALU -> SWALU pairs run as
-one fused kernel (:class:`salunet.nn.SALUAct`).
+one fused kernel (:class:`salunet.nn.SALUAct`), and so does each block's tail, act(norm(branch) + shortcut)
+(:class:`salunet.nn.SALUAddAct`); the BN twin has the same modules (``tail.norm``, ``tail.act``) unfused.
 
 Initialisation (**[decided]**, SPEC.md "Trainability at initialisation"): :class:`~.init.InitRules`, applied by
 :func:`~.init.init_model`, the same mechanism as the ViT's; :mod:`salunet.models.init` gives the reason for
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .init import InitRules, ResNetInit, init_model
-from .layers import LayerFactory, norm_act
+from .layers import LayerFactory, norm_act, norm_add_act
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "ResNetInit", "BLOCKS", "STEMS"]
 
@@ -46,21 +47,19 @@ class BasicBlock(nn.Module):
         self.conv1 = conv3x3(cin, ch, stride)
         self.na1 = norm_act(norm, act, ch)
         self.conv2 = conv3x3(ch, ch)
-        self.norm2 = norm(ch, dim=1)  # end of the residual branch
         self.shortcut = _shortcut(cin, ch, stride, norm)
-        self.act = act(ch, dim=1)
+        self.tail = norm_add_act(norm, act, ch)  # act(norm(branch) + shortcut): one fused pass for SaluNets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.norm2(self.conv2(self.na1(self.conv1(x))))
-        return self.act(out + self.shortcut(x))
+        return self.tail(self.conv2(self.na1(self.conv1(x))), self.shortcut(x))
 
     @property
     def branch_end(self) -> nn.Module:
-        return self.norm2
+        return self.tail.norm
 
     @property
     def out_act(self) -> nn.Module:
-        return self.act
+        return self.tail.act
 
 
 class Bottleneck(nn.Module):
@@ -73,21 +72,19 @@ class Bottleneck(nn.Module):
         self.conv2 = conv3x3(ch, ch, stride)
         self.na2 = norm_act(norm, act, ch)
         self.conv3 = conv1x1(ch, ch * 4)
-        self.norm3 = norm(ch * 4, dim=1)  # end of the residual branch
         self.shortcut = _shortcut(cin, ch * 4, stride, norm)
-        self.act = act(ch * 4, dim=1)
+        self.tail = norm_add_act(norm, act, ch * 4)  # act(norm(branch) + shortcut)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.norm3(self.conv3(self.na2(self.conv2(self.na1(self.conv1(x))))))
-        return self.act(out + self.shortcut(x))
+        return self.tail(self.conv3(self.na2(self.conv2(self.na1(self.conv1(x))))), self.shortcut(x))
 
     @property
     def branch_end(self) -> nn.Module:
-        return self.norm3
+        return self.tail.norm
 
     @property
     def out_act(self) -> nn.Module:
-        return self.act
+        return self.tail.act
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import kernels
 
-__all__ = ["salu", "swalu", "galu", "salu_swalu", "salu_galu", "salu_reference", "swalu_reference",
+__all__ = ["salu", "swalu", "galu", "salu_swalu", "salu_galu", "salu_add_swalu", "salu_add_galu", "salu_reference", "swalu_reference",
            "galu_reference"]
 
 _IMPLS = ("fused", "reference")
@@ -37,13 +37,14 @@ def _check(name: str, x: Tensor, params: tuple[Tensor, ...]) -> None:
         raise TypeError(f"{name}: input must be a floating-point tensor, got {x.dtype}")
 
 
-def _dispatch(op: str, x: Tensor, params: tuple[Tensor, ...], impl: str, reference) -> Tensor:
+def _dispatch(op: str, x: Tensor, params: tuple[Tensor, ...], impl: str, reference,
+              residual: Tensor | None = None) -> Tensor:
     if not torch.compiler.is_compiling():
         _check(op, x, params)
     if impl == "fused":
-        return kernels.fused(op, x, *params)
+        return kernels.fused(op, x, *params, residual=residual)
     if impl == "reference":
-        return reference(x, *params)
+        return reference(x, *params) if residual is None else reference(x, residual, *params)
     raise ValueError(f"{op}: unknown impl {impl!r}; use one of {', '.join(_IMPLS)}")
 
 
@@ -88,3 +89,18 @@ def salu_galu(x: Tensor, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, *, impl
     """GALU(SALU(x; a1, b1); a2, b2) in one pass (saves only ``x`` for backward)."""
     return _dispatch("salu_galu", x, (a1, b1, a2, b2), impl,
                      lambda x, a1, b1, a2, b2: galu_reference(salu_reference(x, a1, b1), a2, b2))
+
+
+def salu_add_swalu(x: Tensor, residual: Tensor, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, *,
+                   impl: str = "fused") -> Tensor:
+    """SWALU(SALU(x; a1, b1) + residual; a2, b2) in one pass: a residual block's tail (the norm closing the
+    branch, the sum with the shortcut, the gate). Saves ``x`` and ``residual`` for backward."""
+    return _dispatch("salu_add_swalu", x, (a1, b1, a2, b2), impl,
+                     lambda x, r, a1, b1, a2, b2: swalu_reference(salu_reference(x, a1, b1) + r, a2, b2), residual)
+
+
+def salu_add_galu(x: Tensor, residual: Tensor, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, *,
+                  impl: str = "fused") -> Tensor:
+    """GALU(SALU(x; a1, b1) + residual; a2, b2) in one pass (see :func:`salu_add_swalu`)."""
+    return _dispatch("salu_add_galu", x, (a1, b1, a2, b2), impl,
+                     lambda x, r, a1, b1, a2, b2: galu_reference(salu_reference(x, a1, b1) + r, a2, b2), residual)

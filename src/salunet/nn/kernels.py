@@ -54,8 +54,9 @@ __all__ = ["OPS", "LOG_LIMIT", "FusedFn", "fused", "get_kernel_mode", "set_kerne
 
 log = logging.getLogger("salunet.kernels")
 
-OPS = ("salu", "swalu", "galu", "salu_swalu", "salu_galu")
-_NPARAMS = {"salu": 2, "swalu": 2, "galu": 2, "salu_swalu": 4, "salu_galu": 4}
+OPS = ("salu", "swalu", "galu", "salu_swalu", "salu_galu", "salu_add_swalu", "salu_add_galu")
+_NPARAMS = {"salu": 2, "swalu": 2, "galu": 2, "salu_swalu": 4, "salu_galu": 4, "salu_add_swalu": 4, "salu_add_galu": 4}
+RESIDUAL_OPS = ("salu_add_swalu", "salu_add_galu")  # gate(SALU(x) + residual): a residual block's tail
 LOG_LIMIT = 30.0  # |log a|, |log b| are clamped to this: a, b in [1e-13, 1e13]
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -130,21 +131,27 @@ def _gate_bwd(g, x, d, kind):
     return gx, ga, gb
 
 
-_GATE_KIND = {"swalu": "sigmoid", "galu": "normal", "salu_swalu": "sigmoid", "salu_galu": "normal"}
+_GATE_KIND = {"swalu": "sigmoid", "galu": "normal", "salu_swalu": "sigmoid", "salu_galu": "normal",
+              "salu_add_swalu": "sigmoid", "salu_add_galu": "normal"}
 
 
-def _fwd_core(op: str, x: Tensor, *d: Tensor) -> Tensor:
-    """Forward on compute-dtype ``x`` and the derived quantities ``d`` (5 per SALU stage)."""
+def _fwd_core(op: str, x: Tensor, res: Tensor | None, *d: Tensor) -> Tensor:
+    """Forward on compute-dtype ``x`` (and ``res``, the residual of RESIDUAL_OPS, else None) and the derived
+    quantities ``d`` (5 per SALU stage)."""
     if op == "salu":
         return _salu_fwd(x, d)
     if op in ("swalu", "galu"):
         return _gate_fwd(x, d, _GATE_KIND[op])
     z = _salu_fwd(x, d[:5])
+    if res is not None:
+        z = z + res
     return _gate_fwd(z, d[5:], _GATE_KIND[op])
 
 
-def _bwd_core(op: str, g: Tensor, x: Tensor, *d: Tensor):
-    """Return (dL/dx, dL/da1, dL/db1[, dL/da2, dL/db2]), parameter gradients reduced to their shapes."""
+def _bwd_core(op: str, g: Tensor, x: Tensor, res: Tensor | None, *d: Tensor):
+    """Return (dL/dx, dL/dres or None, dL/da1, dL/db1[, dL/da2, dL/db2]), parameter gradients reduced to the
+    derived quantities' shapes."""
+    gres = None
     if op == "salu":
         gx, ga, gb = _salu_bwd(g, x, d)
         gps = [ga, gb]
@@ -152,14 +159,17 @@ def _bwd_core(op: str, g: Tensor, x: Tensor, *d: Tensor):
         gx, ga, gb = _gate_bwd(g, x, d, _GATE_KIND[op])
         gps = [ga, gb]
     else:
-        z = _salu_fwd(x, d[:5])  # recomputed: only x is kept for backward
+        z = _salu_fwd(x, d[:5])  # recomputed: only x (and the residual) are kept for backward
+        if res is not None:
+            z = z + res
         gz, ga2, gb2 = _gate_bwd(g, z, d[5:], _GATE_KIND[op])
+        gres = gz if res is not None else None
         gx, ga1, gb1 = _salu_bwd(gz, x, d[:5])
         gps = [ga1, gb1, ga2, gb2]
     # reduce over the broadcast dims here (fused into the kernel); the last step to each parameter's own
     # shape happens outside, on small tensors
     shapes = [d[0].shape, d[0].shape] + ([d[5].shape, d[5].shape] if len(d) > 5 else [])
-    return (gx, *[gp.sum_to_size(shp) for gp, shp in zip(gps, shapes)])
+    return (gx, gres, *[gp.sum_to_size(shp) for gp, shp in zip(gps, shapes)])
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -293,7 +303,7 @@ def _call_core(path: str, direction: str, op: str, *args: Tensor):
     if path == "eager" or torch.compiler.is_compiling():  # in a compiled model: trace inline, inductor fuses
         return core(op, *args)
     x = args[0] if direction == "fwd" else args[1]
-    derived = args[1:] if direction == "fwd" else args[2:]
+    derived = args[2:] if direction == "fwd" else args[3:]
     fn = _get_compiled(direction, op, x, derived)
     try:
         return fn(op, *args)
@@ -374,17 +384,22 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _forward(path: str, op: str, log_params: bool, x: Tensor, params: Sequence[Tensor]) -> Tensor:
+def _forward(path: str, op: str, log_params: bool, x: Tensor, res: Tensor | None,
+             params: Sequence[Tensor]) -> Tensor:
     cdt = _compute_dtype(x, *params)
     _, derived = _prepare(log_params, cdt, params)
-    return _call_core(path, "fwd", op, x.to(cdt), *derived).to(x.dtype)
+    r = None if res is None else res.to(cdt)
+    return _call_core(path, "fwd", op, x.to(cdt), r, *derived).to(x.dtype)
 
 
-def _backward(path: str, op: str, log_params: bool, g: Tensor, x: Tensor, params: Sequence[Tensor]):
+def _backward(path: str, op: str, log_params: bool, g: Tensor, x: Tensor, res: Tensor | None,
+              params: Sequence[Tensor]):
+    """Gradients (x, res, *params); res's is None for ops without a residual."""
     cdt = _compute_dtype(x, *params)
     ps, derived = _prepare(log_params, cdt, params)
-    gx, *gps = _call_core(path, "bwd", op, g.to(cdt), x.to(cdt), *derived)
-    out = [gx.to(x.dtype)]
+    r = None if res is None else res.to(cdt)
+    gx, gres, *gps = _call_core(path, "bwd", op, g.to(cdt), x.to(cdt), r, *derived)
+    out = [gx.to(x.dtype), None if gres is None else gres.to(res.dtype)]
     for gp, p, raw in zip(gps, ps, params):
         gp = gp.sum_to_size(raw.shape)
         if log_params:  # d/dlog_a = a * d/da
@@ -402,22 +417,25 @@ class FusedFn(torch.autograd.Function):
     (The C++ path has its own autograd node in C++: ``SaluFunction`` in csrc/salu_cpu.cpp.)"""
 
     @staticmethod
-    def forward(ctx, path: str, op: str, log_params: bool, x: Tensor, *params: Tensor) -> Tensor:
-        ctx.path, ctx.op, ctx.log_params = path, op, log_params
-        ctx.save_for_backward(x, *params)
-        return _forward(path, op, log_params, x, params)
+    def forward(ctx, path: str, op: str, log_params: bool, x: Tensor, res: Tensor | None, *params: Tensor) -> Tensor:
+        ctx.path, ctx.op, ctx.log_params, ctx.has_res = path, op, log_params, res is not None
+        ctx.save_for_backward(x, *(() if res is None else (res,)), *params)
+        return _forward(path, op, log_params, x, res, params)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, *params = ctx.saved_tensors
-        grads = _backward(ctx.path, ctx.op, ctx.log_params, g.contiguous(memory_format=_memory_format(x)), x,
+        x, *rest = ctx.saved_tensors
+        res, params = (rest[0], rest[1:]) if ctx.has_res else (None, rest)
+        grads = _backward(ctx.path, ctx.op, ctx.log_params, g.contiguous(memory_format=_memory_format(x)), x, res,
                           params)
         return (None, None, None, *grads)
 
 
-def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: int | None | bool = False) -> Tensor:
+def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: int | None | bool = False,
+          residual: Tensor | None = None) -> Tensor:
     """Apply fused op ``op`` to ``x``; ``params`` are (a, b) or (a1, b1, a2, b2), or their logs if
-    ``log_params``. Parameters must broadcast against ``x`` and live on its device.
+    ``log_params``. Parameters must broadcast against ``x`` and live on its device. ``residual`` (the
+    RESIDUAL_OPS only, required there): a tensor of ``x``'s shape added to SALU(x) before the gate.
 
     ``axis`` (modules only): the parameters are 1-D (or 0-d) vectors of the channels along that dim of ``x``
     (None: scalars); then they are passed to the C++ kernels as they are, and viewed for broadcasting only on the
@@ -429,21 +447,27 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: i
     if any(p.device != x.device for p in params):
         raise ValueError(f"{op}: parameters on {sorted({str(p.device) for p in params})} but input on {x.device}; "
                          "move the module to the input's device (module.to(x.device))")
+    if (residual is not None) != (op in RESIDUAL_OPS):
+        raise ValueError(f"{op}: a residual is {'required' if op in RESIDUAL_OPS else 'not taken'} "
+                         f"(residual ops: {', '.join(RESIDUAL_OPS)})")
+    if residual is not None and (residual.shape != x.shape or residual.device != x.device):
+        raise ValueError(f"{op}: residual of shape {tuple(residual.shape)} on {residual.device} does not match the "
+                         f"input's {tuple(x.shape)} on {x.device}")
     if axis is not False and axis is not None:
         axis %= x.dim()
     if torch.compiler.is_compiling():  # traced inline: inductor fuses the math with its neighbours
-        return FusedFn.apply("eager", op, log_params, x, *_broadcastable(params, x, axis))
+        return FusedFn.apply("eager", op, log_params, x, residual, *_broadcastable(params, x, axis))
     path = _path_for(x.device)
     _report(x.device)
     if path == "cpp":
         if axis is False:
             axis = _param_axis(x.dim(), broadcast_shape([p.shape for p in params]))
         if axis is not False:
-            return _cpp_apply(op, log_params, x, params, axis)
+            return _cpp_apply(op, log_params, x, params, axis, residual)
         path = "eager"  # parameters varying along several axes (functional API only): no C++ layout
         _log_once(f"{op}: parameters vary along more than one axis; the C++ kernels handle scalar or "
                   "per-channel parameters, this call runs op by op")
-    return FusedFn.apply(path, op, log_params, x, *_broadcastable(params, x, axis))
+    return FusedFn.apply(path, op, log_params, x, residual, *_broadcastable(params, x, axis))
 
 
 def _broadcastable(params: Sequence[Tensor], x: Tensor, axis) -> Sequence[Tensor]:
@@ -454,7 +478,8 @@ def _broadcastable(params: Sequence[Tensor], x: Tensor, axis) -> Sequence[Tensor
     return [p.view(shape) if p.dim() else p for p in params]
 
 
-def _cpp_apply(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor], axis: int | None) -> Tensor:
+def _cpp_apply(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor], axis: int | None,
+               residual: Tensor | None = None) -> Tensor:
     """The C++ autograd node (csrc/salu_cpu.cpp, SaluFunction)."""
     cdt = _compute_dtype(x, *params)
     xc = x if cdt != torch.float64 else x.to(cdt)
@@ -462,11 +487,16 @@ def _cpp_apply(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor], a
     if lay is None:
         xc = xc.contiguous()
         lay = _layout(tuple(xc.shape), xc.stride(), axis)
-    # single-stage ops pass (a, b) again in the second slots: autograd cannot take undefined tensors as inputs,
-    # and the node returns no gradient for those slots
+    if residual is not None:  # the kernel reads it in x's memory order and dtype
+        res = residual.to(xc.dtype)
+        if res.stride() != xc.stride():
+            res = torch.empty_like(xc).copy_(res)
+    else:
+        res = xc  # a placeholder: autograd inputs cannot be undefined; its slot gets no gradient
+    # single-stage ops pass (a, b) again in the second slots, for the same reason
     a2, b2 = (params[2], params[3]) if len(params) == 4 else (params[0], params[1])
-    y = cpu_ext.load().apply(xc, params[0], params[1], a2, b2, _OP_CODE[op], LOG_LIMIT if log_params else -1.0,
-                             *lay)
+    y = cpu_ext.load().apply(xc, res, params[0], params[1], a2, b2, _OP_CODE[op],
+                             LOG_LIMIT if log_params else -1.0, *lay)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

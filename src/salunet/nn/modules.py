@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import kernels
 
-__all__ = ["SALU", "SWALU", "GALU", "SALUAct", "SaluFamily"]
+__all__ = ["SALU", "SWALU", "GALU", "SALUAct", "SALUAddAct", "SaluFamily"]
 
 
 def _positive(name: str, value: float) -> float:
@@ -159,3 +159,22 @@ class SALUAct(nn.Module):
             raise ValueError(f"SALUAct: norm and act see different channel dims ({d} and {self.act.channel_axis(x)})")
         return kernels.fused(self.op, x, self.norm.log_a, self.norm.log_b, self.act.log_a, self.act.log_b,
                              log_params=True, axis=d)
+
+
+class SALUAddAct(SALUAct):
+    """``act(norm(x) + residual)`` for a SALU ``norm`` and a SWALU/GALU ``act`` in one fused pass: the tail of a
+    residual block (the norm closing the branch, the sum with the shortcut, the gate after it).
+
+    Children and state-dict keys are those of :class:`SALUAct` (``norm.*``, ``act.*``). Saves ``x`` and
+    ``residual`` for backward, as the unfused norm and gate would (the sum is recomputed, never stored)."""
+
+    def __init__(self, norm: SALU, act: SWALU | GALU) -> None:
+        super().__init__(norm, act)
+        self.op = "salu_add_swalu" if isinstance(act, SWALU) else "salu_add_galu"
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:  # type: ignore[override]
+        d = self.norm.channel_axis(x)
+        if self.act.channel_axis(x) != d:
+            raise ValueError(f"SALUAddAct: norm and act see different channel dims ({d} and {self.act.channel_axis(x)})")
+        return kernels.fused(self.op, x, self.norm.log_a, self.norm.log_b, self.act.log_a, self.act.log_b,
+                             log_params=True, axis=d, residual=residual)

@@ -39,10 +39,12 @@ using at::vec::Vectorized;
 // worth two threads (ATen's 32768 suits memory-bound ops; a parallel region costs a few microseconds).
 constexpr int64_t kGrain = 4096;
 
-enum Op : int64_t { SALU = 0, SWALU = 1, GALU = 2, SALU_SWALU = 3, SALU_GALU = 4 };
+// SALU_ADD_*: gate(SALU(x) + res), the tail of a residual block (norm closing the branch, sum, gate) in one pass
+enum Op : int64_t { SALU = 0, SWALU = 1, GALU = 2, SALU_SWALU = 3, SALU_GALU = 4, SALU_ADD_SWALU = 5, SALU_ADD_GALU = 6 };
 
-constexpr bool is_pair(int64_t op) { return op == SALU_SWALU || op == SALU_GALU; }
-constexpr bool is_normal_gate(int64_t op) { return op == GALU || op == SALU_GALU; }
+constexpr bool has_residual(int64_t op) { return op == SALU_ADD_SWALU || op == SALU_ADD_GALU; }
+constexpr bool is_pair(int64_t op) { return op == SALU_SWALU || op == SALU_GALU || has_residual(op); }
+constexpr bool is_normal_gate(int64_t op) { return op == GALU || op == SALU_GALU || op == SALU_ADD_GALU; }
 constexpr int64_t n_stages(int64_t op) { return is_pair(op) ? 2 : 1; }
 
 template <typename T>
@@ -199,10 +201,12 @@ SALU_INLINE void gate(const Vectorized<T>& s, bool normal, Vectorized<T>& p, Vec
 }
 
 template <int64_t OP, typename T>
-SALU_INLINE Vectorized<T> fwd(const Vectorized<T>& x, const Stage<T>& s1, const Stage<T>& s2) {
+SALU_INLINE Vectorized<T> fwd(const Vectorized<T>& x, const Vectorized<T>& res, const Stage<T>& s1,
+                              const Stage<T>& s2) {
   Vectorized<T> r, q, p, dp;
   salu_terms(x, s1, r, q);
   Vectorized<T> z = s1.amp * q;  // SALU(x)
+  if constexpr (has_residual(OP)) z = z + res;
   if constexpr (OP == SALU) {
     return z;
   } else if constexpr (!is_pair(OP)) {  // x * gate(SALU(x))
@@ -241,8 +245,8 @@ SALU_INLINE void gate_bwd(const Vectorized<T>& g, const Vectorized<T>& x, const 
 
 // full backward: gx and up to four unreduced parameter gradients (a1, b1[, a2, b2])
 template <int64_t OP, typename T>
-SALU_INLINE void bwd(const Vectorized<T>& g, const Vectorized<T>& x, const Stage<T>& s1, const Stage<T>& s2,
-                     Vectorized<T>& gx, Vectorized<T>* gp) {
+SALU_INLINE void bwd(const Vectorized<T>& g, const Vectorized<T>& x, const Vectorized<T>& res, const Stage<T>& s1,
+                     const Stage<T>& s2, Vectorized<T>& gx, Vectorized<T>* gp, Vectorized<T>& gres) {
   Vectorized<T> r1, q1;
   salu_terms(x, s1, r1, q1);
   if constexpr (OP == SALU) {
@@ -251,16 +255,25 @@ SALU_INLINE void bwd(const Vectorized<T>& g, const Vectorized<T>& x, const Stage
     gate_bwd(g, x, r1, q1, s1, is_normal_gate(OP), gx, gp[0], gp[1]);
   } else {
     Vectorized<T> z = s1.amp * q1, r2, q2, gz;
+    if constexpr (has_residual(OP)) z = z + res;
     salu_terms(z, s2, r2, q2);
     gate_bwd(g, z, r2, q2, s2, is_normal_gate(OP), gz, gp[2], gp[3]);
+    if constexpr (has_residual(OP)) gres = gz;  // d(SALU(x) + res)/dres = 1
     salu_bwd(gz, r1, q1, s1, gx, gp[0], gp[1]);
   }
 }
 
 // ---- loops ---------------------------------------------------------------------------------------------------
 
+// `res` (residual ops only; nullptr otherwise) has x's layout
 template <int64_t OP, typename S, typename T>
-void forward_loop(const S* x, S* y, const T* d, int64_t outer, int64_t C, int64_t inner) {
+SALU_INLINE Vectorized<T> load_res(const S* res, int64_t off, int64_t n) {
+  if constexpr (has_residual(OP)) return load<S, T>(res + off, n);
+  return Vectorized<T>(T(0));
+}
+
+template <int64_t OP, typename S, typename T>
+void forward_loop(const S* x, const S* res, S* y, const T* d, int64_t outer, int64_t C, int64_t inner) {
   constexpr int64_t V = Vectorized<T>::size();
   if (inner > 1) {  // blocks of `inner` elements share channel c
     at::parallel_for(0, outer * C, std::max<int64_t>(1, kGrain / inner), [&](int64_t begin, int64_t end) {
@@ -268,24 +281,21 @@ void forward_loop(const S* x, S* y, const T* d, int64_t outer, int64_t C, int64_
         const int64_t c = blk % C;
         Stage<T> s1 = stage_at(d, C, 0, c, V, false), s2 = s1;
         if constexpr (is_pair(OP)) s2 = stage_at(d, C, 1, c, V, false);
-        const S* xp = x + blk * inner;
-        S* yp = y + blk * inner;
+        const int64_t off = blk * inner;
         for (int64_t i = 0; i < inner; i += V) {
           const int64_t n = std::min(V, inner - i);
-          store<S, T>(yp + i, fwd<OP>(load<S, T>(xp + i, n), s1, s2), n);
+          store<S, T>(y + off + i, fwd<OP>(load<S, T>(x + off + i, n), load_res<OP, S, T>(res, off + i, n), s1, s2), n);
         }
       }
     });
   } else {  // rows of C channels, vectorised along C
     at::parallel_for(0, outer, std::max<int64_t>(1, kGrain / C), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const S* xp = x + row * C;
-        S* yp = y + row * C;
         for (int64_t c = 0; c < C; c += V) {
-          const int64_t n = std::min(V, C - c);
+          const int64_t n = std::min(V, C - c), off = row * C + c;
           Stage<T> s1 = stage_at(d, C, 0, c, n, true), s2 = s1;
           if constexpr (is_pair(OP)) s2 = stage_at(d, C, 1, c, n, true);
-          store<S, T>(yp + c, fwd<OP>(load<S, T>(xp + c, n), s1, s2), n);
+          store<S, T>(y + off, fwd<OP>(load<S, T>(x + off, n), load_res<OP, S, T>(res, off, n), s1, s2), n);
         }
       }
     });
@@ -317,7 +327,7 @@ inline int64_t n_chunks(int64_t n, int64_t grain) {
 }
 
 template <int64_t OP, typename S, typename T>
-void backward_loop(const S* g, const S* x, S* gx, const T* d, int64_t outer, int64_t C,
+void backward_loop(const S* g, const S* x, const S* res, S* gx, S* gres, const T* d, int64_t outer, int64_t C,
                    int64_t inner, std::vector<double>& acc) {
   constexpr int64_t V = Vectorized<T>::size();
   constexpr int64_t np = 2 * n_stages(OP);
@@ -334,10 +344,12 @@ void backward_loop(const S* g, const S* x, S* gx, const T* d, int64_t outer, int
         Vectorized<T> sum[4] = {Vectorized<T>(T(0)), Vectorized<T>(T(0)), Vectorized<T>(T(0)), Vectorized<T>(T(0))};
         for (int64_t i = 0; i < inner; i += V) {
           const int64_t n = std::min(V, inner - i);
-          Vectorized<T> vgx, gp[4];
+          Vectorized<T> vgx, gp[4], vgr;
           // tail lanes load g = 0, so they add exactly 0 to the sums
-          bwd<OP>(load<S, T>(g + off + i, n), load<S, T>(x + off + i, n), s1, s2, vgx, gp);
+          bwd<OP>(load<S, T>(g + off + i, n), load<S, T>(x + off + i, n), load_res<OP, S, T>(res, off + i, n), s1,
+                  s2, vgx, gp, vgr);
           store<S, T>(gx + off + i, vgx, n);
+          if constexpr (has_residual(OP)) store<S, T>(gres + off + i, vgr, n);
           for (int64_t k = 0; k < np; ++k) sum[k] = sum[k] + gp[k];
         }
         for (int64_t k = 0; k < np; ++k) a[k * C + c] += static_cast<double>(hsum(sum[k], V));
@@ -351,16 +363,15 @@ void backward_loop(const S* g, const S* x, S* gx, const T* d, int64_t outer, int
       // rows are summed in T over chunks of 64, then folded into the double accumulator
       std::vector<T> part(np * C, T(0));
       for (int64_t row = begin; row < end; ++row) {
-        const S* gp_ = g + row * C;
-        const S* xp = x + row * C;
-        S* gxp = gx + row * C;
         for (int64_t c = 0; c < C; c += V) {
-          const int64_t n = std::min(V, C - c);
+          const int64_t n = std::min(V, C - c), off = row * C + c;
           Stage<T> s1 = stage_at(d, C, 0, c, n, true), s2 = s1;
           if constexpr (is_pair(OP)) s2 = stage_at(d, C, 1, c, n, true);
-          Vectorized<T> vgx, gp[4];
-          bwd<OP>(load<S, T>(gp_ + c, n), load<S, T>(xp + c, n), s1, s2, vgx, gp);
-          store<S, T>(gxp + c, vgx, n);
+          Vectorized<T> vgx, gp[4], vgr;
+          bwd<OP>(load<S, T>(g + off, n), load<S, T>(x + off, n), load_res<OP, S, T>(res, off, n), s1, s2, vgx, gp,
+                  vgr);
+          store<S, T>(gx + off, vgx, n);
+          if constexpr (has_residual(OP)) store<S, T>(gres + off, vgr, n);
           for (int64_t k = 0; k < np; ++k) {
             T* pp = part.data() + k * C + c;
             store<T, T>(pp, load<T, T>(pp, n) + gp[k], n);
@@ -382,7 +393,9 @@ void dispatch_op(int64_t op, F&& f) {
     case SWALU: f(std::integral_constant<int64_t, SWALU>()); break;
     case GALU: f(std::integral_constant<int64_t, GALU>()); break;
     case SALU_SWALU: f(std::integral_constant<int64_t, SALU_SWALU>()); break;
-    default: f(std::integral_constant<int64_t, SALU_GALU>()); break;
+    case SALU_GALU: f(std::integral_constant<int64_t, SALU_GALU>()); break;
+    case SALU_ADD_SWALU: f(std::integral_constant<int64_t, SALU_ADD_SWALU>()); break;
+    default: f(std::integral_constant<int64_t, SALU_ADD_GALU>()); break;
   }
 }
 
@@ -426,7 +439,7 @@ void derive(const std::vector<torch::Tensor>& params, double log_limit, int64_t 
 void check(const torch::Tensor& x, const std::vector<torch::Tensor>& params, int64_t op, int64_t outer, int64_t C,
            int64_t inner) {
   TORCH_CHECK(x.device().is_cpu(), "salunet cpu kernel: tensors must be on the CPU");
-  TORCH_CHECK(op >= SALU && op <= SALU_GALU, "salunet cpu kernel: bad op ", op);
+  TORCH_CHECK(op >= SALU && op <= SALU_ADD_GALU, "salunet cpu kernel: bad op ", op);
   TORCH_CHECK(x.numel() == outer * C * inner, "salunet cpu kernel: layout ", outer, "x", C, "x", inner,
               " does not cover ", x.numel(), " elements");
   TORCH_CHECK(static_cast<int64_t>(params.size()) == 2 * n_stages(op), "salunet cpu kernel: op ", op, " takes ",
@@ -438,10 +451,20 @@ void check(const torch::Tensor& x, const std::vector<torch::Tensor>& params, int
 
 }  // namespace
 
-// y = op(x) written into `out` (same storage layout as x: dense, in the memory order described by the layout)
+// Optional residual of the SALU_ADD_* ops: same dtype, size and memory layout as x.
+const void* res_ptr(const c10::optional<torch::Tensor>& res, const torch::Tensor& x, int64_t op) {
+  if (!has_residual(op)) return nullptr;
+  TORCH_CHECK(res.has_value() && res->defined(), "salunet cpu kernel: op ", op, " needs a residual tensor");
+  TORCH_CHECK(res->scalar_type() == x.scalar_type() && res->sizes() == x.sizes() && res->strides() == x.strides(),
+              "salunet cpu kernel: the residual must have the input's dtype, shape and strides");
+  return res->const_data_ptr();
+}
+
+// y = op(x[, res]) written into `out` (same storage layout as x: dense, in the memory order of the layout)
 void salu_forward(int64_t op, torch::Tensor x, std::vector<torch::Tensor> params, double log_limit,
-                  torch::Tensor out, int64_t outer, int64_t C, int64_t inner) {
+                  torch::Tensor out, int64_t outer, int64_t C, int64_t inner, c10::optional<torch::Tensor> res) {
   check(x, params, op, outer, C, inner);
+  const void* rp = res_ptr(res, x, op);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "salu_forward", [&] {
     using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
     std::vector<T> d;
@@ -449,20 +472,23 @@ void salu_forward(int64_t op, torch::Tensor x, std::vector<torch::Tensor> params
     derive<T>(params, log_limit, C, d, ab);
     auto run = [&](auto op_const) {
       forward_loop<decltype(op_const)::value, scalar_t, T>(x.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), d.data(), outer, C, inner);
+          static_cast<const scalar_t*>(rp), out.mutable_data_ptr<scalar_t>(), d.data(), outer, C, inner);
     };
     dispatch_op(op, run);
   });
 }
 
-// dL/dx written into `gx`; returns the gradients of the parameters as given (d/dlog when log_limit >= 0), each
-// with the parameter's number of values (1 or C) and dtype.
+// dL/dx written into `gx` (and dL/dres into `gres` for the residual ops); returns the gradients of the parameters
+// as given (d/dlog when log_limit >= 0), each with the parameter's number of values (1 or C) and dtype.
 std::vector<torch::Tensor> salu_backward(int64_t op, torch::Tensor g, torch::Tensor x,
                                          std::vector<torch::Tensor> params, double log_limit, torch::Tensor gx,
-                                         int64_t outer, int64_t C, int64_t inner) {
+                                         int64_t outer, int64_t C, int64_t inner, c10::optional<torch::Tensor> res,
+                                         c10::optional<torch::Tensor> gres) {
   check(x, params, op, outer, C, inner);
   TORCH_CHECK(g.scalar_type() == x.scalar_type() && g.numel() == x.numel(),
               "salunet cpu kernel: grad_output must match the input's dtype and size");
+  const void* rp = res_ptr(res, x, op);
+  void* grp = has_residual(op) ? const_cast<void*>(res_ptr(gres, x, op)) : nullptr;
   const int64_t np = 2 * n_stages(op);
   std::vector<double> acc, ab;  // acc: (chunks, np, C), sized by the loop
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "salu_backward", [&] {
@@ -471,7 +497,8 @@ std::vector<torch::Tensor> salu_backward(int64_t op, torch::Tensor g, torch::Ten
     derive<T>(params, log_limit, C, d, ab);
     auto run = [&](auto op_const) {
       backward_loop<decltype(op_const)::value, scalar_t, T>(g.const_data_ptr<scalar_t>(),
-          x.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), d.data(), outer, C, inner, acc);
+          x.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(rp), gx.mutable_data_ptr<scalar_t>(),
+          static_cast<scalar_t*>(grp), d.data(), outer, C, inner, acc);
     };
     dispatch_op(op, run);
   });
@@ -499,19 +526,21 @@ std::vector<torch::Tensor> salu_backward(int64_t op, torch::Tensor g, torch::Ten
 
 // The autograd node of the CPU path, in C++: forward and backward never enter Python, which at batch size 1
 // is most of the cost of a call (the Python autograd.Function of kernels.py costs ~0.2 ms per forward+backward).
-// Saves x (the dense tensor the kernel read) and the parameters, nothing else. Parameters arrive as four
-// tensors (a1, b1, a2, b2; single-stage ops repeat (a, b) in the second slots, which get no gradient) so that
-// autograd tracks each one.
+// Saves x (the dense tensor the kernel read), the residual for the SALU_ADD_* ops, and the parameters, nothing
+// else. Inputs are x, res, a1, b1, a2, b2 so that autograd tracks each one; ops without a residual pass x again
+// as `res`, single-stage ops repeat (a, b) in the second slots, and those slots get no gradient.
 struct SaluFunction : public torch::autograd::Function<SaluFunction> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor x, torch::Tensor a1,
-                               torch::Tensor b1, torch::Tensor a2, torch::Tensor b2, int64_t op, double log_limit,
-                               int64_t outer, int64_t C, int64_t inner) {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor x, torch::Tensor res,
+                               torch::Tensor a1, torch::Tensor b1, torch::Tensor a2, torch::Tensor b2, int64_t op,
+                               double log_limit, int64_t outer, int64_t C, int64_t inner) {
     std::vector<torch::Tensor> params = {a1.reshape(-1), b1.reshape(-1)};
     if (is_pair(op)) params.insert(params.end(), {a2.reshape(-1), b2.reshape(-1)});
     auto out = torch::empty_like(x);
-    salu_forward(op, x, params, log_limit, out, outer, C, inner);
-    ctx->save_for_backward(is_pair(op) ? std::vector<torch::Tensor>{x, a1, b1, a2, b2}
-                                       : std::vector<torch::Tensor>{x, a1, b1});
+    salu_forward(op, x, params, log_limit, out, outer, C, inner, res);
+    std::vector<torch::Tensor> keep = {x, a1, b1};
+    if (is_pair(op)) keep.insert(keep.end(), {a2, b2});
+    if (has_residual(op)) keep.push_back(res);
+    ctx->save_for_backward(keep);
     ctx->saved_data["op"] = op;
     ctx->saved_data["log_limit"] = log_limit;
     ctx->saved_data["layout"] = std::vector<int64_t>{outer, C, inner};
@@ -530,28 +559,37 @@ struct SaluFunction : public torch::autograd::Function<SaluFunction> {
     const auto layout = ctx->saved_data["layout"].toIntVector();
     std::vector<torch::Tensor> params = {saved[1].reshape(-1), saved[2].reshape(-1)};
     if (is_pair(op)) params.insert(params.end(), {saved[3].reshape(-1), saved[4].reshape(-1)});
+    c10::optional<torch::Tensor> res, gres;
+    if (has_residual(op)) {
+      res = saved[5];
+      gres = torch::empty_like(x);
+    }
     // the kernel walks x's memory order: give dL/dy the same layout (contiguous or channels_last) and dtype
     auto g = grads[0].to(x.scalar_type()).contiguous(x.suggest_memory_format());
     auto gx = torch::empty_like(x);
-    auto gp = salu_backward(op, g, x, params, log_limit, gx, layout[0], layout[1], layout[2]);
-    torch::autograd::variable_list out = {gx, gp[0].view(saved[1].sizes()), gp[1].view(saved[2].sizes()),
-                                          torch::Tensor(), torch::Tensor()};
+    auto gp = salu_backward(op, g, x, params, log_limit, gx, layout[0], layout[1], layout[2], res, gres);
+    torch::autograd::variable_list out = {gx, gres.value_or(torch::Tensor()), gp[0].view(saved[1].sizes()),
+                                          gp[1].view(saved[2].sizes()), torch::Tensor(), torch::Tensor()};
     if (is_pair(op)) {
-      out[3] = gp[2].view(saved[3].sizes());
-      out[4] = gp[3].view(saved[4].sizes());
+      out[4] = gp[2].view(saved[3].sizes());
+      out[5] = gp[3].view(saved[4].sizes());
     }
-    out.resize(10);  // op, log_limit and the layout are not differentiable
+    out.resize(11);  // op, log_limit and the layout are not differentiable
     return out;
   }
 };
 
-torch::Tensor salu_apply(torch::Tensor x, torch::Tensor a1, torch::Tensor b1, torch::Tensor a2, torch::Tensor b2,
-                         int64_t op, double log_limit, int64_t outer, int64_t C, int64_t inner) {
-  return SaluFunction::apply(x, a1, b1, a2, b2, op, log_limit, outer, C, inner);
+torch::Tensor salu_apply(torch::Tensor x, torch::Tensor res, torch::Tensor a1, torch::Tensor b1, torch::Tensor a2,
+                         torch::Tensor b2, int64_t op, double log_limit, int64_t outer, int64_t C, int64_t inner) {
+  return SaluFunction::apply(x, res, a1, b1, a2, b2, op, log_limit, outer, C, inner);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &salu_forward, "fused SALU-family forward (CPU)");
-  m.def("backward", &salu_backward, "fused SALU-family backward (CPU)");
+  m.def("forward", &salu_forward, "fused SALU-family forward (CPU)", py::arg("op"), py::arg("x"), py::arg("params"),
+        py::arg("log_limit"), py::arg("out"), py::arg("outer"), py::arg("C"), py::arg("inner"),
+        py::arg("res") = py::none());
+  m.def("backward", &salu_backward, "fused SALU-family backward (CPU)", py::arg("op"), py::arg("g"), py::arg("x"),
+        py::arg("params"), py::arg("log_limit"), py::arg("gx"), py::arg("outer"), py::arg("C"), py::arg("inner"),
+        py::arg("res") = py::none(), py::arg("gres") = py::none());
   m.def("apply", &salu_apply, "fused SALU-family op with its autograd node in C++ (CPU)");
 }
