@@ -1,7 +1,8 @@
 """Benchmarks (never timed tests): every figure is a ratio against a baseline measured in the same process
 run, median of several interleaved repeats, so that a noisy shared machine slows both sides alike.
 
-``salunet bench ops``: SALU+SWALU vs BatchNorm2d+ReLU on NCHW, SALU+GALU vs LayerNorm+GELU on tokens, and
+``salunet bench ops``: SALU+SWALU vs BatchNorm2d+ReLU on NCHW, the fused residual tail vs BatchNorm2d+add+ReLU,
+SALU+GALU vs LayerNorm+GELU on tokens, and
 the fused / eager / reference / torch.compile variants of SALU alone; forward+backward time and the bytes
 saved for backward (unique storages kept by autograd, parameters excluded since they live anyway).
 """
@@ -116,6 +117,17 @@ def bench_ops(repeats: int = 15, warmup: int = 3, threads: int = 2,
         "salu+swalu (fused SALUAct)": (pair, params(pair)),
         "swalu alone": (w1, params(w1)),
     }, "batchnorm2d+relu", repeats, warmup)
+
+    # ---- NCHW residual tail: act(norm(x) + shortcut) ----
+    from .nn import SALUAddAct
+
+    r0 = torch.randn(64, C, 32, 32)
+    bn2, tail = nn.BatchNorm2d(C), SALUAddAct(SALU(C), SWALU(C))
+    progress("ops: residual tail NCHW (64, 64, 32, 32) ...")
+    results += _measure("tail_64x64x32x32", (64, C, 32, 32), {
+        "batchnorm2d+add+relu": (lambda x: relu(bn2(x) + r0), params(bn2)),
+        "salu+add+swalu (fused SALUAddAct)": (lambda x: tail(x, r0), params(tail)),
+    }, "batchnorm2d+add+relu", repeats, warmup)
 
     # ---- tokens: SALU + GALU vs LayerNorm + GELU ----
     D = 384

@@ -38,6 +38,8 @@ using at::vec::Vectorized;
 // Elements per parallel task: the gates cost ~60 vector instructions per 16 elements, so a 32K-element tensor is
 // worth two threads (ATen's 32768 suits memory-bound ops; a parallel region costs a few microseconds).
 constexpr int64_t kGrain = 4096;
+// Rows per tile in the channel-vectorised loops (token tensors, channels_last maps); see forward_loop.
+constexpr int64_t kRows = 16;
 
 // SALU_ADD_*: gate(SALU(x) + res), the tail of a residual block (norm closing the branch, sum, gate) in one pass
 enum Op : int64_t { SALU = 0, SWALU = 1, GALU = 2, SALU_SWALU = 3, SALU_GALU = 4, SALU_ADD_SWALU = 5, SALU_ADD_GALU = 6 };
@@ -288,14 +290,19 @@ void forward_loop(const S* x, const S* res, S* y, const T* d, int64_t outer, int
         }
       }
     });
-  } else {  // rows of C channels, vectorised along C
+  } else {  // rows of C channels, vectorised along C, in tiles of kRows rows: each channel chunk's parameters
+            // are loaded once per tile, and the tile (kRows x C elements) stays in L1 across the chunks
     at::parallel_for(0, outer, std::max<int64_t>(1, kGrain / C), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
+      for (int64_t r0 = begin; r0 < end; r0 += kRows) {
+        const int64_t r1 = std::min(end, r0 + kRows);
         for (int64_t c = 0; c < C; c += V) {
-          const int64_t n = std::min(V, C - c), off = row * C + c;
+          const int64_t n = std::min(V, C - c);
           Stage<T> s1 = stage_at(d, C, 0, c, n, true), s2 = s1;
           if constexpr (is_pair(OP)) s2 = stage_at(d, C, 1, c, n, true);
-          store<S, T>(y + off, fwd<OP>(load<S, T>(x + off, n), load_res<OP, S, T>(res, off, n), s1, s2), n);
+          for (int64_t row = r0; row < r1; ++row) {
+            const int64_t off = row * C + c;
+            store<S, T>(y + off, fwd<OP>(load<S, T>(x + off, n), load_res<OP, S, T>(res, off, n), s1, s2), n);
+          }
         }
       }
     });
@@ -360,25 +367,29 @@ void backward_loop(const S* g, const S* x, const S* res, S* gx, S* gres, const T
     acc.assign(chunks * np * C, 0.0);
     for_chunks(outer, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
       double* a = acc.data() + chunk * np * C;
-      // rows are summed in T over chunks of 64, then folded into the double accumulator
-      std::vector<T> part(np * C, T(0));
-      for (int64_t row = begin; row < end; ++row) {
+      // tiles of kRows rows: per channel chunk, the parameters are loaded once and the parameter gradients
+      // summed in registers (in T) over the tile's rows, then folded into the double accumulator
+      T sums[Vectorized<T>::size()];
+      for (int64_t r0 = begin; r0 < end; r0 += kRows) {
+        const int64_t r1 = std::min(end, r0 + kRows);
         for (int64_t c = 0; c < C; c += V) {
-          const int64_t n = std::min(V, C - c), off = row * C + c;
+          const int64_t n = std::min(V, C - c);
           Stage<T> s1 = stage_at(d, C, 0, c, n, true), s2 = s1;
           if constexpr (is_pair(OP)) s2 = stage_at(d, C, 1, c, n, true);
-          Vectorized<T> vgx, gp[4], vgr;
-          bwd<OP>(load<S, T>(g + off, n), load<S, T>(x + off, n), load_res<OP, S, T>(res, off, n), s1, s2, vgx, gp,
-                  vgr);
-          store<S, T>(gx + off, vgx, n);
-          if constexpr (has_residual(OP)) store<S, T>(gres + off, vgr, n);
-          for (int64_t k = 0; k < np; ++k) {
-            T* pp = part.data() + k * C + c;
-            store<T, T>(pp, load<T, T>(pp, n) + gp[k], n);
+          Vectorized<T> tot[4] = {Vectorized<T>(T(0)), Vectorized<T>(T(0)), Vectorized<T>(T(0)), Vectorized<T>(T(0))};
+          for (int64_t row = r0; row < r1; ++row) {
+            const int64_t off = row * C + c;
+            Vectorized<T> vgx, gp[4], vgr;
+            bwd<OP>(load<S, T>(g + off, n), load<S, T>(x + off, n), load_res<OP, S, T>(res, off, n), s1, s2, vgx,
+                    gp, vgr);
+            store<S, T>(gx + off, vgx, n);
+            if constexpr (has_residual(OP)) store<S, T>(gres + off, vgr, n);
+            for (int64_t k = 0; k < np; ++k) tot[k] = tot[k] + gp[k];
           }
-        }
-        if ((row - begin) % 64 == 63 || row == end - 1) {  // (an empty chunk never enters the loop)
-          for (int64_t i = 0; i < np * C; ++i) { a[i] += static_cast<double>(part[i]); part[i] = T(0); }
+          for (int64_t k = 0; k < np; ++k) {
+            tot[k].store(sums);
+            for (int64_t i = 0; i < n; ++i) a[k * C + c + i] += static_cast<double>(sums[i]);
+          }
         }
       }
     });
