@@ -327,8 +327,7 @@ def _train_once(model: str, width: int | None, data_path: str, subset: int, epoc
            "--train-subset", str(subset), "--test-subset", "500", "--epochs", str(epochs), "--batch-size", "128",
            "--lr", "0.05", "--ema-decay", "0", "--crop-padding", "4", "--flip", "true", "--progress", "false",
            "--out", out, "--name", name]
-    if width:
-        cmd += ["--width", str(width)]
+    cmd += ["--width", str(width) if width else "none"]  # none: the paper's width (the CLI default is 16)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     output = proc.stdout.read()
