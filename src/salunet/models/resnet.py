@@ -39,7 +39,22 @@ def _shortcut(cin: int, cout: int, stride: int, norm: LayerFactory) -> nn.Module
     return nn.Sequential(conv1x1(cin, cout, stride), norm(cout, dim=1))
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """What the init rules look for in a residual block (models/init.py): the norm closing the branch
+    (``branch_end``), ``shortcut`` and the gate after the sum (``out_act``); both live in the block's ``tail``."""
+
+    tail: nn.Module
+
+    @property
+    def branch_end(self) -> nn.Module:
+        return self.tail.norm
+
+    @property
+    def out_act(self) -> nn.Module:
+        return self.tail.act
+
+
+class BasicBlock(_Block):
     expansion = 1
 
     def __init__(self, cin: int, ch: int, stride: int, norm: LayerFactory, act: LayerFactory) -> None:
@@ -53,16 +68,8 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(self.conv2(self.na1(self.conv1(x))), self.shortcut(x))
 
-    @property
-    def branch_end(self) -> nn.Module:
-        return self.tail.norm
 
-    @property
-    def out_act(self) -> nn.Module:
-        return self.tail.act
-
-
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     expansion = 4
 
     def __init__(self, cin: int, ch: int, stride: int, norm: LayerFactory, act: LayerFactory) -> None:
@@ -77,14 +84,6 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(self.conv3(self.na2(self.conv2(self.na1(self.conv1(x))))), self.shortcut(x))
-
-    @property
-    def branch_end(self) -> nn.Module:
-        return self.tail.norm
-
-    @property
-    def out_act(self) -> nn.Module:
-        return self.tail.act
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
