@@ -75,8 +75,9 @@ def test_slope_and_saturation():
 def test_swalu_galu_close_to_silu_gelu_at_default_init():
     x = torch.linspace(-4, 4, 101)
     one, small = torch.tensor(1.0), torch.tensor(1e-2)
-    assert (F.swalu(x, one, small) - torch.nn.functional.silu(x)).abs().max() < 0.05
-    assert (F.galu(x, one, small) - torch.nn.functional.gelu(x)).abs().max() < 0.05
+    # measured maxima on [-4, 4]: 0.023 (SWALU vs SiLU) and 0.0044 (GALU vs GELU)
+    assert (F.swalu(x, one, small) - torch.nn.functional.silu(x)).abs().max() < 0.03
+    assert (F.galu(x, one, small) - torch.nn.functional.gelu(x)).abs().max() < 0.006
 
 
 def test_bad_inputs():

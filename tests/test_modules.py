@@ -5,7 +5,8 @@ import pickle
 import pytest
 import torch
 
-from salunet import GALU, SALU, SALUAct, SWALU
+from salunet import GALU, SALU, SALUAct, SALUAddAct, SWALU
+from salunet.nn import functional as F
 
 
 @pytest.mark.parametrize("cls", [SALU, SWALU, GALU])
@@ -109,3 +110,83 @@ def test_train_and_eval_identical():
     x = torch.randn(1, 4, 3, 3)
     y_train = m.train()(x)
     torch.testing.assert_close(m.eval()(x), y_train)
+
+
+# ---- the module path: log-parametrised a, b, as training runs it ----------------------------------------------
+
+def _module_cases():
+    return {
+        "salu_tokens": (lambda: SALU(4, dim=-1), (3, 5, 4), False),
+        "swalu_nchw": (lambda: SWALU(4), (2, 4, 3, 3), False),
+        "galu_tokens": (lambda: GALU(4, dim=-1), (3, 5, 4), False),
+        "salu_swalu_nchw": (lambda: SALUAct(SALU(4), SWALU(4)), (2, 4, 3, 3), False),
+        "salu_galu_tokens": (lambda: SALUAct(SALU(4, dim=-1), GALU(4, dim=-1)), (3, 5, 4), False),
+        "salu_add_swalu_nchw": (lambda: SALUAddAct(SALU(4), SWALU(4)), (2, 4, 3, 3), True),
+    }
+
+
+def _spread_params(m):
+    """Move every log-parameter away from its init, channel by channel, so that a chain-rule slip cannot hide
+    behind equal values."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return m
+
+
+@pytest.mark.parametrize("case", list(_module_cases()), ids=str)
+def test_module_gradcheck_log_parameters(case, path):
+    """gradcheck in float64 of what a module runs (log_a, log_b through exp and the kernels' chain rule),
+    with respect to the input, the residual and every log-parameter."""
+    make, shape, residual = _module_cases()[case]
+    m = _spread_params(make().double())
+    names = [n for n, _ in m.named_parameters()]
+    x = (2 * torch.randn(shape, dtype=torch.float64)).requires_grad_()
+    extra = (torch.randn(shape, dtype=torch.float64, requires_grad=True),) if residual else ()
+    params = [p.detach().clone().requires_grad_() for p in m.parameters()]
+
+    def f(x, *rest):
+        ps = dict(zip(names, rest[len(extra):]))
+        return torch.func.functional_call(m, ps, (x, *rest[:len(extra)]))
+
+    assert torch.autograd.gradcheck(f, (x, *extra, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _reference_of(m, x, residual=None):
+    """The float64 plain-formula value of module ``m`` (SALU / SWALU / GALU / SALUAct / SALUAddAct)."""
+    def one(mod, t):
+        shape = (-1,) + (1,) * (t.dim() - mod.channel_axis(t) - 1)
+        a, b = mod.log_a.double().exp().view(shape), mod.log_b.double().exp().view(shape)
+        ref = {SALU: F.salu_reference, SWALU: F.swalu_reference, GALU: F.galu_reference}[type(mod)]
+        return ref(t, a, b)
+
+    if isinstance(m, SALUAct):
+        z = one(m.norm, x)
+        return one(m.act, z if residual is None else z + residual)
+    return one(m, x)
+
+
+@pytest.mark.parametrize("case", list(_module_cases()), ids=str)
+def test_module_float32_gradients_match_float64_reference(case, path):
+    """The float32 kernels (hardware rsqrt / rcp estimates with a Newton step, polynomial exp, A-S normal CDF)
+    against the plain formula in float64: values and the gradients of x, residual and every log-parameter."""
+    make, shape, residual = _module_cases()[case]
+    m32 = _spread_params(make())
+    m64 = _spread_params(make()).double()
+    x = 2 * torch.randn(shape)
+    r = torch.randn(shape) if residual else None
+    g = torch.randn(shape)
+    x32, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    r32 = r.clone().requires_grad_() if residual else None
+    r64 = r.double().requires_grad_() if residual else None
+    y32 = m32(x32, r32) if residual else m32(x32)
+    y64 = _reference_of(m64, x64, r64)
+    y32.backward(g)
+    y64.backward(g.double())
+    torch.testing.assert_close(y32.double(), y64, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=2e-5, atol=2e-6)
+    if residual:
+        torch.testing.assert_close(r32.grad.double(), r64.grad, rtol=2e-5, atol=2e-6)
+    for (n, p32), (_, p64) in zip(m32.named_parameters(), m64.named_parameters()):
+        torch.testing.assert_close(p32.grad.double(), p64.grad, rtol=1e-4, atol=1e-5, msg=n)
