@@ -311,6 +311,11 @@ def test_every_model_norm_name_works_in_convert(norm, build, shape):
     report = salunet.convert(m, norm=norm, example_input=x)
     assert report.ok, str(report)
     assert m.train()(x).shape == m.eval()(x).shape
+    made = NORMS[norm](8)  # the layer type(s) that the name stands for (BatchNorm: of the input's rank)
+    want = list(made.children()) if isinstance(made, nn.Sequential) else [made]
+    for w in want:
+        kind = nn.modules.batchnorm._BatchNorm if isinstance(w, nn.modules.batchnorm._BatchNorm) else type(w)
+        assert any(isinstance(x, kind) for x in m.modules()), (norm, kind)
 
 
 @pytest.mark.parametrize("act", list(ACTS))
@@ -319,6 +324,9 @@ def test_every_model_act_name_works_in_convert(act):
     x = torch.randn(2, 3, 16, 16)
     salunet.convert(m, act=act, example_input=x)
     assert m(x).shape == (2, 5)
+    assert type(ACTS[act](8)) in {type(x) for x in m.modules()}, act
+    if act != "relu":  # every ReLU-family module was replaced by the named one
+        assert not any(isinstance(x, (nn.ReLU, nn.ReLU6)) for x in m.modules())
     if act == "prelu":
         assert isinstance(m[2], nn.PReLU) and m[2].weight.numel() == 8
 

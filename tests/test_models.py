@@ -119,6 +119,21 @@ def test_init_rules_are_needed(overrides, stage):
 def test_every_norm_act_pair_builds_and_runs(norm, act):
     m = create_model("resnet18_bn", num_classes=3, width=8, norm_layer=norm, act_layer=act)
     assert m(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+    _assert_uses(m, norm, act, dim=1, defaults=("batchnorm", "relu"))
+
+
+def _layer_types(module: nn.Module) -> set[type]:
+    return {type(c) for c in module.children()} if isinstance(module, nn.Sequential) else {type(module)}
+
+
+def _assert_uses(m: nn.Module, norm: str, act: str, *, dim: int, defaults: tuple[str, str]) -> None:
+    """The model holds the layers that ``norm`` / ``act`` name, and none of the defaults they replace."""
+    present = {type(x) for x in m.modules()}
+    for name, table, default in ((norm, NORMS, defaults[0]), (act, ACTS, defaults[1])):
+        want = _layer_types(table[name](8, dim=dim))
+        assert want <= present, (name, want - present)
+        unwanted = _layer_types(table[default](8, dim=dim)) - want - {nn.Identity}
+        assert not unwanted & present, (name, unwanted & present)
 
 
 @pytest.mark.parametrize("norm", ["salu", "batchnorm", "layernorm", "identity", "batchnorm+salu"])
@@ -126,6 +141,7 @@ def test_every_norm_act_pair_builds_and_runs(norm, act):
 def test_vit_norm_act_pairs(norm, act):
     m = create_model("vit_ln", num_classes=3, width=24, depth=1, norm_layer=norm, act_layer=act)
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    _assert_uses(m, norm, act, dim=-1, defaults=("layernorm", "gelu"))
 
 
 def test_callable_layers_and_width():
