@@ -184,19 +184,26 @@ def test_image_folder_bad(tmp_path):
 
 
 def test_random_crop_and_flip():
-    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4) + 1
+    x = torch.arange(64 * 1 * 4 * 4, dtype=torch.float32).view(64, 1, 4, 4) + 1
     g = torch.Generator().manual_seed(0)
     y = random_crop(x, 2, g)
     assert y.shape == x.shape
-    # every crop is a shifted window of the zero-padded image: nonzero values keep their row/col order
-    for n in range(2):
-        nz = y[n, 0][y[n, 0] > 0]
-        assert torch.all(torch.isin(nz, x[n, 0]))
+    # every crop is a window of the zero-padded image at some offset, and the offsets vary over the batch
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    offsets = []
+    for n in range(len(x)):
+        hits = [(oy, ox) for oy in range(5) for ox in range(5)
+                if torch.equal(y[n], padded[n, :, oy:oy + 4, ox:ox + 4])]
+        assert hits, f"sample {n} is not a window of its padded image"
+        offsets.append(hits[0])
+    assert len(set(offsets)) > 5 and (2, 2) in offsets  # random, and the uncropped window is among them
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(random_flip(x, g1), random_flip(x, g2))
     f = random_flip(x, torch.Generator().manual_seed(1))
-    for n in range(2):
-        assert torch.equal(f[n], x[n]) or torch.equal(f[n], x[n].flip(-1))
+    flipped = [torch.equal(f[n], x[n].flip(-1)) for n in range(len(x))]
+    for n in range(len(x)):
+        assert flipped[n] or torch.equal(f[n], x[n])
+    assert 10 < sum(flipped) < 54  # about half of 64 (binomial: outside this range with p < 1e-6)
 
 
 def test_mixup_and_cutmix():

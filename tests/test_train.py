@@ -149,10 +149,24 @@ def test_eval_checkpoint(tmp_path):
     assert "ema" in r and (tmp_path / "e" / "eval").is_dir()
 
 
+def _last_metrics(run_dir):
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 def test_vit_and_bn_models_train(tmp_path):
     run(tmp_path, "vit", model="salunet_t", width=12, model_overrides={"depth": 1}, epochs=1, optimizer="adamw",
         lr=1e-3)
-    run(tmp_path, "bn", model="resnet18_bn", epochs=1, amp="bf16", channels_last=True, accum_steps=2, grad_clip=1.0)
+    vit = _last_metrics(tmp_path / "vit")
+    assert math.isfinite(vit["train_loss"]) and vit["step"] == 8
+    opts = dict(model="resnet18_bn", epochs=1, channels_last=True, accum_steps=2, grad_clip=1.0)
+    run(tmp_path, "bn", amp="bf16", **opts)
+    cfg = json.loads((tmp_path / "bn" / "config.json").read_text())
+    assert (cfg["amp"], cfg["channels_last"], cfg["accum_steps"], cfg["grad_clip"]) == ("bf16", True, 2, 1.0)
+    bn = _last_metrics(tmp_path / "bn")
+    assert math.isfinite(bn["train_loss"]) and bn["step"] == 8  # 8 optimizer steps of 2 micro-batches each
+    # bf16 autocast is really on: the same run in float32 ends with a different loss
+    run(tmp_path, "bn32", amp="none", **opts)
+    assert _last_metrics(tmp_path / "bn32")["train_loss"] != bn["train_loss"]
 
 
 def test_param_groups_exclude_salu_and_biases():
