@@ -165,7 +165,7 @@ CASES = {
                            "pass the directory of an earlier"),
     "resume dir not a run": (lambda t, f: ["train", "--resume", str(t)], "not a salunet run directory",
                              "pass the directory of an earlier"),
-    "checkpoint missing": (lambda t, f: ["eval", str(t / "none.safetensors")], "checkpoint not found", ""),
+    "checkpoint missing": (lambda t, f: ["eval", str(t / "none.safetensors")], "checkpoint not found", "pass an existing file"),
     "checkpoint is a directory": (lambda t, f: ["eval", str(t)], "is a directory", "pass a checkpoint file"),
     "out is a file": (lambda t, f: T(t, "--out", str(f["npz"])), "is a file, so the run directory",
                       "choose another --out"),
@@ -232,7 +232,7 @@ CASES = {
     "config: unknown key": (lambda t, f: T(t, "--config", cfg_file(t, {"lrr": 0.1})),
                             "cfg.json: unknown config key 'lrr'", "did you mean 'lr'?"),
     "config: string for int": (lambda t, f: T(t, "--config", cfg_file(t, {"epochs": "ten"})),
-                               "cfg.json: epochs: 'ten' is not an integer", ""),
+                               "cfg.json: epochs: 'ten' is not an integer", "write a whole number"),
     "config: float for int": (lambda t, f: T(t, "--config", cfg_file(t, {"epochs": 2.5})),
                               "cfg.json: epochs: 2.5 has type float", "expected int"),
     "config: list for bool": (lambda t, f: T(t, "--config", cfg_file(t, {"flip": [1]})),
@@ -262,7 +262,7 @@ CASES = {
                                           "the model has 10 classes / 1 channels, data npz has 100 / 1",
                                           "pick matching --data"),
     "eval: eval size on arrays": (lambda t, f: ["eval", str(list_checkpoints(copy_run(t, f))[-1]), "--eval-size",
-                                                "32"], "--eval-size applies to image folders only", ""),
+                                                "32"], "--eval-size applies to image folders only", "drop --eval-size"),
 }
 
 
@@ -281,6 +281,7 @@ def run_cli(argv):
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input(case, tmp_path, fx, capsys):
     build, problem, fix = CASES[case]
+    assert problem and fix, "every case names the problem and the fix"
     argv = build(tmp_path, fx)
     before = snapshot(tmp_path, fx["cnn4"].parent.parent)
     code = run_cli(argv)

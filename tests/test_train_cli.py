@@ -104,14 +104,15 @@ def test_eval_parse_errors(capsys, argv, message):
 
 def test_eval_input_errors(capsys, tmp_path):
     code = main(["eval", str(tmp_path / "none.safetensors")])
-    assert _one_line_error(capsys, code) == f"salunet: error: {tmp_path / 'none.safetensors'}: checkpoint not found"
+    assert _one_line_error(capsys, code) == (f"salunet: error: {tmp_path / 'none.safetensors'}: checkpoint not "
+                                             "found; pass an existing file (RUN_DIR/checkpoints/epoch_NNNN.safetensors)")
     main(["train", "--width", "4", "--train-subset", "64", "--test-subset", "32", "--batch-size", "32",
           "--epochs", "1", "--progress", "false", "--out", str(tmp_path), "--name", "d"])
     capsys.readouterr()
     ckpt = list_checkpoints(tmp_path / "d")[-1]
     code = main(["eval", str(ckpt), "--eval-size", "288"])
     assert _one_line_error(capsys, code) == ("salunet: error: --eval-size applies to image folders only; digits "
-                                             "images are evaluated at their stored size")
+                                             "images are evaluated at their stored size; drop --eval-size")
     assert not (tmp_path / "d" / "eval").exists()
 
 

@@ -176,7 +176,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
         raise IsADirectoryError(f"{path}: is a directory; pass a checkpoint file (RUN_DIR/checkpoints/"
                                 "epoch_NNNN.safetensors)")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise FileNotFoundError(f"{path}: checkpoint not found; pass an existing file (RUN_DIR/checkpoints/"
+                                "epoch_NNNN.safetensors)")
     data = path.read_bytes()  # read once: the header, the tensors and the checksum all come from these bytes
     try:  # parsing safetensors runs no code, whatever the bytes are
         metadata = _header_metadata(data)

@@ -135,7 +135,7 @@ def parse_value(key: str, value):
             try:
                 return int(s)
             except ValueError:
-                raise ValueError(f"{key}: {value!r} is not an integer") from None
+                raise ValueError(f"{key}: {value!r} is not an integer; write a whole number such as 3") from None
         if float in allowed:
             try:
                 return float(s)

@@ -67,7 +67,7 @@ def evaluate_checkpoint(path, *, data=None, data_path=None, batch_size=500, devi
     cfg = resolve_config(None, over, base=asdict(_checkpoint_config(path, meta)))  # its own config, then ours
     if eval_size is not None and cfg.data != "imagefolder":
         raise ValueError(f"--eval-size applies to image folders only; {cfg.data} images are evaluated at their "
-                         "stored size")
+                         "stored size; drop --eval-size")
     info = DistInfo(device=resolve_device(device))
     source = load_source(cfg, info, train=False)
     if (source.num_classes, source.in_chans) != (meta["num_classes"], meta["in_chans"]):
