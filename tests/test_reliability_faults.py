@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from salunet.cli import main
 from salunet.data import load_arrays
 from salunet.train import faults, loop
-from salunet.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from salunet.train.checkpoint import CheckpointError, RunLock, list_checkpoints, load_checkpoint
 
 STEPS_PER_EPOCH, EPOCHS = 4, 3
 
@@ -239,6 +239,29 @@ def test_second_run_on_a_live_run_directory_refuses(npz, tmp_path, reference, ca
         first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     assert_same_weights(final_state(run), reference)  # and the first run finished undisturbed
+
+
+def test_run_that_loses_the_lock_race_touches_nothing_of_the_winner(tmp_path):
+    """Two launches with the same --name can both pass the up-front checks; the one that then finds the lock
+    taken must leave every file of the run that holds it (its config, metrics, a checkpoint being written)."""
+    run = tmp_path / "exp"
+    run.mkdir()
+    winner = RunLock(run)
+    winner.acquire()
+    try:
+        (run / "config.json").write_text("{}\n")
+        (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / ".epoch_0002.safetensors.abc.tmp").write_bytes(b"x" * 10)
+        before = _snapshot(run)
+        cfg = loop.resolve_config(None, {"model": "cnn4", "width": 4, "train_subset": 64, "test_subset": 32,
+                                         "batch_size": 32, "epochs": 1, "progress": False, "device": "cpu",
+                                         "out": str(tmp_path), "name": "exp"})
+        with pytest.raises(ValueError, match="run directory is in use"):
+            loop._train(loop._Plan(cfg, run, None, True, []), loop.D.DistInfo())
+        assert _snapshot(run) == before
+    finally:
+        winner.release()
 
 
 # ---- no space left on device ------------------------------------------------------------------------------

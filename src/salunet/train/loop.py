@@ -455,7 +455,11 @@ def _discard_new_run(run_dir: Path, created: list[Path]) -> None:
     for f in ("config.json", "metrics.jsonl", _RUN_ID_FILE):
         (run_dir / f).unlink(missing_ok=True)
     remove_partial_files(run_dir)
-    for d in [run_dir / "checkpoints", *created]:
+    _remove_empty_dirs([run_dir / "checkpoints", *created])
+
+
+def _remove_empty_dirs(dirs: list[Path]) -> None:
+    for d in dirs:
         try:
             d.rmdir()  # only if empty: anything else in there is not ours to delete
         except OSError:
@@ -583,8 +587,7 @@ def _train(plan: _Plan, info: D.DistInfo) -> dict:
         try:
             lock.acquire()  # refuses if another live process holds the directory (then nothing here is ours)
         except ValueError:
-            if new_run:
-                _discard_new_run(run_dir, created)
+            _remove_empty_dirs(created)  # only the directories this call made; the files are the holder's
             raise
     try:
         if info.is_main:
@@ -635,9 +638,9 @@ def _train(plan: _Plan, info: D.DistInfo) -> dict:
         raise stopped from None
     finally:
         if info.is_main:
-            lock.release()
-            if new_run and epochs_done == 0:
+            if new_run and epochs_done == 0:  # while still holding the lock: the files are still ours
                 _discard_new_run(run_dir, created)
+            lock.release()
 
 
 def _load_state(found, cfg: TrainConfig, source, model, opt, ema, scaler) -> tuple[int, int]:
