@@ -401,3 +401,24 @@ def test_residual_tail_matches_unfused(act, mode, layout):
         outs[which] = (y, *torch.autograd.grad(y, (xx, rr, *m.parameters()), g))
     for a, b in zip(outs["fused"], outs["unfused"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_galu_keeps_its_left_tail(path):
+    """float64 GALU far left: x Phi(s) with Phi(s) ~ 1e-23, never 0 (0.5 + 0.5 erf(s / sqrt 2) cancels there,
+    0.5 erfc(-s / sqrt 2) does not); -inf gives -inf; and dL/dx = Phi(s) + x Phi'(s) dSALU/dx keeps its sign."""
+    a, b = 1.0, 0.01  # A = 10
+    xs = [-float("inf"), -1e300, -300.0, -30.0, -3.0]
+    x = torch.tensor(xs, dtype=torch.float64, requires_grad=True)
+    y = F.galu(x, torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    sab, amp = math.sqrt(a * b), math.sqrt(a / b)
+    for i, xv in enumerate(xs):
+        t = xv * sab
+        q = math.copysign(1 / math.sqrt(1 + 1 / (t * t)), t)  # t / sqrt(1 + t^2) without overflow
+        s = amp * q
+        cdf = 0.5 * math.erfc(-s / math.sqrt(2))
+        assert y[i].item() == (pytest.approx(xv * cdf, rel=1e-12) if math.isfinite(xv) else xv), (xv, y[i])
+        if math.isfinite(xv):
+            pdf = math.exp(-s * s / 2) / math.sqrt(2 * math.pi)
+            expect = cdf + xv * pdf * a * (1 - q * q) ** 1.5  # dSALU/dx = a r^3, r^2 = 1 - q^2
+            assert gx[i].item() == pytest.approx(expect, rel=1e-9, abs=1e-300), (xv, gx[i])

@@ -181,8 +181,8 @@ SALU_INLINE void normal_cdf_pdf(const Vectorized<float>& s, Vectorized<float>& c
 }
 
 SALU_INLINE void normal_cdf_pdf(const Vectorized<double>& s, Vectorized<double>& cdf, Vectorized<double>& pdf) {
-  const Vectorized<double> half(0.5);
-  cdf = half + half * (s * Vectorized<double>(M_SQRT1_2)).erf();
+  // 0.5 erfc(-s / sqrt 2), not 0.5 + 0.5 erf(s / sqrt 2): the latter cancels to 0 in the left tail (s < -8.3)
+  cdf = Vectorized<double>(0.5) * (s * Vectorized<double>(-M_SQRT1_2)).erfc();
   pdf = (Vectorized<double>(-0.5) * s * s).exp() * Vectorized<double>(0.3989422804014327);
 }
 
