@@ -149,6 +149,25 @@ def test_eval_checkpoint(tmp_path):
     assert "ema" in r and (tmp_path / "e" / "eval").is_dir()
 
 
+def test_model_from_checkpoint_loads_ema_or_refuses(tmp_path):
+    """ema=True gives the EMA weights when the run kept them, and an error naming the file when it did not
+    (never the raw weights under the EMA's name)."""
+    from salunet.train.checkpoint import CheckpointError
+    from salunet.train.evaluate import model_from_checkpoint
+
+    run(tmp_path, "with", epochs=1)
+    ck = list_checkpoints(tmp_path / "with")[-1]
+    raw, _, state = model_from_checkpoint(ck)
+    ema, _, _ = model_from_checkpoint(ck, ema=True)
+    assert all(torch.equal(v, state["model"][k]) for k, v in raw.state_dict().items())
+    assert all(torch.equal(v, state["ema"]["module"][k]) for k, v in ema.state_dict().items())
+    assert not all(torch.equal(v, raw.state_dict()[k]) for k, v in ema.state_dict().items())
+    run(tmp_path, "without", epochs=1, ema_decay=0.0)
+    ck = list_checkpoints(tmp_path / "without")[-1]
+    with pytest.raises(CheckpointError, match=f"{ck.name}: has no EMA weights"):
+        model_from_checkpoint(ck, ema=True)
+
+
 def _last_metrics(run_dir):
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
 

@@ -45,7 +45,13 @@ def model_from_checkpoint(path: str | Path, device: str = "cpu", ema: bool = Fal
     state, meta = load_checkpoint(path)
     cfg = _checkpoint_config(path, meta)
     model = build_model(cfg, meta["num_classes"], meta["in_chans"], meta["image_size"])
-    weights = (ema and _ema_weights(state, path)) or state.get("model")
+    if ema:
+        weights = _ema_weights(state, path)
+        if weights is None:
+            raise CheckpointError(f"{path}: has no EMA weights (its run trained with ema_decay=0); load the raw "
+                                  "weights (ema=False, or leave out --ema) or pick a run that kept an EMA")
+    else:
+        weights = state.get("model")
     return _load_weights(model, weights, path, cfg.model).to(device), meta, state
 
 
