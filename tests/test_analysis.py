@@ -113,3 +113,21 @@ def test_capture_removes_hooks_on_error():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     with pytest.raises(ValueError, match="unknown stage"):
         C.capture(model, torch.randn(2, 3, 16, 16), names=["layer9"])
+
+
+def test_plots_take_more_series_than_the_palette_has(tmp_path):
+    """Nine checkpoints / models / variants (the palette has eight colours): every plot is still drawn."""
+    from salunet.analysis import plots
+
+    stages = {s: {"effective_rank": 3.0 + i, "isotropy": 0.5, "variance": 1.0 + i, "skewness": 0.1,
+                  "excess_kurtosis": 0.2} for i, s in enumerate(("stem", "layer1"))}
+    rep = {"checkpoints": [{"label": f"ck{i}", "stages": stages} for i in range(9)]}
+    sweep = {"chance": 0.1, "summary": {f"m{i}": [{"batch_size": 1, "mean": 0.3, "std": 0.01, "diverged": True},
+                                                  {"batch_size": 2, "mean": 0.4, "std": None, "diverged": False}]
+                                        for i in range(9)}}
+    band = {"mean": [1.0, 0.9], "p10": [0.8, 0.7], "p90": [1.2, 1.1], "spread": [0.1, 0.2]}
+    plast = {"variants": {f"v{i}": {"pooled": band} for i in range(9)}}
+    for fn, result in ((plots.plot_representation, rep), (plots.plot_batch_sweep, sweep),
+                       (plots.plot_plasticity, plast)):
+        out = fn(result, tmp_path / f"{fn.__name__}.png")
+        assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,6 +12,11 @@ __all__ = ["plot_curves", "plot_plasticity", "plot_batch_sweep", "plot_grid_bars
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
 
+def _color(i: int) -> str:
+    """The i-th series' colour; the palette repeats, so any number of series can be drawn."""
+    return _COLORS[i % len(_COLORS)]
+
+
 def _plt():
     import matplotlib
 
@@ -37,7 +42,7 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, title: str = "") -> Pat
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, (label, rows) in enumerate(runs.items()):
         ep = [r["epoch"] for r in rows]
-        c = _COLORS[i % len(_COLORS)]
+        c = _color(i)
         axes[0].plot(ep, [r["train_loss"] for r in rows], color=c, label=f"{label} train")
         axes[0].plot(ep, [r["test_loss"] for r in rows], color=c, ls="--", label=f"{label} test")
         axes[1].plot(ep, [100 * r["test_acc"] for r in rows], color=c, label=f"{label} raw")
@@ -62,13 +67,13 @@ def plot_plasticity(result: dict, path: Path) -> Path:
     for ax, (i, v) in zip(axes, enumerate(variants)):
         p = result["variants"][v]["pooled"]
         ep = list(range(len(p["mean"])))
-        ax.fill_between(ep, p["p10"], p["p90"], color=_COLORS[i], alpha=0.25, label="10-90th pct")
-        ax.plot(ep, p["mean"], color=_COLORS[i], label="mean")
+        ax.fill_between(ep, p["p10"], p["p90"], color=_color(i), alpha=0.25, label="10-90th pct")
+        ax.plot(ep, p["mean"], color=_color(i), label="mean")
         ax.set_title(f"{v}: PReLU slopes")
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
         spread_ax = axes[-1]
-        spread_ax.plot(ep, p["spread"], color=_COLORS[i], label=v)
+        spread_ax.plot(ep, p["spread"], color=_color(i), label=v)
     axes[-1].set_title("spread of slopes (std over units)")
     axes[-1].set_xlabel("epoch")
     axes[-1].legend(fontsize=8)
@@ -85,10 +90,10 @@ def plot_batch_sweep(result: dict, path: Path) -> Path:
         mean = [r["mean"] if r["mean"] is not None else math.nan for r in rows]
         std = [r["std"] or 0.0 for r in rows]
         ax.errorbar(bs, [100 * m for m in mean], yerr=[100 * s for s in std], marker="o", capsize=3,
-                    color=_COLORS[i], label=model)
+                    color=_color(i), label=model)
         div = [r["batch_size"] for r in rows if r["diverged"]]
         if div:
-            ax.scatter(div, [100 * result["chance"]] * len(div), marker="x", color=_COLORS[i], s=60,
+            ax.scatter(div, [100 * result["chance"]] * len(div), marker="x", color=_color(i), s=60,
                        label=f"{model} diverged (some seeds)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
@@ -106,7 +111,7 @@ def plot_grid_bars(rows: list[dict], path: Path, *, title: str, key: str = "labe
     labels = [r[key] for r in rows]
     means = [100 * (r["mean"] if r["mean"] is not None else 0.0) for r in rows]
     stds = [100 * (r["std"] or 0.0) for r in rows]
-    ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color=[_COLORS[i % len(_COLORS)] for i in range(len(rows))])
+    ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color=[_color(i) for i in range(len(rows))])
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy (%)")
@@ -130,7 +135,7 @@ def plot_geometry(result: dict, path: Path) -> Path:
                 for si, st in enumerate(stages):
                     pts = [(i, l[key]) for i, l in enumerate(layers) if l["stage"] == st and l["kind"] == kind]
                     if pts:
-                        ax.scatter(*zip(*pts), color=_COLORS[si % len(_COLORS)], marker=marker, s=18,
+                        ax.scatter(*zip(*pts), color=_color(si), marker=marker, s=18,
                                    label=f"{st} {kind}")
             down = [(i, l[key]) for i, l in enumerate(layers) if l["downsample"]]
             if down:
@@ -153,7 +158,7 @@ def plot_representation(result: dict, path: Path) -> Path:
     for i, ck in enumerate(result["checkpoints"]):
         stages = list(ck["stages"])
         for ax, (k, label, log) in zip(axes, keys):
-            ax.plot(range(len(stages)), [ck["stages"][s][k] for s in stages], marker="o", color=_COLORS[i],
+            ax.plot(range(len(stages)), [ck["stages"][s][k] for s in stages], marker="o", color=_color(i),
                     label=ck["label"])
             ax.set_xticks(range(len(stages)))
             ax.set_xticklabels(stages, rotation=30, fontsize=8)
@@ -169,7 +174,7 @@ def plot_variance(result: dict, path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (label, var) in enumerate(result["curves"].items()):
-        ax.plot(range(len(var)), var, color=_COLORS[i % len(_COLORS)], label=label)
+        ax.plot(range(len(var)), var, color=_color(i), label=label)
     ax.set_yscale("log")
     ax.set_xlabel("depth (layers)")
     ax.set_ylabel("activation variance")
