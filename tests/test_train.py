@@ -205,3 +205,25 @@ def test_lr_schedule():
     assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
     assert all(lr_at(s, 100, 10, 1.0, 0.0) >= lr_at(s + 1, 100, 10, 1.0, 0.0) for s in range(10, 99))
     assert not math.isnan(lr_at(5, 10, 0, 1.0, 0.0))
+
+
+def test_ranks_split_each_global_batch_and_the_test_set():
+    """What makes 2 ranks equal 1 process: rank r trains on its half of the very batch (same crops, same mix)
+    that one process would draw, and evaluates images r, r + 2, ...: disjoint shards that cover everything."""
+    from salunet.train import distributed as D
+    from salunet.train.loop import load_source, resolve_config
+
+    cfg = resolve_config(None, {**TINY, "out": "unused", "name": "unused"})
+    one = load_source(cfg, D.DistInfo())
+    ranks = [load_source(cfg, D.DistInfo(rank=r, world=2)) for r in (0, 1)]
+    for full, *halves in zip(one.train_batches(0), *(s.train_batches(0) for s in ranks)):
+        x, ya, yb, lam = full
+        assert [len(h[0]) for h in halves] == [len(x) // 2] * 2
+        assert not torch.equal(halves[0][0], halves[1][0])
+        assert torch.equal(torch.cat([h[0] for h in halves]), x)
+        assert torch.equal(torch.cat([h[1] for h in halves]), ya) and torch.equal(torch.cat([h[2] for h in halves]), yb)
+        assert all(h[3] == lam for h in halves)
+    seen = [torch.cat([b[1] for b in s.eval_batches()]) for s in ranks]
+    full_y = torch.cat([b[1] for b in one.eval_batches()])
+    assert sum(len(y) for y in seen) == len(full_y) == TINY["test_subset"]
+    assert torch.equal(seen[0], full_y[0::2]) and torch.equal(seen[1], full_y[1::2])
