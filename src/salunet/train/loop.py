@@ -449,13 +449,12 @@ def _make_dirs(path: Path) -> list[Path]:
     return created
 
 
-def _discard_new_run(run_dir: Path, created: list[Path]) -> None:
-    """Remove what a new run wrote before finishing its first epoch: it holds nothing worth keeping, and a
-    leftover ``config.json`` would block re-running with the same ``--name``."""
+def _discard_new_files(run_dir: Path) -> None:
+    """Remove the files a new run wrote before finishing its first epoch: they hold nothing worth keeping, and a
+    leftover ``config.json`` would block re-running with the same ``--name``. Called while holding the lock."""
     for f in ("config.json", "metrics.jsonl", _RUN_ID_FILE):
         (run_dir / f).unlink(missing_ok=True)
     remove_partial_files(run_dir)
-    _remove_empty_dirs([run_dir / "checkpoints", *created])
 
 
 def _remove_empty_dirs(dirs: list[Path]) -> None:
@@ -638,9 +637,12 @@ def _train(plan: _Plan, info: D.DistInfo) -> dict:
         raise stopped from None
     finally:
         if info.is_main:
-            if new_run and epochs_done == 0:  # while still holding the lock: the files are still ours
-                _discard_new_run(run_dir, created)
+            discard = new_run and epochs_done == 0
+            if discard:  # the files while the lock still makes them ours; the (then empty) directories after
+                _discard_new_files(run_dir)
             lock.release()
+            if discard:
+                _remove_empty_dirs([run_dir / "checkpoints", *created])
 
 
 def _load_state(found, cfg: TrainConfig, source, model, opt, ema, scaler) -> tuple[int, int]:
