@@ -29,6 +29,20 @@ def test_variance(tmp_path):
     assert curves["LayerNorm"][-1] == pytest.approx(1.0, abs=0.05)
 
 
+def test_a_failing_figure_keeps_the_results(tmp_path, monkeypatch):
+    """The measurements reach results.json before any figure is drawn: a plotting error costs the PNG only."""
+    from salunet.analysis import plots
+
+    def broken(*a, **k):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(plots, "plot_variance", broken)
+    with pytest.raises(RuntimeError, match="no display"):
+        run_experiment("variance", out=str(tmp_path), name="v", depth=4, dim=8, samples=32, settings="1:1")
+    saved = json.loads((tmp_path / "v" / "results.json").read_text())
+    assert saved["experiment"] == "variance" and all(len(c) == 5 for c in saved["curves"].values())
+
+
 def test_plasticity_tracks_every_slope(tmp_path):
     out, d = _run(tmp_path, "plasticity", **TINY, epochs=2, width=4, train_subset=0, test_subset=0)
     for v in ("batchnorm", "identity", "salu"):

@@ -140,6 +140,14 @@ def _write(run_dir: Path, result: dict) -> Path:
     return path
 
 
+def _draw(result: dict, plot, data, path: Path, **kw) -> None:
+    """Draw figure ``path`` with ``plot(data, path, **kw)`` after saving ``result`` beside it: a plotting error
+    then costs the PNG, never the measurements (``run_experiment`` rewrites the file with its metadata at the
+    end)."""
+    _write(path.parent, result)
+    plot(data, path, **kw)
+
+
 # ---- plasticity (figure 1, appendix A) ----------------------------------------------------------------------
 
 @dataclass
@@ -206,7 +214,7 @@ def plasticity_experiment(args: PlasticityArgs, run_dir: Path) -> dict:
                               "final_spread_mean": _mean_std([p["pooled"]["spread"][-1] for p in ok])[0],
                               "late_drift_mean": _mean_std([statistics.fmean(p["pooled"]["drift"][-3:]) for p in ok])[0]}
     if all(out["variants"][v]["pooled"] for v in variants):
-        plots.plot_plasticity(out, run_dir / "plasticity.png")
+        _draw(out, plots.plot_plasticity, out, run_dir / "plasticity.png")
     for v in variants:
         r = out["variants"][v]
         print(f"  {v:10s} acc {_fmt(r['test_acc_mean'], r['test_acc_std'])}%  final slope spread "
@@ -263,7 +271,7 @@ def batch_sweep_experiment(args: BatchSweepArgs, run_dir: Path) -> dict:
     num_classes = 100 if args.data == "cifar100" else 10
     out = {"experiment": "batch-sweep", "args": asdict(args), "runs": rows, "summary": summary,
            "chance": 1 / num_classes, "title": f"batch-size resilience ({args.data}, {args.epochs} epochs)"}
-    plots.plot_batch_sweep(out, run_dir / "batch_sweep.png")
+    _draw(out, plots.plot_batch_sweep, out, run_dir / "batch_sweep.png")
     for model, srows in summary.items():
         print(f"  {model}: " + "  ".join(f"b{r['batch_size']} {_fmt(r['mean'], r['std'], r['finished'], r['seeds'])}"
                                          for r in srows))
@@ -317,8 +325,8 @@ def ablation_experiment(args: AblationArgs, run_dir: Path) -> dict:
         table.append({"label": f"{norm} + {act}", "norm": norm, "act": act, "mean": m, "std": s, "ema_mean": em,
                       "ema_std": es, "diverged": n_div, "seeds": len(accs), "finished": len(accs) - n_div})
     out = {"experiment": "ablation", "args": asdict(args), "runs": rows, "table": table}
-    plots.plot_grid_bars(table, run_dir / "ablation.png",
-                         title=f"controlled ablation: {args.model} w{args.width or 'paper'}, {args.epochs} epochs")
+    _draw(out, plots.plot_grid_bars, table, run_dir / "ablation.png",
+          title=f"controlled ablation: {args.model} w{args.width or 'paper'}, {args.epochs} epochs")
     for t in table:
         print(f"  {t['label']:24s} {_fmt(t['mean'], t['std'], t['finished'], t['seeds'])}%")
     return out
@@ -377,8 +385,8 @@ def init_study_experiment(args: InitStudyArgs, run_dir: Path) -> dict:
                           "std": s, "diverged": n_div, "seeds": len(accs), "finished": len(accs) - n_div})
     best = max((t for t in table if t["mean"] is not None), key=lambda t: t["mean"], default=None)
     out = {"experiment": "init-study", "args": asdict(args), "table": table, "best": best}
-    plots.plot_grid_bars(table, run_dir / "init_study.png",
-                         title=f"init study: {args.model} w{args.width}, {args.epochs} epoch(s)")
+    _draw(out, plots.plot_grid_bars, table, run_dir / "init_study.png",
+          title=f"init study: {args.model} w{args.width}, {args.epochs} epoch(s)")
     for t in table:
         print(f"  {t['label']:36s} {_fmt(t['mean'], t['std'], t['finished'], t['seeds'])}%")
     if best:
@@ -428,7 +436,7 @@ def variance_experiment(args: VarianceArgs, run_dir: Path) -> dict:
         curves[name] = var
     out = {"experiment": "variance", "args": asdict(args), "curves": curves,
            "title": f"variance through {args.depth} layers (D={args.dim})"}
-    plots.plot_variance(out, run_dir / "variance.png")
+    _draw(out, plots.plot_variance, out, run_dir / "variance.png")
     for name, var in curves.items():
         print(f"  {name:36s} var at depth 0/{args.depth // 4}/{args.depth}: {var[0]:.3g} / "
               f"{var[args.depth // 4]:.3g} / {var[-1]:.3g}")
@@ -512,7 +520,7 @@ def geometry_experiment(args: CheckpointArgs, run_dir: Path) -> dict:
             print(f"  {path}: no SALU-family layers (a normalised baseline?)")
     out = {"experiment": "geometry", "args": asdict(args), "checkpoints": ckpts}
     if any(c["layers"] for c in ckpts):
-        plots.plot_geometry({"checkpoints": [c for c in ckpts if c["layers"]]}, run_dir / "geometry.png")
+        _draw(out, plots.plot_geometry, {"checkpoints": [c for c in ckpts if c["layers"]]}, run_dir / "geometry.png")
     return out
 
 
@@ -551,7 +559,7 @@ def representation_experiment(args: CheckpointArgs, run_dir: Path) -> dict:
         ckpts.append({"checkpoint": str(path), "label": label or cfg["model"], "epoch": meta["epoch"],
                       "images": len(x), "stages": stages})
     out = {"experiment": "representation", "args": asdict(args), "checkpoints": ckpts}
-    plots.plot_representation(out, run_dir / "representation.png")
+    _draw(out, plots.plot_representation, out, run_dir / "representation.png")
     for c in ckpts:
         print(f"  {c['label']}: " + "  ".join(f"{s} erank {v['effective_rank']:.1f} iso {v['isotropy']:.3f}"
                                             for s, v in c["stages"].items()))
@@ -583,9 +591,10 @@ def curves_experiment(args: CurvesArgs, run_dir: Path) -> dict:
         if not f.is_file():
             raise FileNotFoundError(f"{f}: no such file; is {d} a salunet run directory?")
         series[label] = read_jsonl(f)
-    plots.plot_curves(series, run_dir / "curves.png", title="training curves")
-    return {"experiment": "curves", "args": asdict(args), "runs": {k: [str(d)] for k, d in zip(labels, dirs)},
-            "final": {k: v[-1] if v else None for k, v in series.items()}}
+    out = {"experiment": "curves", "args": asdict(args), "runs": {k: [str(d)] for k, d in zip(labels, dirs)},
+           "final": {k: v[-1] if v else None for k, v in series.items()}}
+    _draw(out, plots.plot_curves, series, run_dir / "curves.png", title="training curves")
+    return out
 
 
 # ---- entry point ------------------------------------------------------------------------------------------
