@@ -61,6 +61,12 @@ def test_moments_known_distributions():
     assert m["channels"] == 3 and m["channel_variance_mean"] == pytest.approx((1 + 4 + 9) / 3, rel=0.03)
     const = S.moments(torch.ones(5, 2), channel_dim=1)
     assert const["variance"] == 0 and const["skewness"] == 0 and const["channel_excess_kurtosis_mean"] == 0
+    # constants whose float mean is inexact (0.1, 0.3, ...) are constant too: no shape, not skew +-1 / kurtosis -2
+    for v in (0.1, 0.3, 0.7, 1.1):
+        for n in (1000, 65536):
+            c = S.moments(torch.full((2, n), v, dtype=torch.float64), channel_dim=0)
+            assert c["variance"] == 0 and c["skewness"] == 0 and c["excess_kurtosis"] == 0, (v, n)
+            assert c["channel_skewness_mean"] == 0 and c["channel_excess_kurtosis_mean"] == 0, (v, n)
 
 
 def test_dormant_units_without_zeros():

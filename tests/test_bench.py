@@ -36,3 +36,12 @@ def test_bench_train_needs_data(capsys):
 
     assert main(["bench", "train"]) == 2
     assert "needs --data-path" in capsys.readouterr().err
+
+
+def test_every_variant_is_labelled_with_the_path_it_takes():
+    from salunet.bench import _path
+
+    assert _path("batchnorm2d+relu") == _path("layernorm+gelu") == _path("salu reference") == "torch"
+    for v in ("swalu alone", "salu+galu (fused SALUAct)", "salu+add+swalu (fused SALUAddAct)"):
+        assert _path(v).startswith("salunet "), v
+    assert _path("salu fused, C++") == "salunet cpp" and _path("salu fused, eager") == "salunet eager"

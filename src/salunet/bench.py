@@ -65,7 +65,7 @@ class OpResult:
 
 
 def _path(variant: str) -> str:
-    if "reference" in variant or "salu" not in variant:
+    if "reference" in variant or not any(op in variant for op in ("salu", "swalu", "galu")):
         return "torch"
     for key, mode in (("eager", "eager"), ("C++", "cpp"), ("inductor", "compiled")):
         if key in variant:

@@ -93,7 +93,10 @@ def moments(x: Tensor, channel_dim: int | None = 1) -> dict:
     if x.numel() < 2:
         raise ValueError(f"need at least 2 values for moments, got {x.numel()}")
 
-    def _m(v: Tensor, dims) -> tuple[Tensor, Tensor, Tensor]:
+    def _m(v: Tensor, dims: int) -> tuple[Tensor, Tensor, Tensor]:
+        # shifted by one of its own values first (moments do not change): a constant channel is then exactly 0,
+        # so its variance is exactly 0 and not the ~1e-34 that rounding the mean of 0.1s would leave
+        v = v - v.narrow(dims, 0, 1)
         mu = v.mean(dims, keepdim=True)
         c = v - mu
         var = (c * c).mean(dims, keepdim=True)
