@@ -135,6 +135,9 @@ def test_representation_of_a_vit_pools_tokens(tmp_path):
     rep, _ = _run(tmp_path, "representation", checkpoints=run, images=64)
     stages = rep["checkpoints"][0]["stages"]
     assert list(stages) == ["embed", "layer1", "layer2", "features"]
+    # the saved JSON sorts its keys; the network's order travels with it for redraws
+    saved = json.loads((tmp_path / "representation" / "results.json").read_text())["checkpoints"][0]
+    assert list(saved["stages"]) != saved["stage_order"] == ["embed", "layer1", "layer2", "features"]
     assert all(s["dims"] == 24 for s in stages.values())  # the hidden size, not the 17 tokens
     geo, _ = _run(tmp_path, "geometry", checkpoints=run)
     assert {l["stage"] for l in geo["checkpoints"][0]["layers"]} == {"layer1", "layer2", "head"}

@@ -556,8 +556,9 @@ def representation_experiment(args: CheckpointArgs, run_dir: Path) -> dict:
             spec = S.spectrum_stats(pooled)
             mom = S.moments(t, channel_dim=cdim)
             stages[name] = {**spec, **mom, "dormant_fraction": S.dormant_fraction(t, channel_dim=cdim)}
+        # stage_order: the JSON is written with sorted keys, and a redraw must keep the network's order
         ckpts.append({"checkpoint": str(path), "label": label or cfg["model"], "epoch": meta["epoch"],
-                      "images": len(x), "stages": stages})
+                      "images": len(x), "stages": stages, "stage_order": list(stages)})
     out = {"experiment": "representation", "args": asdict(args), "checkpoints": ckpts}
     _draw(out, plots.plot_representation, out, run_dir / "representation.png")
     for c in ckpts:

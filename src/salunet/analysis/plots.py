@@ -156,7 +156,7 @@ def plot_representation(result: dict, path: Path) -> Path:
             ("excess_kurtosis", "excess kurtosis", False)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
     for i, ck in enumerate(result["checkpoints"]):
-        stages = list(ck["stages"])
+        stages = ck.get("stage_order") or list(ck["stages"])  # saved JSON has its keys sorted
         for ax, (k, label, log) in zip(axes, keys):
             ax.plot(range(len(stages)), [ck["stages"][s][k] for s in stages], marker="o", color=_color(i),
                     label=ck["label"])
