@@ -423,3 +423,44 @@ def test_factory_refusal_leaves_a_stored_function_exactly_as_it_was():
     report = salunet.convert(m, act=narrow_only, example_input=torch.randn(2, 3, 8))
     assert m.activation is F.relu and "too wide" in dict(report.not_replaced)["activation"]
     assert m.eval()(torch.randn(2, 3, 8)).shape == (2, 3, 8)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision's kind: BatchNorm statistics as buffers, no nn.BatchNorm base class."""
+
+    def __init__(self, n):
+        super().__init__()
+        for name, v in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((n,), v))
+
+    def forward(self, x):
+        scale = self.weight / (self.running_var + 1e-5).sqrt()
+        return x * scale.view(1, -1, 1, 1) + (self.bias - self.running_mean * scale).view(1, -1, 1, 1)
+
+
+def test_norms_convert_does_not_know_are_reported_not_kept_silently():
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), FrozenBatchNorm2d(4), nn.ReLU())
+    report = salunet.convert(m, example_input=torch.randn(2, 3, 8, 8))
+    assert not report.ok and any("unknown normalization type FrozenBatchNorm2d" in why
+                                 for _, why in report.not_replaced), str(report)
+
+
+def test_lazy_norms_are_initialised_then_converted():
+    m = nn.Sequential(nn.LazyConv2d(4, 1), nn.LazyBatchNorm2d(), nn.ReLU())
+    report = salunet.convert(m, example_input=torch.randn(2, 3, 8, 8))
+    assert report.ok, str(report)
+    assert isinstance(m[1], SALU) and m[1].num_features == 4 and m(torch.randn(2, 3, 8, 8)).shape == (2, 4, 8, 8)
+    lazy = nn.Sequential(nn.LazyConv2d(4, 1), nn.LazyBatchNorm2d())
+    report = salunet.convert(lazy, act="keep")  # no example_input: it cannot be sized, and says so
+    assert any("not initialised yet; pass example_input" in why for _, why in report.not_replaced), str(report)
+
+
+def test_unbatched_instance_norm_normalises_dim_0():
+    """InstanceNorm1d takes an unbatched (C, L) input: the channels are dim 0 there."""
+    for length in (10, 6):  # 6 == C: the wrong dim would even run
+        m = nn.Sequential(nn.Conv1d(4, 6, 1), nn.InstanceNorm1d(6, affine=True), nn.ReLU())
+        report = salunet.convert(m, example_input=torch.randn(4, length))
+        assert report.ok, str(report)
+        assert isinstance(m[1], SALU) and m[1].dim % 2 == 0 and m(torch.randn(4, length)).shape == (6, length)
+        # and the gate after it sees the channels where they are too
+        assert isinstance(m[2], SWALU) and (m[2].num_features, m[2].dim % 2) == (6, 0)

@@ -64,3 +64,46 @@ def test_converted_resnet18_trains():
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_calibration_samples_every_position_not_one_pixel_column():
+    """A batch of 128 at 32x32 once made the subsample stride equal the image width (only pixel column 0, the
+    zero-padded border, was seen): the output rms then came out ~1.2 instead of 1."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+    nn.init.kaiming_normal_(m[0].weight)
+    x = torch.randn(128, 3, 32, 32)
+    salunet.convert(m, example_input=x)
+    with torch.no_grad():
+        rms = m(x).square().mean((0, 2, 3)).sqrt()
+    assert (rms - 1).abs().max() < 0.05, rms
+
+
+def test_conversion_keeps_each_submodule_mode():
+    """Tracing and calibration run in eval mode and hand every submodule back its own mode: a frozen BatchNorm in
+    a training model stays frozen; a new module takes the mode of the one it replaces."""
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 8),
+                      nn.BatchNorm1d(8))
+    m.train()
+    m[5].eval()  # frozen
+    m[3].eval()  # dropout switched off
+    salunet.convert(m, norm="keep", example_input=torch.randn(16, 4))
+    assert [x.training for x in m] == [True, True, True, False, True, False]
+    e = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU()).eval()
+    salunet.convert(e, norm="batchnorm", example_input=torch.randn(16, 4))
+    assert not any(x.training for x in e.modules())
+    before = [b.clone() for b in e[1].buffers()]
+    with torch.no_grad():
+        e(torch.randn(16, 4) * 5 + 3)  # an eval forward must not move the new BatchNorm's running statistics
+    assert all(torch.equal(a, b) for a, b in zip(before, e[1].buffers()))
+
+
+def test_salu_behind_a_new_batchnorm_keeps_its_init():
+    """norm="batchnorm+salu": in training the SALU sees batch-normalised input, which an eval-mode calibration
+    pass cannot show it, so it is left at its init instead of being sized for the raw scale."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    report = salunet.convert(m, norm="batchnorm+salu", example_input=3 * torch.randn(8, 3, 16, 16))
+    salu = next(x for x in m.modules() if isinstance(x, SALU))
+    fresh = SALU(8)
+    assert torch.equal(salu.log_a, fresh.log_a) and torch.equal(salu.log_b, fresh.log_b)
+    assert not any("calibrated" in note for _, note in report.notes)

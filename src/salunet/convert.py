@@ -13,8 +13,8 @@ is correct whatever the truth is (a scalar SALU/SWALU) or leaves the module alon
 **Which dim a norm normalises.** A module's class does not say what its ``forward`` does: ConvNeXt's
 ``LayerNorm2d`` is an ``nn.LayerNorm`` that normalises dim 1 of NCHW, timm's ``BatchNormAct2d`` a BatchNorm2d
 that also applies an activation. So the class decides only when ``forward`` is the library's own
-(``nn.BatchNorm*`` / ``InstanceNorm*`` / ``GroupNorm``: dim 1; ``nn.LayerNorm`` / ``RMSNorm`` over one dim: the
-last dim; over several dims: a scalar SALU) or one of this project's classes (``LayerNorm2d``: dim 1,
+(``nn.BatchNorm*`` / ``InstanceNorm*`` / ``GroupNorm``: dim 1, or dim 0 for an InstanceNorm's unbatched input;
+``nn.LayerNorm`` / ``RMSNorm`` over one dim: the last dim; over several dims: a scalar SALU) or one of this project's classes (``LayerNorm2d``: dim 1,
 ``TokenBatchNorm``: last dim). For any other subclass, the traced forward of ``example_input`` decides:
 1. probe: bump one entry ``k`` of the module's own affine weight (or bias) and rerun it on the traced input;
    the channel dim is the one dim whose index is ``k`` at every output entry that changed (exact for any
@@ -23,6 +23,9 @@ last dim; over several dims: a scalar SALU) or one of this project's classes (``
    matches; else the only input dim whose size equals the module's width.
 If none of these is conclusive (or no ``example_input`` was given), the module is *not replaced* and the report
 says why: a wrong dim would be worse than no conversion (with W == C it would even run, silently wrong).
+Normalization classes convert does not know (no nn norm base, a class name ending in ``Norm``/``Norm2d``, e.g.
+torchvision's ``FrozenBatchNorm2d``) are reported as not replaced, never kept silently. Lazy modules
+(``nn.LazyBatchNorm2d``) are initialised by one forward of ``example_input`` first; without it they are reported.
 
 **How activations get their per-channel size.** Activation modules do not know their width. With
 ``example_input``, one forward pass tracks which dim of each tensor holds the channels, from the layer that
@@ -56,7 +59,10 @@ because 1/std leaves the output at ~0.92 after saturation, and the ~8% loss per 
 of 0.50 in a converted ResNet-18 (the edge of the [0.5, 2] rule). rms rather than std: SALU has no bias to
 remove a mean, so the second moment is what sets its output scale. Channels with no signal keep a0 = 1; a SALU
 called several times is calibrated on its first call; ``reset_parameters()`` returns it to its scalar a_init /
-b_init. Gates keep their operator init (SWALU ~ SiLU, GALU ~ GELU).
+b_init. A SALU that follows a new BatchNorm (``norm="batchnorm+salu"``) keeps its init: in training it receives
+batch-normalised input, which the eval-mode calibration pass (BatchNorm on its initial running statistics)
+cannot show it. The calibration pass, like the tracing pass, runs in eval mode and then returns every submodule
+to its own train/eval mode. Gates keep their operator init (SWALU ~ SiLU, GALU ~ GELU).
 
 Device and dtype of every new module follow the module it replaces (or the model's parameters): meta-device
 models convert (without value-based probing or calibration, which the report notes).
@@ -64,6 +70,7 @@ models convert (without value-based probing or calibration, which the report not
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 import weakref
 from dataclasses import dataclass, field
@@ -72,6 +79,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as Fn
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.overrides import TorchFunctionMode
 
 from .models.layers import LayerNorm2d, TokenBatchNorm, get_act_layer, get_norm_layer
@@ -88,7 +96,10 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _IN = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _LN = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 _NORM_BASES = _BN + _IN + (nn.GroupNorm,) + _LN
-_OWN_NORMS = {LayerNorm2d: 1, TokenBatchNorm: -1}  # this project's norms whose forward moves the channel dim
+_OWN_NORMS = {LayerNorm2d: 1, TokenBatchNorm: -1}
+# names of normalization classes convert does not know (reported, never silently kept): FrozenBatchNorm2d,
+# LazyBatchNorm2d before its first forward, SomethingNorm, ...
+_NORM_NAME = re.compile(r"norm(\d+d)?$", re.IGNORECASE)  # this project's norms whose forward moves the channel dim
 
 _RELU_LIKE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.SiLU, nn.Mish,
               nn.Hardswish)
@@ -167,6 +178,13 @@ class _NormSpec:
     dim: int | None  # None: unknown until the traced forward tells
     trusted: bool  # forward is the library's own (or this project's): the class tells the dim
     note: str = ""
+    unbatched_rank: int | None = None  # InstanceNorm: an input of this rank has no batch dim, channels at dim 0
+
+    def trusted_dim(self, rank: int | None) -> int | None:
+        """The dim a trusted norm normalises on an input of ``rank`` (None: not known)."""
+        if rank is not None and rank == self.unbatched_rank:  # e.g. InstanceNorm1d on an unbatched (C, L)
+            return 0
+        return self.dim if rank is None or self.dim is None else self.dim % rank
 
 
 def _norm_base(m: nn.Module) -> type | None:
@@ -192,7 +210,8 @@ def _norm_spec(m: nn.Module) -> _NormSpec | None:
         width, dim = shape[0], -1
     else:
         width, dim = (m.num_channels if base is nn.GroupNorm else m.num_features), 1
-    return _NormSpec(width, dim if trusted else None, trusted)
+    return _NormSpec(width, dim if trusted else None, trusted,
+                     unbatched_rank=_RANK_OF[base] - 1 if base in _IN else None)
 
 
 def _affine(m: nn.Module) -> torch.Tensor | None:
@@ -297,7 +316,7 @@ class _Tracer(TorchFunctionMode):
             self.tag(out, (mod.num_features, mod.dim % out.dim()))
         elif id(mod) in self.norms and x is not None and isinstance(out, torch.Tensor):
             spec = self.norms[id(mod)]
-            d, why = (spec.dim % x.dim(), "") if spec.trusted else self._norm_dim(mod, spec, x, args, kwargs, out)
+            d, why = (spec.trusted_dim(x.dim()), "") if spec.trusted else self._norm_dim(mod, spec, x, args, kwargs, out)
             self.norm_dims.setdefault(id(mod), []).append((x.dim(), d, why))
             if d is not None and spec.width is not None:
                 self.tag(out, (spec.width, d))
@@ -377,6 +396,22 @@ class _NoFastPaths:
             setattr(m, a, v)
 
 
+class _EvalModes:
+    """``model.eval()`` for one pass, then every submodule back to its *own* mode (a frozen BatchNorm or a
+    disabled dropout inside a training model stays as the user set it, which ``model.train(flag)`` would undo)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, training in self.modes:
+            m.training = training
+
+
 def _trace(model: nn.Module, example_input, tracer: _Tracer) -> None:
     handles = []
     for name, m in model.named_modules():
@@ -384,15 +419,13 @@ def _trace(model: nn.Module, example_input, tracer: _Tracer) -> None:
             lambda mod, a, kw, name=name: tracer.pre(name, mod, a, kw), with_kwargs=True))
         handles.append(m.register_forward_hook(
             lambda mod, a, kw, o, name=name: tracer.post(name, mod, a, kw, o), with_kwargs=True))
-    was_training = model.training
     try:
-        model.eval()  # no running-statistics updates, no dropout
-        with torch.no_grad(), _NoFastPaths(model), tracer:
+        # eval: no running-statistics updates, no dropout
+        with _EvalModes(model), torch.no_grad(), _NoFastPaths(model), tracer:
             _run(model, example_input)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
 
 
 # ---- sizing ---------------------------------------------------------------------------------------------------
@@ -429,7 +462,7 @@ def _norm_size(spec: _NormSpec, seen: list | None, traced: bool, on_meta: bool) 
     ranks = {r for r, _, _ in seen or []}
     rank = ranks.pop() if len(ranks) == 1 else None
     if spec.trusted:
-        return spec.width, spec.dim, rank, spec.note
+        return spec.width, spec.trusted_dim(rank) if rank == spec.unbatched_rank else spec.dim, rank, spec.note
     if not traced:
         return spec.width, None, rank, ("its forward is not the library's, so its class does not say which dim "
                                          "it normalises; pass example_input to find out")
@@ -467,7 +500,7 @@ def _like(new: nn.Module, old: nn.Module, fallback: torch.Tensor | None) -> nn.M
     ref = ref if ref is not None else fallback
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-    return new
+    return new.train(old.training)  # the mode of the module it replaces, not nn.Module's default
 
 
 def _children(m: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -489,8 +522,12 @@ def _unit_rms_log_gain(xc: torch.Tensor, amplitude: float, iters: int = 24, samp
     """Per row of ``xc`` (C, M): log a such that SALU(x; a, a/A^2) has rms 1 over the row, by bisection (the rms
     grows monotonically with a; 24 halvings of the bracket leave a relative error < 1e-6). Rows without signal
     get a = 1; rows whose rms cannot reach 1 (mostly zeros) get the largest gain tried. At most ``samples``
-    evenly strided values per row are used: an rms needs no more, and a large example batch stays cheap."""
-    xc = xc[:, ::max(1, xc.shape[1] // samples)]
+    values per row are used, at fixed random positions (a stride would alias with the image width: with a batch
+    of 128 at 32x32 every 32nd value is one pixel column, the zero-padded border): an rms needs no more, and a
+    large example batch stays cheap."""
+    if xc.shape[1] > samples:
+        pick = torch.randperm(xc.shape[1], generator=torch.Generator().manual_seed(0))[:samples]
+        xc = xc[:, pick.to(xc.device)]
     rms = xc.square().mean(1).sqrt()
     alive = rms > 1e-12
     lo = torch.where(alive, -rms.clamp_min(1e-12).log(), torch.zeros_like(rms))  # a = 1/rms: output rms < 1
@@ -523,14 +560,12 @@ def _calibrate(model: nn.Module, example_input, salus: list[SALU], amplitude: fl
         mod.log_b.copy_((log_a - 2.0 * math.log(amplitude)).to(mod.log_b.dtype))
 
     handles = [s.register_forward_pre_hook(pre) for s in salus]
-    was_training = model.training
     try:
-        model.eval()
-        _run(model, example_input)
+        with _EvalModes(model):
+            _run(model, example_input)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return len(done)
 
 
@@ -609,10 +644,15 @@ def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Calla
             report.kept.append((path, f"{fname} (a function), as asked "
                                       f"({'gelu' if issubclass(cls, _GELU) else 'act'}='keep')"))
             continue
-        setattr(owner, attr, cls())  # the matching module; step 3 swaps it like any other
+        setattr(owner, attr, cls().train(owner.training))  # the matching module; step 3 swaps it like any other
         from_function[id(getattr(owner, attr))] = (f"{fname} (function)", owner, attr, fn)
 
-    # 2. what to replace, and one traced forward
+    # 2. what to replace, and one traced forward (lazy modules take their final class in a first forward)
+    lazy = [m for m in model.modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy and traced:
+        with _EvalModes(model), torch.no_grad():
+            _run(model, example_input)
+        report.notes.append(("<model>", f"initialised {len(lazy)} lazy module(s) with a forward of example_input"))
     norms = {id(m): s for m in model.modules() if (s := _norm_spec(m)) is not None}
     acts = {id(m) for m in model.modules()
             if (isinstance(m, _GELU) and gelu_fn is not None) or (isinstance(m, _RELU_LIKE) and act_fn is not None)}
@@ -672,9 +712,13 @@ def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Calla
                 path = f"{name}.{child_name}" if name else child_name
                 spec = norms.get(id(child))
                 if spec is None:
-                    if (type(child).__name__.lower().endswith("norm") and not isinstance(child, SaluFamily)
+                    if (_NORM_NAME.search(type(child).__name__) and not isinstance(child, SaluFamily)
                             and not any(True for _ in child.children())):
-                        report.not_replaced.append((path, f"unknown normalization type {type(child).__name__}"))
+                        cls = type(child).__name__
+                        why = (f"{cls}: a lazy module not initialised yet; pass example_input (or run one forward "
+                               "first)" if isinstance(child, LazyModuleMixin) and child.has_uninitialized_params()
+                               else f"unknown normalization type {cls}")
+                        report.not_replaced.append((path, why))
                     continue
                 if id(child) not in done:
                     c, d, rank, note = _norm_size(spec, tracer.norm_dims.get(id(child)), traced, on_meta)
@@ -691,7 +735,10 @@ def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Calla
                         continue
                     new = _like(_fit_rank(new, rank if rank is not None else _RANK_OF.get(type(child))), child,
                                 fallback)
-                    new_salus += [s for s in new.modules() if isinstance(s, SALU)]
+                    if not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in new.modules()):
+                        # a SALU behind a new BatchNorm (norm="batchnorm+salu") sees batch-normalised input in
+                        # training, which an eval-mode calibration pass cannot show it: it keeps its init
+                        new_salus += [s for s in new.modules() if isinstance(s, SALU)]
                     inner = list(child.children())
                     if inner:
                         note += f" (+ its own children: {', '.join(type(x).__name__ for x in inner)})"
