@@ -125,15 +125,30 @@ def test_plots_take_more_series_than_the_palette_has(tmp_path):
     """Nine checkpoints / models / variants (the palette has eight colours): every plot is still drawn."""
     from salunet.analysis import plots
 
-    stages = {s: {"effective_rank": 3.0 + i, "isotropy": 0.5, "variance": 1.0 + i, "skewness": 0.1,
-                  "excess_kurtosis": 0.2} for i, s in enumerate(("stem", "layer1"))}
+    stages = {s: {"effective_rank": 3.0 + i, "isotropy": 0.5, "variance": 1.0 + i, "channel_skewness_mean": 0.1,
+                  "channel_excess_kurtosis_mean": 0.2} for i, s in enumerate(("stem", "layer1"))}
     rep = {"checkpoints": [{"label": f"ck{i}", "stages": stages} for i in range(9)]}
     sweep = {"chance": 0.1, "summary": {f"m{i}": [{"batch_size": 1, "mean": 0.3, "std": 0.01, "diverged": True},
                                                   {"batch_size": 2, "mean": 0.4, "std": None, "diverged": False}]
                                         for i in range(9)}}
     band = {"mean": [1.0, 0.9], "p10": [0.8, 0.7], "p90": [1.2, 1.1], "spread": [0.1, 0.2]}
-    plast = {"variants": {f"v{i}": {"pooled": band} for i in range(9)}}
+    plast = {"variants": {f"v{i}": {"pooled": band, "within_spread": [0.0, 0.1] if i % 2 else None}
+                          for i in range(9)}}
     for fn, result in ((plots.plot_representation, rep), (plots.plot_batch_sweep, sweep),
                        (plots.plot_plasticity, plast)):
         out = fn(result, tmp_path / f"{fn.__name__}.png")
         assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_within_group_spread_is_the_std_around_each_groups_mean():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(3, 5, generator=g, dtype=torch.float64) + 10  # (time, units) of a layer far from the other
+    b = torch.randn(3, 11, generator=g, dtype=torch.float64) - 10
+    spreads = [a.std(1, unbiased=False).tolist(), b.std(1, unbiased=False).tolist()]
+    got = S.within_group_spread(spreads, [5, 11])
+    centred = torch.cat([a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)], 1)
+    assert got == pytest.approx(centred.std(1, unbiased=False).tolist(), rel=1e-12)
+    pooled = torch.cat([a, b], 1).std(1, unbiased=False)
+    assert all(p > 5 * w for p, w in zip(pooled.tolist(), got))  # pooling counts the gap between the groups
+    with pytest.raises(ValueError, match="one spread series per group"):
+        S.within_group_spread(spreads, [5])

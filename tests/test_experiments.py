@@ -52,6 +52,11 @@ def test_plasticity_tracks_every_slope(tmp_path):
         assert len(seed["final_slopes"]["act3"]) == 16  # 4 * width hidden units, one slope each
         assert seed["pooled"]["mean"][0] == pytest.approx(0.25)  # PReLU's init
         assert seed["pooled"]["total_drift"][-1] > 0  # the slopes moved
+        # within-layer spread: around each layer's own mean, so never above the spread pooled over layers
+        assert [seed["layers"][k]["units"] for k in ("act1", "act2", "act3")] == [4, 8, 16]
+        assert len(seed["within_spread"]) == 3 and seed["within_spread"][0] == 0  # every slope 0.25 at init
+        assert all(w <= p + 1e-12 for w, p in zip(seed["within_spread"], seed["pooled"]["spread"]))
+        assert out["variants"][v]["final_within_spread_mean"] == pytest.approx(seed["within_spread"][-1])
     assert (d / "runs.jsonl").read_text().count("\n") == 3
 
 

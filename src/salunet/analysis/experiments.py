@@ -171,6 +171,19 @@ def _prelu_slopes(state: dict) -> dict[str, list[float]]:
     return found
 
 
+def add_within_layer_spread(variant: dict) -> None:
+    """Add the within-layer slope spread (:func:`stats.within_group_spread`) to one variant of a plasticity
+    result, per seed and averaged over seeds: the collapse measure, unlike the spread pooled over layers, which
+    also counts how far apart the layers' mean slopes are. Uses only the per-layer series already in the result."""
+    ok = [p for p in variant["seeds"] if not p["diverged"]]
+    for p in ok:
+        p["within_spread"] = S.within_group_spread([p["layers"][k]["spread"] for k in p["layers"]],
+                                                   [p["layers"][k]["units"] for k in p["layers"]])
+    variant["within_spread"] = ([statistics.fmean(x) for x in zip(*(p["within_spread"] for p in ok))]
+                                if ok else None)
+    variant["final_within_spread_mean"] = _mean_std([p["within_spread"][-1] for p in ok])[0]
+
+
 @experiment("plasticity", PlasticityArgs, full={"epochs": 100, "train_subset": 0, "test_subset": 0, "seeds": 3})
 def plasticity_experiment(args: PlasticityArgs, run_dir: Path) -> dict:
     """Appendix A: the 4-layer PReLU CNN with BN, without BN, and with SALU before each PReLU; every PReLU
@@ -199,6 +212,8 @@ def plasticity_experiment(args: PlasticityArgs, run_dir: Path) -> dict:
             init = {k: [0.25] * len(vals) for k, vals in series[0].items()}
             series = [init] + series
             layers = {k: S.plasticity([s[k] for s in series]) for k in init}
+            for k in layers:
+                layers[k]["units"] = len(init[k])
             values = [[x for k in init for x in s[k]] for s in series]
             per_seed.append({"diverged": False, "layers": layers, "pooled": S.plasticity(values),
                              "test_acc": row["test_acc"], "final_slopes": series[-1], "pooled_values": values})
@@ -213,12 +228,14 @@ def plasticity_experiment(args: PlasticityArgs, run_dir: Path) -> dict:
                               "test_acc_mean": mean_acc, "test_acc_std": std_acc,
                               "final_spread_mean": _mean_std([p["pooled"]["spread"][-1] for p in ok])[0],
                               "late_drift_mean": _mean_std([statistics.fmean(p["pooled"]["drift"][-3:]) for p in ok])[0]}
+        add_within_layer_spread(out["variants"][v])
     if all(out["variants"][v]["pooled"] for v in variants):
         _draw(out, plots.plot_plasticity, out, run_dir / "plasticity.png")
     for v in variants:
         r = out["variants"][v]
-        print(f"  {v:10s} acc {_fmt(r['test_acc_mean'], r['test_acc_std'])}%  final slope spread "
-              f"{r['final_spread_mean']}  late drift/epoch {r['late_drift_mean']}")
+        print(f"  {v:10s} acc {_fmt(r['test_acc_mean'], r['test_acc_std'])}%  final slope spread within layers "
+              f"{r['final_within_spread_mean']} (pooled {r['final_spread_mean']})  late drift/epoch "
+              f"{r['late_drift_mean']}")
     return out
 
 

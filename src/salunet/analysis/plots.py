@@ -60,7 +60,7 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, title: str = "") -> Pat
 
 def plot_plasticity(result: dict, path: Path) -> Path:
     """Figure 1: PReLU slopes per epoch (10th-90th percentile band and mean) for each variant, and their
-    spread (std over units) per epoch."""
+    spread per epoch: within layers (solid; around each layer's own mean) and pooled over layers (dashed)."""
     plt = _plt()
     variants = list(result["variants"])
     fig, axes = plt.subplots(1, len(variants) + 1, figsize=(4 * (len(variants) + 1), 3.4))
@@ -73,7 +73,11 @@ def plot_plasticity(result: dict, path: Path) -> Path:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
         spread_ax = axes[-1]
-        spread_ax.plot(ep, p["spread"], color=_color(i), label=v)
+        within = result["variants"][v].get("within_spread")
+        if within:
+            spread_ax.plot(ep, within, color=_color(i), label=f"{v}: within layers")
+        spread_ax.plot(ep, p["spread"], color=_color(i), linestyle="--" if within else "-",
+                       label=f"{v}: pooled over layers" if within else v)
     axes[-1].set_title("spread of slopes (std over units)")
     axes[-1].set_xlabel("epoch")
     axes[-1].legend(fontsize=8)
@@ -149,11 +153,13 @@ def plot_geometry(result: dict, path: Path) -> Path:
 
 def plot_representation(result: dict, path: Path) -> Path:
     """Figures 8-9: effective rank and isotropy per stage, and variance (log), skewness and excess kurtosis
-    per stage, one line per checkpoint."""
+    (per channel, averaged over channels) per stage, one line per checkpoint."""
     plt = _plt()
+    # shape per channel (each unit over the images, then averaged): pooled moments would mostly measure how far
+    # apart the channels' means and scales are
     keys = [("effective_rank", "effective rank", False), ("isotropy", "isotropy index", False),
-            ("variance", "variance", True), ("skewness", "skewness", False),
-            ("excess_kurtosis", "excess kurtosis", False)]
+            ("variance", "variance", True), ("channel_skewness_mean", "skewness (per channel)", False),
+            ("channel_excess_kurtosis_mean", "excess kurtosis (per channel)", False)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
     for i, ck in enumerate(result["checkpoints"]):
         stages = ck.get("stage_order") or list(ck["stages"])  # saved JSON has its keys sorted

@@ -26,7 +26,9 @@ Definitions (**[decided]** where the paper gives only a name):
 - *Plasticity* of learnable activation parameters over epochs (``values[t, k]`` = parameter k after epoch t):
   spread = std over parameters at each epoch (collapse to a narrow range shows as a falling spread);
   drift = mean |change| between consecutive epochs (still adapting shows as drift > 0); total drift = mean
-  |value_t - value_0|.
+  |value_t - value_0|. Parameters of several layers: the *within-layer* spread (std over parameters after
+  subtracting each layer's own mean, i.e. sqrt(sum_l n_l spread_l^2 / sum_l n_l)) is the collapse measure; the
+  spread pooled over all layers also counts how far the layers' means are apart.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["effective_rank", "isotropy", "spectrum_stats", "moments", "dormant_scores", "dormant_fraction",
-           "plasticity", "salu_geometry"]
+           "plasticity", "within_group_spread", "salu_geometry"]
 
 
 def _features(f: Tensor) -> Tensor:
@@ -152,6 +154,17 @@ def plasticity(values) -> dict:
     q = torch.quantile(v, torch.tensor([0.1, 0.9], dtype=torch.float64), dim=1)
     return {"spread": spread.tolist(), "drift": step.tolist(), "total_drift": total.tolist(),
             "p10": q[0].tolist(), "p90": q[1].tolist(), "mean": v.mean(1).tolist()}
+
+
+def within_group_spread(spreads: list, sizes: list[int]) -> list[float]:
+    """Std over all parameters after subtracting each group's own mean, per time step, from the groups' own
+    (population) spreads ``spreads[g][t]`` and sizes ``sizes[g]``: sqrt(sum_g n_g s_g(t)^2 / sum_g n_g)."""
+    s = torch.as_tensor(spreads, dtype=torch.float64)
+    n = torch.as_tensor(sizes, dtype=torch.float64)
+    if s.dim() != 2 or s.shape[0] != n.numel() or (n <= 0).any():
+        raise ValueError(f"need one spread series per group and a positive size per group, got spreads of shape "
+                         f"{tuple(s.shape)} and {n.numel()} sizes")
+    return ((n[:, None] * s.square()).sum(0) / n.sum()).sqrt().tolist()
 
 
 def salu_geometry(model: torch.nn.Module) -> list[dict]:
