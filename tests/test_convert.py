@@ -464,3 +464,27 @@ def test_unbatched_instance_norm_normalises_dim_0():
         assert isinstance(m[1], SALU) and m[1].dim % 2 == 0 and m(torch.randn(4, length)).shape == (6, length)
         # and the gate after it sees the channels where they are too
         assert isinstance(m[2], SWALU) and (m[2].num_features, m[2].dim % 2) == (6, 0)
+
+
+def test_a_failed_conversion_leaves_the_model_as_it_was():
+    """convert is atomic: when a forward raises (a bad example_input while tracing, or a replacement that fails
+    in the calibration pass), every slot and attribute it changed is put back, the very same objects."""
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    before = {n: m for n, m in enc.named_modules()}
+    acts = [l.activation for l in enc.layers]
+    with pytest.raises(Exception):
+        salunet.convert(enc, example_input=torch.randn(2, 5, 7))  # wrong feature size: the traced forward fails
+    assert {n: m for n, m in enc.named_modules()} == before
+    assert [l.activation for l in enc.layers] == acts and all(a is F.relu for a in acts)
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("broken replacement")
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    before = list(net)
+    with pytest.raises(RuntimeError, match="broken replacement"):
+        salunet.convert(net, norm=lambda c, *, dim=1: nn.Sequential(SALU(c, dim=dim), Broken()),
+                        example_input=torch.randn(2, 3, 8, 8))
+    assert list(net) == before and isinstance(net[1], nn.BatchNorm2d) and isinstance(net[2], nn.ReLU)

@@ -618,6 +618,10 @@ def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Calla
 
     Returns:
         A :class:`ConvertReport` (``print`` it), entries in model order.
+
+    Atomic: if anything raises (a forward of ``example_input`` that fails, a factory error), every module slot
+    and attribute convert changed is put back before the error propagates, so the model is as it was (lazy modules
+    that the first forward initialised stay initialised, as after any forward).
     """
     norm_fn = _resolve("norm", norm, get_norm_layer)
     act_fn = _resolve("act", act, get_act_layer)
@@ -627,6 +631,44 @@ def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Calla
         calibrate = traced
     if calibrate and not traced:
         raise ValueError("convert: calibrate=True needs example_input")
+    edits = _Edits()
+    try:
+        return _convert(model, norm_fn, act_fn, gelu_fn, example_input, traced, calibrate, edits)
+    except BaseException:
+        edits.undo()
+        raise
+
+
+class _Edits:
+    """Every slot and attribute convert sets, with the value it replaced, so that a failure can undo them all."""
+
+    _ABSENT = object()
+
+    def __init__(self) -> None:
+        self.log: list[tuple[object, str, bool, object]] = []
+
+    def set(self, obj, name: str, value) -> None:
+        was_module = isinstance(obj, nn.Module) and name in obj._modules
+        old = obj._modules[name] if was_module else obj.__dict__.get(name, self._ABSENT)
+        self.log.append((obj, name, was_module, old))
+        setattr(obj, name, value)
+
+    def undo(self) -> None:
+        for obj, name, was_module, old in reversed(self.log):
+            if was_module:
+                obj._modules[name] = old
+                continue
+            if isinstance(obj, nn.Module):
+                obj._modules.pop(name, None)  # a function that had become a module slot
+            if old is self._ABSENT:
+                obj.__dict__.pop(name, None)
+            else:
+                object.__setattr__(obj, name, old)
+        self.log.clear()
+
+
+def _convert(model: nn.Module, norm_fn, act_fn, gelu_fn, example_input, traced: bool, calibrate: bool,
+             edits: _Edits) -> ConvertReport:
     report = ConvertReport()
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     fallback = next(iter(model.parameters()), None)
@@ -644,7 +686,7 @@ def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Calla
             report.kept.append((path, f"{fname} (a function), as asked "
                                       f"({'gelu' if issubclass(cls, _GELU) else 'act'}='keep')"))
             continue
-        setattr(owner, attr, cls().train(owner.training))  # the matching module; step 3 swaps it like any other
+        edits.set(owner, attr, cls().train(owner.training))  # the matching module; step 3 swaps it like any other
         from_function[id(getattr(owner, attr))] = (f"{fname} (function)", owner, attr, fn)
 
     # 2. what to replace, and one traced forward (lazy modules take their final class in a first forward)
@@ -697,11 +739,11 @@ def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Calla
                     if id(child) in from_function:  # put the original function back, exactly as it was
                         _, owner, attr, fn = from_function[id(child)]
                         del owner._modules[attr]  # a registered child slot refuses a plain function
-                        setattr(owner, attr, fn)
+                        edits.set(owner, attr, fn)
                     continue
                 report.replaced.append((path, old, _describe(done[id(child)]) + note))
             if done[id(child)] is not child:
-                setattr(m, child_name, done[id(child)])
+                edits.set(m, child_name, done[id(child)])
                 changed_owners.add(id(m))
     if norm_fn is None:
         report.kept += [(n, f"{type(m).__name__}, as asked (norm='keep')") for n, m in model.named_modules()
@@ -746,7 +788,7 @@ def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Calla
                     done[id(child)] = new
                     report.replaced.append((path, type(child).__name__, _describe(new) + note))
                 if done[id(child)] is not child:
-                    setattr(m, child_name, done[id(child)])
+                    edits.set(m, child_name, done[id(child)])
                     changed_owners.add(id(m))
     for (where, fname), n in tracer.calls.items():
         report.not_replaced.append((where, f"{fname} called as a function in forward code ({n} call(s)); "
@@ -755,11 +797,11 @@ def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Calla
     # 4. PyTorch's transformer fast path runs its own ReLU/GELU and LayerNorm kernels: off wherever we swapped
     for name, m in model.named_modules():
         if hasattr(m, "activation_relu_or_gelu") and id(m) in changed_owners and m.activation_relu_or_gelu:
-            m.activation_relu_or_gelu = 0
+            edits.set(m, "activation_relu_or_gelu", 0)
             report.notes.append((name or "<model>", "native fast path switched off (it would bypass the new "
                                                     "modules)"))
         if getattr(m, "use_nested_tensor", False) and any(id(x) in changed_owners for x in m.modules()):
-            m.use_nested_tensor = False
+            edits.set(m, "use_nested_tensor", False)
 
     # 5. calibration
     if calibrate and new_salus:
