@@ -1,5 +1,5 @@
 """convert(..., example_input=x) calibrates the new SALUs so that a converted model is trainable at init
-(SPEC.md "Trainability at initialisation"): the same [0.5, 2] stage-std rule as the native SaluNet models."""
+(docs/SPEC.md "Trainability at initialisation"): the same [0.5, 2] stage-std rule as the native SaluNet models."""
 import pytest
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ def test_converted_resnet18_keeps_stage_std_in_range(seed):
 
 
 def test_without_calibration_the_rule_fails():
-    """The check can fail: a0 = b0 = 1 SALUs lose the signal (SPEC.md: 0.34 -> 0.03 at width 16)."""
+    """The check can fail: a0 = b0 = 1 SALUs lose the signal (docs/SPEC.md: 0.34 -> 0.03 at width 16)."""
     m, x, report = _converted_resnet18(0, calibrate=False)
     assert "calibrated" not in str(report)
     assert stage_stds(m, x)["layer4"] < LO

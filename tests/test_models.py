@@ -103,7 +103,7 @@ def test_every_salunet_model_is_covered_by_the_init_test():
 
 
 @pytest.mark.parametrize("overrides,stage", [
-    (dict(conv="default", salu_a0=1.0, salu_b0=1.0), "layer4"),  # SPEC.md's naive reconstruction: vanishes
+    (dict(conv="default", salu_a0=1.0, salu_b0=1.0), "layer4"),  # docs/SPEC.md's naive reconstruction: vanishes
     (dict(layers=(3, 4, 23, 3), branch_scaling="none", block_gate_a0=1.0), "layer3"),  # no depth rule
 ])
 def test_init_rules_are_needed(overrides, stage):

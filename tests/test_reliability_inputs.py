@@ -241,6 +241,10 @@ CASES = {
                          "cfg.json: not valid JSON", "fix the file"),
     "config: not an object": (lambda t, f: T(t, "--config", cfg_file(t, [1, 2])),
                               "must hold a JSON object of config keys", "not a list"),
+    "config: model override of a trainer argument": (
+        lambda t, f: T(t, "--model-overrides", '{"width": 8}'), "model_overrides may not set width", "use --width"),
+    "config: a value beyond float32": (lambda t, f: T(t, "--lr", "1e308"), "lr 1e+308 does not fit in float32",
+                                       "pass a realistic value"),
     # ---- checkpoints from elsewhere ------------------------------------------------------------------------
     "resume: checkpoint of another model": (lambda t, f: ["train", "--resume", str(foreign_checkpoint(t, f))],
                                             "epoch_0003.safetensors: written by another run (model 'salunet_c18'",

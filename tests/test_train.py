@@ -227,3 +227,14 @@ def test_ranks_split_each_global_batch_and_the_test_set():
     full_y = torch.cat([b[1] for b in one.eval_batches()])
     assert sum(len(y) for y in seen) == len(full_y) == TINY["test_subset"]
     assert torch.equal(seen[0], full_y[0::2]) and torch.equal(seen[1], full_y[1::2])
+
+
+def test_grad_norm_needs_no_torch_2_6_helper(monkeypatch):
+    """torch >= 2.4 is supported: the unclipped global norm must not rely on get_total_norm (new in 2.6)."""
+    from salunet.train.loop import _grad_norm
+
+    m = create_model("cnn4", num_classes=10, width=4)
+    m(torch.randn(2, 3, 32, 32)).sum().backward()
+    expect = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
+    torch.testing.assert_close(_grad_norm(m, 0.0), expect)

@@ -1,4 +1,4 @@
-"""Command line: ``salunet bench ops|models``, ``salunet train``, ``salunet eval``, ``salunet experiment``.
+"""Command line: ``salunet bench ops|models|train``, ``salunet train``, ``salunet eval``, ``salunet experiment``.
 
 Errors a user can fix (bad names, paths, values) print one line ``salunet: error: ...`` and exit with code 2;
 a run that stops part-way (non-finite loss, full disk, SIGTERM, a lost torchrun worker) prints one line
@@ -69,7 +69,7 @@ def _add_experiment_parsers(sub) -> None:
     from .analysis.experiments import EXPERIMENTS
 
     x = sub.add_parser("experiment", help="the paper's analyses, the controlled ablation, the init study",
-                       description="Each experiment writes results.json, runs.jsonl and PNG figures into "
+                       description="Each experiment writes results.json, PNG figures and (those that train) runs.jsonl into "
                                    "<out>/<name>-<time>/. CPU-scale defaults; --full for the paper's scale.")
     xs = x.add_subparsers(dest="experiment", required=True)
     for name, (cls, fn) in EXPERIMENTS.items():

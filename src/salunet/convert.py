@@ -48,7 +48,7 @@ norms *called* as functions inside ``forward`` code (``F.relu(x)``, ``x.relu()``
 detects them and the report lists them (only for kinds the call asked to replace).
 
 **Calibration (trainability at init).** A SALU with a0 = b0 = 1 is not a BatchNorm: it does not rescale its
-input to unit variance, and a converted ResNet loses its signal (SPEC.md "Trainability at initialisation":
+input to unit variance, and a converted ResNet loses its signal (docs/SPEC.md "Trainability at initialisation":
 stage std 0.34 -> 0.03 at width 16). With ``calibrate`` (the default when ``example_input`` is given), one more
 forward of ``example_input`` through the converted model sets each new SALU, in forward order, from the input
 it actually receives: b0 = a0 / A^2 with A = :data:`CALIBRATION_AMPLITUDE` = 4 (a saturation amplitude of a

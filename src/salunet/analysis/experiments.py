@@ -1,5 +1,5 @@
 """``salunet experiment NAME``: each of the paper's analyses as one command, plus the controlled ablation and the
-init study that the paper never ran (arXiv 2606.02927; SPEC.md section 5).
+init study that the paper never ran (arXiv 2606.02927; docs/SPEC.md section 5).
 
 Every experiment writes into its own run directory: ``results.json`` (everything measured), ``runs.jsonl`` (one
 line per training run it made, for experiments that train), PNG figures, and the training runs themselves in
@@ -354,7 +354,7 @@ def ablation_experiment(args: AblationArgs, run_dir: Path) -> dict:
 INIT_GRID = {  # name -> model overrides (InitRules fields); "default" = the registered rules
     "default": {},
     "naive": {"conv": "default", "salu_a0": 1.0, "salu_b0": 1.0, "branch_a0": 1.0, "shortcut_a0": 1.0,
-              "block_gate_a0": 1.0, "branch_scaling": "none"},  # SPEC.md's naive reconstruction
+              "block_gate_a0": 1.0, "branch_scaling": "none"},  # docs/SPEC.md's naive reconstruction
     "torch-conv-init": {"conv": "default"},
     "salu-b0=1": {"salu_b0": 1.0},
     "salu-a0=1": {"salu_a0": 1.0},
@@ -381,7 +381,7 @@ class InitStudyArgs(TrainingArgs):
             full={"width": 0, "epochs": 5, "train_subset": 0, "test_subset": 0, "seeds": 3})
 def init_study_experiment(args: InitStudyArgs, run_dir: Path) -> dict:
     """First-epochs accuracy of a SaluNet over init choices (each default rule reverted one at a time, and all
-    of them: the naive reconstruction of SPEC.md) and learning rates."""
+    of them: the naive reconstruction of docs/SPEC.md) and learning rates."""
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [n for n in names if n not in INIT_GRID]
     if unknown:

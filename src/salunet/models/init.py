@@ -1,6 +1,6 @@
 """Init rules shared by every model of the zoo (ResNets and the ViT): one dataclass, one function.
 
-Why init is a first-class part of the models (SPEC.md "Trainability at initialisation", **[decided]**):
+Why init is a first-class part of the models (docs/SPEC.md "Trainability at initialisation", **[decided]**):
 without batch statistics nothing re-normalises the signal, so a SaluNet must start with activations of
 order one in every stage or it does not learn (PyTorch's default conv init with SALU a0 = b0 = 1 loses the
 signal ~400x across ResNet-18). The rules below keep every stage's activation std within [0.5, 2] at init

@@ -1,6 +1,6 @@
 """ResNets with pluggable norm/activation: SaluNet-C-18, SaluNet-C-50 and their BatchNorm twins.
 
-Paper: arXiv 2606.02927, section "models" as summarised in SPEC.md section 2.
+Paper: arXiv 2606.02927, section "models" as summarised in docs/SPEC.md section 2.
 - CIFAR ResNet-18: 3x3 stem, no max-pool, BasicBlock x[2, 2, 2, 2], widths 64-128-256-512, 1x1-conv
   shortcut (+ norm) on downsampling. ``resnet18_bn`` has the standard 11,173,962 parameters (10 classes).
 - ImageNet ResNet-50: 7x7/2 stem + 3x3/2 max-pool, Bottleneck x[3, 4, 6, 3] (stride on the 3x3, "v1.5",
@@ -9,7 +9,7 @@ SaluNet swaps every norm for SALU (the shortcut's too) and every ReLU for SWALU;
 one fused kernel (:class:`salunet.nn.SALUAct`), and so does each block's tail, act(norm(branch) + shortcut)
 (:class:`salunet.nn.SALUAddAct`); the BN twin has the same modules (``tail.norm``, ``tail.act``) unfused.
 
-Initialisation (**[decided]**, SPEC.md "Trainability at initialisation"): :class:`~.init.InitRules`, applied by
+Initialisation (**[decided]**, docs/SPEC.md "Trainability at initialisation"): :class:`~.init.InitRules`, applied by
 :func:`~.init.init_model`, the same mechanism as the ViT's; :mod:`salunet.models.init` gives the reason for
 every rule. Blocks expose ``branch_end`` (the norm closing the residual branch), ``shortcut`` and ``out_act``
 (the gate after the sum) so that the init can find them without knowing the block type.

@@ -1,5 +1,5 @@
 """The small CIFAR ViT (SaluNet-T) and its LayerNorm + GELU twin, matched to the ViT-CIFAR baseline that the
-paper compares against (SPEC.md section 2):
+paper compares against (docs/SPEC.md section 2):
 
 32x32 image -> 8x8 grid of 4x4 patches, each flattened to 48 values and embedded by Linear(48, hidden);
 a learned cls token and a learned positional embedding (65 x hidden), both N(0, 1); 7 pre-norm encoder

@@ -1,4 +1,4 @@
-"""Functional SALU, SWALU and GALU (arXiv 2606.02927; definitions in SPEC.md section 1).
+"""Functional SALU, SWALU and GALU (arXiv 2606.02927; definitions in docs/SPEC.md section 1).
 
 Each op takes ``a`` and ``b``: positive tensors broadcastable to ``x`` (a scalar, or a per-channel vector
 viewed for broadcasting, e.g. shape (C, 1, 1) for NCHW input). ``impl="fused"`` (default) runs the
@@ -70,12 +70,12 @@ def salu(x: Tensor, a: Tensor, b: Tensor, *, impl: str = "fused") -> Tensor:
 
 
 def swalu(x: Tensor, a: Tensor, b: Tensor, *, impl: str = "fused") -> Tensor:
-    """SWALU(x; a, b) = x * sigmoid(SALU(x; a, b)) (SPEC.md [decided])."""
+    """SWALU(x; a, b) = x * sigmoid(SALU(x; a, b)) (docs/SPEC.md [decided])."""
     return _dispatch("swalu", x, (a, b), impl, swalu_reference)
 
 
 def galu(x: Tensor, a: Tensor, b: Tensor, *, impl: str = "fused") -> Tensor:
-    """GALU(x; a, b) = x * Phi(SALU(x; a, b)), Phi the standard normal CDF (SPEC.md [decided])."""
+    """GALU(x; a, b) = x * Phi(SALU(x; a, b)), Phi the standard normal CDF (docs/SPEC.md [decided])."""
     return _dispatch("galu", x, (a, b), impl, galu_reference)
 
 

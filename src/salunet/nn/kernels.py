@@ -11,14 +11,14 @@ instead of its saturation value A = sqrt(a/b). We evaluate it in the rescaled fo
 
 T (1e18 in float32, 1e150 in float64) is far beyond the point where t * r rounds to +-1, so the clamp never
 changes a result, and t^2 never overflows. NaN passes through (clamp propagates NaN), +-inf gives +-A.
-Every derivative is written in the bounded quantities q and r (SPEC.md section 1 gives the raw forms):
+Every derivative is written in the bounded quantities q and r (docs/SPEC.md section 1 gives the raw forms):
 
     dy/dx = a r^3,   dy/da = w q (r^2 + q^2 / 2),   dy/db = -(A / 2b) q^3,    w = 1/sqrt(ab)
 
 so that backward needs only x and the parameters: the fused path saves nothing else.
 float16 / bfloat16 inputs are computed in float32 and returned in their own dtype; float64 stays float64.
 
-Gates (SPEC.md **[decided]**): SWALU(x) = x * sigmoid(SALU(x)), GALU(x) = x * Phi(SALU(x)).
+Gates (docs/SPEC.md **[decided]**): SWALU(x) = x * sigmoid(SALU(x)), GALU(x) = x * Phi(SALU(x)).
 
 Execution. The math below is plain tensor code; :class:`FusedFn` (a custom autograd Function) runs it on one
 of three paths, chosen by ``set_kernel_mode`` / ``SALUNET_KERNELS``:

@@ -1,6 +1,6 @@
 """``nn.Module`` wrappers of SALU, SWALU and GALU, and the fused SALU -> gate pair.
 
-Parameters (SPEC.md section 1, **[decided]**): per channel along ``dim`` when ``num_features`` is given
+Parameters (docs/SPEC.md section 1, **[decided]**): per channel along ``dim`` when ``num_features`` is given
 (dim=1 for NCHW / NC / NCL, dim=-1 for token tensors (..., D)), one scalar pair otherwise. Positivity comes
 from a log-parametrisation, a = exp(log_a), which also makes learning scale-free. Defaults: SALU a0 = b0 = 1
 (the operator's default; models choose their own, see ``salunet.models``), SWALU/GALU a0 = 1, b0 = 1e-2 so

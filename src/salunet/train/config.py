@@ -2,7 +2,7 @@
 type-checked overrides applied last (unknown keys are errors). The resolved config is printed, saved as
 ``config.json`` in the run directory and stored inside every checkpoint.
 
-Recipes (SPEC.md section 4; **[decided]** where the paper is silent):
+Recipes (docs/SPEC.md section 4; **[decided]** where the paper is silent):
 - ``cifar-resnet``: SaluNet-C-18 on CIFAR-10, 300 epochs, SGD-Nesterov lr 0.1 (batch 128), weight decay
   5e-4, 5 warm-up epochs + cosine, label smoothing 0.1, mixup 0.2 / cutmix 1.0, crop+flip, EMA 0.9997 (the
   paper's SaluNet decay; use ema_decay=0.997 for the BN ResNet, as the paper does).
@@ -166,6 +166,11 @@ def parse_value(key: str, value):
     raise ValueError(f"{key}: {value!r} has type {type(value).__name__}, expected {names}")
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+# create_model arguments the trainer passes itself; an override of one would collide with them
+_MODEL_ARGS = {"num_classes", "in_chans", "width", "norm_layer", "act_layer"}
+
+
 def _validate(cfg: TrainConfig) -> TrainConfig:
     for k, choices in _CHOICES.items():
         if getattr(cfg, k) not in choices:
@@ -181,6 +186,14 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
             raise ValueError(f"{k} must be a finite number >= 0, got {v}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ValueError(f"lr must be a finite positive number, got {cfg.lr}")
+    for k in ("lr", "min_lr", "weight_decay", "momentum", "grad_clip"):  # the optimizers hold them in float32
+        if getattr(cfg, k) > _FLOAT32_MAX:
+            raise ValueError(f"{k} {getattr(cfg, k)!r} does not fit in float32 (max {_FLOAT32_MAX:.3g}); pass a "
+                             "realistic value")
+    reserved = sorted(set(cfg.model_overrides) & _MODEL_ARGS)
+    if reserved:
+        raise ValueError(f"model_overrides may not set {', '.join(reserved)}: the trainer sets them (use "
+                         "--width / --norm-layer / --act-layer; classes and channels come from the data)")
     if not 0 <= cfg.label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if not 0 <= cfg.ema_decay < 1:

@@ -689,7 +689,11 @@ def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
     params = [p for p in model.parameters() if p.grad is not None]
     if clip > 0:
         return torch.nn.utils.clip_grad_norm_(params, clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
+    # the norm of the per-tensor norms, as torch.nn.utils.get_total_norm computes it (that exists only from torch
+    # 2.6; _foreach_norm, which clip_grad_norm_ has used since 2.0, is one fused call over all the small tensors)
+    grads = [p.grad for p in params]
+    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [torch.linalg.vector_norm(g) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(list(norms)))
 
 
 def _last_good(run_dir: Path) -> str:
