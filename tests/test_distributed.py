@@ -139,3 +139,13 @@ def test_two_ranks_download_folder_eval_and_divergence(tmp_path, local_server): 
     assert r0["nan"] is not None and r0["nan"] == r1["nan"]
     assert r0["nan"].startswith("non-finite loss (inf) at epoch 1, step 3; stopped before the optimizer step")
     assert r0["group_alive"] and r1["group_alive"]  # train() left the caller's process group alone
+
+
+def test_one_fixed_gpu_under_torchrun_is_refused(monkeypatch):
+    """--device cuda:N would put every rank on one GPU: refused before any process group, naming the fix."""
+    from salunet.train import distributed as D
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="names one GPU, but torchrun runs 2 processes; use --device cuda"):
+        D.setup("cuda:0")

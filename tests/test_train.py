@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -147,6 +148,12 @@ def test_eval_checkpoint(tmp_path):
     r = evaluate_checkpoint(s["checkpoint"])
     assert r["raw"]["n"] == 360 and 0 <= r["raw"]["top1"] <= r["raw"]["top5"] <= 1
     assert "ema" in r and (tmp_path / "e" / "eval").is_dir()
+    # a checkpoint outside any run directory: the result goes beside it, never to <its dir>/../eval
+    loose = tmp_path / "loose" / "model.safetensors"
+    loose.parent.mkdir()
+    shutil.copy(s["checkpoint"], loose)
+    r2 = evaluate_checkpoint(loose)
+    assert r2["written"] == str(tmp_path / "loose" / "model-eval-digits.json") and not (tmp_path / "eval").exists()
 
 
 def test_model_from_checkpoint_loads_ema_or_refuses(tmp_path):

@@ -53,6 +53,9 @@ def setup(device: str = "auto") -> DistInfo:
     if world <= 1:
         return DistInfo(device=resolve_device(device, 0))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda:"):  # one fixed GPU for every rank: NCCL refuses duplicates, or ranks share it
+        raise ValueError(f"--device {device} names one GPU, but torchrun runs {world} processes; use --device cuda "
+                         "(each process takes the GPU of its LOCAL_RANK) or auto")
     dev = resolve_device(device, local_rank)
     owns = not dist.is_initialized()  # a caller's own process group is used as it is, and left alone
     if owns:

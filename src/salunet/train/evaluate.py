@@ -57,7 +57,8 @@ def model_from_checkpoint(path: str | Path, device: str = "cpu", ema: bool = Fal
 
 def evaluate_checkpoint(path, *, data=None, data_path=None, batch_size=500, device="auto", out=None,
                         eval_size: int | None = None) -> dict:
-    """Evaluate a checkpoint's raw (and EMA) weights; writes and returns a result dict.
+    """Evaluate a checkpoint's raw (and EMA) weights; writes and returns a result dict: to ``out``, else to
+    ``RUN/eval/<checkpoint>-<data>.json`` for a checkpoint in a run's ``checkpoints/``, else beside the file.
 
     ``eval_size`` (image folders only): evaluate at this size (resize to size/0.875, center crop)."""
     path = Path(path)
@@ -97,7 +98,10 @@ def evaluate_checkpoint(path, *, data=None, data_path=None, batch_size=500, devi
         ev = evaluate(model, source.eval_batches())
         result[which] = {"top1": ev["acc"], "top5": ev["top5"], "loss": ev["loss"], "n": ev["n"]}
     suffix = f"-{size}" if cfg.data == "imagefolder" else ""
-    out = Path(out) if out else path.parent.parent / "eval" / f"{path.stem}-{cfg.data}{suffix}.json"
+    if not out:  # RUN/eval/ for a checkpoint in its run directory, else beside the checkpoint itself
+        name = f"{path.stem}-{cfg.data}{suffix}.json"
+        out = path.parent.parent / "eval" / name if path.parent.name == "checkpoints" else \
+            path.with_name(f"{path.stem}-eval-{cfg.data}{suffix}.json")
     write_json_atomic(out, result)
     result["written"] = str(out)
     return result
