@@ -4,6 +4,7 @@ one line, no traceback), `--download` against a 127.0.0.1 server, image folders 
 import dataclasses
 import hashlib
 import json
+import shutil
 
 import pytest
 
@@ -153,3 +154,38 @@ def test_image_folder_train_and_eval(tmp_path, capsys, workers):
     assert big["eval_size"] == 24 and big["raw"]["n"] == 9 and big["raw"]["loss"] != same["raw"]["loss"]
     assert big["written"].endswith("epoch_0002-imagefolder-24.json") and same["written"].endswith("-16.json")
     assert json.loads(open(big["written"]).read())["eval_size"] == 24
+
+
+def test_image_folder_subsets_and_eval_from_a_val_only_copy(tmp_path, capsys):
+    """--train-subset / --test-subset take the same number of images from every class of a folder; the
+    checkpoint records the label order, so `salunet eval` needs only a val/ folder."""
+    root = make_image_folder(tmp_path / "imgs", classes=("ant", "bee", "cat"), per_class=4, size=(20, 26))
+    assert main(["train", "--data", "imagefolder", "--data-path", str(root), "--image-size", "16", "--eval-size",
+                 "16", "--width", "4", "--batch-size", "2", "--epochs", "1", "--train-subset", "6",
+                 "--test-subset", "3", "--progress", "false", "--out", str(tmp_path), "--name", "s"]) == 0
+    row = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 3  # 6 of the 12 training images, batch 2
+    ckpt = list_checkpoints(tmp_path / "s")[-1]
+    capsys.readouterr()
+    assert main(["eval", str(ckpt)]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["raw"]["n"] == 12  # eval uses the whole val/ unless told otherwise
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(root / "val", copy / "val")  # no train/ folder on the evaluating machine
+    assert main(["eval", str(ckpt), "--data-path", str(copy)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["raw"]["n"] == 12 and again["raw"]["loss"] == pytest.approx(full["raw"]["loss"], rel=1e-6)
+
+
+def test_class_spread_subset_takes_every_class_alike():
+    from salunet.train.loop import _class_spread_subset
+
+    class Folder:  # what the function reads of an ImageFolder: samples listed class by class
+        samples = [(f"{c}/{i}.png", c) for c in range(3) for i in range(4)]
+
+        def __len__(self):
+            return len(self.samples)
+
+    sub = _class_spread_subset(Folder(), 7)
+    labels = [sub.dataset.samples[i][1] for i in sub.indices]
+    assert sorted(labels) == [0, 0, 0, 1, 1, 2, 2] and list(sub.indices) == sorted(sub.indices)

@@ -76,7 +76,7 @@ def evaluate_checkpoint(path, *, data=None, data_path=None, batch_size=500, devi
         raise ValueError(f"--eval-size applies to image folders only; {cfg.data} images are evaluated at their "
                          "stored size; drop --eval-size")
     info = DistInfo(device=resolve_device(device))
-    source = load_source(cfg, info, train=False)
+    source = load_source(cfg, info, train=False, classes=meta.get("classes"))
     if (source.num_classes, source.in_chans) != (meta["num_classes"], meta["in_chans"]):
         raise ValueError(f"{path}: the model has {meta['num_classes']} classes / {meta['in_chans']} channels, "
                          f"data {cfg.data} has {source.num_classes} / {source.in_chans}; pick matching --data")

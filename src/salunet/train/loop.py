@@ -166,21 +166,44 @@ class MemorySource:
             yield d.normalize(x[i:i + n]), y[i:i + n]
 
 
+def _class_spread_subset(ds, n: int):
+    """The first ``n`` samples of ``ds`` taken round-robin over its classes (all of ``ds`` when ``n`` is 0 or
+    covers it), in their original order."""
+    from torch.utils.data import Subset
+
+    if n <= 0 or n >= len(ds):
+        return ds
+    seen: dict[int, int] = {}
+    rank = []
+    for i, (_, label) in enumerate(ds.samples):
+        rank.append((seen.get(label, 0), label, i))
+        seen[label] = seen.get(label, 0) + 1
+    return Subset(ds, sorted(i for _, _, i in sorted(rank)[:n]))
+
+
 class FolderSource:
     """ImageNet-style folders through DataLoader workers (Pillow decoding); training sharded by
     DistributedSampler, evaluation by a strided subset per rank."""
 
-    def __init__(self, cfg: TrainConfig, info: D.DistInfo) -> None:
+    def __init__(self, cfg: TrainConfig, info: D.DistInfo, classes: list[str] | None = None) -> None:
+        """``classes`` (evaluation of a checkpoint, which records them): label order of the trained model; then
+        only ROOT/val/ is read. Otherwise the class folders of ROOT/train/ define the labels."""
         if cfg.data_path is None:
             raise ValueError("data 'imagefolder' needs --data-path ROOT with ROOT/train/<class>/ and ROOT/val/<class>/")
         root = Path(cfg.data_path).expanduser()
-        self.train_set = ImageFolder(root / "train", train=True, size=cfg.image_size, seed=cfg.seed, flip=cfg.flip)
-        self.val_set = ImageFolder(root / "val", train=False, size=cfg.eval_size, classes=self.train_set.classes)
+        self.train_set = None if classes else \
+            ImageFolder(root / "train", train=True, size=cfg.image_size, seed=cfg.seed, flip=cfg.flip)
+        classes = classes or self.train_set.classes
+        self.val_set = ImageFolder(root / "val", train=False, size=cfg.eval_size, classes=classes)
+        # --train-subset / --test-subset: the same number of images from every class (the folders list samples
+        # class by class, so a plain prefix would be one or two classes)
+        self.train_data = _class_spread_subset(self.train_set, cfg.train_subset) if self.train_set else None
+        self.val_data = _class_spread_subset(self.val_set, cfg.test_subset)
         self.cfg, self.info = cfg, info
         self.local_batch = cfg.batch_size // info.world
-        self.n_train = len(self.train_set)
+        self.n_train = len(self.train_data) if self.train_data is not None else 0
         self.steps = self.n_train // cfg.batch_size
-        self.num_classes, self.in_chans, self.image_size = len(self.train_set.classes), 3, cfg.image_size
+        self.num_classes, self.in_chans, self.image_size = len(classes), 3, cfg.image_size
         self.mean, self.std = _IMAGENET_MEAN.to(info.device), _IMAGENET_STD.to(info.device)
 
     def _loader(self, ds, batch: int, sampler=None, generator=None, shuffle: bool = False):
@@ -196,12 +219,12 @@ class FolderSource:
         info = self.info
         self.train_set.set_epoch(epoch)
         if info.enabled:
-            sampler = DistributedSampler(self.train_set, info.world, info.rank, shuffle=True, seed=self.cfg.seed,
+            sampler = DistributedSampler(self.train_data, info.world, info.rank, shuffle=True, seed=self.cfg.seed,
                                          drop_last=True)
             sampler.set_epoch(epoch)
-            loader = self._loader(self.train_set, self.local_batch, sampler=sampler)
+            loader = self._loader(self.train_data, self.local_batch, sampler=sampler)
         else:
-            loader = self._loader(self.train_set, self.local_batch, shuffle=True,
+            loader = self._loader(self.train_data, self.local_batch, shuffle=True,
                                   generator=_epoch_generator(self.cfg.seed, epoch))
         g = _epoch_generator(self.cfg.seed, epoch, info.rank)
         for s, (x, y) in enumerate(loader):
@@ -214,19 +237,21 @@ class FolderSource:
         """This rank's shard of the validation set (every image exactly once over all ranks, no padding)."""
         from torch.utils.data import Subset
 
-        shard = Subset(self.val_set, range(self.info.rank, len(self.val_set), self.info.world))
+        shard = Subset(self.val_data, range(self.info.rank, len(self.val_data), self.info.world))
         for x, y in self._loader(shard, self.cfg.eval_batch_size):
             yield (x.to(self.info.device).float() - self.mean) / self.std, y.to(self.info.device)
 
 
-def load_source(cfg: TrainConfig, info: D.DistInfo, *, train: bool = True) -> MemorySource | FolderSource:
+def load_source(cfg: TrainConfig, info: D.DistInfo, *, train: bool = True,
+                classes: list[str] | None = None) -> MemorySource | FolderSource:
     """The batches of ``cfg.data`` for this rank. ``train=False`` (evaluation only) skips the checks that
-    concern the training batches."""
+    concern the training batches; with ``classes`` (an image-folder checkpoint's label order) only the
+    validation folder is read, labelled in that order."""
     if train and cfg.batch_size % (info.world * cfg.accum_steps):
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by ranks x accum_steps "
                          f"({info.world} x {cfg.accum_steps})")
     if cfg.data == "imagefolder":
-        source = FolderSource(cfg, info)
+        source = FolderSource(cfg, info, classes=None if train else classes)
     else:
         source = MemorySource(to_memory(_load_arrays(cfg, info), info.device, cfg.train_subset, cfg.test_subset),
                               cfg, info)
@@ -666,6 +691,9 @@ def _load_state(found, cfg: TrainConfig, source, model, opt, ema, scaler) -> tup
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
+        dev = next(model.parameters()).device
+        if dev.type == "cuda" and state["rng"].get("cuda") is not None:  # dropout on a GPU draws from this one
+            torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
         return int(meta["epoch"]), int(meta["step"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise CheckpointError(f"{path}: its training state does not fit this run ({type(exc).__name__}: "
@@ -815,15 +843,27 @@ def _check_finite_params(model: nn.Module, info: D.DistInfo, epoch: int, run_dir
                                f"checkpoint: {_last_good(run_dir)}. Lower --lr or set --grad-clip")
 
 
+def _rng_state(model: nn.Module) -> dict:
+    """The generators training draws from: the CPU one (data order, crops, mixes) and, on a GPU, that GPU's
+    (dropout inside the model), so that a resumed run draws exactly what the uninterrupted one would."""
+    rng = {"torch": torch.get_rng_state()}
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(dev)
+    return rng
+
+
 def _save(run_dir, cfg, model, opt, ema, scaler, epoch, step, row, source) -> Path:
     state = {"model": model.state_dict(), "optim": opt.state_dict(),
              "ema": ema.state_dict() if ema is not None else None,
              "scaler": scaler.state_dict() if scaler is not None else None,
-             "rng": {"torch": torch.get_rng_state()}}
+             "rng": _rng_state(model)}
     meta = {"config": asdict(cfg), "epoch": epoch, "step": step, "metrics": row, "salunet": __version__,
             "num_classes": source.num_classes, "in_chans": source.in_chans, "image_size": source.image_size,
             "mean": source.mean.flatten().tolist(), "std": source.std.flatten().tolist(),
             "torch": torch.__version__}
+    if isinstance(source, FolderSource):  # label i is classes[i]: eval must map another copy of val/ the same way
+        meta["classes"] = source.train_set.classes
     path = run_dir / "checkpoints" / f"epoch_{epoch:04d}.safetensors"
     save_checkpoint(path, state, meta)
     for old in list_checkpoints(run_dir)[:-cfg.keep_checkpoints]:
