@@ -94,6 +94,13 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
 
     parser.error = error
+    return _debug_flag(parser)
+
+
+def _debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--debug`` after the subcommand too (``salunet train --debug``); SUPPRESS keeps the top-level default."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks instead of one-line errors")
     return parser
 
 
@@ -145,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("bench", help="operator / model benchmarks (ratios against baselines, same run)")
+    b = _debug_flag(sub.add_parser("bench", help="operator / model benchmarks (ratios against baselines, same run)"))
     b.add_argument("what", choices=["ops", "models", "train"])
     b.add_argument("--repeats", type=_positive_int, help="timed repeats per variant, median (default: ops 15, "
                    "models 7, train 3)")
