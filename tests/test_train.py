@@ -245,3 +245,5 @@ def test_grad_norm_needs_no_torch_2_6_helper(monkeypatch):
     expect = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in m.parameters()]))
     monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
     torch.testing.assert_close(_grad_norm(m, 0.0), expect)
+    m.zero_grad(set_to_none=True)  # and no gradient at all: norm 0, as get_total_norm gives
+    assert _grad_norm(m, 0.0).item() == 0.0

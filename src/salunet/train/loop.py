@@ -720,6 +720,8 @@ def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
     # the norm of the per-tensor norms, as torch.nn.utils.get_total_norm computes it (that exists only from torch
     # 2.6; _foreach_norm, which clip_grad_norm_ has used since 2.0, is one fused call over all the small tensors)
     grads = [p.grad for p in params]
+    if not grads:  # nothing received a gradient (e.g. a loss that does not depend on the parameters)
+        return torch.zeros((), device=next(model.parameters()).device)
     norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [torch.linalg.vector_norm(g) for g in grads]
     return torch.linalg.vector_norm(torch.stack(list(norms)))
 
