@@ -488,3 +488,25 @@ def test_a_failed_conversion_leaves_the_model_as_it_was():
         salunet.convert(net, norm=lambda c, *, dim=1: nn.Sequential(SALU(c, dim=dim), Broken()),
                         example_input=torch.randn(2, 3, 8, 8))
     assert list(net) == before and isinstance(net[1], nn.BatchNorm2d) and isinstance(net[2], nn.ReLU)
+
+
+def test_new_modules_live_where_their_input_ran():
+    """A model split over devices (meta stands in for the first GPU, the CPU for the second): a replacement
+    without parameters of its own to copy (ReLU, an affine-free LayerNorm) goes to the device its input was on,
+    not to the device of the model's first parameter."""
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(4, 8), nn.ReLU()).to("meta")
+            self.b = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8, elementwise_affine=False), nn.ReLU())
+
+        def forward(self, x):
+            h = self.a(x.to("meta"))
+            return self.b(torch.zeros(h.shape))  # the hand-over between devices
+
+    m = Split()
+    report = salunet.convert(m, example_input=torch.randn(2, 4), calibrate=False)
+    assert report.ok, str(report)
+    assert {p.device.type for p in m.a[1].parameters()} == {"meta"}
+    assert {p.device.type for x in (m.b[1], m.b[2]) for p in x.parameters()} == {"cpu"}
+    assert m(torch.randn(2, 4)).shape == (2, 8)

@@ -422,3 +422,43 @@ def test_float64_galu_keeps_its_left_tail(path):
             pdf = math.exp(-s * s / 2) / math.sqrt(2 * math.pi)
             expect = cdf + xv * pdf * a * (1 - q * q) ** 1.5  # dSALU/dx = a r^3, r^2 = 1 - q^2
             assert gx[i].item() == pytest.approx(expect, rel=1e-9, abs=1e-300), (xv, gx[i])
+
+
+def test_only_a_failed_compilation_switches_to_eager(monkeypatch):
+    """auto mode: a specialisation whose first (compiling) call fails -> warn once, eager on that device type;
+    out-of-memory, or an error of a kernel that has already run, is raised (never a silent, lasting fallback)."""
+    monkeypatch.setattr(kernels, "_compile_failed", {})
+    monkeypatch.setattr(kernels, "_compiled_ran", set())
+    monkeypatch.setattr(kernels, "_reported", set())
+    kernels.set_kernel_mode("auto")
+    x = torch.randn(4, 3)
+    _, derived = kernels._prepare(False, torch.float32, [torch.tensor(1.0), torch.tensor(0.5)])
+    expect = kernels._fwd_core("salu", x, None, *derived)
+    calls = []
+
+    def compiled(kind):
+        def fn(op, *args):
+            calls.append(kind)
+            if kind == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            if kind == "later" and calls.count("later") > 1:
+                raise RuntimeError("device-side assert")
+            if kind == "broken":
+                raise RuntimeError("inductor: C compiler not found")
+            return kernels._fwd_core(op, *args)
+        return fn
+
+    for kind in ("oom", "later"):
+        fn = compiled(kind)
+        monkeypatch.setattr(kernels, "_get_compiled", lambda *a, fn=fn: fn)
+        if kind == "later":
+            torch.testing.assert_close(kernels._call_core("compiled", "fwd", "salu", x, None, *derived), expect)
+        with pytest.raises((torch.OutOfMemoryError, RuntimeError)):
+            kernels._call_core("compiled", "fwd", "salu", x, None, *derived)
+    assert kernels._compile_failed == {}
+    monkeypatch.setattr(kernels, "_get_compiled", lambda *a: compiled("broken"))
+    with pytest.warns(RuntimeWarning, match="could not build the fused SALU kernels on cpu"):
+        y = kernels._call_core("compiled", "fwd", "salu", x, None, *derived)
+    torch.testing.assert_close(y, expect)
+    assert list(kernels._compile_failed) == ["cpu"]
+    assert kernels._path_for(torch.device("cuda")) == "compiled"  # per device type: CUDA is not judged by CPU

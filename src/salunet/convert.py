@@ -236,6 +236,7 @@ class _Tracer(TorchFunctionMode):
         self.report_calls = report_calls
         self.tags: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
         self.act_inputs: dict[int, list[tuple[tuple[int, ...], tuple[int, int] | None]]] = {}
+        self.input_devices: dict[int, torch.device] = {}  # where each watched norm / activation ran
         self.norm_dims: dict[int, list[tuple[int, int | None, str]]] = {}  # id -> [(rank, abs dim or None, why)]
         self.calls: dict[tuple[str, str], int] = {}
         self.stack: list[str] = []
@@ -283,6 +284,8 @@ class _Tracer(TorchFunctionMode):
         self.stack.append(name or "<model>")
         if id(mod) in self.owned:
             self.inside += 1
+        if (id(mod) in self.acts or id(mod) in self.norms) and args and isinstance(args[0], torch.Tensor):
+            self.input_devices.setdefault(id(mod), args[0].device)
         if id(mod) in self.acts and args and isinstance(args[0], torch.Tensor):
             self.quiet += 1
             try:
@@ -493,10 +496,16 @@ def _fit_rank(new: nn.Module, rank: int | None) -> nn.Module:
     return new
 
 
-def _like(new: nn.Module, old: nn.Module, fallback: torch.Tensor | None) -> nn.Module:
+def _like(new: nn.Module, old: nn.Module, fallback: torch.Tensor | None, ran_on: torch.device | None = None
+          ) -> nn.Module:
+    """``new`` on the device and dtype of ``old``'s own parameters or buffers; for a module without any (ReLU,
+    an affine-free norm), on the device its input had in the traced forward (``ran_on``: in a model split over
+    devices, not the first parameter's) with the model's parameter dtype (``fallback``)."""
     ref = next(iter(old.parameters(recurse=False)), None)
     if ref is None:
         ref = next((b for b in old.buffers(recurse=False) if b.is_floating_point()), None)
+    if ref is None and ran_on is not None:
+        ref = torch.empty(0, device=ran_on, dtype=fallback.dtype if fallback is not None else torch.float32)
     ref = ref if ref is not None else fallback
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
@@ -731,7 +740,7 @@ def _convert(model: nn.Module, norm_fn, act_fn, gelu_fn, example_input, traced: 
                 c, d, note = _act_size(tracer.act_inputs.get(id(child)), traced)
                 old = from_function[id(child)][0] if id(child) in from_function else type(child).__name__
                 try:
-                    done[id(child)] = _like(fn(c, dim=d), child, fallback)
+                    done[id(child)] = _like(fn(c, dim=d), child, fallback, tracer.input_devices.get(id(child)))
                 except ValueError as e:
                     report.not_replaced.append((path, f"{old}: the act factory refused (num_features={c}, "
                                                       f"dim={d}): {e}"))
@@ -776,7 +785,7 @@ def _convert(model: nn.Module, norm_fn, act_fn, gelu_fn, example_input, traced: 
                         done[id(child)] = child
                         continue
                     new = _like(_fit_rank(new, rank if rank is not None else _RANK_OF.get(type(child))), child,
-                                fallback)
+                                fallback, tracer.input_devices.get(id(child)))
                     if not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in new.modules()):
                         # a SALU behind a new BatchNorm (norm="batchnorm+salu") sees batch-normalised input in
                         # training, which an eval-mode calibration pass cannot show it: it keeps its init

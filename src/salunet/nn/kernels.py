@@ -197,7 +197,8 @@ _MODES = ("auto", "cpp", "compiled", "eager")
 _mode = os.environ.get("SALUNET_KERNELS", "auto").strip().lower() or "auto"
 if _mode not in _MODES:
     raise ValueError(f"SALUNET_KERNELS={_mode!r} is not a kernel mode; use one of {', '.join(_MODES)}")
-_compile_failed: str | None = None  # reason, once compilation has failed in auto mode
+_compile_failed: dict[str, str] = {}  # device type -> reason, once compilation failed there in auto mode
+_compiled_ran: set[int] = set()  # compiled specialisations that have run once (compiled) successfully
 _compiled: dict[tuple, Callable] = {}
 _reported: set[str] = set()
 _OP_CODE = {op: i for i, op in enumerate(OPS)}  # must match enum Op in csrc/salu_cpu.cpp
@@ -225,7 +226,6 @@ def get_kernel_mode() -> str:
 
 def _path_for(device: torch.device) -> str:
     """The path (``cpp`` / ``compiled`` / ``eager``) that the current mode takes on ``device``."""
-    global _compile_failed
     if _mode == "eager" or device.type == "meta":  # meta tensors: shapes only, the math traces as is
         return "eager"
     if _mode == "compiled":
@@ -241,7 +241,7 @@ def _path_for(device: torch.device) -> str:
     if _mode == "cpp":
         raise ValueError(f"salunet: kernel mode 'cpp' runs CPU tensors only, got a tensor on {device}; "
                          "use 'auto' or 'compiled'")
-    return "eager" if _compile_failed is not None else "compiled"
+    return "eager" if device.type in _compile_failed else "compiled"
 
 
 def _warn_fallback(reason: str) -> None:
@@ -261,7 +261,7 @@ def kernel_path(device: torch.device | str = "cpu") -> str:
     if path == "compiled":
         backend = "C++/OpenMP" if dev.type == "cpu" else "Triton" if dev.type == "cuda" else dev.type
         return f"compiled (torch.compile/inductor, {backend})"
-    why = ("SALUNET_KERNELS=eager" if _mode == "eager" else f"torch.compile failed: {_compile_failed}"
+    why = ("SALUNET_KERNELS=eager" if _mode == "eager" else f"torch.compile failed: {_compile_failed.get(dev.type)}"
            if dev.type != "cpu" else f"C++ build failed: {cpu_ext.load_error()}")
     return f"eager (op by op; {why})"
 
@@ -297,8 +297,11 @@ def _get_compiled(direction: str, op: str, x: Tensor, derived: Sequence[Tensor])
 
 
 def _call_core(path: str, direction: str, op: str, *args: Tensor):
-    """Run the fwd/bwd math on ``path`` ("compiled" or "eager"); inputs already in the compute dtype."""
-    global _compile_failed
+    """Run the fwd/bwd math on ``path`` ("compiled" or "eager"); inputs already in the compute dtype.
+
+    In ``auto`` mode a failure of a specialisation's *first* call (when inductor compiles it) means this machine
+    cannot compile for that device type: warn once, and run eagerly there from then on. Anything else (out of
+    memory, a device-side error, any error of a kernel that has already run) is the caller's error, raised."""
     core = _fwd_core if direction == "fwd" else _bwd_core
     if path == "eager" or torch.compiler.is_compiling():  # in a compiled model: trace inline, inductor fuses
         return core(op, *args)
@@ -306,13 +309,16 @@ def _call_core(path: str, direction: str, op: str, *args: Tensor):
     derived = args[2:] if direction == "fwd" else args[3:]
     fn = _get_compiled(direction, op, x, derived)
     try:
-        return fn(op, *args)
-    except Exception as exc:  # noqa: BLE001 - any compiler failure means: this machine cannot compile
-        if _mode == "compiled":
+        out = fn(op, *args)
+    except Exception as exc:  # noqa: BLE001 - compiler failures have many types (inductor, triton, the C compiler)
+        if _mode == "compiled" or id(fn) in _compiled_ran or isinstance(exc, torch.OutOfMemoryError):
             raise
-        _compile_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
-        _warn_fallback(f"torch.compile could not build the fused SALU kernels ({_compile_failed})")
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        _compile_failed[x.device.type] = why
+        _warn_fallback(f"torch.compile could not build the fused SALU kernels on {x.device.type} ({why})")
         return core(op, *args)
+    _compiled_ran.add(id(fn))
+    return out
 
 
 # ---- the C++ path: (outer, C, inner) layouts ---------------------------------------------------------------

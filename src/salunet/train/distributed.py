@@ -41,7 +41,11 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError(f"device {spec!r} requested but CUDA is not available; use --device cpu")
-        return torch.device("cuda", local_rank) if spec == "cuda" else torch.device(spec)
+        dev = torch.device("cuda", local_rank) if spec == "cuda" else torch.device(spec)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {dev} requested but this machine has {torch.cuda.device_count()} GPU(s); "
+                             "pick one of cuda:0 .. cuda:N-1, or --device cuda")
+        return dev
     if spec != "cpu":
         raise ValueError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
@@ -51,7 +55,10 @@ def setup(device: str = "auto") -> DistInfo:
     """Join the torchrun job described by the environment (WORLD_SIZE, RANK, LOCAL_RANK), if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo(device=resolve_device(device, 0))
+        dev = resolve_device(device, 0)
+        if dev.type == "cuda":  # --device cuda:1: make it current, or pin-memory threads and others open GPU 0
+            torch.cuda.set_device(dev)
+        return DistInfo(device=dev)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda:"):  # one fixed GPU for every rank: NCCL refuses duplicates, or ranks share it
         raise ValueError(f"--device {device} names one GPU, but torchrun runs {world} processes; use --device cuda "

@@ -294,24 +294,28 @@ def evaluate(model: nn.Module, batches, *, amp_ctx=None, channels_last: bool = F
     every rank returns the result over the whole set."""
     was = model.training
     model.eval()
-    n = correct = correct5 = 0
-    loss = 0.0
-    for x, y in batches:
+    n, sums = 0, None  # sums: (loss, top-1 hits, top-5 hits) on the model's device, read once at the end, so a
+    for x, y in batches:  # GPU is never made to wait for the host batch by batch
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with amp_ctx or nullcontext():
             logits = model(x)
         logits = logits.float()
-        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(1).sum().item()
+        batch = torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum"), (top[:, 0] == y).sum(),
+                             (top == y[:, None]).any(1).sum()]).double()
+        sums = batch if sums is None else sums + batch
         n += len(y)
     model.train(was)
+    if sums is None:
+        sums = torch.zeros(3, dtype=torch.float64, device=dist_info.device if dist_info else "cpu")
     if dist_info is not None and dist_info.enabled:
-        sums = torch.tensor([loss, correct, correct5, n], dtype=torch.float64, device=dist_info.device)
+        sums = torch.cat([sums.to(dist_info.device), torch.tensor([float(n)], dtype=torch.float64,
+                                                                  device=dist_info.device)])
         loss, correct, correct5, n = D.all_reduce_sum(dist_info, sums).tolist()
         n = int(n)
+    else:
+        loss, correct, correct5 = sums.tolist()
     return {"loss": loss / max(n, 1), "acc": correct / max(n, 1), "top5": correct5 / max(n, 1), "n": n}
 
 
