@@ -11,8 +11,17 @@ from torch import Tensor
 __all__ = ["random_crop", "random_flip", "mix_batch", "mixed_cross_entropy"]
 
 
+def _to(t: Tensor, device) -> Tensor:
+    """``t`` (drawn from the CPU generator) on ``device``. To a GPU through pinned memory without blocking: a
+    plain copy from pageable memory would make the host wait for all queued GPU work, several times per batch."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _rand(n: int, gen: torch.Generator, device) -> Tensor:
-    return torch.rand(n, generator=gen, device=gen.device).to(device)
+    return _to(torch.rand(n, generator=gen, device=gen.device), device)
 
 
 def random_crop(x: Tensor, padding: int, gen: torch.Generator) -> Tensor:
@@ -21,8 +30,8 @@ def random_crop(x: Tensor, padding: int, gen: torch.Generator) -> Tensor:
         return x
     N, C, H, W = x.shape
     xp = torch.nn.functional.pad(x, (padding,) * 4)
-    oy = (torch.randint(0, 2 * padding + 1, (N,), generator=gen, device=gen.device)).to(x.device)
-    ox = (torch.randint(0, 2 * padding + 1, (N,), generator=gen, device=gen.device)).to(x.device)
+    oy = _to(torch.randint(0, 2 * padding + 1, (N,), generator=gen, device=gen.device), x.device)
+    ox = _to(torch.randint(0, 2 * padding + 1, (N,), generator=gen, device=gen.device), x.device)
     rows = (oy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]  # (N, 1, H, 1)
     cols = (ox[:, None] + torch.arange(W, device=x.device))[:, None, None, :]  # (N, 1, 1, W)
     n = torch.arange(N, device=x.device)[:, None, None, None]
@@ -43,7 +52,7 @@ def mix_batch(x: Tensor, y: Tensor, mixup: float, cutmix: float, gen: torch.Gene
     use_cutmix = cutmix > 0 and (mixup <= 0 or _rand(1, gen, "cpu").item() < 0.5)
     alpha = cutmix if use_cutmix else mixup
     lam = _beta(alpha, gen)
-    perm = torch.randperm(x.shape[0], generator=gen, device=gen.device).to(x.device)
+    perm = _to(torch.randperm(x.shape[0], generator=gen, device=gen.device), x.device)
     if not use_cutmix:
         return x * lam + x[perm] * (1 - lam), y, y[perm], lam
     H, W = x.shape[-2:]

@@ -231,7 +231,7 @@ class FolderSource:
             if s >= self.steps:
                 break
             x = (x.to(info.device, non_blocking=True).float() - self.mean) / self.std
-            yield mix_batch(x, y.to(info.device), self.cfg.mixup, self.cfg.cutmix, g)
+            yield mix_batch(x, y.to(info.device, non_blocking=True), self.cfg.mixup, self.cfg.cutmix, g)
 
     def eval_batches(self):
         """This rank's shard of the validation set (every image exactly once over all ranks, no padding)."""
