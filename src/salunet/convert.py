@@ -96,10 +96,10 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _IN = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _LN = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 _NORM_BASES = _BN + _IN + (nn.GroupNorm,) + _LN
-_OWN_NORMS = {LayerNorm2d: 1, TokenBatchNorm: -1}
+_OWN_NORMS = {LayerNorm2d: 1, TokenBatchNorm: -1}  # this project's norms whose forward moves the channel dim
 # names of normalization classes convert does not know (reported, never silently kept): FrozenBatchNorm2d,
 # LazyBatchNorm2d before its first forward, SomethingNorm, ...
-_NORM_NAME = re.compile(r"norm(\d+d)?$", re.IGNORECASE)  # this project's norms whose forward moves the channel dim
+_NORM_NAME = re.compile(r"norm(\d+d)?$", re.IGNORECASE)
 
 _RELU_LIKE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.SiLU, nn.Mish,
               nn.Hardswish)
@@ -181,10 +181,9 @@ class _NormSpec:
     unbatched_rank: int | None = None  # InstanceNorm: an input of this rank has no batch dim, channels at dim 0
 
     def trusted_dim(self, rank: int | None) -> int | None:
-        """The dim a trusted norm normalises on an input of ``rank`` (None: not known)."""
-        if rank is not None and rank == self.unbatched_rank:  # e.g. InstanceNorm1d on an unbatched (C, L)
-            return 0
-        return self.dim if rank is None or self.dim is None else self.dim % rank
+        """The dim a trusted norm normalises on an input of ``rank`` (``self.dim`` as given, possibly negative,
+        unless the input is an InstanceNorm's unbatched one: then 0)."""
+        return 0 if rank is not None and rank == self.unbatched_rank else self.dim
 
 
 def _norm_base(m: nn.Module) -> type | None:
@@ -319,7 +318,7 @@ class _Tracer(TorchFunctionMode):
             self.tag(out, (mod.num_features, mod.dim % out.dim()))
         elif id(mod) in self.norms and x is not None and isinstance(out, torch.Tensor):
             spec = self.norms[id(mod)]
-            d, why = (spec.trusted_dim(x.dim()), "") if spec.trusted else self._norm_dim(mod, spec, x, args, kwargs, out)
+            d, why = (spec.trusted_dim(x.dim()) % x.dim(), "") if spec.trusted else self._norm_dim(mod, spec, x, args, kwargs, out)
             self.norm_dims.setdefault(id(mod), []).append((x.dim(), d, why))
             if d is not None and spec.width is not None:
                 self.tag(out, (spec.width, d))
@@ -465,7 +464,7 @@ def _norm_size(spec: _NormSpec, seen: list | None, traced: bool, on_meta: bool) 
     ranks = {r for r, _, _ in seen or []}
     rank = ranks.pop() if len(ranks) == 1 else None
     if spec.trusted:
-        return spec.width, spec.trusted_dim(rank) if rank == spec.unbatched_rank else spec.dim, rank, spec.note
+        return spec.width, spec.trusted_dim(rank), rank, spec.note
     if not traced:
         return spec.width, None, rank, ("its forward is not the library's, so its class does not say which dim "
                                          "it normalises; pass example_input to find out")
