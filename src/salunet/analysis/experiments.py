@@ -411,6 +411,77 @@ def init_study_experiment(args: InitStudyArgs, run_dir: Path) -> dict:
     return out
 
 
+# ---- the normalization-free study (docs/RESULTS.md "Closing the gap") ----------------------------------------
+
+NF_GRID: dict[str, dict] = {  # name -> training-config overrides (model, model_overrides, trainer keys)
+    "salunet": {"model": "salunet_c18"},
+    "bn": {"model": "resnet18_bn"},
+    "ws-scaled": {"model": "salunet_c18", "model_overrides": {"conv_ws": "scaled"}},
+    "ws-center": {"model": "salunet_c18", "model_overrides": {"conv_ws": "center"}},
+    "bias": {"model": "salunet_c18", "model_overrides": {"conv_bias": True}},
+    "skipinit": {"model": "salunet_c18", "model_overrides": {"res_gain": 0.0}},
+    "agc": {"model": "salunet_c18", "agc": 0.04},
+    "salu-lr0.1": {"model": "salunet_c18", "salu_lr_scale": 0.1},
+    "salu-lr3": {"model": "salunet_c18", "salu_lr_scale": 3.0},
+}
+
+
+@dataclass
+class NFStudyArgs(TrainingArgs):
+    configs: str = "bn,salunet,ws-scaled,ws-center,bias,skipinit,agc,salu-lr0.1"
+    grid_json: str | None = None  # a JSON file of extra name -> overrides cells (added to NF_GRID)
+    lrs: str = "0.05"
+    width: int = 16
+    epochs: int = 5
+    batch_size: int = 128
+    train_subset: int = 5120
+    test_subset: int = 2000
+    seeds: int = 3
+
+
+@experiment("nf-study", NFStudyArgs, full={"width": 0, "epochs": 300, "train_subset": 0, "test_subset": 0})
+def nf_study_experiment(args: NFStudyArgs, run_dir: Path) -> dict:
+    """The ablation protocol (warm-up 1 epoch, cosine, weight decay 5e-4, crop + flip, no EMA) over named
+    configurations of the normalization-free toolkit and learning rates, the BN twin in the same grid."""
+    import json
+
+    grid = dict(NF_GRID)
+    if args.grid_json:
+        extra = json.loads(Path(args.grid_json).read_text())
+        if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+            raise ValueError(f"{args.grid_json}: must hold a JSON object of name -> config-overrides objects")
+        grid.update(extra)
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [n for n in names if n not in grid]
+    if unknown:
+        raise ValueError(f"unknown nf-study config(s) {unknown}; choose from {', '.join(grid)} or add them with "
+                         "--grid-json")
+    lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
+    base = _train_base(args, width=args.width or None, epochs=args.epochs, batch_size=args.batch_size,
+                       train_subset=args.train_subset, test_subset=args.test_subset, warmup_epochs=1,
+                       weight_decay=5e-4)
+    runs = _Runs(run_dir, base, len(names) * len(lrs) * args.seeds, "nf-study")
+    table, rows = [], []
+    for n in names:
+        for lr in lrs:
+            accs = []
+            for seed in range(args.seeds):
+                r = runs.run(f"{n}-lr{lr}-s{seed}", lr=lr, seed=seed, **grid[n])
+                rows.append({"config": n, "lr": lr, "seed": seed, "test_acc": r["test_acc"], "diverged": r["diverged"],
+                             "run_dir": r["run_dir"], "seconds": r["seconds"]})
+                accs.append(r["test_acc"])
+            m, s = _mean_std(accs)
+            n_div = sum(a is None for a in accs)
+            table.append({"label": f"{n} @ lr {lr}", "config": n, "lr": lr, "overrides": grid[n], "mean": m, "std": s,
+                          "per_seed": accs, "diverged": n_div, "seeds": len(accs), "finished": len(accs) - n_div})
+    out = {"experiment": "nf-study", "args": asdict(args), "runs": rows, "table": table}
+    _draw(out, plots.plot_grid_bars, table, run_dir / "nf_study.png",
+          title=f"normalization-free study: w{args.width}, {args.epochs} epochs")
+    for t in table:
+        print(f"  {t['label']:36s} {_fmt(t['mean'], t['std'], t['finished'], t['seeds'])}%")
+    return out
+
+
 # ---- variance propagation (figure 11) -------------------------------------------------------------------
 
 @dataclass
@@ -670,7 +741,7 @@ def run_experiment(which: str, args=None, /, **values) -> dict:
     run_dir = Path(args.out).expanduser() / (args.name or f"{which}-{time.strftime('%Y%m%d-%H%M%S')}")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ValueError(f"{run_dir}: already exists; choose another --name (nothing was overwritten)")
-    if which in ("plasticity", "batch-sweep", "ablation", "init-study"):
+    if which in ("plasticity", "batch-sweep", "ablation", "init-study", "nf-study"):
         _check_data(args)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)

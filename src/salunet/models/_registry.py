@@ -22,10 +22,11 @@ from torch import nn
 from .cnn import PlasticityCNN
 from .init import InitRules
 from .layers import LayerFactory, get_act_layer, get_norm_layer
-from .resnet import BLOCKS, STEMS, ResNet
+from .nf import WS_MODES
+from .resnet import BLOCKS, STEMS, ConvSpec, ResNet
 from .vit import VIT_INIT, ViT
 
-__all__ = ["MODEL_CONFIGS", "create_model", "list_models", "register_model", "ResNetConfig", "ViTConfig",
+__all__ = ["MODEL_CONFIGS", "MODEL_TRAIN_DEFAULTS", "model_train_defaults", "create_model", "list_models", "register_model", "ResNetConfig", "ViTConfig",
            "CNNConfig"]
 
 
@@ -56,6 +57,20 @@ def _init_rules(name: str, v) -> InitRules:
     if not isinstance(v, InitRules):
         raise ValueError(f"{name} must be a salunet.models.InitRules (alias ResNetInit), got {v!r}; "
                          f"or pass its fields directly: {', '.join(f.name for f in fields(InitRules))}")
+    return v
+
+
+def _res_gain(name: str, v) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= v < 1e3):
+        raise ValueError(f"{name} must be None (no gain) or a number >= 0 (its init; 0 = SkipInit), got {v!r}")
+    return float(v)
+
+
+def _bool(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be true or false, got {v!r}")
     return v
 
 
@@ -97,12 +112,17 @@ class ResNetConfig(_Config):
     norm_layer: str | LayerFactory = "salu"
     act_layer: str | LayerFactory = "swalu"
     init: InitRules = field(default_factory=InitRules, metadata={"check": _init_rules})
+    # the normalization-free toolkit (models/nf.py); the defaults build the paper's plain convs
+    conv_ws: str = _f("none", lambda n, v: _choice(n, v, WS_MODES))
+    conv_bias: bool = _f(False, _bool)
+    res_gain: float | None = _f(None, _res_gain)
     width_field: ClassVar[str] = "width"
 
     def build(self, *, num_classes: int, in_chans: int) -> ResNet:
         return ResNet(BLOCKS[self.block], self.layers, num_classes=num_classes, in_chans=in_chans,
                       width=self.width, stem=self.stem, norm=get_norm_layer(self.norm_layer),
-                      act=get_act_layer(self.act_layer), init=self.init)
+                      act=get_act_layer(self.act_layer), init=self.init,
+                      conv=ConvSpec(ws=self.conv_ws, bias=self.conv_bias, res_gain=self.res_gain))
 
 
 @dataclass
@@ -171,6 +191,11 @@ MODEL_CONFIGS: dict[str, _Config] = {
     "cnn4": CNNConfig(norm_layer="salu", act_layer="prelu"),
 }
 
+# Trainer settings a model declares (docs/SPEC.md "Models that declare trainer defaults"): applied by
+# salunet.train.resolve_config below every value given explicitly (recipe, config file, flags), so a model trained
+# by name gets what it was tuned with, and any flag still overrides it. Keys are TrainConfig fields.
+MODEL_TRAIN_DEFAULTS: dict[str, dict] = {}
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -234,6 +259,11 @@ def vit_ln(**kw) -> ViT:
 @register_model
 def cnn4(**kw) -> PlasticityCNN:
     return _build("cnn4", **kw)
+
+
+def model_train_defaults(name: str) -> dict:
+    """The trainer settings model ``name`` declares (empty for most models and for unknown names)."""
+    return dict(MODEL_TRAIN_DEFAULTS.get(name, {}))
 
 
 def list_models(pattern: str | None = None) -> list[str]:

@@ -19,24 +19,42 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dataclasses import dataclass
+
 from .init import InitRules, ResNetInit, init_model
 from .layers import LayerFactory, norm_act, norm_add_act
+from .nf import WS_MODES, NFConv2d
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck", "ResNetInit", "BLOCKS", "STEMS"]
-
-
-def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "ResNetInit", "BLOCKS", "STEMS", "ConvSpec"]
 
 
-def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+@dataclass(frozen=True)
+class ConvSpec:
+    """How a ResNet builds its convs: the normalization-free toolkit's conv options (:mod:`.nf`).
+
+    ``ws``: weight standardisation ("none", "center", "scaled"); ``bias``: a per-channel conv bias (where a
+    BatchNorm's beta used to be); ``res_gain``: init of a learnable scalar gain in each residual branch's last
+    conv (None = no gain; 0 = SkipInit). The default builds plain bias-free ``nn.Conv2d`` (the paper's models)."""
+
+    ws: str = "none"
+    bias: bool = False
+    res_gain: float | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.ws == "none" and not self.bias
+
+    def __call__(self, cin: int, cout: int, k: int, stride: int = 1, *, branch_end: bool = False) -> nn.Conv2d:
+        gain = self.res_gain if branch_end else None
+        if self.plain and gain is None:
+            return nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+        return NFConv2d(cin, cout, k, stride, k // 2, bias=self.bias, ws=self.ws, res_gain=gain)
 
 
-def _shortcut(cin: int, cout: int, stride: int, norm: LayerFactory) -> nn.Module:
+def _shortcut(cin: int, cout: int, stride: int, norm: LayerFactory, conv: ConvSpec) -> nn.Module:
     if stride == 1 and cin == cout:
         return nn.Identity()
-    return nn.Sequential(conv1x1(cin, cout, stride), norm(cout, dim=1))
+    return nn.Sequential(conv(cin, cout, 1, stride), norm(cout, dim=1))
 
 
 class _Block(nn.Module):
@@ -57,12 +75,13 @@ class _Block(nn.Module):
 class BasicBlock(_Block):
     expansion = 1
 
-    def __init__(self, cin: int, ch: int, stride: int, norm: LayerFactory, act: LayerFactory) -> None:
+    def __init__(self, cin: int, ch: int, stride: int, norm: LayerFactory, act: LayerFactory,
+                 conv: ConvSpec = ConvSpec()) -> None:
         super().__init__()
-        self.conv1 = conv3x3(cin, ch, stride)
+        self.conv1 = conv(cin, ch, 3, stride)
         self.na1 = norm_act(norm, act, ch)
-        self.conv2 = conv3x3(ch, ch)
-        self.shortcut = _shortcut(cin, ch, stride, norm)
+        self.conv2 = conv(ch, ch, 3, branch_end=True)
+        self.shortcut = _shortcut(cin, ch, stride, norm, conv)
         self.tail = norm_add_act(norm, act, ch)  # act(norm(branch) + shortcut): one fused pass for SaluNets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,14 +91,15 @@ class BasicBlock(_Block):
 class Bottleneck(_Block):
     expansion = 4
 
-    def __init__(self, cin: int, ch: int, stride: int, norm: LayerFactory, act: LayerFactory) -> None:
+    def __init__(self, cin: int, ch: int, stride: int, norm: LayerFactory, act: LayerFactory,
+                 conv: ConvSpec = ConvSpec()) -> None:
         super().__init__()
-        self.conv1 = conv1x1(cin, ch)
+        self.conv1 = conv(cin, ch, 1)
         self.na1 = norm_act(norm, act, ch)
-        self.conv2 = conv3x3(ch, ch, stride)
+        self.conv2 = conv(ch, ch, 3, stride)
         self.na2 = norm_act(norm, act, ch)
-        self.conv3 = conv1x1(ch, ch * 4)
-        self.shortcut = _shortcut(cin, ch * 4, stride, norm)
+        self.conv3 = conv(ch, ch * 4, 1, branch_end=True)
+        self.shortcut = _shortcut(cin, ch * 4, stride, norm, conv)
         self.tail = norm_add_act(norm, act, ch * 4)  # act(norm(branch) + shortcut)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,6 +107,12 @@ class Bottleneck(_Block):
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+def _normalizes(norm: LayerFactory) -> bool:
+    """Whether ``norm`` builds a layer that divides by a statistic of its input (a gain before it is lost)."""
+    layer = norm(4, dim=1)
+    return any(isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) for m in layer.modules())
 STEMS = ("cifar", "imagenet")
 
 
@@ -95,12 +121,17 @@ class ResNet(nn.Module):
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, ...], *, num_classes: int,
                  in_chans: int = 3, width: int = 64, stem: str = "cifar", norm: LayerFactory,
-                 act: LayerFactory, init: InitRules | None = None) -> None:
+                 act: LayerFactory, init: InitRules | None = None, conv: ConvSpec = ConvSpec()) -> None:
         super().__init__()
+        if conv.ws not in WS_MODES:
+            raise ValueError(f"conv_ws must be one of {', '.join(map(repr, WS_MODES))}, got {conv.ws!r}")
+        if conv.res_gain is not None and _normalizes(norm):
+            raise ValueError("res_gain needs branches that end in a SALU (or no norm): a normalizing layer after the "
+                             "branch's last conv would divide the gain away; drop res_gain for normalized models")
         if stem == "cifar":
-            self.stem = nn.Sequential(conv3x3(in_chans, width), norm_act(norm, act, width))
+            self.stem = nn.Sequential(conv(in_chans, width, 3), norm_act(norm, act, width))
         elif stem == "imagenet":
-            self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 7, 2, 3, bias=False),
+            self.stem = nn.Sequential(conv(in_chans, width, 7, 2),
                                       norm_act(norm, act, width), nn.MaxPool2d(3, 2, 1))
         else:
             raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
@@ -109,7 +140,7 @@ class ResNet(nn.Module):
             ch = width * 2**i
             blocks = []
             for j in range(n):
-                blocks.append(block(cin, ch, (1 if i == 0 else 2) if j == 0 else 1, norm, act))
+                blocks.append(block(cin, ch, (1 if i == 0 else 2) if j == 0 else 1, norm, act, conv))
                 cin = ch * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.num_stages = len(layers)

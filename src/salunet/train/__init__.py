@@ -2,8 +2,9 @@
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RECIPES, TrainConfig, resolve_config
 from .ema import EMA
-from .loop import RunStopped, TrainingDiverged, build_model, evaluate, lr_at, param_groups, train
+from .loop import RunStopped, TrainingDiverged, build_model, evaluate, train
+from .optim import adaptive_clip_, lr_at, param_groups
 
 __all__ = ["train", "evaluate", "TrainConfig", "RECIPES", "resolve_config", "EMA", "save_checkpoint",
            "load_checkpoint", "CheckpointError", "TrainingDiverged", "RunStopped", "build_model", "lr_at",
-           "param_groups"]
+           "param_groups", "adaptive_clip_"]

@@ -32,6 +32,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..models import model_train_defaults
+
 __all__ = ["TrainConfig", "RECIPES", "resolve_config", "parse_value", "config_from_json"]
 
 
@@ -61,6 +63,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     min_lr: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off
+    agc: float = 0.0  # adaptive gradient clipping factor (unit-wise, NFNets); 0 = off (train/optim.py)
+    salu_lr_scale: float = 1.0  # learning-rate multiplier for SALU/SWALU/GALU parameters (log a, log b)
     # regularisation and augmentation
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
@@ -180,10 +184,12 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, k) <= 0:
             raise ValueError(f"{k} must be positive, got {getattr(cfg, k)}")
     for k in ("train_subset", "test_subset", "crop_padding", "workers", "warmup_epochs", "weight_decay",
-              "grad_clip", "mixup", "cutmix", "min_lr", "momentum"):
+              "grad_clip", "mixup", "cutmix", "min_lr", "momentum", "agc"):
         v = getattr(cfg, k)
         if not (v >= 0 and math.isfinite(v)):
             raise ValueError(f"{k} must be a finite number >= 0, got {v}")
+    if not (cfg.salu_lr_scale > 0 and math.isfinite(cfg.salu_lr_scale)):
+        raise ValueError(f"salu_lr_scale must be a finite positive number (1 = no scaling), got {cfg.salu_lr_scale}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ValueError(f"lr must be a finite positive number, got {cfg.lr}")
     for k in ("lr", "min_lr", "weight_decay", "momentum", "grad_clip"):  # the optimizers hold them in float32
@@ -217,6 +223,9 @@ def resolve_config(recipe: str | None = None, overrides: dict | None = None, bas
     for layer in (base or {}, overrides or {}):
         for k, v in layer.items():
             values[k] = parse_value(k, v)
+    model = values.get("model", TrainConfig.model)
+    for k, v in model_train_defaults(model).items():  # what the model declares, below everything said explicitly
+        values.setdefault(k, parse_value(k, v))
     return _validate(TrainConfig(**values))
 
 
