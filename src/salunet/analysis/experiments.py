@@ -482,6 +482,68 @@ def nf_study_experiment(args: NFStudyArgs, run_dir: Path) -> dict:
     return out
 
 
+# ---- signal health at the norm and gate inputs --------------------------------------------------------------
+
+@dataclass
+class SignalArgs(ExperimentArgs):
+    configs: str = "bn,salunet,ws-scaled,ws-center,bias,skipinit"  # nf-study cells, measured at init
+    checkpoints: str = ""  # comma-separated run directories or checkpoint files, measured as trained
+    data: str = "cifar10"
+    data_path: str | None = None
+    width: int = 16
+    images: int = 512  # training images (un-augmented), in batches of 128
+    seed: int = 0
+
+
+@experiment("signal", SignalArgs, full={"width": 0, "images": 1024})
+def signal_experiment(args: SignalArgs, run_dir: Path) -> dict:
+    """Per norm / gate site and per stage: channel mean^2 / variance, within-channel vs pooled std, stuck gate
+    channels, SALU inputs past the knee (analysis/signal.py), at init for ``configs`` and for ``checkpoints``.
+    Every model runs as training sees it: a copy in train mode (BatchNorm on batch statistics)."""
+    import copy
+
+    from ..data import load_arrays, to_memory
+    from ..models import create_model
+    from ..train.evaluate import model_from_checkpoint
+    from .signal import signal_report, stage_summary
+
+    if args.images < 2:
+        raise ValueError(f"images must be >= 2, got {args.images}")
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [n for n in names if n not in NF_GRID]
+    if unknown:
+        raise ValueError(f"unknown signal config(s) {unknown}; choose from {', '.join(NF_GRID)}")
+    ckpts = _checkpoint_list(CheckpointArgs(checkpoints=args.checkpoints)) if args.checkpoints.strip() else []
+    data = to_memory(load_arrays(args.data, args.data_path), "cpu", train_subset=args.images)
+    x = data.normalize(data.x_train[:args.images])
+    batches = [x[i:i + 128] for i in range(0, len(x), 128)]
+    models: list[tuple[str, str, torch.nn.Module]] = []
+    for n in names:
+        cell = NF_GRID[n]
+        torch.manual_seed(args.seed)
+        models.append((n, "init", create_model(cell["model"], num_classes=data.num_classes, in_chans=x.shape[1],
+                                               width=args.width or None, **cell.get("model_overrides", {}))))
+    for path, label in ckpts:
+        model, meta, _ = model_from_checkpoint(path)
+        models.append((label or f"{meta['config']['model']} ({Path(path).parent.parent.name})",
+                       f"{path} (epoch {meta['epoch']})", model))
+    results = []
+    for label, source, model in models:
+        sites = signal_report(copy.deepcopy(model).train(), batches)
+        stages = stage_summary(sites, _stage_of)
+        results.append({"label": label, "source": source, "sites": sites, "stages": stages})
+        print(f"  {label} ({source})")
+        for st, roles in stages.items():
+            nrm, gate = roles.get("norm", {}), roles.get("gate", {})
+            print(f"    {st:7s} norm in: mean^2/var {nrm.get('mean2_var', math.nan):6.2f}  within-std "
+                  f"{nrm.get('within_std', math.nan):5.2f} (pooled {nrm.get('pooled_std', math.nan):5.2f})  past knee "
+                  f"{100 * nrm.get('past_knee', math.nan):5.1f}%   gate in: stuck {100 * gate.get('stuck', math.nan):5.1f}%")
+    out = {"experiment": "signal", "args": asdict(args), "models": results,
+           "stage_order": list(dict.fromkeys(st for r in results for st in r["stages"]))}
+    _draw(out, plots.plot_signal, out, run_dir / "signal.png")
+    return out
+
+
 # ---- variance propagation (figure 11) -------------------------------------------------------------------
 
 @dataclass

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 __all__ = ["plot_curves", "plot_plasticity", "plot_batch_sweep", "plot_grid_bars", "plot_geometry", "plot_representation",
-           "plot_variance"]
+           "plot_variance", "plot_signal"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
@@ -187,4 +187,36 @@ def plot_variance(result: dict, path: Path) -> Path:
     ax.set_title(result.get("title", "variance propagation"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_signal(result: dict, path: Path) -> Path:
+    """Signal health per stage, one line per model: channel mean^2/variance at norm inputs, within-channel std
+    (solid) against pooled std (dotted), stuck gate channels, SALU inputs past the knee."""
+    plt = _plt()
+    order = result["stage_order"]
+    panels = [("norm", "mean2_var", "norm inputs: channel mean^2 / variance", False),
+              ("norm", "within_std", "norm inputs: within-channel std (dotted: pooled)", False),
+              ("gate", "stuck", "gate inputs: stuck channels (fraction)", False),
+              ("norm", "past_knee", "SALU inputs past the knee (fraction)", False)]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for i, m in enumerate(result["models"]):
+        for ax, (role, key, title, _) in zip(axes, panels):
+            pts = [(j, m["stages"][st][role][key]) for j, st in enumerate(order)
+                   if role in m["stages"].get(st, {}) and key in m["stages"][st][role]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=_color(i), label=m["label"])
+            if key == "within_std":
+                pooled = [(j, m["stages"][st][role]["pooled_std"]) for j, st in enumerate(order)
+                          if role in m["stages"].get(st, {})]
+                if pooled:
+                    ax.plot(*zip(*pooled), ls=":", color=_color(i))
+            ax.set_title(title, fontsize=9)
+    for ax in axes:
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(order, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("symlog", linthresh=0.1)
+    axes[1].set_yscale("log")
+    axes[-1].legend(fontsize=7)
     return _save(fig, path)
