@@ -1,7 +1,10 @@
 """Shared test setup. Kernels take the C++ CPU path by default (``cpp``: a build failure is an error here,
 never a silent fallback); numerics tests run on every path through the ``path`` fixture, and tests of the
 inductor path ask for ``compiled_kernels`` (compiling every shape a test meets would dominate the suite)."""
+import http.server
 import os
+import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,18 @@ def cifar_npz():
     if not CIFAR_NPZ.exists():
         pytest.skip(f"real CIFAR-10 not found at {CIFAR_NPZ} (the shared data folder is not beside the repo)")
     return CIFAR_NPZ
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving ``tmp_path/srv``: (that folder, its base URL). Downloads are tested
+    against it; nothing here reaches another address."""
+    root = tmp_path / "srv"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield root, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()

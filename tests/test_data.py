@@ -2,13 +2,10 @@
 batched augmentation."""
 import dataclasses
 import hashlib
-import http.server
 import io
 import os
 import pickle
 import tarfile
-import threading
-from functools import partial
 
 import numpy as np
 import pytest
@@ -102,19 +99,6 @@ def test_safe_extract_refuses(tmp_path, name, link):
     with pytest.raises(ValueError, match="refusing member"):
         safe_extract(arch, tmp_path / "out")
     assert not (tmp_path / "escape.txt").exists()
-
-
-@pytest.fixture
-def local_server(tmp_path):
-    root = tmp_path / "srv"
-    root.mkdir()
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield root, f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
 
 
 def test_download_from_local_server(tmp_path, local_server):

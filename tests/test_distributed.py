@@ -27,7 +27,6 @@ from salunet.data import CIFAR
 from salunet.train.checkpoint import list_checkpoints
 
 from helpers import make_cifar10_archive, make_image_folder
-from test_data import local_server  # noqa: F401 - the fixture serving a folder on 127.0.0.1
 
 ARGS = ["--model", "salunet_c18", "--width", "4", "--data", "digits", "--train-subset", "256", "--test-subset",
         "64", "--batch-size", "32", "--epochs", "2", "--lr", "0.05", "--crop-padding", "1", "--mixup", "0.2",

@@ -25,6 +25,9 @@ from salunet.cli import main
 from salunet.data import load_arrays
 from salunet.train import faults, loop
 from salunet.train.checkpoint import CheckpointError, RunLock, list_checkpoints, load_checkpoint
+from salunet.train.config import resolve_config
+from salunet.train.distributed import DistInfo
+from salunet.train.resume import RunPlan, resume_config
 
 STEPS_PER_EPOCH, EPOCHS = 4, 3
 
@@ -193,7 +196,7 @@ def test_corrupt_checkpoint_named_and_previous_loadable(tmp_path, how, message):
     _damage(newest, how)
     with pytest.raises(CheckpointError, match=f"{newest}: {message}"):
         load_checkpoint(newest)
-    cfg, found, notes = loop._resume_config(tmp_path / "c", {})
+    cfg, found, notes = resume_config(tmp_path / "c", {})
     assert found[0] == first and notes[0].startswith(f"skipping {newest}: {message}")
     # with every checkpoint damaged, resume refuses (it never silently starts over)
     _damage(first, how)
@@ -254,11 +257,11 @@ def test_run_that_loses_the_lock_race_touches_nothing_of_the_winner(tmp_path):
         (run / "checkpoints").mkdir()
         (run / "checkpoints" / ".epoch_0002.safetensors.abc.tmp").write_bytes(b"x" * 10)
         before = _snapshot(run)
-        cfg = loop.resolve_config(None, {"model": "cnn4", "width": 4, "train_subset": 64, "test_subset": 32,
+        cfg = resolve_config(None, {"model": "cnn4", "width": 4, "train_subset": 64, "test_subset": 32,
                                          "batch_size": 32, "epochs": 1, "progress": False, "device": "cpu",
                                          "out": str(tmp_path), "name": "exp"})
         with pytest.raises(ValueError, match="run directory is in use"):
-            loop._train(loop._Plan(cfg, run, None, True, []), loop.D.DistInfo())
+            loop._train(RunPlan(cfg, run, None, True, []), DistInfo())
         assert _snapshot(run) == before
     finally:
         winner.release()

@@ -26,7 +26,6 @@ from salunet.train import train
 from salunet.train.checkpoint import list_checkpoints
 
 from helpers import cifar_batch_bytes, make_cifar10_archive
-from test_data import local_server  # noqa: F401 - the fixture serving a folder on 127.0.0.1
 
 PACKAGE = Path(salunet.__file__).parent
 

@@ -21,7 +21,9 @@ TINY = dict(model="salunet_c18", width=4, data="digits", train_subset=256, test_
 
 
 def run(tmp_path, name, **kw):
-    return train({**TINY, "out": str(tmp_path), "name": name, **kw})
+    from salunet.analysis.plots import draw_run_curves
+
+    return train({**TINY, "out": str(tmp_path), "name": name, **kw}, on_finish=draw_run_curves)
 
 
 def test_run_writes_everything(tmp_path):
@@ -218,7 +220,8 @@ def test_ranks_split_each_global_batch_and_the_test_set():
     """What makes 2 ranks equal 1 process: rank r trains on its half of the very batch (same crops, same mix)
     that one process would draw, and evaluates images r, r + 2, ...: disjoint shards that cover everything."""
     from salunet.train import distributed as D
-    from salunet.train.loop import load_source, resolve_config
+    from salunet.train.config import resolve_config
+    from salunet.train.sources import load_source
 
     cfg = resolve_config(None, {**TINY, "out": "unused", "name": "unused"})
     one = load_source(cfg, D.DistInfo())

@@ -14,7 +14,6 @@ from salunet.data import CIFAR
 from salunet.train.checkpoint import list_checkpoints
 
 from helpers import make_cifar10_archive, make_image_folder
-from test_data import local_server  # noqa: F401 - the fixture serving a folder on 127.0.0.1
 
 BOOLS = ("download", "compile", "channels_last", "flip", "progress")
 
@@ -178,7 +177,7 @@ def test_image_folder_subsets_and_eval_from_a_val_only_copy(tmp_path, capsys):
 
 
 def test_class_spread_subset_takes_every_class_alike():
-    from salunet.train.loop import _class_spread_subset
+    from salunet.train.sources import class_spread_subset as _class_spread_subset
 
     class Folder:  # what the function reads of an ImageFolder: samples listed class by class
         samples = [(f"{c}/{i}.png", c) for c in range(3) for i in range(4)]

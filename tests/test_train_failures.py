@@ -63,10 +63,10 @@ def test_inf_gradients_with_finite_loss_never_reach_the_weights(tmp_path, monkey
 
 def test_nonfinite_weights_are_never_saved(tmp_path, monkeypatch):
     """An optimizer update that overflows (finite gradients, non-finite result) is caught before saving."""
-    real_make, steps = loop._make_optimizer, [0]
+    real_make, steps = loop.make_optimizer, [0]
 
-    def make(cfg, model):
-        opt = real_make(cfg, model)
+    def make(model, **kw):
+        opt = real_make(model, **kw)
         real_step = opt.step
 
         def step(*a, **k):
@@ -80,7 +80,7 @@ def test_nonfinite_weights_are_never_saved(tmp_path, monkeypatch):
         opt.step = step
         return opt
 
-    monkeypatch.setattr(loop, "_make_optimizer", make)
+    monkeypatch.setattr(loop, "make_optimizer", make)
     with pytest.raises(TrainingDiverged, match="parameters became non-finite during epoch 2; nothing saved"):
         train(TINY, epochs=3, out=str(tmp_path), name="w")
     ckpts = list_checkpoints(tmp_path / "w")

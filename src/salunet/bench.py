@@ -316,29 +316,55 @@ class TrainBenchResult:
 TRAIN_PAIRS = [("salunet_c18", "resnet18_bn")]
 
 
+def _train_child(cfg: dict, queue) -> None:
+    """Child process of :func:`_train_once`: one training run, then its last epoch's metrics and peak RSS."""
+    import resource
+
+    from .train import train
+
+    try:
+        last = train(cfg)["final"]
+        queue.put({"images_per_s": last["images_per_s"], "data_share": last["data_share"],
+                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # KiB on Linux
+    except Exception as exc:  # noqa: BLE001 - reported by the parent with the config that failed
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
 def _train_once(model: str, width: int | None, data_path: str, subset: int, epochs: int, out: str, name: str,
                 threads: int) -> dict:
-    """One ``python -m salunet train`` in a fresh process; returns its last epoch's metrics and peak RSS."""
+    """One training run (:func:`salunet.train.train`) in a fresh process, so that its peak RSS is its own;
+    returns its last epoch's metrics and peak RSS."""
+    import multiprocessing as mp
     import os
-    import subprocess
-    import sys
 
-    cmd = [sys.executable, "-m", "salunet", "train", "--model", model, "--data", "cifar10", "--data-path", data_path,
-           "--train-subset", str(subset), "--test-subset", "500", "--epochs", str(epochs), "--batch-size", "128",
-           "--lr", "0.05", "--ema-decay", "0", "--crop-padding", "4", "--flip", "true", "--progress", "false",
-           "--out", out, "--name", name]
-    cmd += ["--width", str(width) if width else "none"]  # none: the paper's width (the CLI default is 16)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"training benchmark run failed ({' '.join(cmd)}):\n{output[-2000:]}")
-    from .train.checkpoint import read_jsonl
+    cfg = {"model": model, "width": width, "data": "cifar10", "data_path": data_path, "train_subset": subset,
+           "test_subset": 500, "epochs": epochs, "batch_size": 128, "lr": 0.05, "ema_decay": 0.0, "crop_padding": 4,
+           "flip": True, "progress": False, "out": out, "name": name}
+    ctx = mp.get_context("spawn")  # a fresh interpreter: nothing of this process's memory or threads
+    queue = ctx.Queue()
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the child's torch at import
+    try:
+        proc = ctx.Process(target=_train_child, args=(cfg, queue))
+        proc.start()
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    import queue as queue_mod
 
-    last = read_jsonl(Path(out) / name / "metrics.jsonl")[-1]
-    return {"images_per_s": last["images_per_s"], "data_share": last["data_share"],
-            "peak_rss_mib": usage.ru_maxrss / 1024}  # ru_maxrss is in KiB on Linux
+    while True:  # never wait forever on a child that died without reporting
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"training benchmark run exited with code {proc.exitcode} before reporting ({cfg})")
+    proc.join()
+    if "error" in result:
+        raise RuntimeError(f"training benchmark run failed ({cfg}): {result['error']}")
+    return result
 
 
 def bench_train(data_path: str, repeats: int = 3, threads: int = 2, full: bool = False,

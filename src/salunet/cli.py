@@ -120,7 +120,8 @@ def _unknown_arguments(args, extra: list[str]) -> None:
 def _cmd_train(args) -> int:
     from .train import config as C
     from .train import train
-    from .train.loop import stop_on_sigterm
+    from .analysis.plots import draw_run_curves
+    from .train.stopping import stop_on_sigterm
 
     # SIGTERM (a scheduler, torchrun stopping a job) ends the run cleanly, with a message; main() restores the
     # previous handler once that message is printed
@@ -130,10 +131,10 @@ def _cmd_train(args) -> int:
     if args.resume:
         if args.recipe or args.config:
             raise UserError("--resume continues a run with its saved config; drop --recipe/--config")
-        train(resume=args.resume, **{k: C.parse_value(k, v) for k, v in overrides.items()})
+        train(resume=args.resume, on_finish=draw_run_curves, **{k: C.parse_value(k, v) for k, v in overrides.items()})
         return 0
     base = C.config_from_json(args.config) if args.config else {}
-    train(C.resolve_config(args.recipe, overrides, base=base))
+    train(C.resolve_config(args.recipe, overrides, base=base), on_finish=draw_run_curves)
     return 0
 
 
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "cli_options"):
             _unknown_arguments(args, extra)
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from .train.loop import Terminated
+    from .train.stopping import RunStopped, Terminated, TrainingDiverged
 
     try:
         return args.func(args)
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"salunet: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # the run stopped (divergence, full disk, SIGTERM, a lost torchrun worker)
-        if args.debug or type(exc).__name__ not in ("TrainingDiverged", "RunStopped"):
+        if args.debug or not isinstance(exc, (TrainingDiverged, RunStopped)):
             raise
         print(f"salunet: stopped: {exc}", file=sys.stderr)
         return 1

@@ -108,7 +108,7 @@ class _Runs:
         t0 = time.time()
         row = {"run": name, "config": {k: v for k, v in cfg.items() if k not in ("out", "name")}}
         try:
-            summary = train(cfg)
+            summary = train(cfg, on_finish=plots.draw_run_curves)
             final = summary["final"]
             row.update(diverged=False, test_acc=final.get("test_acc"), ema_test_acc=final.get("ema_test_acc"),
                        train_loss=final.get("train_loss"), epochs=summary["epochs"], run_dir=summary["run_dir"],

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 __all__ = ["plot_curves", "plot_plasticity", "plot_batch_sweep", "plot_grid_bars", "plot_geometry", "plot_representation",
-           "plot_variance", "plot_signal"]
+           "plot_variance", "plot_signal", "draw_run_curves"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
@@ -220,3 +220,9 @@ def plot_signal(result: dict, path: Path) -> Path:
     axes[1].set_yscale("log")
     axes[-1].legend(fontsize=7)
     return _save(fig, path)
+
+
+def draw_run_curves(run_dir: Path, rows: list[dict], cfg) -> Path:
+    """A run's ``curves.png`` from its metrics rows: the hook ``salunet train`` and the experiments pass to
+    :func:`salunet.train.train` as ``on_finish`` (training itself never imports plotting)."""
+    return plot_curves({cfg.model: rows}, Path(run_dir) / "curves.png", title=f"{cfg.model} on {cfg.data}")

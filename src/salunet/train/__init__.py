@@ -2,7 +2,9 @@
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RECIPES, TrainConfig, resolve_config
 from .ema import EMA
-from .loop import RunStopped, TrainingDiverged, build_model, evaluate, train
+from .config import build_model
+from .evaluate import evaluate
+from .loop import RunStopped, TrainingDiverged, train
 from .optim import adaptive_clip_, lr_at, param_groups
 
 __all__ = ["train", "evaluate", "TrainConfig", "RECIPES", "resolve_config", "EMA", "save_checkpoint",

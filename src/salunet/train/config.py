@@ -32,9 +32,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models import model_train_defaults
+from ..models import MODEL_CONFIGS, create_model, list_models, model_train_defaults
 
-__all__ = ["TrainConfig", "RECIPES", "resolve_config", "parse_value", "config_from_json"]
+__all__ = ["TrainConfig", "RECIPES", "resolve_config", "parse_value", "config_from_json", "build_model"]
 
 
 @dataclass
@@ -250,3 +250,20 @@ def config_from_json(path: str | Path) -> dict:
             raise ValueError(f"{p}: {exc}") from None
     return d
 
+
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, image_size: int):
+    """The model ``cfg`` names, for data of ``num_classes`` / ``in_chans`` / ``image_size``, built right after
+    ``torch.manual_seed(cfg.seed)`` (so a seed gives the same initial weights in every process)."""
+    import torch
+
+    if cfg.model not in list_models():
+        raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(list_models())}")
+    kw = dict(cfg.model_overrides)
+    fields = {f.name for f in dataclasses.fields(MODEL_CONFIGS[cfg.model])}
+    if "img_size" in fields and "img_size" not in kw:  # models whose shapes depend on the image size
+        kw["img_size"] = image_size
+        if "patch" in fields and image_size % 4:
+            kw.setdefault("patch", 2 if image_size % 2 == 0 else 1)
+    torch.manual_seed(cfg.seed)
+    return create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, width=cfg.width,
+                        norm_layer=cfg.norm_layer, act_layer=cfg.act_layer, **kw)

@@ -5,17 +5,62 @@ ResNet-50 number; the ResNets pool globally, so any size works)."""
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint, state_mismatch, write_json_atomic
-from .config import resolve_config
+from .config import TrainConfig, build_model, resolve_config
+from . import distributed as D
 from .distributed import DistInfo, resolve_device
-from .loop import MemorySource, _checkpoint_config, build_model, evaluate, load_source
+from .resume import checkpoint_config
+from .sources import MemorySource, load_source
 
-__all__ = ["evaluate_checkpoint", "model_from_checkpoint"]
+__all__ = ["evaluate", "autocast_for", "evaluate_checkpoint", "model_from_checkpoint"]
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    """The autocast context of ``cfg.amp`` on ``device`` (a no-op context for "none")."""
+    if cfg.amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, *, amp_ctx=None, channels_last: bool = False,
+             dist_info: D.DistInfo | None = None) -> dict:
+    """Top-1 / top-5 accuracy and mean loss of ``model`` over ``batches`` of (x, y).
+
+    With ``dist_info`` of a multi-process run, each rank passes its own shard and the sums are all-reduced:
+    every rank returns the result over the whole set."""
+    was = model.training
+    model.eval()
+    n, sums = 0, None  # sums: (loss, top-1 hits, top-5 hits) on the model's device, read once at the end, so a
+    for x, y in batches:  # GPU is never made to wait for the host batch by batch
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp_ctx or nullcontext():
+            logits = model(x)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        batch = torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum"), (top[:, 0] == y).sum(),
+                             (top == y[:, None]).any(1).sum()]).double()
+        sums = batch if sums is None else sums + batch
+        n += len(y)
+    model.train(was)
+    if sums is None:
+        sums = torch.zeros(3, dtype=torch.float64, device=dist_info.device if dist_info else "cpu")
+    if dist_info is not None and dist_info.enabled:
+        sums = torch.cat([sums.to(dist_info.device), torch.tensor([float(n)], dtype=torch.float64,
+                                                                  device=dist_info.device)])
+        loss, correct, correct5, n = D.all_reduce_sum(dist_info, sums).tolist()
+        n = int(n)
+    else:
+        loss, correct, correct5 = sums.tolist()
+    return {"loss": loss / max(n, 1), "acc": correct / max(n, 1), "top5": correct5 / max(n, 1), "n": n}
 
 
 def _load_weights(model, weights, path: Path, name: str):
@@ -43,7 +88,7 @@ def model_from_checkpoint(path: str | Path, device: str = "cpu", ema: bool = Fal
     """(model, meta, state) rebuilt from a checkpoint; ``ema=True`` loads the EMA weights."""
     path = Path(path)
     state, meta = load_checkpoint(path)
-    cfg = _checkpoint_config(path, meta)
+    cfg = checkpoint_config(path, meta)
     model = build_model(cfg, meta["num_classes"], meta["in_chans"], meta["image_size"])
     if ema:
         weights = _ema_weights(state, path)
@@ -71,7 +116,7 @@ def evaluate_checkpoint(path, *, data=None, data_path=None, batch_size=500, devi
         over["data_path"] = data_path
     if eval_size is not None:
         over["eval_size"] = eval_size
-    cfg = resolve_config(None, over, base=asdict(_checkpoint_config(path, meta)))  # its own config, then ours
+    cfg = resolve_config(None, over, base=asdict(checkpoint_config(path, meta)))  # its own config, then ours
     if eval_size is not None and cfg.data != "imagefolder":
         raise ValueError(f"--eval-size applies to image folders only; {cfg.data} images are evaluated at their "
                          "stored size; drop --eval-size")

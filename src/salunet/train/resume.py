@@ -1,0 +1,252 @@
+"""Where a run writes and what it continues from: the plan made before anything is written (:func:`plan_run`:
+the config, the run directory, the checkpoint to resume from), resume and torchrun restarts, loading a
+checkpoint into freshly built objects, and the clean-up of a new run that failed before its first epoch.
+
+Resume skips a corrupt newest checkpoint for the previous good one (saying so), refuses a checkpoint of
+another run, and under ``torchrun --max-restarts`` a restarted attempt continues the run directory of the
+failed one (found by the job id in ``RUN_ID_FILE``)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from . import distributed as D
+from .checkpoint import (CheckpointError, RunLock, atomic_write_bytes, latest_checkpoint, list_checkpoints,
+                         remove_partial_files, state_mismatch)
+from .config import TrainConfig, resolve_config
+
+__all__ = ["RunPlan", "plan_run", "resume_config", "checkpoint_config", "check_checkpoint_meta", "load_state",
+           "trim_metrics", "make_dirs", "discard_new_files", "remove_empty_dirs", "RESUME_KEYS", "RUN_ID_FILE"]
+
+RESUME_KEYS = ("epochs", "progress", "device", "workers", "checkpoint_every", "keep_checkpoints")
+RUN_ID_FILE = ".torchrun_run_id"  # the torchrun job that created the run directory (finds it again on restart)
+_META_KEYS = ("config", "epoch", "step", "num_classes", "in_chans", "image_size", "mean", "std")
+# config keys that may differ between a run's config.json and its checkpoints (--resume may change them; the
+# directory may have been moved or renamed)
+_FREE_KEYS = set(RESUME_KEYS) | {"out", "name"}
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """What ``train`` will do, decided before any process group exists and before anything is written."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    found: tuple | None  # (path, state, meta) of the checkpoint to continue from
+    new_run: bool
+    notes: list[str]  # printed by rank 0 before training: checkpoints skipped, torchrun restarts
+
+
+def _new_run_dir(cfg: TrainConfig) -> Path:
+    name = cfg.name or f"{cfg.model}-{cfg.data}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.out).expanduser() / name
+    RunLock.refuse_if_held(run_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ValueError(f"{run_dir}: run directory already exists; continue it with --resume {run_dir} or "
+                         "choose another --name")
+    parent = run_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{parent}: is a file, so the run directory {run_dir} cannot be made there; "
+                                 "choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{parent}: not writable, so the run directory {run_dir} cannot be made there; "
+                              "choose another --out")
+    return run_dir
+
+
+def check_checkpoint_meta(path: Path, meta) -> None:
+    """Refuse a checkpoint whose (JSON) metadata lacks what training and evaluation read from it."""
+    missing = [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else list(_META_KEYS)
+    if missing or not isinstance(meta["config"], dict):
+        raise CheckpointError(f"{path}: not a checkpoint of salunet train (metadata lacks "
+                              f"{', '.join(missing) or 'a config'}); pass a checkpoints/epoch_NNNN.safetensors file")
+
+
+def checkpoint_config(path: Path, meta: dict, overrides: dict | None = None) -> TrainConfig:
+    check_checkpoint_meta(path, meta)
+    try:
+        return resolve_config(None, overrides, base=meta["config"])
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: its config is not valid for salunet {__version__} ({exc})") from None
+
+
+def resume_config(run_dir: Path, overrides: dict) -> tuple[TrainConfig, tuple | None, list[str]]:
+    """The config and checkpoint to continue ``run_dir`` with. A corrupt newest checkpoint is skipped (and
+    named) in favour of the previous good one; a checkpoint written for another config (another model, ...)
+    is refused, as is a directory whose checkpoints all fail to load."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory to resume; pass the directory of an earlier "
+                                "salunet train run")
+    bad = sorted(set(overrides) - set(RESUME_KEYS))
+    if bad:
+        raise ValueError(f"--resume continues the saved config; only {', '.join(RESUME_KEYS)} may be changed, "
+                         f"not {', '.join(bad)}")
+    RunLock.refuse_if_held(run_dir)
+    saved = None
+    if (run_dir / "config.json").is_file():
+        try:
+            saved = json.loads((run_dir / "config.json").read_text())
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{run_dir / 'config.json'}: unreadable ({exc}); restore it from a checkpoint's "
+                             "config or start a new run") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"{run_dir / 'config.json'}: not a JSON object; restore it or start a new run")
+    skipped: list[str] = []
+    found = latest_checkpoint(run_dir, skipped)
+    notes = [f"skipping {msg}" for msg in skipped]
+    if found is None and skipped:
+        raise CheckpointError(f"{run_dir}: no checkpoint loads ({skipped[0]}); restore a good checkpoint, or move "
+                              "checkpoints/ away to start the run over")
+    if found is not None:
+        path, _, meta = found
+        cfg = checkpoint_config(path, meta, overrides)
+        if saved is not None:
+            diff = sorted(k for k in set(saved) | set(meta["config"])
+                          if k not in _FREE_KEYS and saved.get(k) != meta["config"].get(k))
+            if diff:
+                k = diff[0]
+                raise CheckpointError(
+                    f"{path}: written by another run ({k} {meta['config'].get(k)!r}, but this run's config.json "
+                    f"has {saved.get(k)!r}); move it out of {path.parent}")
+        if skipped:
+            notes.append(f"resuming from the previous good checkpoint {path}")
+        if int(meta["epoch"]) > cfg.epochs:
+            raise ValueError(f"{run_dir} has already trained {meta['epoch']} epochs; pass --epochs "
+                             f"{meta['epoch']} or more")
+        return cfg, found, notes
+    if saved is None:
+        raise ValueError(f"{run_dir}: not a salunet run directory (no config.json, no checkpoint); pass the "
+                         "directory of an earlier salunet train run")
+    return resolve_config(None, overrides, base=saved), None, notes
+
+
+def _restart_run_dir(cfg: TrainConfig) -> Path | None:
+    """Under a torchrun restart: the run directory that the failed attempt of this same job created."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    out = Path(cfg.out).expanduser()
+    if not run_id or not out.is_dir():
+        return None
+    candidates = [out / cfg.name] if cfg.name else [p.parent for p in out.glob(f"*/{RUN_ID_FILE}")]
+    for d in candidates:
+        try:
+            if (d / RUN_ID_FILE).read_text().strip() == run_id:
+                return d
+        except OSError:
+            continue
+    return None
+
+
+def plan_run(config, resume, overrides: dict) -> RunPlan:
+    """Everything that can fail on bad input and needs no data: the config, the run directory, the
+    checkpoint to resume from. Writes nothing."""
+    if resume is not None:
+        run_dir = Path(resume).expanduser()
+        cfg, found, notes = resume_config(run_dir, overrides)
+        return RunPlan(cfg, run_dir, found, False, notes)
+    if isinstance(config, TrainConfig):
+        cfg = resolve_config(None, overrides, base=asdict(config))
+    else:
+        cfg = resolve_config(None, {**(config or {}), **overrides})
+    restart = D.restart_count()
+    run_dir = _restart_run_dir(cfg) if restart else None
+    if run_dir is not None and not ((run_dir / "config.json").is_file() or list_checkpoints(run_dir)):
+        return RunPlan(cfg, run_dir, None, True, [f"torchrun restart {restart} of {D.max_restarts()}: starting "
+                                                f"{run_dir} over (the failed attempt saved nothing)"])
+    if run_dir is not None:  # torchrun restarted this job after a failure: continue what the last attempt saved
+        rcfg, found, notes = resume_config(run_dir, {k: getattr(cfg, k) for k in RESUME_KEYS})
+        diff = [k for k, v in asdict(rcfg).items() if k not in _FREE_KEYS and getattr(cfg, k) != v]
+        if diff:
+            raise ValueError(f"{run_dir}: the saved config differs from this command's ({diff[0]}); start a new "
+                             "run with another --name")
+        where = f"{found[0]} (epoch {found[2]['epoch']})" if found else "the start (no checkpoint was saved)"
+        notes.append(f"torchrun restart {restart} of {D.max_restarts()}: resuming {run_dir} from {where}")
+        return RunPlan(rcfg, run_dir, found, False, notes)
+    return RunPlan(cfg, _new_run_dir(cfg), None, True, [])
+
+
+def make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p path``; returns the directories this call created, deepest first."""
+    created, p = [], path
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def discard_new_files(run_dir: Path) -> None:
+    """Remove the files a new run wrote before finishing its first epoch: they hold nothing worth keeping, and a
+    leftover ``config.json`` would block re-running with the same ``--name``. Called while holding the lock."""
+    for f in ("config.json", "metrics.jsonl", RUN_ID_FILE):
+        (run_dir / f).unlink(missing_ok=True)
+    remove_partial_files(run_dir)
+
+
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    for d in dirs:
+        try:
+            d.rmdir()  # only if empty: anything else in there is not ours to delete
+        except OSError:
+            pass
+
+
+def load_state(found, cfg: TrainConfig, source, model, opt, ema, scaler) -> tuple[int, int]:
+    """Load a checkpoint into the freshly built objects; (epoch, step) to continue from. Anything that does
+    not fit (another model, another data set, another version) is refused naming the file."""
+    path, state, meta = found
+    if (meta["num_classes"], meta["in_chans"], meta["image_size"]) != \
+            (source.num_classes, source.in_chans, source.image_size):
+        raise CheckpointError(f"{path}: written for {meta['num_classes']} classes, {meta['in_chans']} channel(s), "
+                              f"{meta['image_size']} px, but the data has {source.num_classes}, {source.in_chans}, "
+                              f"{source.image_size}; move it out of {path.parent}")
+    problem = state_mismatch(model.state_dict(), state.get("model"))
+    if problem:
+        raise CheckpointError(f"{path}: its weights do not fit model {cfg.model} ({problem}); it was written for "
+                              f"another model: move it out of {path.parent}")
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        dev = next(model.parameters()).device
+        if dev.type == "cuda" and state["rng"].get("cuda") is not None:  # dropout on a GPU draws from this one
+            torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
+        return int(meta["epoch"]), int(meta["step"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"{path}: its training state does not fit this run ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:160]}); move it out of {path.parent}") from None
+
+
+def trim_metrics(path: Path, epochs_done: int) -> None:
+    """On resume, drop metric lines of epochs that the checkpoint does not contain (they will be redone), so
+    the file keeps exactly one line per epoch. A line cut short by a crash mid-append (always the last one) is
+    dropped too; a damaged line elsewhere is an error naming the file."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON; repair or delete that line, then resume") from None
+    keep = [r for r in rows if isinstance(r, dict) and r.get("epoch", 0) <= epochs_done]
+    if len(keep) != len([line for line in lines if line.strip()]):
+        atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep).encode())
+
+

@@ -1,0 +1,99 @@
+"""How a run stops early: divergence (:class:`TrainingDiverged`), and stops from outside (SIGTERM, a full disk, a
+lost torchrun worker) turned into :class:`RunStopped`, whose message names the checkpoint to continue from."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import distributed as D
+from .checkpoint import list_checkpoints
+
+__all__ = ["TrainingDiverged", "RunStopped", "Terminated", "stop_on_sigterm", "as_run_stopped", "last_good"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradients or the weights became NaN or infinite; the run stopped before saving them,
+    and its last good checkpoint is kept."""
+
+
+class RunStopped(RuntimeError):
+    """The run stopped before finishing for a reason outside training itself: a full disk, SIGTERM, a lost
+    torchrun worker. Every finished epoch is in the last good checkpoint; ``--resume`` continues the run."""
+
+
+class Terminated(BaseException):
+    """Raised by :func:`stop_on_sigterm`'s handler (a BaseException, like KeyboardInterrupt, so that no
+    ``except Exception`` swallows it)."""
+
+
+_STOPPING = [False]  # once a run is stopping, further SIGTERMs (torchrun sends one to every worker) are ignored
+
+
+def stop_on_sigterm():
+    """Make SIGTERM stop a run cleanly: the current write is abandoned (its temporary file removed), the lock
+    released, and a message says what was kept. Installed by ``salunet train``; returns the previous handler
+    (for ``signal.signal``) so that the caller can restore it once the message is out."""
+    import signal
+
+    def handler(signum, frame):
+        if not _STOPPING[0]:
+            _STOPPING[0] = True
+            raise Terminated()
+
+    _STOPPING[0] = False
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _is_comm_error(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL")))
+
+
+def _short(exc: BaseException) -> str:
+    """A communication error in a few words: gloo's text without its source location and advice."""
+    import re
+
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return text.split(". ")[0][:120]
+
+
+def as_run_stopped(exc: BaseException, run_dir: Path, info: D.DistInfo, epoch: int, kept: bool) -> RunStopped | None:
+    """The RunStopped that ``exc`` (raised during epoch ``epoch``) amounts to, or None if it is not one."""
+    import errno
+
+    if isinstance(exc, Terminated):
+        why = f"terminated (SIGTERM) during epoch {epoch}"
+    elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        why = f"no space left on device while writing {exc.filename or 'to ' + str(run_dir)} (epoch {epoch})"
+    elif info.enabled and _is_comm_error(exc):
+        why = f"rank {info.rank} lost contact with the other ranks during epoch {epoch} (a worker died?): {_short(exc)}"
+    else:
+        return None
+    _STOPPING[0] = True
+    good = list_checkpoints(run_dir)
+    if not kept:
+        then = "nothing was kept; run the same command again"
+    elif not good:
+        then = f"no checkpoint yet; continue with --resume {run_dir}"
+    else:
+        then = f"the last good checkpoint is {good[-1]}; continue with --resume {run_dir}"
+    restart, most = D.restart_count(), D.max_restarts()
+    if info.enabled and os.environ.get("TORCHELASTIC_RUN_ID"):
+        if restart < most:
+            then = (f"torchrun restarts the job (restart {restart + 1} of {most}), which continues from "
+                    f"{good[-1] if (kept and good) else 'the start'}")
+        else:
+            then += (" (under torchrun as before; torchrun --max-restarts N restarts automatically)" if most == 0
+                     else f" (under torchrun as before; its {most} restart(s) are used up)")
+    if isinstance(exc, OSError):
+        then = "free some space; " + then
+    return RunStopped(f"{why}; {then}")
+
+
+
+def last_good(run_dir: Path) -> str:
+    good = list_checkpoints(run_dir)
+    return str(good[-1]) if good else "none yet"
