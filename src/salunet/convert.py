@@ -1,71 +1,24 @@
 """Make any model normalization-free in one call: ``salunet.convert(model, example_input=x)``.
 
-Replaces, in place, every normalization module (BatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm, RMSNorm, GroupNorm,
-InstanceNorm1d/2d/3d, and subclasses of them) by a SALU of the right width on the right dimension, ReLU-family
-activations (ReLU, ReLU6, LeakyReLU, PReLU, RReLU, ELU, CELU, SELU), SiLU, Mish and Hardswish by SWALU, and GELU
-by GALU. Replacements come from the model zoo's factory (:mod:`salunet.models.layers`), so every norm/act name
-and every callable ``(num_features, *, dim) -> nn.Module`` that :func:`salunet.create_model` accepts works here
-too. Returns a :class:`ConvertReport`: what was replaced where, what was kept, and what could not be replaced.
+Contract:
+- Replaces, in place, every normalization module (BatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm, RMSNorm, GroupNorm,
+  InstanceNorm1d/2d/3d, their subclasses, and this project's LayerNorm2d / TokenBatchNorm) by a SALU of the right
+  width on the dim it normalises; the ReLU family (ReLU, ReLU6, LeakyReLU, PReLU, RReLU, ELU, CELU, SELU), SiLU,
+  Mish and Hardswish by SWALU; GELU by GALU. ``norm`` / ``act`` / ``gelu`` take any name or callable that
+  :func:`salunet.create_model` accepts, or ``"keep"``.
+- Never guesses silently: what it cannot size or place is replaced by a choice that is right whatever the truth
+  (a scalar SALU/SWALU) or left in place, and the returned :class:`ConvertReport` says so, as it lists every
+  replacement, every module kept, every norm or activation called as a function in forward code, and notes.
+- With ``example_input``: one traced forward sizes per-channel parameters and finds each norm's dim (a norm whose
+  ``forward`` is not the library's is probed through its affine weight); then, by default, each new SALU is
+  calibrated per channel so that its output has unit rms on the input it receives (amplitude
+  :data:`CALIBRATION_AMPLITUDE`), i.e. it starts doing what the replaced norm did. Without it, gates are scalar and
+  norms with a custom forward stay (reported).
+- Atomic: if anything raises, every slot and attribute convert set is put back before the error propagates.
+- Every submodule keeps its own train/eval mode; new modules take the device and dtype of what they replace.
 
-The rule throughout: never guess silently. When convert cannot tell something it either uses a choice that
-is correct whatever the truth is (a scalar SALU/SWALU) or leaves the module alone, and says so in the report.
-
-**Which dim a norm normalises.** A module's class does not say what its ``forward`` does: ConvNeXt's
-``LayerNorm2d`` is an ``nn.LayerNorm`` that normalises dim 1 of NCHW, timm's ``BatchNormAct2d`` a BatchNorm2d
-that also applies an activation. So the class decides only when ``forward`` is the library's own
-(``nn.BatchNorm*`` / ``InstanceNorm*`` / ``GroupNorm``: dim 1, or dim 0 for an InstanceNorm's unbatched input;
-``nn.LayerNorm`` / ``RMSNorm`` over one dim: the last dim; over several dims: a scalar SALU) or one of this project's classes (``LayerNorm2d``: dim 1,
-``TokenBatchNorm``: last dim). For any other subclass, the traced forward of ``example_input`` decides:
-1. probe: bump one entry ``k`` of the module's own affine weight (or bias) and rerun it on the traced input;
-   the channel dim is the one dim whose index is ``k`` at every output entry that changed (exact for any
-   per-channel affine, and unaffected by an activation applied after it);
-2. without affine parameters: the channel dim found for the module's input by the tracing below, if its size
-   matches; else the only input dim whose size equals the module's width.
-If none of these is conclusive (or no ``example_input`` was given), the module is *not replaced* and the report
-says why: a wrong dim would be worse than no conversion (with W == C it would even run, silently wrong).
-Normalization classes convert does not know (no nn norm base, a class name ending in ``Norm``/``Norm2d``, e.g.
-torchvision's ``FrozenBatchNorm2d``) are reported as not replaced, never kept silently. Lazy modules
-(``nn.LazyBatchNorm2d``) are initialised by one forward of ``example_input`` first; without it they are reported.
-
-**How activations get their per-channel size.** Activation modules do not know their width. With
-``example_input``, one forward pass tracks which dim of each tensor holds the channels, from the layer that
-produced it: a conv's output has ``out_channels`` at dim 1, a Linear's ``out_features`` at the last dim, an
-Embedding's / MultiheadAttention's at the last dim, a norm or SALU at the dim found above. The tag follows the
-tensor through shape-preserving elementwise ops (add, mul, dropout, activations, norm functions: e.g. the
-residual sum ``out + shortcut``) but not through reshapes, permutes or concatenations, whose layout it cannot
-know. An activation then gets ``SWALU(C, dim)`` from the tag of its input. An untagged 2-D input is (N, C)
-(dim 1); an untagged input of higher rank, an activation the pass never reaches, one that sees inputs of
-different widths, or any activation without ``example_input`` gets one scalar (a, b) pair, and the report says
-so. (The old rule, "3-D inputs are tokens unless the model has a Conv1d", guessed and was wrong for models with
-both.)
-
-**Activations stored as functions** (``nn.TransformerEncoderLayer.activation`` is ``F.relu`` or ``F.gelu``):
-when their kind is being replaced (``act`` for the ReLU family, ``gelu`` for GELU) they become the matching
-module first and are then swapped like any other; when it is kept (``"keep"``), the attribute stays exactly as
-it was and the report lists it as kept. Unknown callables stored as ``activation`` are reported. Activations or
-norms *called* as functions inside ``forward`` code (``F.relu(x)``, ``x.relu()``, ``torch.relu_``, ``F.mish``,
-``F.hardtanh``, ``F.selu``, ``F.prelu``, ``F.layer_norm``, ...) cannot be swapped from outside: the traced pass
-detects them and the report lists them (only for kinds the call asked to replace).
-
-**Calibration (trainability at init).** A SALU with a0 = b0 = 1 is not a BatchNorm: it does not rescale its
-input to unit variance, and a converted ResNet loses its signal (docs/SPEC.md "Trainability at initialisation":
-stage std 0.34 -> 0.03 at width 16). With ``calibrate`` (the default when ``example_input`` is given), one more
-forward of ``example_input`` through the converted model sets each new SALU, in forward order, from the input
-it actually receives: b0 = a0 / A^2 with A = :data:`CALIBRATION_AMPLITUDE` = 4 (a saturation amplitude of a
-few units: bounded, yet linear over about +-4 rms of the input), and per channel a0 such that the SALU's output
-has unit rms on that input, i.e. it starts by doing what the replaced norm did (unit-scale output). That is
-a0 ~ 1.1 / rms(input) for Gaussian input; it is solved per channel (bisection) rather than set to 1/std,
-because 1/std leaves the output at ~0.92 after saturation, and the ~8% loss per stage showed up as a stem std
-of 0.50 in a converted ResNet-18 (the edge of the [0.5, 2] rule). rms rather than std: SALU has no bias to
-remove a mean, so the second moment is what sets its output scale. Channels with no signal keep a0 = 1; a SALU
-called several times is calibrated on its first call; ``reset_parameters()`` returns it to its scalar a_init /
-b_init. A SALU that follows a new BatchNorm (``norm="batchnorm+salu"``) keeps its init: in training it receives
-batch-normalised input, which the eval-mode calibration pass (BatchNorm on its initial running statistics)
-cannot show it. The calibration pass, like the tracing pass, runs in eval mode and then returns every submodule
-to its own train/eval mode. Gates keep their operator init (SWALU ~ SiLU, GALU ~ GELU).
-
-Device and dtype of every new module follow the module it replaces (or the model's parameters): meta-device
-models convert (without value-based probing or calibration, which the report notes).
+Why each rule is as it is (dim detection, tag tracking through the traced pass, stored activation functions,
+calibration by bisection, meta-device models): docs/SPEC.md, "convert: the decisions".
 """
 from __future__ import annotations
 
@@ -641,7 +594,8 @@ def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Calla
         raise ValueError("convert: calibrate=True needs example_input")
     edits = _Edits()
     try:
-        return _convert(model, norm_fn, act_fn, gelu_fn, example_input, traced, calibrate, edits)
+        fns = {"norm": norm_fn, "act": act_fn, "gelu": gelu_fn}
+        return _Conversion(model, fns, example_input, calibrate, edits).run()
     except BaseException:
         edits.undo()
         raise
@@ -675,149 +629,179 @@ class _Edits:
         self.log.clear()
 
 
-def _convert(model: nn.Module, norm_fn, act_fn, gelu_fn, example_input, traced: bool, calibrate: bool,
-             edits: _Edits) -> ConvertReport:
-    report = ConvertReport()
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    fallback = next(iter(model.parameters()), None)
+class _Conversion:
+    """One call of :func:`convert`, phase by phase: :meth:`run` calls each phase in order; every slot and
+    attribute it sets goes through ``edits`` (so a failure can undo them), every decision into ``report``."""
 
-    # 1. activations stored as functions: replace only the kinds asked for, keep the rest exactly as they are
-    from_function: dict[int, tuple[str, nn.Module, str, Callable]] = {}
-    for path, owner, attr, fn, cls in _stored_functions(model):
-        fname = getattr(fn, "__name__", type(fn).__name__)
-        if cls is None:
-            report.not_replaced.append((path, f"activation function {fname!r} stored on the module is not one "
-                                              "convert knows; pass a module instead"))
-            continue
-        want = gelu_fn if issubclass(cls, _GELU) else act_fn
-        if want is None:
-            report.kept.append((path, f"{fname} (a function), as asked "
-                                      f"({'gelu' if issubclass(cls, _GELU) else 'act'}='keep')"))
-            continue
-        edits.set(owner, attr, cls().train(owner.training))  # the matching module; step 3 swaps it like any other
-        from_function[id(getattr(owner, attr))] = (f"{fname} (function)", owner, attr, fn)
+    def __init__(self, model: nn.Module, fns: dict, example_input, calibrate: bool, edits: _Edits) -> None:
+        self.model, self.edits, self.example_input, self.calibrate = model, edits, example_input, calibrate
+        self.norm_fn, self.act_fn, self.gelu_fn = fns["norm"], fns["act"], fns["gelu"]
+        self.traced = example_input is not None
+        self.report = ConvertReport()
+        self.fallback = next(iter(model.parameters()), None)
+        self.from_function: dict[int, tuple[str, nn.Module, str, Callable]] = {}
+        self.done: dict[int, nn.Module] = {}  # id(old module) -> its replacement (itself if kept)
+        self.new_salus: list[SALU] = []
+        self.changed_owners: set[int] = set()
+        self.on_meta = False
 
-    # 2. what to replace, and one traced forward (lazy modules take their final class in a first forward)
-    lazy = [m for m in model.modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
-    if lazy and traced:
-        with _EvalModes(model), torch.no_grad():
-            _run(model, example_input)
-        report.notes.append(("<model>", f"initialised {len(lazy)} lazy module(s) with a forward of example_input"))
-    norms = {id(m): s for m in model.modules() if (s := _norm_spec(m)) is not None}
-    acts = {id(m) for m in model.modules()
-            if (isinstance(m, _GELU) and gelu_fn is not None) or (isinstance(m, _RELU_LIKE) and act_fn is not None)}
-    # calls made inside these are the library's business, not forward code the user could change
-    owned = set(norms) | {id(m) for m in model.modules() if isinstance(m, (SaluFamily,) + _RELU_LIKE + _GELU)
-                          or type(m).__module__ in _TORCH_LEAF_MODULES}
-    report_calls = (_ACT_CALLS if act_fn is not None else set()) | (_GELU_CALLS if gelu_fn is not None else set()) \
-        | (_NORM_CALLS if norm_fn is not None else set())
-    tracer = _Tracer(norms, acts, owned, report_calls)
-    on_meta = False
-    if traced:
-        ex = example_input if isinstance(example_input, (tuple, list)) else (
-            list(example_input.values()) if isinstance(example_input, dict) else [example_input])
-        on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in ex)
-        _trace(model, example_input, tracer)
+    def run(self) -> ConvertReport:
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        self.functions_to_modules()
+        self.find_and_trace()
+        self.swap_activations()
+        self.swap_norms()
+        self.fast_paths_off()
+        self.calibrate_new_salus()
+        self.report._sort(order)
+        return self.report
 
-    # 3. swap activations first, then norms (a norm with children, like timm's BatchNormAct2d, keeps its
-    #    already-converted children after the SALU: Sequential(SALU, *children)); a module shared by several
-    #    parents gets one replacement, still shared
-    done: dict[int, nn.Module] = {}
-    new_salus: list[SALU] = []
-    changed_owners: set[int] = set()
-    for name, m in list(model.named_modules()):
-        for child_name, child in _children(m):
-            path = f"{name}.{child_name}" if name else child_name
-            if id(child) not in acts:
-                if isinstance(child, _RELU_LIKE + _GELU) and id(child) not in done:
-                    done[id(child)] = child
-                    report.kept.append((path, f"{type(child).__name__}, as asked "
-                                              f"({'gelu' if isinstance(child, _GELU) else 'act'}='keep')"))
+    def _set(self, owner: nn.Module, name: str, new: nn.Module) -> None:
+        self.edits.set(owner, name, new)
+        self.changed_owners.add(id(owner))
+
+    def functions_to_modules(self) -> None:
+        """Activations stored as functions: the kinds asked for become modules (swapped like any other in
+        :meth:`swap_activations`); the others stay exactly as they are."""
+        for path, owner, attr, fn, cls in _stored_functions(self.model):
+            fname = getattr(fn, "__name__", type(fn).__name__)
+            if cls is None:
+                self.report.not_replaced.append((path, f"activation function {fname!r} stored on the module is not "
+                                                       "one convert knows; pass a module instead"))
                 continue
-            if id(child) not in done:
-                fn = gelu_fn if isinstance(child, _GELU) else act_fn
-                c, d, note = _act_size(tracer.act_inputs.get(id(child)), traced)
-                old = from_function[id(child)][0] if id(child) in from_function else type(child).__name__
-                try:
-                    done[id(child)] = _like(fn(c, dim=d), child, fallback, tracer.input_devices.get(id(child)))
-                except ValueError as e:
-                    report.not_replaced.append((path, f"{old}: the act factory refused (num_features={c}, "
-                                                      f"dim={d}): {e}"))
-                    done[id(child)] = child
-                    if id(child) in from_function:  # put the original function back, exactly as it was
-                        _, owner, attr, fn = from_function[id(child)]
-                        del owner._modules[attr]  # a registered child slot refuses a plain function
-                        edits.set(owner, attr, fn)
-                    continue
-                report.replaced.append((path, old, _describe(done[id(child)]) + note))
-            if done[id(child)] is not child:
-                edits.set(m, child_name, done[id(child)])
-                changed_owners.add(id(m))
-    if norm_fn is None:
-        report.kept += [(n, f"{type(m).__name__}, as asked (norm='keep')") for n, m in model.named_modules()
-                        if id(m) in norms]
-    else:
-        for name, m in list(model.named_modules()):
+            kind = "gelu" if issubclass(cls, _GELU) else "act"
+            if (self.gelu_fn if kind == "gelu" else self.act_fn) is None:
+                self.report.kept.append((path, f"{fname} (a function), as asked ({kind}='keep')"))
+                continue
+            self.edits.set(owner, attr, cls().train(owner.training))
+            self.from_function[id(getattr(owner, attr))] = (f"{fname} (function)", owner, attr, fn)
+
+    def find_and_trace(self) -> None:
+        """What to replace, and one traced forward (lazy modules take their final class in a first forward)."""
+        model = self.model
+        lazy = [m for m in model.modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+        if lazy and self.traced:
+            with _EvalModes(model), torch.no_grad():
+                _run(model, self.example_input)
+            self.report.notes.append(("<model>", f"initialised {len(lazy)} lazy module(s) with a forward of "
+                                                 "example_input"))
+        self.norms = {id(m): s for m in model.modules() if (s := _norm_spec(m)) is not None}
+        self.acts = {id(m) for m in model.modules() if (isinstance(m, _GELU) and self.gelu_fn is not None)
+                     or (isinstance(m, _RELU_LIKE) and self.act_fn is not None)}
+        # calls made inside these are the library's business, not forward code the user could change
+        owned = set(self.norms) | {id(m) for m in model.modules() if isinstance(m, (SaluFamily,) + _RELU_LIKE + _GELU)
+                                   or type(m).__module__ in _TORCH_LEAF_MODULES}
+        calls = (_ACT_CALLS if self.act_fn is not None else set()) | (
+            _GELU_CALLS if self.gelu_fn is not None else set()) | (_NORM_CALLS if self.norm_fn is not None else set())
+        self.tracer = _Tracer(self.norms, self.acts, owned, calls)
+        if self.traced:
+            ex = self.example_input
+            ex = ex if isinstance(ex, (tuple, list)) else (list(ex.values()) if isinstance(ex, dict) else [ex])
+            self.on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in ex)
+            _trace(model, self.example_input, self.tracer)
+
+    def swap_activations(self) -> None:
+        """Activations first (a norm with children, like timm's BatchNormAct2d, then keeps its converted
+        children); a module shared by several parents gets one replacement, still shared."""
+        for name, m in list(self.model.named_modules()):
             for child_name, child in _children(m):
                 path = f"{name}.{child_name}" if name else child_name
-                spec = norms.get(id(child))
-                if spec is None:
-                    if (_NORM_NAME.search(type(child).__name__) and not isinstance(child, SaluFamily)
-                            and not any(True for _ in child.children())):
-                        cls = type(child).__name__
-                        why = (f"{cls}: a lazy module not initialised yet; pass example_input (or run one forward "
-                               "first)" if isinstance(child, LazyModuleMixin) and child.has_uninitialized_params()
-                               else f"unknown normalization type {cls}")
-                        report.not_replaced.append((path, why))
+                if id(child) not in self.acts:
+                    if isinstance(child, _RELU_LIKE + _GELU) and id(child) not in self.done:
+                        self.done[id(child)] = child
+                        self.report.kept.append((path, f"{type(child).__name__}, as asked "
+                                                       f"({'gelu' if isinstance(child, _GELU) else 'act'}='keep')"))
                     continue
-                if id(child) not in done:
-                    c, d, rank, note = _norm_size(spec, tracer.norm_dims.get(id(child)), traced, on_meta)
-                    if d is None:
-                        report.not_replaced.append((path, f"{type(child).__name__}: {note}"))
-                        done[id(child)] = child
-                        continue
-                    try:
-                        new = norm_fn(c, dim=d)
-                    except ValueError as e:
-                        report.not_replaced.append((path, f"{type(child).__name__}: the norm factory refused "
-                                                          f"(num_features={c}, dim={d}): {e}"))
-                        done[id(child)] = child
-                        continue
-                    new = _like(_fit_rank(new, rank if rank is not None else _RANK_OF.get(type(child))), child,
-                                fallback, tracer.input_devices.get(id(child)))
-                    if not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in new.modules()):
-                        # a SALU behind a new BatchNorm (norm="batchnorm+salu") sees batch-normalised input in
-                        # training, which an eval-mode calibration pass cannot show it: it keeps its init
-                        new_salus += [s for s in new.modules() if isinstance(s, SALU)]
-                    inner = list(child.children())
-                    if inner:
-                        note += f" (+ its own children: {', '.join(type(x).__name__ for x in inner)})"
-                        new = nn.Sequential(new, *inner)
-                    done[id(child)] = new
-                    report.replaced.append((path, type(child).__name__, _describe(new) + note))
-                if done[id(child)] is not child:
-                    edits.set(m, child_name, done[id(child)])
-                    changed_owners.add(id(m))
-    for (where, fname), n in tracer.calls.items():
-        report.not_replaced.append((where, f"{fname} called as a function in forward code ({n} call(s)); "
-                                           "replace it by a module to convert it"))
+                if id(child) not in self.done:
+                    self.done[id(child)] = self._new_activation(path, child)
+                if self.done[id(child)] is not child:
+                    self._set(m, child_name, self.done[id(child)])
 
-    # 4. PyTorch's transformer fast path runs its own ReLU/GELU and LayerNorm kernels: off wherever we swapped
-    for name, m in model.named_modules():
-        if hasattr(m, "activation_relu_or_gelu") and id(m) in changed_owners and m.activation_relu_or_gelu:
-            edits.set(m, "activation_relu_or_gelu", 0)
-            report.notes.append((name or "<model>", "native fast path switched off (it would bypass the new "
-                                                    "modules)"))
-        if getattr(m, "use_nested_tensor", False) and any(id(x) in changed_owners for x in m.modules()):
-            edits.set(m, "use_nested_tensor", False)
+    def _new_activation(self, path: str, child: nn.Module) -> nn.Module:
+        fn = self.gelu_fn if isinstance(child, _GELU) else self.act_fn
+        c, d, note = _act_size(self.tracer.act_inputs.get(id(child)), self.traced)
+        old = self.from_function[id(child)][0] if id(child) in self.from_function else type(child).__name__
+        try:
+            new = _like(fn(c, dim=d), child, self.fallback, self.tracer.input_devices.get(id(child)))
+        except ValueError as e:
+            self.report.not_replaced.append((path, f"{old}: the act factory refused (num_features={c}, dim={d}): {e}"))
+            if id(child) in self.from_function:  # put the original function back, exactly as it was
+                _, owner, attr, fn = self.from_function[id(child)]
+                del owner._modules[attr]  # a registered child slot refuses a plain function
+                self.edits.set(owner, attr, fn)
+            return child
+        self.report.replaced.append((path, old, _describe(new) + note))
+        return new
 
-    # 5. calibration
-    if calibrate and new_salus:
-        if on_meta:
-            report.notes.append(("<model>", "not calibrated: meta tensors carry no values"))
+    def swap_norms(self) -> None:
+        """Every norm the spec table recognised, at the width and dim found; unknown ``*Norm`` classes reported."""
+        if self.norm_fn is None:
+            self.report.kept += [(n, f"{type(m).__name__}, as asked (norm='keep')")
+                                 for n, m in self.model.named_modules() if id(m) in self.norms]
         else:
-            n = _calibrate(model, example_input, new_salus, CALIBRATION_AMPLITUDE)
-            report.notes.append(("<model>", f"calibrated {n} of {len(new_salus)} new SALU(s) from example_input "
-                                            f"(unit-rms output, amplitude {CALIBRATION_AMPLITUDE:g})"))
-    report._sort(order)
-    return report
+            for name, m in list(self.model.named_modules()):
+                for child_name, child in _children(m):
+                    path = f"{name}.{child_name}" if name else child_name
+                    if id(child) not in self.norms:
+                        self._report_unknown_norm(path, child)
+                        continue
+                    if id(child) not in self.done:
+                        self.done[id(child)] = self._new_norm(path, child, self.norms[id(child)])
+                    if self.done[id(child)] is not child:
+                        self._set(m, child_name, self.done[id(child)])
+        for (where, fname), n in self.tracer.calls.items():
+            self.report.not_replaced.append((where, f"{fname} called as a function in forward code ({n} call(s)); "
+                                                    "replace it by a module to convert it"))
+
+    def _report_unknown_norm(self, path: str, child: nn.Module) -> None:
+        if _NORM_NAME.search(type(child).__name__) and not isinstance(child, SaluFamily) \
+                and not any(True for _ in child.children()):
+            cls = type(child).__name__
+            why = (f"{cls}: a lazy module not initialised yet; pass example_input (or run one forward first)"
+                   if isinstance(child, LazyModuleMixin) and child.has_uninitialized_params()
+                   else f"unknown normalization type {cls}")
+            self.report.not_replaced.append((path, why))
+
+    def _new_norm(self, path: str, child: nn.Module, spec: _NormSpec) -> nn.Module:
+        c, d, rank, note = _norm_size(spec, self.tracer.norm_dims.get(id(child)), self.traced, self.on_meta)
+        if d is None:
+            self.report.not_replaced.append((path, f"{type(child).__name__}: {note}"))
+            return child
+        try:
+            new = self.norm_fn(c, dim=d)
+        except ValueError as e:
+            self.report.not_replaced.append((path, f"{type(child).__name__}: the norm factory refused "
+                                                   f"(num_features={c}, dim={d}): {e}"))
+            return child
+        new = _like(_fit_rank(new, rank if rank is not None else _RANK_OF.get(type(child))), child, self.fallback,
+                    self.tracer.input_devices.get(id(child)))
+        if not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in new.modules()):
+            # a SALU behind a new BatchNorm (norm="batchnorm+salu") sees batch-normalised input in training, which
+            # an eval-mode calibration pass cannot show it: it keeps its init
+            self.new_salus += [s for s in new.modules() if isinstance(s, SALU)]
+        inner = list(child.children())
+        if inner:
+            note += f" (+ its own children: {', '.join(type(x).__name__ for x in inner)})"
+            new = nn.Sequential(new, *inner)
+        self.report.replaced.append((path, type(child).__name__, _describe(new) + note))
+        return new
+
+    def fast_paths_off(self) -> None:
+        """PyTorch's transformer fast path runs its own ReLU/GELU and LayerNorm kernels: off wherever we swapped."""
+        for name, m in self.model.named_modules():
+            if hasattr(m, "activation_relu_or_gelu") and id(m) in self.changed_owners and m.activation_relu_or_gelu:
+                self.edits.set(m, "activation_relu_or_gelu", 0)
+                self.report.notes.append((name or "<model>", "native fast path switched off (it would bypass the "
+                                                             "new modules)"))
+            if getattr(m, "use_nested_tensor", False) and any(id(x) in self.changed_owners for x in m.modules()):
+                self.edits.set(m, "use_nested_tensor", False)
+
+    def calibrate_new_salus(self) -> None:
+        if not (self.calibrate and self.new_salus):
+            return
+        if self.on_meta:
+            self.report.notes.append(("<model>", "not calibrated: meta tensors carry no values"))
+            return
+        n = _calibrate(self.model, self.example_input, self.new_salus, CALIBRATION_AMPLITUDE)
+        self.report.notes.append(("<model>", f"calibrated {n} of {len(self.new_salus)} new SALU(s) from "
+                                             f"example_input (unit-rms output, amplitude {CALIBRATION_AMPLITUDE:g})"))
