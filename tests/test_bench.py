@@ -25,9 +25,9 @@ def test_saved_bytes_counts_batchnorm_relu():
 
 
 def test_train_once_reports_speed_memory_and_data_share(cifar_npz, tmp_path):
-    from salunet.bench import _train_once
+    from salunet.bench import _train_once, train_config
 
-    r = _train_once("salunet_c18", 4, str(cifar_npz), 256, 1, str(tmp_path), "b", threads=1)
+    r = _train_once(train_config("salunet_c18", 4, str(cifar_npz), 256, 1, str(tmp_path), "b"), threads=1)
     assert r["images_per_s"] > 0 and 0 <= r["data_share"] < 1 and r["peak_rss_mib"] > 50
 
 

@@ -104,7 +104,7 @@ def test_options_are_checked():
         args_from_dict("nope", {})
     with pytest.raises(ValueError, match="unknown option"):
         args_from_dict("ablation", {"epoch": 3})
-    with pytest.raises(ValueError, match="must be int"):
+    with pytest.raises(ValueError, match="option epochs: .three. is not an integer"):
         args_from_dict("ablation", {"epochs": "three"})
     assert args_from_dict("ablation", {"full": True}).epochs == 300  # --full: the paper's scale
     assert args_from_dict("ablation", {"full": True, "epochs": "7"}).epochs == 7  # explicit values win

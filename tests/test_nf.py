@@ -1,18 +1,15 @@
-"""The normalization-free toolkit (models/nf.py, train/optim.py): weight standardisation against a float64
+"""The normalization-free toolkit's model side (models/nf.py): weight standardisation against a float64
 reference and gradcheck, folding, the residual gain, every option on ResNet-18 / ResNet-50 (gradients, batch
-size 1, init stds), AGC against its definition, the SALU learning-rate group, and trainer defaults that a
-model declares."""
+size 1, init stds). The trainer side (AGC, the SALU learning-rate group, model-declared defaults) is tested in
+test_optim.py."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-import salunet
-from salunet.models import MODEL_TRAIN_DEFAULTS, NFConv2d, create_model, fold_nf_convs
+from salunet.models import NFConv2d, create_model, fold_nf_convs
 from salunet.models.nf import ws_kernel
-from salunet.train import adaptive_clip_, param_groups, resolve_config
-from salunet.train.optim import agc_parameters, make_optimizer, set_lr
 from helpers import stage_stds
 
 OPTIONS = [{"conv_ws": "scaled"}, {"conv_ws": "center"}, {"conv_bias": True}, {"res_gain": 0.0},
@@ -131,52 +128,3 @@ def test_ws_keeps_stage_std_in_range(overrides, seed):
     stds = stage_stds(m, torch.randn(8, 3, 32, 32))
     bad = {k: round(v, 3) for k, v in stds.items() if not 0.5 <= v <= 2.0}
     assert not bad, f"stage std out of [0.5, 2] at init: {bad}"
-
-
-# ---- trainer side ----------------------------------------------------------------------------------------
-
-def test_agc_clips_each_unit_to_its_bound():
-    lin = nn.Linear(4, 3)
-    with torch.no_grad():
-        lin.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1e-6]]))
-    g = torch.tensor([[0.5, 0, 0, 0], [0, 0.01, 0, 0], [3.0, 4.0, 0, 0]])
-    lin.weight.grad = g.clone()
-    adaptive_clip_([lin.weight], 0.1)
-    got = lin.weight.grad
-    torch.testing.assert_close(got[0], g[0] * 0.1 / 0.5)  # 0.5 > 0.1 * 1: scaled to the bound 0.1
-    torch.testing.assert_close(got[1], g[1])  # 0.01 < 0.1 * 2: untouched
-    torch.testing.assert_close(got[2].norm(), torch.tensor(0.1 * 1e-3))  # tiny weights: eps = 1e-3 bounds it
-    with pytest.raises(ValueError, match="must be > 0"):
-        adaptive_clip_([lin.weight], 0.0)
-
-
-def test_agc_parameters_skip_the_classifier_and_vectors():
-    m = create_model("salunet_c18", num_classes=10, width=8, conv_ws="scaled", conv_bias=True)
-    ps = {id(p) for p in agc_parameters(m)}
-    assert id(m.fc.weight) not in ps and id(m.fc.bias) not in ps
-    assert all(p.dim() >= 2 for p in agc_parameters(m))
-    assert {id(c.weight) for c in m.modules() if isinstance(c, nn.Conv2d)} <= ps
-
-
-def test_salu_learning_rate_group():
-    m = create_model("salunet_c18", num_classes=10, width=8)
-    assert len(param_groups(m, 5e-4)) == 2  # unchanged layout without a scale (old optimizer states load)
-    groups = param_groups(m, 5e-4, salu_lr_scale=0.1)
-    salu = {id(p) for s in m.modules() if isinstance(s, salunet.nn.SaluFamily) for p in s.parameters(recurse=False)}
-    assert {id(p) for p in groups[2]["params"]} == salu and groups[2]["lr_scale"] == 0.1
-    assert groups[2]["weight_decay"] == 0.0
-    opt = make_optimizer(m, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, salu_lr_scale=0.1)
-    set_lr(opt, 0.2)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.2, 0.2, 0.02])
-
-
-def test_model_declared_trainer_defaults(monkeypatch):
-    monkeypatch.setitem(MODEL_TRAIN_DEFAULTS, "salunet_c18", {"agc": 0.02, "salu_lr_scale": 0.5})
-    cfg = resolve_config(overrides={"model": "salunet_c18"})
-    assert (cfg.agc, cfg.salu_lr_scale) == (0.02, 0.5)
-    cfg = resolve_config(overrides={"model": "salunet_c18", "agc": 0.0})  # an explicit value wins
-    assert (cfg.agc, cfg.salu_lr_scale) == (0.0, 0.5)
-    cfg = resolve_config(overrides={"model": "resnet18_bn"})  # the twin declares nothing
-    assert (cfg.agc, cfg.salu_lr_scale) == (0.0, 1.0)
-    with pytest.raises(ValueError, match="salu_lr_scale"):
-        resolve_config(overrides={"salu_lr_scale": 0})

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from salunet.cli import main
-from salunet.train import TrainingDiverged, lr_at, param_groups, train
+from salunet.train import TrainingDiverged, lr_at, train
 from salunet.train.checkpoint import list_checkpoints, load_checkpoint
 from salunet.train.evaluate import evaluate_checkpoint
 from salunet.models import create_model
@@ -195,25 +195,6 @@ def test_vit_and_bn_models_train(tmp_path):
     # bf16 autocast is really on: the same run in float32 ends with a different loss
     run(tmp_path, "bn32", amp="none", **opts)
     assert _last_metrics(tmp_path / "bn32")["train_loss"] != bn["train_loss"]
-
-
-def test_param_groups_exclude_salu_and_biases():
-    m = create_model("salunet_t", num_classes=10, width=24, depth=1)
-    decay, no_decay = param_groups(m, 0.1)
-    names = {id(p): n for n, p in m.named_parameters()}
-    assert all(n.endswith("weight") for n in (names[id(p)] for p in decay["params"]))
-    nd = {names[id(p)] for p in no_decay["params"]}
-    assert any("log_a" in n for n in nd) and any("pos_embed" in n for n in nd) and any(n.endswith("bias") for n in nd)
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
-
-
-def test_lr_schedule():
-    assert lr_at(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
-    assert lr_at(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
-    assert lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
-    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
-    assert all(lr_at(s, 100, 10, 1.0, 0.0) >= lr_at(s + 1, 100, 10, 1.0, 0.0) for s in range(10, 99))
-    assert not math.isnan(lr_at(5, 10, 0, 1.0, 0.0))
 
 
 def test_ranks_split_each_global_batch_and_the_test_set():

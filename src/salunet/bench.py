@@ -9,7 +9,6 @@ saved for backward (unique storages kept by autograd, parameters excluded since 
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import statistics
 import time
@@ -24,7 +23,7 @@ from .nn import GALU, SALU, SALUAct, SWALU, kernels
 from .nn import functional as F
 
 __all__ = ["saved_bytes", "time_fwd_bwd", "bench_ops", "OpResult", "bench_models", "ModelResult", "bench_train",
-           "TrainBenchResult", "fold_batchnorm"]
+           "TrainBenchResult", "fold_batchnorm", "fold_for_inference"]
 
 
 def saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -101,50 +100,64 @@ def bench_ops(repeats: int = 15, warmup: int = 3, threads: int = 2,
     torch.set_num_threads(threads)
     results: list[OpResult] = []
     mode = kernels.get_kernel_mode()
+    try:
+        for label, case, shape, variants, baseline in (_nchw_case(), _tail_case(), _token_case(), _salu_alone_case()):
+            progress(f"ops: {label} ...")
+            results += _measure(case, shape, variants, baseline, repeats, warmup)
+    finally:
+        kernels.set_kernel_mode(mode)
+    return results
 
-    def params(*mods):
-        return [p for m in mods for p in m.parameters()]
 
-    # ---- NCHW: SALU + SWALU vs BatchNorm2d + ReLU ----
-    C = 64
-    bn, relu = nn.BatchNorm2d(C), nn.ReLU()
-    s1, w1 = SALU(C), SWALU(C)
-    pair = SALUAct(SALU(C), SWALU(C))
-    progress("ops: NCHW (64, 64, 32, 32) ...")
-    results += _measure("nchw_64x64x32x32", (64, C, 32, 32), {
-        "batchnorm2d+relu": (lambda x: relu(bn(x)), params(bn)),
-        "salu+swalu (two modules)": (lambda x: w1(s1(x)), params(s1, w1)),
-        "salu+swalu (fused SALUAct)": (pair, params(pair)),
-        "swalu alone": (w1, params(w1)),
-    }, "batchnorm2d+relu", repeats, warmup)
+def _params(*mods):
+    return [p for m in mods for p in m.parameters()]
 
-    # ---- NCHW residual tail: act(norm(x) + shortcut) ----
+
+_C, _D = 64, 384  # channels of the NCHW cases, hidden size of the token case
+
+
+def _nchw_case():
+    """SALU + SWALU (two modules, fused) vs BatchNorm2d + ReLU on NCHW."""
+    bn, relu = nn.BatchNorm2d(_C), nn.ReLU()
+    s1, w1 = SALU(_C), SWALU(_C)
+    pair = SALUAct(SALU(_C), SWALU(_C))
+    return "NCHW (64, 64, 32, 32)", "nchw_64x64x32x32", (64, _C, 32, 32), {
+        "batchnorm2d+relu": (lambda x: relu(bn(x)), _params(bn)),
+        "salu+swalu (two modules)": (lambda x: w1(s1(x)), _params(s1, w1)),
+        "salu+swalu (fused SALUAct)": (pair, _params(pair)),
+        "swalu alone": (w1, _params(w1)),
+    }, "batchnorm2d+relu"
+
+
+def _tail_case():
+    """The residual tail act(norm(x) + shortcut): fused SALUAddAct vs BatchNorm2d + add + ReLU."""
     from .nn import SALUAddAct
 
-    r0 = torch.randn(64, C, 32, 32)
-    bn2, tail = nn.BatchNorm2d(C), SALUAddAct(SALU(C), SWALU(C))
-    progress("ops: residual tail NCHW (64, 64, 32, 32) ...")
-    results += _measure("tail_64x64x32x32", (64, C, 32, 32), {
-        "batchnorm2d+add+relu": (lambda x: relu(bn2(x) + r0), params(bn2)),
-        "salu+add+swalu (fused SALUAddAct)": (lambda x: tail(x, r0), params(tail)),
-    }, "batchnorm2d+add+relu", repeats, warmup)
+    r0 = torch.randn(64, _C, 32, 32)
+    bn2, relu, tail = nn.BatchNorm2d(_C), nn.ReLU(), SALUAddAct(SALU(_C), SWALU(_C))
+    return "residual tail NCHW (64, 64, 32, 32)", "tail_64x64x32x32", (64, _C, 32, 32), {
+        "batchnorm2d+add+relu": (lambda x: relu(bn2(x) + r0), _params(bn2)),
+        "salu+add+swalu (fused SALUAddAct)": (lambda x: tail(x, r0), _params(tail)),
+    }, "batchnorm2d+add+relu"
 
-    # ---- tokens: SALU + GALU vs LayerNorm + GELU ----
-    D = 384
-    ln, gelu = nn.LayerNorm(D), nn.GELU()
-    s2, g2 = SALU(D, dim=-1), GALU(D, dim=-1)
-    pair2 = SALUAct(SALU(D, dim=-1), GALU(D, dim=-1))
-    progress("ops: tokens (128, 65, 384) ...")
-    results += _measure("tokens_128x65x384", (128, 65, D), {
-        "layernorm+gelu": (lambda x: gelu(ln(x)), params(ln)),
-        "salu+galu (two modules)": (lambda x: g2(s2(x)), params(s2, g2)),
-        "salu+galu (fused SALUAct)": (pair2, params(pair2)),
-    }, "layernorm+gelu", repeats, warmup)
 
-    # ---- SALU alone: fused (compiled / eager), reference, torch.compile(reference) ----
-    s3 = SALU(C)
-    a = torch.ones(C, 1, 1, requires_grad=True)
-    b = torch.ones(C, 1, 1, requires_grad=True)
+def _token_case():
+    """Tokens: SALU + GALU (two modules, fused) vs LayerNorm + GELU."""
+    ln, gelu = nn.LayerNorm(_D), nn.GELU()
+    s2, g2 = SALU(_D, dim=-1), GALU(_D, dim=-1)
+    pair2 = SALUAct(SALU(_D, dim=-1), GALU(_D, dim=-1))
+    return "tokens (128, 65, 384)", "tokens_128x65x384", (128, 65, _D), {
+        "layernorm+gelu": (lambda x: gelu(ln(x)), _params(ln)),
+        "salu+galu (two modules)": (lambda x: g2(s2(x)), _params(s2, g2)),
+        "salu+galu (fused SALUAct)": (pair2, _params(pair2)),
+    }, "layernorm+gelu"
+
+
+def _salu_alone_case():
+    """SALU alone on every path (C++, inductor, eager), the plain-formula reference and its torch.compile."""
+    bn, s3 = nn.BatchNorm2d(_C), SALU(_C)
+    a = torch.ones(_C, 1, 1, requires_grad=True)
+    b = torch.ones(_C, 1, 1, requires_grad=True)
     ref_compiled = torch.compile(F.salu_reference, dynamic=False)
 
     def in_mode(mode, m):
@@ -158,17 +171,14 @@ def bench_ops(repeats: int = 15, warmup: int = 3, threads: int = 2,
                 kernels.set_kernel_mode(old)
         return run
 
-    progress("ops: SALU alone, variants ...")
-    results += _measure("salu_64x64x32x32", (64, C, 32, 32), {
-        "batchnorm2d": (bn, params(bn)),
-        "salu fused, C++": (in_mode("cpp", s3), params(s3)),
-        "salu fused, inductor": (in_mode("compiled", s3), params(s3)),
-        "salu fused, eager": (in_mode("eager", s3), params(s3)),
+    return "SALU alone, variants", "salu_64x64x32x32", (64, _C, 32, 32), {
+        "batchnorm2d": (bn, _params(bn)),
+        "salu fused, C++": (in_mode("cpp", s3), _params(s3)),
+        "salu fused, inductor": (in_mode("compiled", s3), _params(s3)),
+        "salu fused, eager": (in_mode("eager", s3), _params(s3)),
         "salu reference": (lambda x: F.salu_reference(x, a, b), [a, b]),
         "salu reference, torch.compile": (lambda x: ref_compiled(x, a, b), [a, b]),
-    }, "batchnorm2d", repeats, warmup)
-    kernels.set_kernel_mode(mode)
-    return results
+    }, "batchnorm2d"
 
 
 def environment() -> dict:
@@ -187,9 +197,10 @@ def format_table(results: list[OpResult]) -> str:
 
 
 def write_jsonl(path, results, env: dict) -> None:
-    with open(path, "w") as f:
-        for r in results:
-            f.write(json.dumps({**asdict(r), **{"env": env}}) + "\n")
+    """The benchmark's rows, one JSON line each with the environment, written atomically (train/checkpoint.py)."""
+    from .train.checkpoint import write_jsonl_atomic
+
+    write_jsonl_atomic(Path(path), [{**asdict(r), "env": env} for r in results])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,6 +226,16 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
     return fuse(copy.deepcopy(model).eval())
+
+
+def fold_for_inference(model: nn.Module) -> nn.Module:
+    """Eval-mode copy of a norm-free model with weight-standardised convs folded into plain ones (models/nf.py):
+    what a deployment runs, like the twin's BN folding."""
+    from .models import fold_nf_convs
+
+    m = copy.deepcopy(model).eval()
+    fold_nf_convs(m)
+    return m
 
 
 def _train_step(model, opt, x, y):
@@ -262,7 +283,7 @@ def bench_models(repeats: int = 7, warmup: int = 3, threads: int = 2, full: bool
         has_bn = any(isinstance(m, nn.BatchNorm2d) for m in models[twin].modules())
         # separate eval-mode copies: the training models stay in train mode (SaluNets behave the same in both,
         # the twin's BatchNorm does not)
-        infer_models = {name: copy.deepcopy(models[name]).eval(),
+        infer_models = {name: fold_for_inference(models[name]),
                         twin: fold_batchnorm(models[twin]) if has_bn else copy.deepcopy(models[twin]).eval()}
         times = {k: [] for k in ("train_" + name, "train_" + twin, "infer_" + name, "infer_" + twin)}
         for m in models.values():
@@ -330,16 +351,20 @@ def _train_child(cfg: dict, queue) -> None:
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def _train_once(model: str, width: int | None, data_path: str, subset: int, epochs: int, out: str, name: str,
-                threads: int) -> dict:
-    """One training run (:func:`salunet.train.train`) in a fresh process, so that its peak RSS is its own;
-    returns its last epoch's metrics and peak RSS."""
+def train_config(model: str, width: int | None, data_path: str, subset: int, epochs: int, out: str,
+                 name: str) -> dict:
+    """The training config of one benchmark run: CIFAR-10, batch 128, SGD lr 0.05, crop + flip, no EMA."""
+    return {"model": model, "width": width, "data": "cifar10", "data_path": data_path, "train_subset": subset,
+            "test_subset": 500, "epochs": epochs, "batch_size": 128, "lr": 0.05, "ema_decay": 0.0, "crop_padding": 4,
+            "flip": True, "progress": False, "out": out, "name": name}
+
+
+def _train_once(cfg: dict, threads: int) -> dict:
+    """One training run of ``cfg`` (:func:`salunet.train.train`) in a fresh process, so that its peak RSS is its
+    own; returns its last epoch's metrics and peak RSS."""
     import multiprocessing as mp
     import os
 
-    cfg = {"model": model, "width": width, "data": "cifar10", "data_path": data_path, "train_subset": subset,
-           "test_subset": 500, "epochs": epochs, "batch_size": 128, "lr": 0.05, "ema_decay": 0.0, "crop_padding": 4,
-           "flip": True, "progress": False, "out": out, "name": name}
     ctx = mp.get_context("spawn")  # a fresh interpreter: nothing of this process's memory or threads
     queue = ctx.Queue()
     old = os.environ.get("OMP_NUM_THREADS")
@@ -385,8 +410,8 @@ def bench_train(data_path: str, repeats: int = 3, threads: int = 2, full: bool =
                 for r in range(repeats):
                     for m in (model, twin):  # interleaved: machine noise hits both alike
                         progress(f"train: {m} width {width or 'paper'} repeat {r + 1}/{repeats} ...")
-                        runs[m].append(_train_once(m, width, data_path, subset, epochs, tmp, f"{m}-{width}-{r}",
-                                                   threads))
+                        cfg = train_config(m, width, data_path, subset, epochs, tmp, f"{m}-{width}-{r}")
+                        runs[m].append(_train_once(cfg, threads))
                 med = {m: {k: statistics.median(x[k] for x in v) for k in v[0]} for m, v in runs.items()}
                 for m in (model, twin):
                     out.append(TrainBenchResult(str(width or "paper"), m, twin, med[m]["images_per_s"],

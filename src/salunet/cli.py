@@ -64,8 +64,6 @@ def _cmd_experiment(args) -> int:
 
 def _add_experiment_parsers(sub) -> None:
     """``salunet experiment NAME --option value``: options come from each experiment's args dataclass."""
-    import typing
-
     from .analysis.experiments import EXPERIMENTS
 
     x = sub.add_parser("experiment", help="the paper's analyses, the controlled ablation, the init study",
@@ -75,16 +73,29 @@ def _add_experiment_parsers(sub) -> None:
     for name, (cls, fn) in EXPERIMENTS.items():
         e = _one_line_errors(xs.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0],
                                            description=(fn.__doc__ or "").strip()))
-        hints = typing.get_type_hints(cls)
-        actions = []
-        for f in dataclasses.fields(cls):
-            flag, dest = "--" + f.name.replace("_", "-"), "exp_" + f.name
-            if hints[f.name] is bool:
-                actions.append(e.add_argument(flag, dest=dest, nargs="?", const="true", metavar="true|false",
-                                              help=f"(default {str(f.default).lower()})"))
-            else:
-                actions.append(e.add_argument(flag, dest=dest, metavar="V", help=f"(default {f.default!r})"))
+        actions = _dataclass_options(e, cls, "exp_")
         e.set_defaults(func=_cmd_experiment, cli_parser=e, cli_options=[o for a in actions for o in a.option_strings])
+
+
+def _dataclass_options(parser: argparse.ArgumentParser, cls, prefix: str, skip: tuple = ()) -> list:
+    """One ``--field-name V`` option per field of dataclass ``cls`` (stored as ``prefix + field``, default None so
+    that only what was given reaches the config); booleans also work as bare flags. Values stay strings here:
+    the config's one parser (``train.config.coerce_value``) type-checks them."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    actions = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag, dest = "--" + f.name.replace("_", "-"), prefix + f.name
+        if hints[f.name] is bool:
+            actions.append(parser.add_argument(flag, dest=dest, nargs="?", const="true", metavar="true|false",
+                                               help=f"(default {str(default).lower()}; the bare flag means true)"))
+        else:
+            actions.append(parser.add_argument(flag, dest=dest, metavar="V", help=f"(default {default!r})"))
+    return actions
 
 
 def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -163,8 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench", help="directory for the JSON-lines results")
     b.set_defaults(func=_cmd_bench)
 
-    import typing
-
     from .train.config import RECIPES, TrainConfig
 
     t = _one_line_errors(sub.add_parser(
@@ -175,17 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = [t.add_argument("--recipe", choices=sorted(RECIPES), help="named recipe (overrides of the defaults)"),
                t.add_argument("--config", help="JSON file of config keys"),
                t.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest valid checkpoint")]
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "recipe":
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag, dest = "--" + f.name.replace("_", "-"), "cfg_" + f.name
-        if hints[f.name] is bool:  # values are type-checked by the config (parse_value), like every key
-            actions.append(t.add_argument(flag, dest=dest, nargs="?", const="true", metavar="true|false",
-                                          help=f"(default {str(default).lower()}; the bare flag means true)"))
-        else:
-            actions.append(t.add_argument(flag, dest=dest, metavar="V", help=f"(default {default!r})"))
+    actions += _dataclass_options(t, TrainConfig, "cfg_", skip=("recipe",))
     t.set_defaults(func=_cmd_train, cli_parser=t, cli_options=[o for a in actions for o in a.option_strings])
 
     e = _one_line_errors(sub.add_parser("eval", help="top-1/top-5 of a checkpoint's raw and EMA weights"))

@@ -100,7 +100,7 @@ class _Runs:
 
     def run(self, name: str, **over) -> dict:
         from ..train import TrainingDiverged, train
-        from ..train.checkpoint import append_jsonl, read_jsonl
+        from ..train.checkpoint import RunDir, append_jsonl
 
         self.done += 1
         cfg = {**self.base, **over, "out": str(self.dir / "runs"), "name": name}
@@ -112,13 +112,31 @@ class _Runs:
             final = summary["final"]
             row.update(diverged=False, test_acc=final.get("test_acc"), ema_test_acc=final.get("ema_test_acc"),
                        train_loss=final.get("train_loss"), epochs=summary["epochs"], run_dir=summary["run_dir"],
-                       metrics=read_jsonl(Path(summary["run_dir"]) / "metrics.jsonl"))
+                       metrics=RunDir(summary["run_dir"]).read_metrics())
         except TrainingDiverged as exc:
             row.update(diverged=True, test_acc=None, ema_test_acc=None, error=str(exc),
                        run_dir=str(self.dir / "runs" / name))
         row["seconds"] = round(time.time() - t0, 1)
         append_jsonl(self.log, {k: v for k, v in row.items() if k != "metrics"})
         return row
+
+
+def _grid(runs: _Runs, cells: list[tuple[str, float, dict]], seeds: int) -> tuple[list[dict], list[dict]]:
+    """Train every (name, lr, config overrides) cell with seeds 0..seeds-1; returns the table (one row per cell:
+    mean, std, per-seed accuracies, diverged runs counted) and the runs (one row per training run)."""
+    table, rows = [], []
+    for name, lr, over in cells:
+        accs = []
+        for seed in range(seeds):
+            r = runs.run(f"{name}-lr{lr}-s{seed}", lr=lr, seed=seed, **over)
+            rows.append({"config": name, "lr": lr, "seed": seed, "test_acc": r["test_acc"], "diverged": r["diverged"],
+                         "run_dir": r["run_dir"], "seconds": r["seconds"]})
+            accs.append(r["test_acc"])
+        m, s = _mean_std(accs)
+        n_div = sum(a is None for a in accs)
+        table.append({"label": f"{name} @ lr {lr}", "config": name, "lr": lr, "overrides": over, "mean": m, "std": s,
+                      "per_seed": accs, "diverged": n_div, "seeds": len(accs), "finished": len(accs) - n_div})
+    return table, rows
 
 
 def _train_base(args, **extra) -> dict:
@@ -391,15 +409,9 @@ def init_study_experiment(args: InitStudyArgs, run_dir: Path) -> dict:
                        batch_size=args.batch_size, train_subset=args.train_subset, test_subset=args.test_subset,
                        warmup_epochs=0.2, weight_decay=5e-4)
     runs = _Runs(run_dir, base, len(names) * len(lrs) * args.seeds, "init-study")
-    table = []
-    for n in names:
-        for lr in lrs:
-            accs = [runs.run(f"{n}-lr{lr}-s{seed}", lr=lr,
-                             seed=seed, model_overrides=INIT_GRID[n])["test_acc"] for seed in range(args.seeds)]
-            m, s = _mean_std(accs)
-            n_div = sum(a is None for a in accs)
-            table.append({"label": f"{n} @ lr {lr}", "config": n, "lr": lr, "overrides": INIT_GRID[n], "mean": m,
-                          "std": s, "diverged": n_div, "seeds": len(accs), "finished": len(accs) - n_div})
+    table, _ = _grid(runs, [(n, lr, {"model_overrides": INIT_GRID[n]}) for n in names for lr in lrs], args.seeds)
+    for t in table:
+        t["overrides"] = t["overrides"]["model_overrides"]
     best = max((t for t in table if t["mean"] is not None), key=lambda t: t["mean"], default=None)
     out = {"experiment": "init-study", "args": asdict(args), "table": table, "best": best}
     _draw(out, plots.plot_grid_bars, table, run_dir / "init_study.png",
@@ -461,19 +473,7 @@ def nf_study_experiment(args: NFStudyArgs, run_dir: Path) -> dict:
                        train_subset=args.train_subset, test_subset=args.test_subset, warmup_epochs=1,
                        weight_decay=5e-4)
     runs = _Runs(run_dir, base, len(names) * len(lrs) * args.seeds, "nf-study")
-    table, rows = [], []
-    for n in names:
-        for lr in lrs:
-            accs = []
-            for seed in range(args.seeds):
-                r = runs.run(f"{n}-lr{lr}-s{seed}", lr=lr, seed=seed, **grid[n])
-                rows.append({"config": n, "lr": lr, "seed": seed, "test_acc": r["test_acc"], "diverged": r["diverged"],
-                             "run_dir": r["run_dir"], "seconds": r["seconds"]})
-                accs.append(r["test_acc"])
-            m, s = _mean_std(accs)
-            n_div = sum(a is None for a in accs)
-            table.append({"label": f"{n} @ lr {lr}", "config": n, "lr": lr, "overrides": grid[n], "mean": m, "std": s,
-                          "per_seed": accs, "diverged": n_div, "seeds": len(accs), "finished": len(accs) - n_div})
+    table, rows = _grid(runs, [(n, lr, grid[n]) for n in names for lr in lrs], args.seeds)
     out = {"experiment": "nf-study", "args": asdict(args), "runs": rows, "table": table}
     _draw(out, plots.plot_grid_bars, table, run_dir / "nf_study.png",
           title=f"normalization-free study: w{args.width}, {args.epochs} epochs")
@@ -504,6 +504,7 @@ def signal_experiment(args: SignalArgs, run_dir: Path) -> dict:
 
     from ..data import load_arrays, to_memory
     from ..models import create_model
+    from ..train.checkpoint import RunDir
     from ..train.evaluate import model_from_checkpoint
     from .signal import signal_report, stage_summary
 
@@ -525,7 +526,8 @@ def signal_experiment(args: SignalArgs, run_dir: Path) -> dict:
                                                width=args.width or None, **cell.get("model_overrides", {}))))
     for path, label in ckpts:
         model, meta, _ = model_from_checkpoint(path)
-        models.append((label or f"{meta['config']['model']} ({Path(path).parent.parent.name})",
+        run = RunDir.of_checkpoint(path)
+        models.append((label or f"{meta['config']['model']} ({run.path.name if run else Path(path).name})",
                        f"{path} (epoch {meta['epoch']})", model))
     results = []
     for label, source, model in models:
@@ -728,7 +730,7 @@ class CurvesArgs(ExperimentArgs):
 @experiment("curves", CurvesArgs)
 def curves_experiment(args: CurvesArgs, run_dir: Path) -> dict:
     """Figure 5: test and EMA accuracy curves of several runs on one plot, from their metrics.jsonl."""
-    from ..train.checkpoint import read_jsonl
+    from ..train.checkpoint import RunDir
 
     dirs = [Path(r.strip()).expanduser() for r in args.runs.split(",") if r.strip()]
     if not dirs:
@@ -738,10 +740,10 @@ def curves_experiment(args: CurvesArgs, run_dir: Path) -> dict:
         raise ValueError(f"{len(labels)} labels for {len(dirs)} runs; give one label per run")
     series = {}
     for d, label in zip(dirs, labels):
-        f = d / "metrics.jsonl"
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: no such file; is {d} a salunet run directory?")
-        series[label] = read_jsonl(f)
+        run = RunDir(d)
+        if not run.metrics.is_file():
+            raise FileNotFoundError(f"{run.metrics}: no such file; is {d} a salunet run directory?")
+        series[label] = run.read_metrics()
     out = {"experiment": "curves", "args": asdict(args), "runs": {k: [str(d)] for k, d in zip(labels, dirs)},
            "final": {k: v[-1] if v else None for k, v in series.items()}}
     _draw(out, plots.plot_curves, series, run_dir / "curves.png", title="training curves")
@@ -770,26 +772,9 @@ def args_from_dict(name: str, values: dict):
 
 
 def _coerce(exp: str, key: str, v, tp):
-    allowed = typing.get_args(tp) or (tp,)
-    if v is None and type(None) in allowed:
-        return None
-    for t in allowed:
-        if t is bool and isinstance(v, bool):
-            return v
-        if t is bool and isinstance(v, str) and v.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return v.lower() in ("1", "true", "yes", "on")
-        if t in (int, float) and not isinstance(v, bool):
-            try:
-                out = t(v)
-            except (TypeError, ValueError):
-                continue
-            if t is int and isinstance(v, float) and v != out:
-                continue
-            return out
-        if t is str and isinstance(v, str):
-            return v
-    names = "/".join(getattr(t, "__name__", str(t)) for t in allowed)
-    raise ValueError(f"experiment {exp}: option {key} must be {names}, got {v!r}")
+    from ..train.config import coerce_value, field_types
+
+    return coerce_value(f"experiment {exp}: option {key}", v, field_types(tp))
 
 
 def run_experiment(which: str, args=None, /, **values) -> dict:
@@ -800,7 +785,9 @@ def run_experiment(which: str, args=None, /, **values) -> dict:
     fn = EXPERIMENTS[which][1]
     if getattr(args, "seeds", 1) <= 0:
         raise ValueError(f"seeds must be >= 1, got {args.seeds}")
-    run_dir = Path(args.out).expanduser() / (args.name or f"{which}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from ..train.checkpoint import timestamped
+
+    run_dir = Path(args.out).expanduser() / (args.name or timestamped(which))
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ValueError(f"{run_dir}: already exists; choose another --name (nothing was overwritten)")
     if which in ("plasticity", "batch-sweep", "ablation", "init-study", "nf-study"):

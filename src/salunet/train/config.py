@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..models import MODEL_CONFIGS, create_model, list_models, model_train_defaults
 
-__all__ = ["TrainConfig", "RECIPES", "resolve_config", "parse_value", "config_from_json", "build_model"]
+__all__ = ["TrainConfig", "RECIPES", "resolve_config", "parse_value", "coerce_value", "field_types", "config_from_json", "build_model"]
 
 
 @dataclass
@@ -112,10 +112,7 @@ _HINTS = typing.get_type_hints(TrainConfig)  # resolves the annotation strings (
 
 
 def _types(key: str) -> tuple:
-    tp = _HINTS[key]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return typing.get_args(tp)
-    return (tp,)
+    return field_types(_HINTS[key])
 
 
 def parse_value(key: str, value):
@@ -124,7 +121,21 @@ def parse_value(key: str, value):
         close = difflib.get_close_matches(key, _FIELDS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(_FIELDS)}")
-    allowed = _types(key)
+    return coerce_value(key, value, _types(key))
+
+
+def field_types(tp) -> tuple:
+    """The types a field annotation allows (``int | None`` -> (int, NoneType))."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def coerce_value(name: str, value, allowed: tuple):
+    """The one value parser of the project (trainer config, experiment options, the CLI): ``value`` (a string
+    from a command line, or a JSON / Python value) as one of the ``allowed`` types, or a ValueError that names
+    ``name``. Strings: "none"/"null"/"" mean None where None is allowed; booleans are true/false/yes/no/on/off/1/0;
+    dicts are JSON objects. Other values must already have an allowed type (an int is accepted as a float)."""
     if isinstance(value, str):
         s = value.strip()
         if type(None) in allowed and s.lower() in ("none", "null", ""):
@@ -134,28 +145,29 @@ def parse_value(key: str, value):
                 return True
             if s.lower() in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(f"{key}: {value!r} is not a boolean (use true/false)")
+            raise ValueError(f"{name}: {value!r} is not a boolean (use true/false)")
         if int in allowed:
             try:
                 return int(s)
             except ValueError:
-                raise ValueError(f"{key}: {value!r} is not an integer; write a whole number such as 3") from None
+                if float not in allowed:
+                    raise ValueError(f"{name}: {value!r} is not an integer; write a whole number such as 3") from None
         if float in allowed:
             try:
                 return float(s)
             except ValueError:
-                raise ValueError(f"{key}: {value!r} is not a number") from None
+                raise ValueError(f"{name}: {value!r} is not a number") from None
         if dict in allowed:
             try:
                 v = json.loads(s)
             except json.JSONDecodeError:
-                raise ValueError(f"{key}: {value!r} is not a JSON object") from None
-            return parse_value(key, v)
+                raise ValueError(f"{name}: {value!r} is not a JSON object") from None
+            return coerce_value(name, v, allowed)
         return s
     if value is None:
         if type(None) in allowed:
             return None
-        raise ValueError(f"{key}: null is not allowed")
+        raise ValueError(f"{name}: null is not allowed")
     if bool in allowed and isinstance(value, bool):
         return value
     if int in allowed and isinstance(value, int) and not isinstance(value, bool):
@@ -166,8 +178,8 @@ def parse_value(key: str, value):
         return value
     if dict in allowed and isinstance(value, dict):
         return value
-    names = "/".join(t.__name__ for t in allowed)
-    raise ValueError(f"{key}: {value!r} has type {type(value).__name__}, expected {names}")
+    names = "/".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ValueError(f"{name}: {value!r} has type {type(value).__name__}, expected {names}")
 
 
 _FLOAT32_MAX = 3.4028234663852886e38

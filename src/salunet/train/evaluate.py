@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint, state_mismatch, write_json_atomic
+from .checkpoint import CheckpointError, RunDir, load_checkpoint, state_mismatch, write_json_atomic
 from .config import TrainConfig, build_model, resolve_config
 from . import distributed as D
 from .distributed import DistInfo, resolve_device
@@ -145,8 +145,8 @@ def evaluate_checkpoint(path, *, data=None, data_path=None, batch_size=500, devi
     suffix = f"-{size}" if cfg.data == "imagefolder" else ""
     if not out:  # RUN/eval/ for a checkpoint in its run directory, else beside the checkpoint itself
         name = f"{path.stem}-{cfg.data}{suffix}.json"
-        out = path.parent.parent / "eval" / name if path.parent.name == "checkpoints" else \
-            path.with_name(f"{path.stem}-eval-{cfg.data}{suffix}.json")
+        run = RunDir.of_checkpoint(path)
+        out = run.eval_file(name) if run is not None else path.with_name(f"{path.stem}-eval-{cfg.data}{suffix}.json")
     write_json_atomic(out, result)
     result["written"] = str(out)
     return result

@@ -57,14 +57,12 @@ from ..data import mixed_cross_entropy
 from ..nn import kernels
 from . import distributed as D
 from . import faults
-from .checkpoint import (RunLock, append_jsonl, atomic_write_bytes, list_checkpoints, read_jsonl,
-                         remove_partial_files, save_checkpoint, write_json_atomic)
+from .checkpoint import RunDir, RunLock, remove_partial_files, save_checkpoint
 from .config import TrainConfig, build_model
 from .ema import EMA
 from .evaluate import autocast_for, evaluate
 from .optim import adaptive_clip_, agc_parameters, lr_at, make_optimizer, set_lr
-from .resume import (RESUME_KEYS, RUN_ID_FILE, RunPlan, discard_new_files, load_state, make_dirs, plan_run,
-                     remove_empty_dirs, trim_metrics)
+from .resume import RESUME_KEYS, RunPlan, load_state, make_dirs, plan_run, remove_empty_dirs
 from .sources import FolderSource, load_source
 from .stopping import RunStopped, Terminated, TrainingDiverged, as_run_stopped, last_good, stop_on_sigterm
 
@@ -129,7 +127,7 @@ def _build(plan: RunPlan, info: D.DistInfo) -> tuple[_Run, int, int]:
 
 def _announce(run: _Run, plan: RunPlan, start_epoch: int) -> None:
     """Rank 0, once it holds the lock: notes, clean-up of interrupted writes, config.json, the header lines."""
-    cfg, run_dir = run.cfg, run.run_dir
+    cfg, run_dir, files = run.cfg, run.run_dir, RunDir(run.run_dir)
     for note in plan.notes:
         print(f"salunet train: {note}", file=sys.stderr, flush=True)
     partial = remove_partial_files(run_dir)
@@ -138,9 +136,9 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int) -> None:
               f"({', '.join(p.name for p in partial)})", file=sys.stderr, flush=True)
     if run.info.enabled and plan.new_run and os.environ.get("TORCHELASTIC_RUN_ID"):  # before config.json: a
         # restart then finds every directory its failed attempt could have written to
-        atomic_write_bytes(run_dir / RUN_ID_FILE, os.environ["TORCHELASTIC_RUN_ID"].encode())
-    write_json_atomic(run_dir / "config.json", asdict(cfg))
-    trim_metrics(run_dir / "metrics.jsonl", start_epoch)
+        files.write_run_id(os.environ["TORCHELASTIC_RUN_ID"])
+    files.write_config(asdict(cfg))
+    files.trim_metrics(start_epoch)
     print(f"salunet train: {run_dir}" + ("" if plan.new_run else f"  (resumed at epoch {start_epoch})"))
     print("config: " + json.dumps(asdict(cfg), sort_keys=True))
     print(f"kernels: {kernels.kernel_path(run.info.device)}; device {run.info.device}; ranks {run.info.world}; "
@@ -195,16 +193,16 @@ def _train(plan: RunPlan, info: D.DistInfo, on_finish: FinishHook | None = None)
         if info.is_main:
             discard = new_run and epochs_done == 0
             if discard:  # the files while the lock still makes them ours; the (then empty) directories after
-                discard_new_files(run_dir)
+                RunDir(run_dir).discard_new_files()
             lock.release()
             if discard:
-                remove_empty_dirs([run_dir / "checkpoints", *created])
+                remove_empty_dirs([RunDir(run_dir).checkpoint_dir, *created])
 
 
 def _end_epoch(run: _Run, epoch: int, step: int, row: dict) -> None:
     """Rank 0 after each epoch: the metrics line, the progress line, and the checkpoint when one is due."""
     cfg = run.cfg
-    append_jsonl(run.run_dir / "metrics.jsonl", row)
+    RunDir(run.run_dir).append_metrics(row)
     ema_txt = f"  ema {100 * row['ema_test_acc']:.2f}%" if row.get("ema_test_acc") is not None else ""
     print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  test {100 * row['test_acc']:.2f}%"
           f"{ema_txt}  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  {row['epoch_s']:.1f}s", flush=True)
@@ -388,21 +386,23 @@ def _save(run: _Run, epoch: int, step: int, row: dict) -> Path:
             "torch": torch.__version__}
     if isinstance(source, FolderSource):  # label i is classes[i]: eval must map another copy of val/ the same way
         meta["classes"] = source.train_set.classes
-    path = run.run_dir / "checkpoints" / f"epoch_{epoch:04d}.safetensors"
+    files = RunDir(run.run_dir)
+    path = files.checkpoint(epoch)
     save_checkpoint(path, state, meta)
-    for old in list_checkpoints(run.run_dir)[:-cfg.keep_checkpoints]:
+    for old in files.checkpoints()[:-cfg.keep_checkpoints]:
         old.unlink(missing_ok=True)
     return path
 
 
 def _finish(run_dir: Path, cfg: TrainConfig, on_finish: FinishHook | None) -> dict:
-    rows = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    files = RunDir(run_dir)
+    rows = files.read_metrics()
     final = rows[-1] if rows else {}
-    ckpts = list_checkpoints(run_dir)
+    ckpts = files.checkpoints()
     summary = {"run_dir": str(run_dir), "epochs": final.get("epoch", 0), "final": final,
                "best_test_acc": max((r["test_acc"] for r in rows), default=None),
                "checkpoint": str(ckpts[-1]) if ckpts else None}
-    write_json_atomic(run_dir / "summary.json", summary)
+    files.write_summary(summary)
     if rows and on_finish is not None:
         on_finish(run_dir, rows, cfg)
     ema_txt = (f", EMA {100 * final['ema_test_acc']:.2f}%" if final.get("ema_test_acc") is not None else "")

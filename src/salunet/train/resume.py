@@ -4,13 +4,11 @@ checkpoint into freshly built objects, and the clean-up of a new run that failed
 
 Resume skips a corrupt newest checkpoint for the previous good one (saying so), refuses a checkpoint of
 another run, and under ``torchrun --max-restarts`` a restarted attempt continues the run directory of the
-failed one (found by the job id in ``RUN_ID_FILE``)."""
+failed one (found by the job id it recorded, :attr:`RunDir.RUN_ID`)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,15 +16,13 @@ import torch
 
 from .. import __version__
 from . import distributed as D
-from .checkpoint import (CheckpointError, RunLock, atomic_write_bytes, latest_checkpoint, list_checkpoints,
-                         remove_partial_files, state_mismatch)
+from .checkpoint import CheckpointError, RunDir, RunLock, latest_checkpoint, state_mismatch, timestamped
 from .config import TrainConfig, resolve_config
 
 __all__ = ["RunPlan", "plan_run", "resume_config", "checkpoint_config", "check_checkpoint_meta", "load_state",
-           "trim_metrics", "make_dirs", "discard_new_files", "remove_empty_dirs", "RESUME_KEYS", "RUN_ID_FILE"]
+           "make_dirs", "remove_empty_dirs", "RESUME_KEYS"]
 
 RESUME_KEYS = ("epochs", "progress", "device", "workers", "checkpoint_every", "keep_checkpoints")
-RUN_ID_FILE = ".torchrun_run_id"  # the torchrun job that created the run directory (finds it again on restart)
 _META_KEYS = ("config", "epoch", "step", "num_classes", "in_chans", "image_size", "mean", "std")
 # config keys that may differ between a run's config.json and its checkpoints (--resume may change them; the
 # directory may have been moved or renamed)
@@ -45,7 +41,7 @@ class RunPlan:
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
-    name = cfg.name or f"{cfg.model}-{cfg.data}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.name or timestamped(f"{cfg.model}-{cfg.data}-s{cfg.seed}")
     run_dir = Path(cfg.out).expanduser() / name
     RunLock.refuse_if_held(run_dir)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -91,15 +87,7 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[TrainConfig, tuple | 
         raise ValueError(f"--resume continues the saved config; only {', '.join(RESUME_KEYS)} may be changed, "
                          f"not {', '.join(bad)}")
     RunLock.refuse_if_held(run_dir)
-    saved = None
-    if (run_dir / "config.json").is_file():
-        try:
-            saved = json.loads((run_dir / "config.json").read_text())
-        except (ValueError, OSError) as exc:
-            raise ValueError(f"{run_dir / 'config.json'}: unreadable ({exc}); restore it from a checkpoint's "
-                             "config or start a new run") from None
-        if not isinstance(saved, dict):
-            raise ValueError(f"{run_dir / 'config.json'}: not a JSON object; restore it or start a new run")
+    saved = RunDir(run_dir).read_config()
     skipped: list[str] = []
     found = latest_checkpoint(run_dir, skipped)
     notes = [f"skipping {msg}" for msg in skipped]
@@ -135,14 +123,8 @@ def _restart_run_dir(cfg: TrainConfig) -> Path | None:
     out = Path(cfg.out).expanduser()
     if not run_id or not out.is_dir():
         return None
-    candidates = [out / cfg.name] if cfg.name else [p.parent for p in out.glob(f"*/{RUN_ID_FILE}")]
-    for d in candidates:
-        try:
-            if (d / RUN_ID_FILE).read_text().strip() == run_id:
-                return d
-        except OSError:
-            continue
-    return None
+    candidates = [out / cfg.name] if cfg.name else [p.parent for p in out.glob(f"*/{RunDir.RUN_ID}")]
+    return next((d for d in candidates if RunDir(d).read_run_id() == run_id), None)
 
 
 def plan_run(config, resume, overrides: dict) -> RunPlan:
@@ -158,7 +140,7 @@ def plan_run(config, resume, overrides: dict) -> RunPlan:
         cfg = resolve_config(None, {**(config or {}), **overrides})
     restart = D.restart_count()
     run_dir = _restart_run_dir(cfg) if restart else None
-    if run_dir is not None and not ((run_dir / "config.json").is_file() or list_checkpoints(run_dir)):
+    if run_dir is not None and not RunDir(run_dir).is_started():
         return RunPlan(cfg, run_dir, None, True, [f"torchrun restart {restart} of {D.max_restarts()}: starting "
                                                 f"{run_dir} over (the failed attempt saved nothing)"])
     if run_dir is not None:  # torchrun restarted this job after a failure: continue what the last attempt saved
@@ -181,14 +163,6 @@ def make_dirs(path: Path) -> list[Path]:
         p = p.parent
     path.mkdir(parents=True, exist_ok=True)
     return created
-
-
-def discard_new_files(run_dir: Path) -> None:
-    """Remove the files a new run wrote before finishing its first epoch: they hold nothing worth keeping, and a
-    leftover ``config.json`` would block re-running with the same ``--name``. Called while holding the lock."""
-    for f in ("config.json", "metrics.jsonl", RUN_ID_FILE):
-        (run_dir / f).unlink(missing_ok=True)
-    remove_partial_files(run_dir)
 
 
 def remove_empty_dirs(dirs: list[Path]) -> None:
@@ -227,26 +201,3 @@ def load_state(found, cfg: TrainConfig, source, model, opt, ema, scaler) -> tupl
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise CheckpointError(f"{path}: its training state does not fit this run ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:160]}); move it out of {path.parent}") from None
-
-
-def trim_metrics(path: Path, epochs_done: int) -> None:
-    """On resume, drop metric lines of epochs that the checkpoint does not contain (they will be redone), so
-    the file keeps exactly one line per epoch. A line cut short by a crash mid-append (always the last one) is
-    dropped too; a damaged line elsewhere is an error naming the file."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON; repair or delete that line, then resume") from None
-    keep = [r for r in rows if isinstance(r, dict) and r.get("epoch", 0) <= epochs_done]
-    if len(keep) != len([line for line in lines if line.strip()]):
-        atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep).encode())
-
-
