@@ -113,7 +113,8 @@ class ConvertReport:
                     lines += [f"    {'':<{w}}    {t}" for t in body[1:]]
         return "\n".join(lines)
 
-    def _sort(self, order: dict[str, int]) -> None:
+    def sort(self, order: dict[str, int]) -> None:
+        """Put every list in model order (``order``: module name -> position); convert calls it once, last."""
         def key(entry):
             p = entry[0]
             while p not in order and "." in p:  # function-call sites and new children sort with their module
@@ -653,7 +654,7 @@ class _Conversion:
         self.swap_norms()
         self.fast_paths_off()
         self.calibrate_new_salus()
-        self.report._sort(order)
+        self.report.sort(order)
         return self.report
 
     def _set(self, owner: nn.Module, name: str, new: nn.Module) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "load_error", "SOURCE"]
+__all__ = ["load", "load_error", "capability", "SOURCE"]
 
 log = logging.getLogger("salunet.kernels")
 
@@ -40,7 +40,7 @@ _module = None
 _error: str | None = None
 
 
-def _capability() -> str:
+def capability() -> str:
     try:
         return torch.backends.cpu.get_cpu_capability()
     except Exception:  # noqa: BLE001 - very old torch: portable code
@@ -58,7 +58,7 @@ def load():
             return _module
         from torch.utils import cpp_extension
 
-        cap = _capability()
+        cap = capability()
         flags = _ISA_FLAGS.get(cap, [])
         digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
         name = f"salunet_cpu_{cap.lower()}_{digest}"

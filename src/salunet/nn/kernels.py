@@ -257,7 +257,7 @@ def kernel_path(device: torch.device | str = "cpu") -> str:
     dev = torch.device(device)
     path = _path_for(dev)
     if path == "cpp":
-        return f"C++ (salunet CPU extension, {cpu_ext._capability()})"
+        return f"C++ (salunet CPU extension, {cpu_ext.capability()})"
     if path == "compiled":
         backend = "C++/OpenMP" if dev.type == "cpu" else "Triton" if dev.type == "cuda" else dev.type
         return f"compiled (torch.compile/inductor, {backend})"
