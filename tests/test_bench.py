@@ -1,4 +1,5 @@
 """Benchmark helpers (measurements themselves live in benchmarks, never in tests)."""
+import pytest
 import torch
 from torch import nn
 
@@ -45,3 +46,20 @@ def test_every_variant_is_labelled_with_the_path_it_takes():
     for v in ("swalu alone", "salu+galu (fused SALUAct)", "salu+add+swalu (fused SALUAddAct)"):
         assert _path(v).startswith("salunet "), v
     assert _path("salu fused, C++") == "salunet cpp" and _path("salu fused, eager") == "salunet eager"
+
+
+def test_model_pairs_selectable_and_v2_folded_for_inference():
+    from salunet.bench import bench_models, fold_for_inference
+    from salunet.models import NFConv2d, create_model
+
+    res = bench_models(repeats=1, warmup=0, pairs="resnet18 v2 cpu-width", progress=lambda s: None)
+    assert [(r.model, r.baseline) for r in res] == [("salunet_c18_v2", "resnet18_bn")]
+    assert res[0].train_img_s > 0 and res[0].infer_img_s > 0
+    m = create_model("salunet_c18_v2", num_classes=10, width=8)
+    x = torch.randn(2, 3, 32, 32)
+    folded = fold_for_inference(m)
+    assert any(isinstance(c, NFConv2d) for c in m.modules())  # the training model keeps its centred convs
+    assert not any(isinstance(c, NFConv2d) for c in folded.modules()) and not folded.training
+    torch.testing.assert_close(folded(x), m.eval()(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown model pair"):
+        bench_models(repeats=1, pairs="nope")

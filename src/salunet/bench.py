@@ -256,23 +256,31 @@ def _infer(model, x):
 
 MODEL_PAIRS = [  # (pair, salunet, twin, width or None, batch, image side, full?)
     ("resnet18 cpu-width", "salunet_c18", "resnet18_bn", 16, 64, 32, False),
+    ("resnet18 v2 cpu-width", "salunet_c18_v2", "resnet18_bn", 16, 64, 32, False),
     ("vit cpu-width", "salunet_t", "vit_ln", 96, 64, 32, False),
     ("resnet50 cpu-width", "salunet_c50", "resnet50_bn", 16, 8, 64, False),
     ("resnet18 full", "salunet_c18", "resnet18_bn", None, 32, 32, True),
+    ("resnet18 v2 full", "salunet_c18_v2", "resnet18_bn", None, 32, 32, True),
     ("vit full", "salunet_t", "vit_ln", None, 32, 32, True),
     ("resnet50 full", "salunet_c50", "resnet50_bn", None, 4, 224, True),
 ]
 
 
 def bench_models(repeats: int = 7, warmup: int = 3, threads: int = 2, full: bool = False,
-                 progress: Callable[[str], None] = print) -> list[ModelResult]:
-    """Images/s of a training step (SGD) and of inference, SaluNet vs its twin, interleaved repeats."""
+                 progress: Callable[[str], None] = print, pairs: str | None = None) -> list[ModelResult]:
+    """Images/s of a training step (SGD) and of inference, SaluNet vs its twin, interleaved repeats. ``pairs``
+    (comma-separated names of :data:`MODEL_PAIRS`) runs only those, whatever ``full`` says."""
     from .models import create_model
 
+    wanted = None if pairs is None else {p.strip() for p in pairs.split(",") if p.strip()}
+    unknown = sorted((wanted or set()) - {p[0] for p in MODEL_PAIRS})
+    if unknown:
+        raise ValueError(f"unknown model pair(s) {', '.join(map(repr, unknown))}; choose from "
+                         f"{', '.join(repr(p[0]) for p in MODEL_PAIRS)}")
     torch.set_num_threads(threads)
     out = []
     for pair, name, twin, width, batch, side, is_full in MODEL_PAIRS:
-        if is_full and not full:
+        if (wanted is not None and pair not in wanted) or (wanted is None and is_full and not full):
             continue
         progress(f"models: {pair} ({name} vs {twin}, batch {batch}, {side}x{side}) ...")
         torch.manual_seed(0)

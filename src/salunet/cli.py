@@ -38,7 +38,8 @@ def _cmd_bench(args) -> int:
         results = bench.bench_ops(repeats=args.repeats or 15, threads=args.threads)
         table = bench.format_table(results)
     elif args.what == "models":
-        results = bench.bench_models(repeats=args.repeats or 7, threads=args.threads, full=args.full)
+        results = bench.bench_models(repeats=args.repeats or 7, threads=args.threads, full=args.full,
+                                     pairs=args.pairs)
         table = bench.format_model_table(results)
     else:
         if not args.data_path:
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
     b.add_argument("--full", action="store_true", help="models/train: also full-width models (slow on CPU)")
     b.add_argument("--data-path", help="train: CIFAR-10 (.npz or the official archive)")
+    b.add_argument("--pairs", help="models: comma-separated pair names to run (default: all of the chosen scale), "
+                   "e.g. 'resnet18 v2 full'")
     b.add_argument("--out", default="runs/bench", help="directory for the JSON-lines results")
     b.set_defaults(func=_cmd_bench)
 
