@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from salunet.train.checkpoint import (CheckpointError, RunDir, append_jsonl, load_checkpoint, read_jsonl,
-                                      save_checkpoint, timestamped, write_jsonl_atomic)
+from salunet.train.checkpoint import (CheckpointError, append_jsonl, load_checkpoint, read_jsonl, save_checkpoint,
+                                      write_jsonl_atomic)
+from salunet.train.rundir import RunDir, timestamped
 
 
 def _state():

@@ -290,9 +290,9 @@ def test_disk_full_while_saving_stops_cleanly_and_resumes(npz, tmp_path, referen
 @pytest.mark.parametrize("where", ["metrics", "first_checkpoint"])
 def test_disk_full_elsewhere(tmp_path, monkeypatch, capsys, where):
     """A full disk while appending to metrics.jsonl (epoch 2), or while saving a new run's first checkpoint."""
-    from salunet.train import checkpoint as ckpt
+    from salunet.train import rundir
 
-    real_append = ckpt.append_jsonl
+    real_append = rundir.append_jsonl
 
     def append(path, row):
         if row["epoch"] == 2:
@@ -304,7 +304,7 @@ def test_disk_full_elsewhere(tmp_path, monkeypatch, capsys, where):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     if where == "metrics":
-        monkeypatch.setattr(ckpt, "append_jsonl", append)  # what RunDir.append_metrics writes with
+        monkeypatch.setattr(rundir, "append_jsonl", append)  # what RunDir.append_metrics writes with
     else:
         monkeypatch.setattr(faults, "hit", hit)
     code = main(["train", "--model", "cnn4", "--width", "4", "--train-subset", "64", "--test-subset", "32",

@@ -90,7 +90,7 @@ def test_signal_and_nf_study_experiments(tmp_path):
     out = run_experiment("signal", out=str(tmp_path), name="sig", data="digits", configs="salunet,ws-scaled,bn",
                          width=4, images=64)
     d = tmp_path / "sig"
-    assert (d / "signal.png").exists()
+    assert (d / "signal.png").exists() and [m["source"] for m in out["models"]] == ["init"] * 3
     saved = json.loads((d / "results.json").read_text())
     labels = [r["label"] for r in saved["models"]]
     assert labels == ["salunet", "ws-scaled", "bn"]

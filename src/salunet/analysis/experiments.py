@@ -100,7 +100,8 @@ class _Runs:
 
     def run(self, name: str, **over) -> dict:
         from ..train import TrainingDiverged, train
-        from ..train.checkpoint import RunDir, append_jsonl
+        from ..train.checkpoint import append_jsonl
+        from ..train.rundir import RunDir
 
         self.done += 1
         cfg = {**self.base, **over, "out": str(self.dir / "runs"), "name": name}
@@ -435,6 +436,16 @@ NF_GRID: dict[str, dict] = {  # name -> training-config overrides (model, model_
     "agc": {"model": "salunet_c18", "agc": 0.04},
     "salu-lr0.1": {"model": "salunet_c18", "salu_lr_scale": 0.1},
     "salu-lr3": {"model": "salunet_c18", "salu_lr_scale": 3.0},
+    # combinations (docs/RESULTS.md "Closing the gap")
+    "ws+bias": {"model": "salunet_c18", "model_overrides": {"conv_ws": "scaled", "conv_bias": True}},
+    "ws+agc": {"model": "salunet_c18", "model_overrides": {"conv_ws": "scaled"}, "agc": 0.04},
+    "ws+bias+skipinit": {"model": "salunet_c18",
+                         "model_overrides": {"conv_ws": "scaled", "conv_bias": True, "res_gain": 0.0}},
+    "center+agc": {"model": "salunet_c18", "model_overrides": {"conv_ws": "center"}, "agc": 0.04},
+    "center+bias": {"model": "salunet_c18", "model_overrides": {"conv_ws": "center", "conv_bias": True}},
+    "center+agc+bias": {"model": "salunet_c18", "model_overrides": {"conv_ws": "center", "conv_bias": True},
+                        "agc": 0.04},
+    "v2": {"model": "salunet_c18_v2"},  # the registered result, trained by name (with what it declares)
 }
 
 
@@ -504,7 +515,7 @@ def signal_experiment(args: SignalArgs, run_dir: Path) -> dict:
 
     from ..data import load_arrays, to_memory
     from ..models import create_model
-    from ..train.checkpoint import RunDir
+    from ..train.rundir import RunDir
     from ..train.evaluate import model_from_checkpoint
     from .signal import signal_report, stage_summary
 
@@ -730,7 +741,7 @@ class CurvesArgs(ExperimentArgs):
 @experiment("curves", CurvesArgs)
 def curves_experiment(args: CurvesArgs, run_dir: Path) -> dict:
     """Figure 5: test and EMA accuracy curves of several runs on one plot, from their metrics.jsonl."""
-    from ..train.checkpoint import RunDir
+    from ..train.rundir import RunDir
 
     dirs = [Path(r.strip()).expanduser() for r in args.runs.split(",") if r.strip()]
     if not dirs:
@@ -785,7 +796,7 @@ def run_experiment(which: str, args=None, /, **values) -> dict:
     fn = EXPERIMENTS[which][1]
     if getattr(args, "seeds", 1) <= 0:
         raise ValueError(f"seeds must be >= 1, got {args.seeds}")
-    from ..train.checkpoint import timestamped
+    from ..train.rundir import timestamped
 
     run_dir = Path(args.out).expanduser() / (args.name or timestamped(which))
     if run_dir.exists() and any(run_dir.iterdir()):

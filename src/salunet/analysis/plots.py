@@ -225,6 +225,6 @@ def plot_signal(result: dict, path: Path) -> Path:
 def draw_run_curves(run_dir: Path, rows: list[dict], cfg) -> Path:
     """A run's ``curves.png`` from its metrics rows: the hook ``salunet train`` and the experiments pass to
     :func:`salunet.train.train` as ``on_finish`` (training itself never imports plotting)."""
-    from ..train.checkpoint import RunDir
+    from ..train.rundir import RunDir
 
     return plot_curves({cfg.model: rows}, RunDir(run_dir).curves, title=f"{cfg.model} on {cfg.data}")

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, RunDir, load_checkpoint, state_mismatch, write_json_atomic
+from .checkpoint import CheckpointError, load_checkpoint, state_mismatch, write_json_atomic
+from .rundir import RunDir
 from .config import TrainConfig, build_model, resolve_config
 from . import distributed as D
 from .distributed import DistInfo, resolve_device

@@ -57,12 +57,13 @@ from ..data import mixed_cross_entropy
 from ..nn import kernels
 from . import distributed as D
 from . import faults
-from .checkpoint import RunDir, RunLock, remove_partial_files, save_checkpoint
+from .checkpoint import RunLock, remove_partial_files, save_checkpoint
 from .config import TrainConfig, build_model
 from .ema import EMA
 from .evaluate import autocast_for, evaluate
 from .optim import adaptive_clip_, agc_parameters, lr_at, make_optimizer, set_lr
 from .resume import RESUME_KEYS, RunPlan, load_state, make_dirs, plan_run, remove_empty_dirs
+from .rundir import RunDir
 from .sources import FolderSource, load_source
 from .stopping import RunStopped, Terminated, TrainingDiverged, as_run_stopped, last_good, stop_on_sigterm
 

@@ -16,7 +16,8 @@ import torch
 
 from .. import __version__
 from . import distributed as D
-from .checkpoint import CheckpointError, RunDir, RunLock, latest_checkpoint, state_mismatch, timestamped
+from .checkpoint import CheckpointError, RunLock, latest_checkpoint, state_mismatch
+from .rundir import RunDir, timestamped
 from .config import TrainConfig, resolve_config
 
 __all__ = ["RunPlan", "plan_run", "resume_config", "checkpoint_config", "check_checkpoint_meta", "load_state",
