@@ -499,6 +499,7 @@ def nf_study_experiment(args: NFStudyArgs, run_dir: Path) -> dict:
 class SignalArgs(ExperimentArgs):
     configs: str = "bn,salunet,ws-scaled,ws-center,bias,skipinit"  # nf-study cells, measured at init
     checkpoints: str = ""  # comma-separated run directories or checkpoint files, measured as trained
+    labels: str = ""  # comma-separated labels of the checkpoints (default: model and run name)
     data: str = "cifar10"
     data_path: str | None = None
     width: int = 16
@@ -525,7 +526,8 @@ def signal_experiment(args: SignalArgs, run_dir: Path) -> dict:
     unknown = [n for n in names if n not in NF_GRID]
     if unknown:
         raise ValueError(f"unknown signal config(s) {unknown}; choose from {', '.join(NF_GRID)}")
-    ckpts = _checkpoint_list(CheckpointArgs(checkpoints=args.checkpoints)) if args.checkpoints.strip() else []
+    ckpts = _checkpoint_list(CheckpointArgs(checkpoints=args.checkpoints, labels=args.labels)) \
+        if args.checkpoints.strip() else []
     data = to_memory(load_arrays(args.data, args.data_path), "cpu", train_subset=args.images)
     x = data.normalize(data.x_train[:args.images])
     batches = [x[i:i + 128] for i in range(0, len(x), 128)]

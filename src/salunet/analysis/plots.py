@@ -191,21 +191,25 @@ def plot_variance(result: dict, path: Path) -> Path:
 
 
 def plot_signal(result: dict, path: Path) -> Path:
-    """Signal health per stage, one line per model: channel mean^2/variance at norm inputs, within-channel std
-    (solid) against pooled std (dotted), stuck gate channels, SALU inputs past the knee."""
+    """Signal health per stage, one line per model (solid: at init, dashed: trained checkpoints): channel
+    mean^2/variance at norm inputs, within-channel std (dotted: pooled std), stuck gate channels, SALU inputs past
+    the knee. One legend for the figure (a BN model has no SALU, so it is absent from the last panel)."""
     plt = _plt()
     order = result["stage_order"]
-    panels = [("norm", "mean2_var", "norm inputs: channel mean^2 / variance", False),
-              ("norm", "within_std", "norm inputs: within-channel std (dotted: pooled)", False),
-              ("gate", "stuck", "gate inputs: stuck channels (fraction)", False),
-              ("norm", "past_knee", "SALU inputs past the knee (fraction)", False)]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    panels = [("norm", "mean2_var", "norm inputs: channel mean^2 / variance"),
+              ("norm", "within_std", "norm inputs: within-channel std (dotted: pooled)"),
+              ("gate", "stuck", "gate inputs: stuck channels (fraction)"),
+              ("norm", "past_knee", "SALU inputs past the knee (fraction)")]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    markers = "osD^v<>p*h"
     for i, m in enumerate(result["models"]):
-        for ax, (role, key, title, _) in zip(axes, panels):
+        style = dict(color=_color(i), marker=markers[(i // len(_COLORS)) % len(markers)],
+                     ls="-" if m["source"] == "init" else "--", label=m["label"])
+        for ax, (role, key, title) in zip(axes, panels):
             pts = [(j, m["stages"][st][role][key]) for j, st in enumerate(order)
                    if role in m["stages"].get(st, {}) and key in m["stages"][st][role]]
             if pts:
-                ax.plot(*zip(*pts), marker="o", color=_color(i), label=m["label"])
+                ax.plot(*zip(*pts), **style)
             if key == "within_std":
                 pooled = [(j, m["stages"][st][role]["pooled_std"]) for j, st in enumerate(order)
                           if role in m["stages"].get(st, {})]
@@ -218,8 +222,14 @@ def plot_signal(result: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_yscale("symlog", linthresh=0.1)
     axes[1].set_yscale("log")
-    axes[-1].legend(fontsize=7)
-    return _save(fig, path)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 6), 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def draw_run_curves(run_dir: Path, rows: list[dict], cfg) -> Path:
