@@ -1,5 +1,6 @@
 """train/optim.py: the learning-rate schedule, parameter groups (weight decay, the SALU learning-rate group),
 AGC against its definition, and trainer defaults that a model declares (train/config.py)."""
+import json
 import math
 
 import pytest
@@ -76,3 +77,18 @@ def test_model_declared_trainer_defaults(monkeypatch):
     assert (cfg.agc, cfg.salu_lr_scale) == (0.0, 1.0)
     with pytest.raises(ValueError, match="salu_lr_scale"):
         resolve_config(overrides={"salu_lr_scale": 0})
+
+
+@pytest.mark.parametrize("model,over", [("salunet_c18", {"conv_ws": "center"}), ("salunet_t", {"depth": 1}),
+                                        ("salunet_c50", {"conv_ws": "scaled", "res_gain": 0.1})])
+def test_agc_and_salu_lr_scale_train_every_architecture(tmp_path, model, over):
+    """The trainer options reach a run of each architecture: recorded in its config, and the loss stays finite
+    (what AGC and the SALU group do is tested on their own above)."""
+    from salunet.train import train
+
+    s = train(model=model, width=12 if model == "salunet_t" else 4, model_overrides=over, data="digits",
+              train_subset=128, test_subset=64, batch_size=32, epochs=1, lr=0.05, agc=0.02, salu_lr_scale=0.5,
+              ema_decay=0.0, progress=False, out=str(tmp_path), name="r")
+    assert s["epochs"] == 1 and math.isfinite(s["final"]["train_loss"])
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (cfg["agc"], cfg["salu_lr_scale"]) == (0.02, 0.5)
