@@ -210,6 +210,6 @@ def test_registry_has_one_constructor_per_config():
 
 
 def test_list_models_pattern():
-    assert list_models("salunet_*") == ["salunet_c18", "salunet_c50", "salunet_t"]
-    assert set(list_models()) == {"salunet_c18", "resnet18_bn", "salunet_c50", "resnet50_bn", "salunet_t", "vit_ln",
-                                  "cnn4"}
+    assert list_models("salunet_*") == ["salunet_c18", "salunet_c18_v2", "salunet_c50", "salunet_t"]
+    assert set(list_models()) == {"salunet_c18", "salunet_c18_v2", "resnet18_bn", "salunet_c50", "resnet50_bn",
+                                  "salunet_t", "vit_ln", "cnn4"}

@@ -128,3 +128,19 @@ def test_ws_keeps_stage_std_in_range(overrides, seed):
     stds = stage_stds(m, torch.randn(8, 3, 32, 32))
     bad = {k: round(v, 3) for k, v in stds.items() if not 0.5 <= v <= 2.0}
     assert not bad, f"stage std out of [0.5, 2] at init: {bad}"
+
+
+def test_v2_is_the_paper_model_with_centred_kernels_and_converts_as_is():
+    import salunet
+
+    torch.manual_seed(0)
+    v2 = create_model("salunet_c18_v2", num_classes=10, width=8)
+    torch.manual_seed(0)
+    same = create_model("salunet_c18", num_classes=10, width=8, conv_ws="center")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(v2(x), same(x), rtol=0, atol=0)  # exactly the study's "ws-center" cell
+    convs = [c for c in v2.modules() if isinstance(c, nn.Conv2d)]
+    assert convs and all(isinstance(c, NFConv2d) and c.ws == "center" and c.bias is None for c in convs)
+    report = salunet.convert(v2, example_input=x)  # already normalization-free: nothing to replace, nothing changes
+    assert not report.replaced and not report.not_replaced
+    torch.testing.assert_close(v2(x), same(x), rtol=0, atol=0)
