@@ -445,6 +445,9 @@ NF_GRID: dict[str, dict] = {  # name -> training-config overrides (model, model_
     "center+bias": {"model": "salunet_c18", "model_overrides": {"conv_ws": "center", "conv_bias": True}},
     "center+agc+bias": {"model": "salunet_c18", "model_overrides": {"conv_ws": "center", "conv_bias": True},
                         "agc": 0.04},
+    "center+a0=2": {"model": "salunet_c18", "model_overrides": {"conv_ws": "center", "salu_a0": 2.0}},
+    "center+agc0.01": {"model": "salunet_c18", "model_overrides": {"conv_ws": "center"}, "agc": 0.01},
+    "center+agc0.16": {"model": "salunet_c18", "model_overrides": {"conv_ws": "center"}, "agc": 0.16},
     "v2": {"model": "salunet_c18_v2"},  # the registered result, trained by name (with what it declares)
 }
 
