@@ -38,9 +38,6 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
