@@ -31,9 +31,12 @@ of three paths, chosen by ``set_kernel_mode`` / ``SALUNET_KERNELS``:
   the precision of ATen's vectorised GELU); float64 uses exact operations (gradcheck runs on this path).
 - ``compiled`` (``auto`` on CUDA): ``torch.compile``/inductor of the functions below (one Triton kernel).
 - ``eager``: the functions below op by op.
-If the chosen path cannot be built on this machine, ``auto`` warns once, says why, and takes the eager path.
+If the chosen path cannot be built on this machine, ``auto`` warns once, says why and how to fix it, and takes the
+eager path.
 Inside a model that the user compiles, the math is traced inline so that inductor can fuse it with its
-neighbours (no graph break).
+neighbours (no graph break). While a graph is recorded for deployment (``torch.jit.trace``, ``torch.export``,
+either ONNX exporter) every path gives way to :func:`recorded`, the same math as plain ops, so that the graph
+holds the math and never an opaque kernel call (``salunet.export``; README "Deployment").
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ from torch import Tensor
 
 from . import cpu_ext
 
-__all__ = ["OPS", "LOG_LIMIT", "FusedFn", "fused", "get_kernel_mode", "set_kernel_mode", "kernel_path"]
+__all__ = ["OPS", "LOG_LIMIT", "FusedFn", "fused", "recorded", "get_kernel_mode", "set_kernel_mode", "kernel_path"]
 
 log = logging.getLogger("salunet.kernels")
 
@@ -101,20 +104,42 @@ def _salu_bwd(g, x, d):
     return gx, ga, gb
 
 
-def _gate(s: Tensor, kind: str):
+def _gate(s: Tensor, kind: str, elementary: bool = False):
     """Return (p(s), p'(s)) for the gate kind: logistic (SWALU) or standard normal CDF (GALU).
     Phi(s) = erfc(-s/sqrt 2)/2 keeps relative precision in the left tail, where 0.5 + 0.5 erf(.) cancels to 0
     for s < -5.5 (A = sqrt(a/b) is 10 at GALU's default init, so such s occur), which would turn
-    GALU(-inf) = -inf * Phi(-A) into NaN."""
+    GALU(-inf) = -inf * Phi(-A) into NaN. ``elementary``: erfc from elementary ops (:func:`_erfc_elementary`),
+    for recorded graphs (ONNX has no erfc)."""
     if kind == "sigmoid":
         p = torch.sigmoid(s)
         return p, p * (1.0 - p)
-    p = 0.5 * torch.erfc(-s * _INV_SQRT2)
+    z = -s * _INV_SQRT2
+    p = 0.5 * (_erfc_elementary(z) if elementary else torch.erfc(z))
     return p, torch.exp(-0.5 * s * s) * _INV_SQRT_2PI
 
 
-def _gate_fwd(x, d, kind):
-    p, _ = _gate(_salu_fwd(x, d), kind)
+# erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z/2), z >= 0: the Chebyshev fit of Press et al., Numerical Recipes
+# (2nd ed., section 6.2), relative error < 1.2e-7 for every z >= 0, tails included (in float32 the rounding of
+# z^2 and of the polynomial makes it < 1e-5: measured 1.1e-6 for z < 3, 7.7e-6 at z = 9)
+_ERFC_COEFFS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398,
+                1.48851587, -0.82215223, 0.17087277)
+
+
+def _erfc_elementary(z: Tensor) -> Tensor:
+    """erfc from exp, mul, add, div and where only (relative error < 1.2e-7 in float64, < 1e-5 in float32, also
+    far in the tail, so that Phi(-A) stays > 0 and GALU(-inf) = -inf as on the other paths). Used where a graph
+    is recorded for export: the ONNX operator set has Erf but no Erfc, and 1 - erf(z) cancels to 0 in the tail."""
+    az = z.abs()
+    t = 1.0 / (1.0 + 0.5 * az)
+    poly = torch.full_like(t, _ERFC_COEFFS[-1])
+    for c in _ERFC_COEFFS[-2::-1]:
+        poly = poly * t + c
+    y = t * torch.exp(poly - az * az)
+    return torch.where(z < 0, 2.0 - y, y)
+
+
+def _gate_fwd(x, d, kind, elementary: bool = False):
+    p, _ = _gate(_salu_fwd(x, d), kind, elementary)
     return x * p
 
 
@@ -135,17 +160,17 @@ _GATE_KIND = {"swalu": "sigmoid", "galu": "normal", "salu_swalu": "sigmoid", "sa
               "salu_add_swalu": "sigmoid", "salu_add_galu": "normal"}
 
 
-def _fwd_core(op: str, x: Tensor, res: Tensor | None, *d: Tensor) -> Tensor:
+def _fwd_core(op: str, x: Tensor, res: Tensor | None, *d: Tensor, elementary: bool = False) -> Tensor:
     """Forward on compute-dtype ``x`` (and ``res``, the residual of RESIDUAL_OPS, else None) and the derived
-    quantities ``d`` (5 per SALU stage)."""
+    quantities ``d`` (5 per SALU stage); ``elementary``: see :func:`_gate`."""
     if op == "salu":
         return _salu_fwd(x, d)
     if op in ("swalu", "galu"):
-        return _gate_fwd(x, d, _GATE_KIND[op])
+        return _gate_fwd(x, d, _GATE_KIND[op], elementary)
     z = _salu_fwd(x, d[:5])
     if res is not None:
         z = z + res
-    return _gate_fwd(z, d[5:], _GATE_KIND[op])
+    return _gate_fwd(z, d[5:], _GATE_KIND[op], elementary)
 
 
 def _bwd_core(op: str, g: Tensor, x: Tensor, res: Tensor | None, *d: Tensor):
@@ -197,6 +222,9 @@ _MODES = ("auto", "cpp", "compiled", "eager")
 _mode = os.environ.get("SALUNET_KERNELS", "auto").strip().lower() or "auto"
 if _mode not in _MODES:
     raise ValueError(f"SALUNET_KERNELS={_mode!r} is not a kernel mode; use one of {', '.join(_MODES)}")
+# torch.export (and the dynamo ONNX exporter) since torch 2.5; on 2.4, non-strict export reports itself as
+# compiling, which traces the same math inline through FusedFn
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 _compile_failed: dict[str, str] = {}  # device type -> reason, once compilation failed there in auto mode
 _compiled_ran: set[int] = set()  # compiled specialisations that have run once (compiled) successfully
 _compiled: dict[tuple, Callable] = {}
@@ -234,9 +262,9 @@ def _path_for(device: torch.device) -> str:
         if cpu_ext.load() is not None:
             return "cpp"
         if _mode == "cpp":
-            raise RuntimeError(f"salunet: the C++ CPU kernels could not be built ({cpu_ext.load_error()}); "
-                               "install a C++ compiler and ninja, or use SALUNET_KERNELS=compiled or eager")
-        _warn_fallback(f"the C++ CPU kernels could not be built ({cpu_ext.load_error()})")
+            raise RuntimeError(f"salunet: {cpu_ext.load_error()} (or choose another path: SALUNET_KERNELS=compiled "
+                               "or eager)")
+        _warn_fallback(cpu_ext.load_error())
         return "eager"
     if _mode == "cpp":
         raise ValueError(f"salunet: kernel mode 'cpp' runs CPU tensors only, got a tensor on {device}; "
@@ -244,12 +272,13 @@ def _path_for(device: torch.device) -> str:
     return "eager" if device.type in _compile_failed else "compiled"
 
 
-def _warn_fallback(reason: str) -> None:
-    if reason in _reported:
+def _warn_fallback(problem: str) -> None:
+    """Warn once per problem that ``auto`` mode runs eagerly; ``problem`` says what failed and how to fix it."""
+    if problem in _reported:
         return
-    _reported.add(reason)
-    warnings.warn(f"salunet: {reason}; falling back to the eager path, which is several times slower. "
-                  "Set SALUNET_KERNELS=eager to silence this.", RuntimeWarning, stacklevel=5)
+    _reported.add(problem)
+    warnings.warn(f"salunet: {problem}. Until then the kernels run op by op (the eager path, several times "
+                  "slower).", RuntimeWarning, stacklevel=5)
 
 
 def kernel_path(device: torch.device | str = "cpu") -> str:
@@ -277,7 +306,9 @@ def _fresh_copy(fn: Callable, tag: int) -> Callable:
     """A copy of ``fn`` with its own code object: dynamo caches (and counts recompiles) per code object,
     so each compiled specialisation below gets its own cache instead of sharing one limited to 8 entries."""
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__  # FunctionType takes positional defaults only
+    return copy
 
 
 def _get_compiled(direction: str, op: str, x: Tensor, derived: Sequence[Tensor]):
@@ -315,7 +346,8 @@ def _call_core(path: str, direction: str, op: str, *args: Tensor):
             raise
         why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
         _compile_failed[x.device.type] = why
-        _warn_fallback(f"torch.compile could not build the fused SALU kernels on {x.device.type} ({why})")
+        _warn_fallback(f"torch.compile could not build the fused SALU kernels on {x.device.type} ({why}); make "
+                       "torch.compile work here (on CUDA it needs triton; `salunet doctor` shows the versions)")
         return core(op, *args)
     _compiled_ran.add(id(fn))
     return out
@@ -461,7 +493,12 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: i
                          f"input's {tuple(x.shape)} on {x.device}")
     if axis is not False and axis is not None:
         axis %= x.dim()
+    if torch.jit.is_tracing() or _is_exporting():  # a graph is being recorded: plain ops
+        return recorded(op, x, *_broadcastable(params, x, axis), log_params=log_params, residual=residual)
     if torch.compiler.is_compiling():  # traced inline: inductor fuses the math with its neighbours
+        if not torch.is_grad_enabled():  # inference needs no autograd node (and dynamo cannot trace FusedFn's
+            # ctx under no_grad: fullgraph=True failed there)
+            return _forward("eager", op, log_params, x, residual, _broadcastable(params, x, axis))
         return FusedFn.apply("eager", op, log_params, x, residual, *_broadcastable(params, x, axis))
     path = _path_for(x.device)
     _report(x.device)
@@ -474,6 +511,22 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: i
         _log_once(f"{op}: parameters vary along more than one axis; the C++ kernels handle scalar or "
                   "per-channel parameters, this call runs op by op")
     return FusedFn.apply(path, op, log_params, x, residual, *_broadcastable(params, x, axis))
+
+
+def recorded(op: str, x: Tensor, *params: Tensor, log_params: bool = False,
+             residual: Tensor | None = None) -> Tensor:
+    """The forward of ``op`` as plain tensor ops, for a graph being recorded (``torch.jit.trace``, the TorchScript
+    ONNX exporter, ``torch.export`` and the dynamo ONNX exporter built on it): what :func:`fused` runs while
+    one of them is active. No custom autograd Function and no C++ call, so the recorder sees every op: the C++
+    kernels write their output through raw pointers, which ``torch.jit.trace`` records as an uninitialised
+    ``empty_like`` (a silently wrong graph). GALU's normal CDF uses :func:`_erfc_elementary` (relative error
+    < 1e-5 in float32). Gradients through a recorded graph are autograd's of these ops (the log-parameter clamp at
+    +-LOG_LIMIT then stops gradient instead of passing it straight through); train with the module itself.
+    ``params`` must already broadcast against ``x``."""
+    cdt = _compute_dtype(x, *params)
+    _, derived = _prepare(log_params, cdt, params)
+    res = None if residual is None else residual.to(cdt)
+    return _fwd_core(op, x.to(cdt), res, *derived, elementary=True).to(x.dtype)
 
 
 def _broadcastable(params: Sequence[Tensor], x: Tensor, axis) -> Sequence[Tensor]:

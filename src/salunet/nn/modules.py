@@ -108,6 +108,15 @@ class SaluFamily(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return kernels.fused(self.op, x, self.log_a, self.log_b, log_params=True, axis=self.channel_axis(x))
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this on every submodule before compiling anything: refuse here, in one line
+        with the alternatives, rather than fail deep inside TorchScript's frontend. (The forward chooses between
+        the C++, compiled and eager kernels in Python, which TorchScript cannot express; ``torch.jit.trace``
+        records the math instead, see :func:`salunet.nn.kernels.recorded`.)"""
+        raise ValueError(f"torch.jit.script cannot compile salunet's {type(self).__name__}; record the model with "
+                         "torch.jit.trace(model, example_input) or torch.export.export(model, (example_input,)), or "
+                         "write ONNX with salunet.export_onnx / `salunet export` (README: Deployment)")
+
     def extra_repr(self) -> str:
         n = "scalar" if self.num_features is None else f"{self.num_features}, dim={self.dim}"
         return f"{n}, a_init={self.a_init:g}, b_init={self.b_init:g}"
