@@ -40,16 +40,18 @@ def make_npz(path: Path, n_train=64, n_test=32, shape=(8, 8, 3), classes=10, **r
     return path
 
 
-def make_image_folder(root: Path, classes=("cat", "dog"), per_class=4, size=(20, 16)) -> Path:
+def make_image_folder(root: Path, classes=("cat", "dog"), per_class=4, size=(20, 16), channels=3) -> Path:
+    """ROOT/{train,val}/<class>/<i>.png of random pixels; ``size`` is (H, W); ``channels`` 1 saves grayscale (L)."""
     from PIL import Image
 
     rng = np.random.RandomState(0)
+    shape = (*size, 3) if channels == 3 else tuple(size)
     for split in ("train", "val"):
         for c in classes:
             d = root / split / c
             d.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                Image.fromarray(rng.randint(0, 256, (*size, 3)).astype(np.uint8)).save(d / f"{i}.png")
+                Image.fromarray(rng.randint(0, 256, shape).astype(np.uint8)).save(d / f"{i}.png")
     return root
 
 

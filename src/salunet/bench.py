@@ -5,6 +5,10 @@ run, median of several interleaved repeats, so that a noisy shared machine slows
 SALU+GALU vs LayerNorm+GELU on tokens, and
 the fused / eager / reference / torch.compile variants of SALU alone; forward+backward time and the bytes
 saved for backward (unique storages kept by autograd, parameters excluded since they live anyway).
+
+``salunet bench folder``: training images/s on a generated 28 px grayscale image folder with no data flag but the
+path, against the same images as an .npz, in one process (data/folders.py: a small folder is decoded once and
+trains like the .npz).
 """
 from __future__ import annotations
 
@@ -356,7 +360,7 @@ def _train_child(cfg: dict, queue) -> None:
         queue.put({"images_per_s": last["images_per_s"], "data_share": last["data_share"],
                    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # KiB on Linux
     except Exception as exc:  # noqa: BLE001 - reported by the parent with the config that failed
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+        queue.put({"error": f"{type(exc).__name__}: {exc}", "bad_input": isinstance(exc, (ValueError, OSError))})
 
 
 def train_config(model: str, width: int | None, data_path: str, subset: int, epochs: int, out: str,
@@ -395,6 +399,8 @@ def _train_once(cfg: dict, threads: int) -> dict:
             if not proc.is_alive():
                 raise RuntimeError(f"training benchmark run exited with code {proc.exitcode} before reporting ({cfg})")
     proc.join()
+    if result.get("bad_input"):  # the data or a path: the user's to fix, said in one line
+        raise ValueError(f"bench train: {result['error'].split(': ', 1)[1]}")
     if "error" in result:
         raise RuntimeError(f"training benchmark run failed ({cfg}): {result['error']}")
     return result
@@ -435,4 +441,82 @@ def format_train_table(results: list[TrainBenchResult]) -> str:
     for r in results:
         lines.append(f"| {r.width} | {r.model} | {r.images_per_s:.0f} | {r.ratio_speed:.2f}x | {r.peak_rss_mib:.0f} | "
                      f"{r.ratio_memory:.2f}x | {100 * r.data_share:.1f}% |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# folder: your own images as an image folder vs the same images as an .npz (issue 15's speed target)
+
+@dataclass
+class FolderBenchResult:
+    data: str  # "imagefolder" | "npz"
+    images_per_s: float  # median over repeats of the last epoch's training images/s (startup excluded)
+    ratio_speed: float  # this / the .npz run's images/s (>= 0.9 is the target)
+    wall_s: float  # median wall time of the whole train() call (folder: includes its one-time decode)
+    in_chans: int
+    image_size: int
+    repeats: int
+
+
+def make_gray_folder(root: Path, n_per_class: int, classes: int = 10, size: int = 28, seed: int = 0):
+    """A Fashion-MNIST-like image folder (``size`` px grayscale PNGs, ``classes`` classes; val = a fifth as many)
+    and the same images as an .npz beside it; returns (folder root, npz path)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_per_class), ("val", max(1, n_per_class // 5))):
+        xs, ys = [], []
+        for c in range(classes):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            base = rng.integers(0, 256, (size, size))  # a class template plus noise: learnable, like real data
+            for i in range(n):
+                x = np.clip(base + rng.normal(0, 40, (size, size)), 0, 255).astype(np.uint8)
+                Image.fromarray(x).save(d / f"{i:05d}.png")
+                xs.append(x[..., None])
+                ys.append(c)
+        key = "train" if split == "train" else "test"
+        arrays[f"x_{key}"], arrays[f"y_{key}"] = np.stack(xs), np.asarray(ys, np.int64)
+    npz = root.parent / f"{root.name}.npz"
+    np.savez(npz, **arrays)
+    return root, npz
+
+
+def bench_folder(repeats: int = 3, threads: int = 2, n_per_class: int = 400,
+                 progress: Callable[[str], None] = print) -> list[FolderBenchResult]:
+    """Training images/s of ``salunet train --data imagefolder --data-path DIR`` (no other data flag) on a
+    generated 28 px grayscale folder vs the same images as an .npz, in this process, interleaved repeats, medians.
+    Both runs use the trainer's defaults (salunet_c18 width 16, batch 64), one epoch, no progress bar."""
+    import tempfile
+
+    from .train import train
+    from .train.checkpoint import load_checkpoint
+
+    torch.set_num_threads(threads)
+    runs: dict[str, list[dict]] = {"imagefolder": [], "npz": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root, npz = make_gray_folder(Path(tmp) / "fmnist", n_per_class)
+        for r in range(repeats):
+            for data, path in (("imagefolder", root), ("npz", npz)):  # interleaved: machine noise hits both
+                progress(f"folder: {data} repeat {r + 1}/{repeats} ...")
+                t = time.perf_counter()
+                s = train({"data": data, "data_path": str(path), "epochs": 1, "progress": False,
+                           "out": str(Path(tmp) / "runs"), "name": f"{data}-{r}"})
+                wall = time.perf_counter() - t
+                _, meta = load_checkpoint(s["checkpoint"])
+                runs[data].append({"images_per_s": s["final"]["images_per_s"], "wall_s": wall,
+                                   "in_chans": meta["in_chans"], "image_size": meta["image_size"]})
+    med = {d: {k: statistics.median(x[k] for x in v) for k in v[0]} for d, v in runs.items()}
+    return [FolderBenchResult(d, med[d]["images_per_s"], med[d]["images_per_s"] / med["npz"]["images_per_s"],
+                              med[d]["wall_s"], int(med[d]["in_chans"]), int(med[d]["image_size"]), repeats)
+            for d in ("imagefolder", "npz")]
+
+
+def format_folder_table(results: list[FolderBenchResult]) -> str:
+    lines = ["| data | channels | size | train img/s | vs .npz | wall s (whole run) |", "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.data} | {r.in_chans} | {r.image_size} | {r.images_per_s:.0f} | {r.ratio_speed:.2f}x | "
+                     f"{r.wall_s:.1f} |")
     return "\n".join(lines)

@@ -5,14 +5,16 @@ Contract:
   InstanceNorm1d/2d/3d, their subclasses, and this project's LayerNorm2d / TokenBatchNorm) by a SALU of the right
   width on the dim it normalises; the ReLU family (ReLU, ReLU6, LeakyReLU, PReLU, RReLU, ELU, CELU, SELU), SiLU,
   Mish and Hardswish by SWALU; GELU by GALU. ``norm`` / ``act`` / ``gelu`` take any name or callable that
-  :func:`salunet.create_model` accepts, or ``"keep"``.
+  :func:`salunet.create_model` accepts, or ``"keep"``. ``classes`` maps other module classes to a kind ("norm",
+  "act", "gelu"); timm's own activation and norm classes are built in (:data:`KNOWN_CLASSES`, matched by name).
 - Never guesses silently: what it cannot size or place is replaced by a choice that is right whatever the truth
   (a scalar SALU/SWALU) or left in place, and the returned :class:`ConvertReport` says so, as it lists every
   replacement, every module kept, every norm or activation called as a function in forward code, and notes.
 - With ``example_input``: one traced forward sizes per-channel parameters and finds each norm's dim (a norm whose
   ``forward`` is not the library's is probed through its affine weight); then, by default, each new SALU is
   calibrated per channel so that its output has unit rms on the input it receives (amplitude
-  :data:`CALIBRATION_AMPLITUDE`), i.e. it starts doing what the replaced norm did. Without it, gates are scalar and
+  :data:`CALIBRATION_AMPLITUDE`), i.e. it starts doing what the replaced norm did; a token SALU whose output is
+  read only at some tokens (a ViT head's class token) is calibrated on those. Without it, gates are scalar and
   norms with a custom forward stay (reported).
 - Atomic: if anything raises, every slot and attribute convert set is put back before the error propagates.
 - Every submodule keeps its own train/eval mode; new modules take the device and dtype of what they replace.
@@ -38,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 from .models.layers import LayerNorm2d, TokenBatchNorm, get_act_layer, get_norm_layer
 from .nn import SALU, SaluFamily
 
-__all__ = ["convert", "ConvertReport", "CALIBRATION_AMPLITUDE"]
+__all__ = ["convert", "ConvertReport", "CALIBRATION_AMPLITUDE", "KNOWN_CLASSES"]
 
 CALIBRATION_AMPLITUDE = 4.0
 _REPORT_WIDTH = 116
@@ -64,6 +66,66 @@ _FUNC_MODULES: dict[Callable, type[nn.Module]] = {
     Fn.hardswish: nn.Hardswish, Fn.gelu: nn.GELU}
 _TORCH_LEAF_MODULES = ("torch.nn.modules.activation", "torch.nn.modules.normalization")
 _ACTIVATION_ATTRS = ("activation", "act", "act_fn", "activation_fn")  # where an unknown callable is reported
+_KINDS = ("norm", "act", "gelu")
+
+# Module classes of other libraries, by 'module.QualName' (no import needed: a name matches only when that library
+# is installed and used): timm's own activation and norm classes that are not subclasses of torch's.
+KNOWN_CLASSES: dict[str, str] = {
+    **{f"timm.layers.activations.{n}": "gelu" for n in ("GELU", "GELUTanh", "QuickGELU")},
+    **{f"timm.layers.activations.{n}": "act" for n in ("Swish", "Mish", "HardSwish", "HardMish")},
+    **{f"timm.layers.activations_me.{n}": "act" for n in ("SwishMe", "MishMe", "HardSwishMe", "HardMishMe")},
+    **{f"timm.layers.norm.{n}": "norm" for n in ("RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32",
+                                                  "SimpleNorm", "SimpleNorm2d", "SimpleNormFp32", "SimpleNorm2dFp32")},
+    "timm.layers.norm_act.FrozenBatchNormAct2d": "norm",
+}
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _ClassKinds:
+    """The kind ("norm", "act", "gelu") of a module's class: the user's ``classes`` first, then
+    :data:`KNOWN_CLASSES`, then torch's classes; a mapping matches a class and its subclasses, given as the class
+    object or as its 'module.QualName'."""
+
+    def __init__(self, classes: dict | None) -> None:
+        self.by_type: dict[type, str] = {}
+        self.by_name: dict[str, str] = {}
+        for k, kind in (classes or {}).items():
+            if kind not in _KINDS:
+                raise ValueError(f"convert: classes[{k!r}] = {kind!r}; the kind must be one of {', '.join(_KINDS)}")
+            if isinstance(k, type) and issubclass(k, nn.Module):
+                self.by_type[k] = kind
+            elif isinstance(k, str) and "." in k:
+                self.by_name[k] = kind
+            else:
+                raise ValueError(f"convert: classes key {k!r} is not an nn.Module class or a qualified class name "
+                                 "such as 'timm.layers.activations.GELU'")
+
+    def mapped(self, m: nn.Module) -> str | None:
+        """The kind a mapping (the user's, then the built-in table) gives ``m``'s class, else None."""
+        for table in (None, KNOWN_CLASSES):
+            for cls in type(m).__mro__:
+                kind = (self.by_type.get(cls) or self.by_name.get(_qualname(cls))) if table is None \
+                    else table.get(_qualname(cls))
+                if kind is not None:
+                    return kind
+        return None
+
+    def act(self, m: nn.Module) -> str | None:
+        """"act" or "gelu" for an activation module, else None."""
+        kind = self.mapped(m)
+        if kind is not None:
+            return kind if kind != "norm" else None
+        return "gelu" if isinstance(m, _GELU) else "act" if isinstance(m, _RELU_LIKE) else None
+
+    def norm_spec(self, m: nn.Module) -> _NormSpec | None:
+        kind = self.mapped(m)
+        if kind is not None and kind != "norm":
+            return None
+        spec = _norm_spec(m)
+        return spec if spec is not None or kind is None else _mapped_norm_spec(m)
 
 # functional calls that the traced pass reports (names as torch-function dispatch sees them, trailing "_" cut)
 _ACT_CALLS = {"relu", "relu6", "hardtanh", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu", "silu", "mish",
@@ -165,6 +227,22 @@ def _norm_spec(m: nn.Module) -> _NormSpec | None:
         width, dim = (m.num_channels if base is nn.GroupNorm else m.num_features), 1
     return _NormSpec(width, dim if trusted else None, trusted,
                      unbatched_rank=_RANK_OF[base] - 1 if base in _IN else None)
+
+
+def _mapped_norm_spec(m: nn.Module) -> _NormSpec:
+    """A norm class known only by name (``classes`` or :data:`KNOWN_CLASSES`): its width from the usual attribute
+    names or its affine parameter; its dim always from the traced forward (its forward is not torch's)."""
+    width = None
+    for attr in ("num_features", "num_channels", "normalized_shape", "dim", "channels"):
+        v = getattr(m, attr, None)
+        v = v[0] if isinstance(v, (tuple, list, torch.Size)) and len(v) == 1 else v
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            width = v
+            break
+    if width is None and _affine(m) is not None:
+        width = _affine(m).shape[0]
+    note = "" if width is not None else " (scalar: its width is not one of its attributes)"
+    return _NormSpec(width, None if width is not None else -1, False, note)
 
 
 def _affine(m: nn.Module) -> torch.Tensor | None:
@@ -504,16 +582,91 @@ def _unit_rms_log_gain(xc: torch.Tensor, amplitude: float, iters: int = 24, samp
     return torch.where(alive, 0.5 * (lo + hi), torch.zeros_like(rms))
 
 
+class _TokenUse(TorchFunctionMode):
+    """Which token positions (dim 1 of a (B, N, D) output) of each watched SALU the rest of a forward reads: None
+    for all of them, or the set an index such as ``x[:, 0]`` / ``x[:, :k]`` selects. A ViT's final norm runs on
+    every token but its head reads the class token alone, whose scale differs from the patch tokens' (at init in
+    timm's ViT-Tiny it is ~16x smaller), so the calibration must match *that* token's scale, not the mean over all.
+    The tensor is followed through ops that return it unchanged in layout (dropout, to, contiguous, clone)."""
+
+    _ALIASES = {"dropout", "contiguous", "clone", "to", "float", "detach", "type_as"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: dict[int, tuple[weakref.ref, int]] = {}  # id(tensor) -> (ref, id(salu))
+        self.used: dict[int, set[int] | None] = {}
+
+    def watch(self, salu: nn.Module, out) -> None:
+        if isinstance(out, torch.Tensor) and out.dim() == 3 and salu.num_features is not None \
+                and salu.dim % 3 == 2:
+            self.watched[id(out)] = (weakref.ref(out), id(salu))
+            self.used.setdefault(id(salu), set())
+
+    def _owner(self, t) -> int | None:
+        e = self.watched.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return e[1] if e is not None and e[0]() is t else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not isinstance(out, (torch.Tensor, tuple, list)):
+            return out  # .shape, .dim(), ...: reads no values
+        name = getattr(func, "__name__", "").strip("_")
+        for a in list(args) + list(kwargs.values()):
+            sid = self._owner(a)
+            if sid is None or self.used.get(sid, set()) is None:
+                continue
+            if name == "getitem" and a is args[0] and len(args) > 1:
+                pos = _token_positions(args[1], a.shape[1])
+                if pos is not None:
+                    self.used[sid] |= pos
+                    continue
+            if name in self._ALIASES and isinstance(out, torch.Tensor) and out.shape == a.shape:
+                self.watched[id(out)] = (weakref.ref(out), sid)
+                continue
+            self.used[sid] = None  # read in any other way: every token counts
+        return out
+
+
+def _token_positions(index, n: int) -> set[int] | None:
+    """The dim-1 positions ``x[index]`` reads for ``x`` of shape (B, n, D), when the index is (":", int or
+    slice[, ...]); else None."""
+    if not (isinstance(index, tuple) and len(index) >= 2 and index[0] == slice(None)):
+        return None
+    if any(i not in (slice(None), Ellipsis) for i in index[2:]):
+        return None
+    i = index[1]
+    if isinstance(i, int) and not isinstance(i, bool) and -n <= i < n:
+        return {i % n}
+    if isinstance(i, slice):
+        return set(range(n)[i])
+    return None
+
+
 @torch.no_grad()
 def _calibrate(model: nn.Module, example_input, salus: list[SALU], amplitude: float) -> int:
-    """Set each SALU in ``salus`` from the input it receives in one forward (module docstring)."""
+    """Set each SALU in ``salus`` from the input it receives in one forward (module docstring). A token SALU
+    whose output is read only at some positions (:class:`_TokenUse`, found by a first pass) is calibrated on
+    those positions."""
     done: set[int] = set()
+    use = _TokenUse()
+    if any(s.num_features is not None and s.dim == -1 for s in salus):  # token SALUs: which tokens count
+        handles = [s.register_forward_hook(lambda mod, a, out: use.watch(mod, out)) for s in salus]
+        try:
+            with _EvalModes(model), use:
+                _run(model, example_input)
+        finally:
+            for h in handles:
+                h.remove()
 
     def pre(mod: SALU, args):
         if id(mod) in done or not args or not isinstance(args[0], torch.Tensor):
             return
         done.add(id(mod))
         x = args[0].detach().float()
+        pos = use.used.get(id(mod))
+        if pos and x.dim() == 3:  # only the tokens the model goes on to read
+            x = x[:, sorted(pos)]
         xc = x.reshape(1, -1) if mod.num_features is None else \
             x.movedim(mod.dim % x.dim(), 0).reshape(mod.num_features, -1)
         log_a = _unit_rms_log_gain(xc, amplitude)
@@ -559,7 +712,8 @@ def _stored_functions(model: nn.Module) -> list[tuple[str, nn.Module, str, Calla
 
 
 def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Callable = "swalu",
-            gelu: str | Callable = "galu", example_input=None, calibrate: bool | None = None) -> ConvertReport:
+            gelu: str | Callable = "galu", example_input=None, calibrate: bool | None = None,
+            classes: dict | None = None) -> ConvertReport:
     """Replace the norms and activations of ``model`` in place; the module docstring explains every decision.
 
     Args:
@@ -577,6 +731,12 @@ def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Calla
         calibrate: set each new SALU's a0, b0 from the input it receives in a forward of ``example_input``
             (per channel, unit-rms output, amplitude :data:`CALIBRATION_AMPLITUDE`), so that the converted model is
             trainable at init. Default: True when ``example_input`` is given; True without it is an error.
+        classes: extra module classes to replace, ``{class or 'module.QualName': 'norm' | 'act' | 'gelu'}`` (a
+            class and its subclasses; e.g. ``{MyGELU: "gelu"}``). Mapped norms are sized from their attributes and
+            placed by the traced forward (their forward is not torch's); mapped activations are sized like any other.
+            Built in (:data:`KNOWN_CLASSES`): timm's GELU / GELUTanh / QuickGELU, Swish / Mish / HardSwish /
+            HardMish (and their ``*Me`` variants), RmsNorm / SimpleNorm (1-D and 2-D) and FrozenBatchNormAct2d;
+            timm's other norms subclass torch's and are recognised as such.
 
     Returns:
         A :class:`ConvertReport` (``print`` it), entries in model order.
@@ -588,6 +748,7 @@ def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Calla
     norm_fn = _resolve("norm", norm, get_norm_layer)
     act_fn = _resolve("act", act, get_act_layer)
     gelu_fn = _resolve("gelu", gelu, get_act_layer)
+    kinds = _ClassKinds(classes)
     traced = example_input is not None
     if calibrate is None:
         calibrate = traced
@@ -596,7 +757,7 @@ def convert(model: nn.Module, *, norm: str | Callable = "salu", act: str | Calla
     edits = _Edits()
     try:
         fns = {"norm": norm_fn, "act": act_fn, "gelu": gelu_fn}
-        return _Conversion(model, fns, example_input, calibrate, edits).run()
+        return _Conversion(model, fns, example_input, calibrate, edits, kinds).run()
     except BaseException:
         edits.undo()
         raise
@@ -634,8 +795,10 @@ class _Conversion:
     """One call of :func:`convert`, phase by phase: :meth:`run` calls each phase in order; every slot and
     attribute it sets goes through ``edits`` (so a failure can undo them), every decision into ``report``."""
 
-    def __init__(self, model: nn.Module, fns: dict, example_input, calibrate: bool, edits: _Edits) -> None:
+    def __init__(self, model: nn.Module, fns: dict, example_input, calibrate: bool, edits: _Edits,
+                 kinds: _ClassKinds | None = None) -> None:
         self.model, self.edits, self.example_input, self.calibrate = model, edits, example_input, calibrate
+        self.kinds = kinds or _ClassKinds(None)
         self.norm_fn, self.act_fn, self.gelu_fn = fns["norm"], fns["act"], fns["gelu"]
         self.traced = example_input is not None
         self.report = ConvertReport()
@@ -686,12 +849,12 @@ class _Conversion:
                 _run(model, self.example_input)
             self.report.notes.append(("<model>", f"initialised {len(lazy)} lazy module(s) with a forward of "
                                                  "example_input"))
-        self.norms = {id(m): s for m in model.modules() if (s := _norm_spec(m)) is not None}
-        self.acts = {id(m) for m in model.modules() if (isinstance(m, _GELU) and self.gelu_fn is not None)
-                     or (isinstance(m, _RELU_LIKE) and self.act_fn is not None)}
+        self.norms = {id(m): s for m in model.modules() if (s := self.kinds.norm_spec(m)) is not None}
+        self.acts = {id(m) for m in model.modules() if (k := self.kinds.act(m)) is not None
+                     and (self.gelu_fn if k == "gelu" else self.act_fn) is not None}
         # calls made inside these are the library's business, not forward code the user could change
-        owned = set(self.norms) | {id(m) for m in model.modules() if isinstance(m, (SaluFamily,) + _RELU_LIKE + _GELU)
-                                   or type(m).__module__ in _TORCH_LEAF_MODULES}
+        owned = set(self.norms) | {id(m) for m in model.modules() if isinstance(m, SaluFamily)
+                                   or self.kinds.act(m) is not None or type(m).__module__ in _TORCH_LEAF_MODULES}
         calls = (_ACT_CALLS if self.act_fn is not None else set()) | (
             _GELU_CALLS if self.gelu_fn is not None else set()) | (_NORM_CALLS if self.norm_fn is not None else set())
         self.tracer = _Tracer(self.norms, self.acts, owned, calls)
@@ -708,10 +871,10 @@ class _Conversion:
             for child_name, child in _children(m):
                 path = f"{name}.{child_name}" if name else child_name
                 if id(child) not in self.acts:
-                    if isinstance(child, _RELU_LIKE + _GELU) and id(child) not in self.done:
+                    if self.kinds.act(child) is not None and id(child) not in self.done:
                         self.done[id(child)] = child
                         self.report.kept.append((path, f"{type(child).__name__}, as asked "
-                                                       f"({'gelu' if isinstance(child, _GELU) else 'act'}='keep')"))
+                                                       f"({self.kinds.act(child)}='keep')"))
                     continue
                 if id(child) not in self.done:
                     self.done[id(child)] = self._new_activation(path, child)
@@ -719,7 +882,7 @@ class _Conversion:
                     self._set(m, child_name, self.done[id(child)])
 
     def _new_activation(self, path: str, child: nn.Module) -> nn.Module:
-        fn = self.gelu_fn if isinstance(child, _GELU) else self.act_fn
+        fn = self.gelu_fn if self.kinds.act(child) == "gelu" else self.act_fn
         c, d, note = _act_size(self.tracer.act_inputs.get(id(child)), self.traced)
         old = self.from_function[id(child)][0] if id(child) in self.from_function else type(child).__name__
         try:
@@ -751,8 +914,22 @@ class _Conversion:
                     if self.done[id(child)] is not child:
                         self._set(m, child_name, self.done[id(child)])
         for (where, fname), n in self.tracer.calls.items():
-            self.report.not_replaced.append((where, f"{fname} called as a function in forward code ({n} call(s)); "
-                                                    "replace it by a module to convert it"))
+            self.report.not_replaced.append((where, self._call_note(where, fname, n)))
+
+    def _call_note(self, where: str, fname: str, n: int) -> str:
+        """Why a function call seen in the traced pass stays: a leaf module of an unknown class that calls it is
+        an activation or norm *module* convert could replace if told its kind; other calls are forward code."""
+        m = None
+        if where != "<model>":
+            try:
+                m = self.model.get_submodule(where)
+            except AttributeError:
+                pass
+        if m is not None and next(m.children(), None) is None:
+            kind = "gelu" if fname in _GELU_CALLS else "norm" if fname in _NORM_CALLS else "act"
+            return (f"{type(m).__name__}: a module class convert does not know, whose forward calls {fname} "
+                    f"({n} call(s)); pass classes={{'{_qualname(type(m))}': '{kind}'}} to replace it")
+        return f"{fname} called as a function in forward code ({n} call(s)); replace it by a module to convert it"
 
     def _report_unknown_norm(self, path: str, child: nn.Module) -> None:
         if _NORM_NAME.search(type(child).__name__) and not isinstance(child, SaluFamily) \

@@ -196,7 +196,12 @@ MODEL_CONFIGS: dict[str, _Config] = {
 # Trainer settings a model declares (docs/SPEC.md "Models that declare trainer defaults"): applied by
 # salunet.train.resolve_config below every value given explicitly (recipe, config file, flags), so a model trained
 # by name gets what it was tuned with, and any flag still overrides it. Keys are TrainConfig fields.
-MODEL_TRAIN_DEFAULTS: dict[str, dict] = {}
+MODEL_TRAIN_DEFAULTS: dict[str, dict] = {
+    # the trainer's default width (16, CPU-scale ResNets) is not a multiple of the ViTs' 12 heads: a plain
+    # `salunet train --model salunet_t` gets 96 (8 dims per head, 1/4 of the paper's 384), the CPU-scale ViT
+    "salunet_t": {"width": 96},
+    "vit_ln": {"width": 96},
+}
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 

@@ -79,9 +79,11 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 def agc_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters AGC clips: weights with 2 or more dims, except the final classifier ``model.fc``
-    (or ``model.head``), as in the NFNets."""
-    head = getattr(model, "fc", None) or getattr(model, "head", None)
+    """The parameters AGC clips: weights with 2 or more dims, except the final classifier, as in the NFNets: the
+    module ``model.get_classifier()`` returns (timm's models, e.g. EfficientNet's ``classifier``), else ``model.fc``
+    (or ``model.head``)."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else getattr(model, "fc", None) or getattr(model, "head", None)
     skip = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     return [p for p in model.parameters() if p.requires_grad and p.dim() >= 2 and id(p) not in skip]
 
