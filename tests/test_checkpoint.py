@@ -78,8 +78,8 @@ def test_run_dir_names_every_file(tmp_path):
         run.append_metrics({"epoch": e})
     run.trim_metrics(2)
     assert [r["epoch"] for r in run.read_metrics()] == [1, 2]
-    run.write_run_id("job-7")
-    assert run.read_run_id() == "job-7"
+    run.write_run_id("job-7", ["host:12:99", "host:12:99", "other:5:1"])
+    assert run.read_run_id() == {"run_id": "job-7", "agents": ["host:12:99", "other:5:1"]}
     run.config.write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a JSON object"):
         run.read_config()

@@ -76,7 +76,7 @@ def test_malicious_pickle_is_not_executed(tmp_path):
             return (open, (str(marker), "w"))
 
     with pytest.raises(ValueError, match="not a CIFAR python batch"):
-        _read_batch(pickle.dumps({b"data": Evil()}), "data_batch_1", b"labels")
+        _read_batch(pickle.dumps({b"data": Evil()}), "data_batch_1", b"labels", 10)
     assert not marker.exists()
 
 
@@ -242,7 +242,7 @@ def test_cifar100_official_archive_and_folder(tmp_path):
 
 def test_cifar10_files_are_refused_as_cifar100(tmp_path):
     y = np.arange(64) % 10  # CIFAR-10 labels: all valid CIFAR-100 labels, so only the class count tells
-    p = make_npz(tmp_path / "cifar10.npz", y_train=y, y_test=y[:32])
+    p = make_npz(tmp_path / "cifar10.npz", shape=(32, 32, 3), y_train=y, y_test=y[:32])
     with pytest.raises(ValueError, match=r"cifar10.npz: labels span 0..9 \(10 classes\), but cifar100 has 100; "
                                          r"is this cifar10\? use --data cifar10"):
         load_cifar("cifar100", p)

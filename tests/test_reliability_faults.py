@@ -185,7 +185,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous_good(npz, tmp_path, re
     assert_clean_finish(run)
 
 
-@pytest.mark.parametrize("how,message", [("truncate", "corrupt or truncated checkpoint"),
+@pytest.mark.parametrize("how,message", [("truncate", "checksum mismatch, the file is corrupt"),
                                          ("bitflip", "checksum mismatch")])
 def test_corrupt_checkpoint_named_and_previous_loadable(tmp_path, how, message):
     """In-process twin of the test above for both kinds of damage: the message names the file, the resume

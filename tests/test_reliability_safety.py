@@ -189,7 +189,7 @@ def test_malicious_checkpoint_refused_by_eval(tmp_path, capsys, kind):
     before = _snapshot(tmp_path)
     line = _one_line(capsys, main(["eval", str(ckpt)]))
     assert line.startswith(f"salunet: error: {ckpt}: ")
-    refusal = "corrupt or truncated checkpoint" if kind == "pickle-0" else "this is a pickle/torch.save file, refused unread"
+    refusal = "checksum mismatch, the file is corrupt or truncated" if kind == "pickle-0" else "this is a pickle/torch.save file, refused unread"
     assert refusal in line
     assert not marker.exists() and _snapshot(tmp_path) == before
 

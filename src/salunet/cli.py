@@ -1,4 +1,5 @@
-"""Command line: ``salunet bench ops|models|train``, ``salunet train``, ``salunet eval``, ``salunet experiment``.
+"""Command line: ``salunet bench ops|models|train``, ``salunet train``, ``salunet eval``, ``salunet experiment``,
+``salunet doctor``, ``salunet export`` (ONNX) and ``salunet export-weights``.
 
 Errors a user can fix (bad names, paths, values) print one line ``salunet: error: ...`` and exit with code 2;
 a run that stops part-way (non-finite loss, full disk, SIGTERM, a lost torchrun worker) prints one line
@@ -41,6 +42,9 @@ def _cmd_bench(args) -> int:
         results = bench.bench_models(repeats=args.repeats or 7, threads=args.threads, full=args.full,
                                      pairs=args.pairs)
         table = bench.format_model_table(results)
+    elif args.what == "folder":
+        results = bench.bench_folder(repeats=args.repeats or 3, threads=args.threads)
+        table = bench.format_folder_table(results)
     else:
         if not args.data_path:
             raise UserError("bench train needs --data-path (CIFAR-10 as an .npz or the official archive)")
@@ -78,10 +82,13 @@ def _add_experiment_parsers(sub) -> None:
         e.set_defaults(func=_cmd_experiment, cli_parser=e, cli_options=[o for a in actions for o in a.option_strings])
 
 
-def _dataclass_options(parser: argparse.ArgumentParser, cls, prefix: str, skip: tuple = ()) -> list:
+def _dataclass_options(parser: argparse.ArgumentParser, cls, prefix: str, skip: tuple = (), docs: dict | None = None,
+                       choices=None) -> list:
     """One ``--field-name V`` option per field of dataclass ``cls`` (stored as ``prefix + field``, default None so
     that only what was given reaches the config); booleans also work as bare flags. Values stay strings here:
-    the config's one parser (``train.config.coerce_value``) type-checks them."""
+    the config's one parser (``train.config.coerce_value``) type-checks them. The help line of each option is
+    ``docs[field]`` (if given), then ``choices(field)`` (if it returns any; listed, not enforced here, so that a bad
+    value gets the config's one-line error), then the default."""
     import typing
 
     hints = typing.get_type_hints(cls)
@@ -91,11 +98,18 @@ def _dataclass_options(parser: argparse.ArgumentParser, cls, prefix: str, skip: 
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag, dest = "--" + f.name.replace("_", "-"), prefix + f.name
+        known = choices(f.name) if choices is not None else None
+        notes = [f"one of: {', '.join(known)}"] if known else []
         if hints[f.name] is bool:
-            actions.append(parser.add_argument(flag, dest=dest, nargs="?", const="true", metavar="true|false",
-                                               help=f"(default {str(default).lower()}; the bare flag means true)"))
+            notes.append(f"default {str(default).lower()}; the bare flag means true")
+            metavar, extra = "true|false", dict(nargs="?", const="true")
         else:
-            actions.append(parser.add_argument(flag, dest=dest, metavar="V", help=f"(default {default!r})"))
+            notes.append(f"default {'none' if default is None else repr(default)}")
+            metavar, extra = "V", {}
+        doc = (docs or {}).get(f.name, "")
+        text = f"{doc} ({'; '.join(notes)})" if doc else f"({'; '.join(notes)})"
+        text = text.replace("%", "%%")  # argparse formats help strings with %
+        actions.append(parser.add_argument(flag, dest=dest, metavar=metavar, help=text, **extra))
     return actions
 
 
@@ -140,14 +154,25 @@ def _cmd_train(args) -> int:
     args.previous_sigterm = stop_on_sigterm()
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    if args.accept_data_change and not args.resume:
+        raise UserError("--accept-data-change applies to --resume RUN_DIR only; drop it for a new run")
     if args.resume:
         if args.recipe or args.config:
             raise UserError("--resume continues a run with its saved config; drop --recipe/--config")
-        train(resume=args.resume, on_finish=draw_run_curves, **{k: C.parse_value(k, v) for k, v in overrides.items()})
+        train(resume=args.resume, on_finish=draw_run_curves, accept_data_change=args.accept_data_change,
+              **{k: C.parse_value(k, v) for k, v in overrides.items()})
         return 0
     base = C.config_from_json(args.config) if args.config else {}
     train(C.resolve_config(args.recipe, overrides, base=base), on_finish=draw_run_curves)
     return 0
+
+
+def _cmd_doctor(args) -> int:
+    from .doctor import format_report, report
+
+    r = report(build=args.build)
+    print(json.dumps(r, indent=2) if args.json else format_report(r))
+    return 1 if args.build and r["kernel_error"] else 0
 
 
 def _cmd_eval(args) -> int:
@@ -160,13 +185,63 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    import torch
+
+    from .export import export_onnx
+    from .weights import load_model_with_info
+
+    model, info = load_model_with_info(args.source, ema=args.ema or None)
+    c, size = info["input"]["in_chans"], info["input"]["image_size"]
+    example = torch.randn(args.batch_size, c, size, size, generator=torch.Generator().manual_seed(0))
+    result = export_onnx(model, example, args.out, exporter=args.exporter, opset=args.opset,
+                         dynamic_batch=not args.static_batch)
+    print(f"{result}; input 'input' (batch, {c}, {size}, {size}) normalised with mean {info['input']['mean']} "
+          f"std {info['input']['std']}; {info['weights']} weights of {info['source']}")
+    return 0
+
+
+def _cmd_export_weights(args) -> int:
+    from .weights import export_weights
+
+    out, side = export_weights(args.source, args.out, ema=args.ema or None)
+    print(f"wrote {out} and {side}; load with salunet.load_model({str(out)!r}), or without salunet's trainer: "
+          f"create_model(**json.load(open({str(side)!r}))['create_model']).load_state_dict("
+          f"safetensors.torch.load_file({str(out)!r}))")
+    return 0
+
+
+def _add_export_parsers(sub) -> None:
+    """``salunet export`` (ONNX, checked with onnxruntime) and ``salunet export-weights`` (README: Deployment)."""
+    from .export import EXPORTERS
+
+    src = "run directory, checkpoint, or (export only) a file written by export-weights"
+    x = _one_line_errors(sub.add_parser("export", help="write a trained model as ONNX, checked against the model "
+                                                       "with onnxruntime when it is installed"))
+    actions = [x.add_argument("source", help=src),
+               x.add_argument("--out", required=True, help="the .onnx file to write"),
+               x.add_argument("--ema", action="store_true", help="the EMA weights (default: the raw weights)"),
+               x.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
+                              help="torch.onnx exporter (dynamo needs onnxscript; default dynamo)"),
+               x.add_argument("--opset", type=_positive_int, help="ONNX opset (default: the exporter's)"),
+               x.add_argument("--batch-size", type=_positive_int, default=2, help="batch of the example input"),
+               x.add_argument("--static-batch", action="store_true", help="fix the batch size (default: dynamic)")]
+    x.set_defaults(func=_cmd_export, cli_parser=x, cli_options=[o for a in actions for o in a.option_strings])
+    w = _one_line_errors(sub.add_parser("export-weights", help="write a plain safetensors state dict and the JSON "
+                                                               "config that create_model takes"))
+    actions = [w.add_argument("source", help="run directory or checkpoint"),
+               w.add_argument("--out", required=True, help="the .safetensors file to write (config: same name, .json)"),
+               w.add_argument("--ema", action="store_true", help="the EMA weights (default: the raw weights)")]
+    w.set_defaults(func=_cmd_export_weights, cli_parser=w, cli_options=[o for a in actions for o in a.option_strings])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="salunet", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = _debug_flag(sub.add_parser("bench", help="operator / model benchmarks (ratios against baselines, same run)"))
-    b.add_argument("what", choices=["ops", "models", "train"])
+    b.add_argument("what", choices=["ops", "models", "train", "folder"])
     b.add_argument("--repeats", type=_positive_int, help="timed repeats per variant, median (default: ops 15, "
                    "models 7, train 3)")
     b.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
@@ -177,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench", help="directory for the JSON-lines results")
     b.set_defaults(func=_cmd_bench)
 
-    from .train.config import RECIPES, TrainConfig
+    from .train.config import FIELD_HELP, RECIPES, TrainConfig, field_choices
 
     t = _one_line_errors(sub.add_parser(
         "train", help="train a registered model (recipes, resume, torchrun)",
@@ -186,8 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "flags. Boolean keys work as bare flags (--download) or with a value (--flip false)."))
     actions = [t.add_argument("--recipe", choices=sorted(RECIPES), help="named recipe (overrides of the defaults)"),
                t.add_argument("--config", help="JSON file of config keys"),
-               t.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest valid checkpoint")]
-    actions += _dataclass_options(t, TrainConfig, "cfg_", skip=("recipe",))
+               t.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest valid checkpoint"),
+               t.add_argument("--accept-data-change", action="store_true",
+                              help="with --resume: continue although the data differs from the data the checkpoint "
+                                   "was trained on (refused by default)")]
+    actions += _dataclass_options(t, TrainConfig, "cfg_", skip=("recipe",), docs=FIELD_HELP, choices=field_choices)
     t.set_defaults(func=_cmd_train, cli_parser=t, cli_options=[o for a in actions for o in a.option_strings])
 
     e = _one_line_errors(sub.add_parser("eval", help="top-1/top-5 of a checkpoint's raw and EMA weights"))
@@ -202,7 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--out", help="JSON result file (default: <run>/eval/<checkpoint>-<data>[-<size>].json)")]
     e.set_defaults(func=_cmd_eval, cli_parser=e, cli_options=[o for a in actions for o in a.option_strings])
 
+    _add_export_parsers(sub)
     _add_experiment_parsers(sub)
+
+    d = _debug_flag(sub.add_parser("doctor", help="versions, kernel path, CPU ISA, kernel cache folder and whether "
+                                                  "the C++ build is current"))
+    d.add_argument("--build", action="store_true", help="build the C++ kernels now if they are not current "
+                   "(about 40 s; exit code 1 if that fails)")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.set_defaults(func=_cmd_doctor)
     return p
 
 
@@ -241,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"salunet: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RecursionError) as exc:  # an input too big or too deep for this machine
+        if args.debug:
+            raise
+        what = "out of memory" if isinstance(exc, MemoryError) else "input nested too deeply"
+        print(f"salunet: error: {what} ({_one_line(exc)}); use smaller inputs (--width, --batch-size, image size) "
+              "or --debug for the traceback", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # the run stopped (divergence, full disk, SIGTERM, a lost torchrun worker)
         if args.debug or not isinstance(exc, (TrainingDiverged, RunStopped)):

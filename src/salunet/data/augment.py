@@ -5,6 +5,8 @@ identically and each keep its slice (see ``salunet.train.loop``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -67,14 +69,41 @@ def mix_batch(x: Tensor, y: Tensor, mixup: float, cutmix: float, gen: torch.Gene
     return x, y, y[perm], lam
 
 
+_MAX_TRIES = 10_000  # rejection samplers below accept with probability >= 1/2 (Johnk, alpha <= 1) or > 0.95
+
+
 def _beta(alpha: float, gen: torch.Generator) -> float:
-    """Beta(alpha, alpha) by Johnk's algorithm from uniforms drawn with ``gen`` (torch.distributions.Beta
-    takes no generator, and the draw must be reproducible and identical on every rank)."""
-    while True:
+    """Beta(alpha, alpha) from uniforms drawn with ``gen`` (torch.distributions.Beta takes no generator, and the
+    draw must be reproducible and identical on every rank). alpha <= 1: Johnk's algorithm, in logarithms so that a
+    tiny alpha (1e-300: u ** (1 / alpha) underflows to 0 for every u, and the plain form never accepts) still
+    gives its 0-or-1 draws; alpha > 1 (where Johnk's acceptance falls as 1 / C(2 alpha, alpha)): the ratio of two
+    Gamma(alpha) draws. Both loops are bounded."""
+    if alpha > 1:
+        g1, g2 = _gamma(alpha, gen), _gamma(alpha, gen)
+        return g1 / (g1 + g2)
+    for _ in range(_MAX_TRIES):
         u, v = _rand(2, gen, "cpu").tolist()
-        a, b = u ** (1 / alpha), v ** (1 / alpha)
-        if 0 < a + b <= 1:
-            return a / (a + b)
+        la, lb = math.log1p(-u) / alpha, math.log1p(-v) / alpha  # log of (1 - u) ** (1 / alpha); 1 - u in (0, 1]
+        top = max(la, lb)
+        if top == -math.inf:
+            continue
+        if top + math.log(math.exp(la - top) + math.exp(lb - top)) <= 0:  # a + b <= 1
+            d = lb - la
+            return 0.0 if d > 700 else 1.0 / (1.0 + math.exp(d))  # a / (a + b)
+    raise RuntimeError(f"Beta({alpha}, {alpha}) sampler did not accept in {_MAX_TRIES} tries")
+
+
+def _gamma(alpha: float, gen: torch.Generator) -> float:
+    """Gamma(alpha, 1) for alpha >= 1 by Marsaglia and Tsang's method (normals by Box-Muller from ``gen``)."""
+    d = alpha - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    for _ in range(_MAX_TRIES):
+        u1, u2, u3 = _rand(3, gen, "cpu").tolist()
+        z = math.sqrt(-2.0 * math.log1p(-u1)) * math.cos(2.0 * math.pi * u2)
+        v = (1.0 + c * z) ** 3
+        if v > 0 and math.log1p(-u3) < 0.5 * z * z + d - d * v + d * math.log(v):
+            return d * v
+    raise RuntimeError(f"Gamma({alpha}) sampler did not accept in {_MAX_TRIES} tries")
 
 
 def mixed_cross_entropy(logits: Tensor, y_a: Tensor, y_b: Tensor, lam: float, smoothing: float) -> Tensor:

@@ -17,6 +17,7 @@ import pickle
 import shutil
 import tarfile
 import tempfile
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ def _file_mode() -> int:
 
 
 _FILE_MODE = _file_mode()
+
+
+MAX_BATCH_BYTES = 256 * 2**20  # the largest official batch file (CIFAR-100 train) is ~155 MB
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,12 @@ def validate_arrays(d: ImageArrays, where: str) -> ImageArrays:
                              "uint8 (e.g. np.clip(x * 255, 0, 255).astype(np.uint8) for floats in [0, 1])")
         if x.ndim != 4 or x.shape[-1] not in (1, 3):
             raise ValueError(f"{where}: x_{split} has shape {x.shape}, expected (N, H, W, C) with C = 1 or 3")
+        if x.shape[1] != x.shape[2]:
+            raise ValueError(f"{where}: x_{split} holds {x.shape[1]} x {x.shape[2]} images; the models take square "
+                             "images: crop or pad them to H = W")
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(f"{where}: y_{split} has shape {y.shape}, expected ({len(x)},) labels")
-        if not np.issubdtype(y.dtype, np.integer):
+        if y.dtype.kind not in "iu":  # (numpy files timedelta64 under the integers)
             raise ValueError(f"{where}: y_{split} has dtype {y.dtype}, expected integer labels")
         if len(x) == 0:
             raise ValueError(f"{where}: x_{split} is empty; it needs at least one image")
@@ -114,6 +121,7 @@ def read_npz(path: str | Path, num_classes: int | None = None) -> ImageArrays:
                 raise ValueError(f"{path}: missing array(s) {', '.join(missing)}; an .npz needs x_train, "
                                  "y_train, x_test, y_test")
             arrs = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            declared = f["num_classes"] if "num_classes" in f.files else None
     except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
         if isinstance(exc, ValueError) and str(exc).startswith(str(path)):
             raise
@@ -124,11 +132,33 @@ def read_npz(path: str | Path, num_classes: int | None = None) -> ImageArrays:
                              "unpickling can run code; save plain uint8 / integer arrays") from None
         raise ValueError(f"{path}: not a readable .npz archive ({str(exc).splitlines()[0][:120]}); pass an .npz "
                          "saved by np.savez with uint8 x_train, x_test and integer y_train, y_test") from None
-    if num_classes is None:  # inferred from the labels; malformed ones are reported by validate_arrays
-        ys = [a for a in (arrs["y_train"], arrs["y_test"]) if a.size and np.issubdtype(a.dtype, np.integer)]
-        num_classes = max(int(max(a.max() for a in ys)) + 1, 1) if ys else 1
+    if num_classes is None:
+        num_classes = _npz_num_classes(path, arrs, declared)
     n = num_classes
     return validate_arrays(ImageArrays(**arrs, num_classes=n, source=str(path)), str(path))
+
+
+def _npz_num_classes(path: Path, arrs: dict, declared) -> int:
+    """The class count of an .npz: its ``num_classes`` array when it has one (labels are then checked against
+    it), else max label + 1, provided that at least half of the classes up to it have an image: one stray label
+    100000 must not make a 100,001-way model (nor a label 1e9 a 4 GB classifier)."""
+    if declared is not None:
+        if declared.shape != () or not np.issubdtype(declared.dtype, np.integer) or int(declared) < 1:
+            raise ValueError(f"{path}: num_classes must be one positive integer, got {declared!r}; save it as "
+                             "np.savez(..., num_classes=K)")
+        return int(declared)
+    ys = [a for a in (arrs["y_train"], arrs["y_test"]) if a.size]
+    if not ys or any(a.ndim != 1 or a.dtype.kind not in "iu" for a in ys):
+        return 1  # malformed labels: validate_arrays reports them
+    lo = min(int(a.min()) for a in ys)
+    top = max(int(a.max()) for a in ys)
+    if lo < 0:
+        return top + 1 if top >= 0 else 1  # validate_arrays names the negative labels
+    present = np.unique(np.concatenate([a.astype(np.int64) for a in ys])).size
+    if present * 2 < top + 1:  # most classes without a single image: a stray label, not a class count
+        raise ValueError(f"{path}: labels span 0..{top} ({top + 1} classes) but only {present} distinct values occur; "
+                         "relabel the classes as 0..K-1, or store the class count: np.savez(..., num_classes=K)")
+    return top + 1
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -137,15 +167,28 @@ class _SafeUnpickler(pickle.Unpickler):
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
+    def __init__(self, file, *, size: int, **kw) -> None:
+        super().__init__(file, **kw)
+        self._size = size  # bytes of the pickle: no array it describes can hold more
+
     def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of the CIFAR format")
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of the CIFAR format")
+        found = super().find_class(module, name)
+        if name != "_reconstruct":
+            return found
+
+        def reconstruct(cls, shape, dtype):  # numpy allocates `shape` before any data is read: bound it first
+            n = int(np.prod(shape, dtype=np.float64)) if isinstance(shape, tuple) else -1
+            if n < 0 or n > self._size:
+                raise pickle.UnpicklingError(f"an array of shape {shape} in {self._size} bytes of pickle")
+            return found(cls, shape, dtype)
+        return reconstruct
 
 
-def _read_batch(data: bytes, where: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _read_batch(data: bytes, where: str, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     try:
-        d = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
+        d = _SafeUnpickler(io.BytesIO(data), size=len(data), encoding="bytes").load()
     except Exception as exc:  # noqa: BLE001 - any failure here means a bad file
         raise ValueError(f"{where}: not a CIFAR python batch ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
                          "replace it with the official file (or use --download)") from None
@@ -154,8 +197,17 @@ def _read_batch(data: bytes, where: str, label_key: bytes) -> tuple[np.ndarray, 
     x = np.asarray(d[b"data"])
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
         raise ValueError(f"{where}: b'data' has shape {x.shape} and dtype {x.dtype}, expected (N, 3072) uint8")
-    y = np.asarray(d[label_key], dtype=np.int64)
-    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), y
+    try:
+        y = np.asarray(d[label_key])
+    except (ValueError, TypeError, OverflowError):
+        y = np.asarray([])
+    if y.ndim != 1 or len(y) != len(x) or not (y.dtype.kind in "iu" or y.size == 0):
+        raise ValueError(f"{where}: {len(x)} images but labels of shape {y.shape} ({y.dtype}); each batch file needs "
+                         "one integer label per image: replace it with the official file")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"{where}: labels in [{y.min()}, {y.max()}], expected 0..{num_classes - 1}; replace it with "
+                         "the official file")
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), y.astype(np.int64)
 
 
 def _load_official(root: Path, spec: CifarSpec, name: str) -> ImageArrays:
@@ -163,7 +215,7 @@ def _load_official(root: Path, spec: CifarSpec, name: str) -> ImageArrays:
     def read_all(get):
         xs, ys = {}, {}
         for split, files in (("train", spec.train_files), ("test", spec.test_files)):
-            parts = [_read_batch(*get(f), spec.label_key) for f in files]
+            parts = [_read_batch(*get(f), spec.label_key, spec.num_classes) for f in files]
             xs[split] = np.concatenate([p[0] for p in parts])
             ys[split] = np.concatenate([p[1] for p in parts])
         return ImageArrays(xs["train"], ys["train"], xs["test"], ys["test"], spec.num_classes, str(root))
@@ -185,6 +237,9 @@ def _load_official(root: Path, spec: CifarSpec, name: str) -> ImageArrays:
                                      "python archive?") from None
                 except (tarfile.TarError, OSError, EOFError) as exc:
                     raise ValueError(f"{root}: corrupt or truncated archive ({exc}); download it again") from None
+                if member.size > MAX_BATCH_BYTES:
+                    raise ValueError(f"{root}: member {member.name} claims {member.size:,} bytes, more than any "
+                                     f"{name} batch file ({MAX_BATCH_BYTES:,}); not the official archive")
                 try:
                     return tf.extractfile(member).read(), f"{root}:{member.name}"
                 except (tarfile.TarError, OSError, EOFError, AttributeError) as exc:
@@ -197,6 +252,9 @@ def _load_official(root: Path, spec: CifarSpec, name: str) -> ImageArrays:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing {name} batch file; point --data-path at the extracted "
                                     f"'{spec.folder}' folder, the .tar.gz, or use --download")
+        if p.stat().st_size > MAX_BATCH_BYTES:
+            raise ValueError(f"{p}: {p.stat().st_size:,} bytes, more than any {name} batch file ({MAX_BATCH_BYTES:,}); "
+                             "replace it with the official file")
         return p.read_bytes(), str(p)
     return validate_arrays(read_all(get), str(folder))
 
@@ -212,7 +270,11 @@ def load_cifar(name: str, path: str | Path) -> ImageArrays:
         raise FileNotFoundError(f"{p}: no such file or directory; pass the .npz, the official archive or its "
                                 "folder, or add --download")
     if p.is_file() and p.suffix == ".npz":
-        return _check_num_classes(read_npz(p, spec.num_classes), name, str(p))
+        d = _check_num_classes(read_npz(p, spec.num_classes), name, str(p))
+        if d.x_train.shape[1:] != (32, 32, 3):
+            raise ValueError(f"{p}: images of shape {d.x_train.shape[1:]} (H, W, C), but {name} images are 32 x 32 x 3; "
+                             "use --data npz for other image sets")
+        return d
     if p.is_dir():
         for candidate in (p / f"{name}.npz", p / spec.archive):
             if candidate.is_file() and not (p / spec.folder).is_dir():
@@ -257,10 +319,16 @@ def safe_extract(archive: Path, dest: Path) -> None:
         tf.extractall(dest, members=members, **kw)
 
 
+MAX_DOWNLOAD_BYTES = 512 * 2**20  # the official archives are 163-170 MB
+
+
 def download_cifar(name: str, root: str | Path, *, url: str | None = None, md5: str | None = None,
-                   progress: bool = True, timeout: float = 60.0) -> Path:
+                   progress: bool = True, timeout: float = 60.0, deadline: float = 3600.0,
+                   max_bytes: int = MAX_DOWNLOAD_BYTES) -> Path:
     """Download the official archive into ``root`` (verified, atomic), extract it safely, return the folder.
-    ``url``/``md5`` default to the published ones (tests point them at a local server)."""
+    ``url``/``md5`` default to the published ones (tests point them at a local server). ``timeout`` bounds each
+    network wait, ``deadline`` the whole download (seconds); a body larger than ``max_bytes`` is abandoned as
+    soon as it passes that size, before its checksum is computed."""
     spec = CIFAR[name]
     url, md5 = url or spec.url, md5 or spec.md5
     root = Path(root).expanduser()
@@ -275,8 +343,19 @@ def download_cifar(name: str, root: str | Path, *, url: str | None = None, md5: 
             os.fchmod(fd, _FILE_MODE)  # the archive is renamed into place: give it a normal file's mode
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
                 total = int(resp.headers.get("Content-Length") or 0)
+                if total > max_bytes:
+                    raise ValueError(f"{url}: the server announces {total:,} bytes, more than the {max_bytes:,} of "
+                                     f"any {name} archive; not the official archive, nothing was kept")
                 bar = _bar(total, f"download {spec.archive}") if progress else None
+                start, got_bytes = time.monotonic(), 0
                 for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    got_bytes += len(chunk)
+                    if got_bytes > max_bytes:
+                        raise ValueError(f"{url}: the download passed {max_bytes:,} bytes, more than any {name} "
+                                         "archive; not the official archive, nothing was kept")
+                    if time.monotonic() - start > deadline:
+                        raise ValueError(f"{url}: the download took more than {deadline:.0f} s; nothing was kept; "
+                                         f"try again, or download it by hand into {root}")
                     out.write(chunk)
                     if bar:
                         bar.update(len(chunk))

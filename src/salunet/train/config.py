@@ -34,7 +34,8 @@ from pathlib import Path
 
 from ..models import MODEL_CONFIGS, create_model, list_models, model_train_defaults
 
-__all__ = ["TrainConfig", "RECIPES", "resolve_config", "parse_value", "coerce_value", "field_types", "config_from_json", "build_model"]
+__all__ = ["TrainConfig", "FIELD_HELP", "RECIPES", "resolve_config", "parse_value", "coerce_value", "field_types",
+           "field_choices", "config_from_json", "build_model", "model_kwargs"]
 
 
 @dataclass
@@ -69,13 +70,17 @@ class TrainConfig:
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
     cutmix: float = 0.0
-    crop_padding: int = 1  # 8x8 digits; the CIFAR recipes use 4
+    crop_padding: int | None = None  # pad-and-crop shift; None = size/8 rounded (8x8 digits: 1; 28-32 px: 4)
     flip: bool = False  # digits are not mirror-symmetric; the CIFAR / ImageNet recipes flip
     ema_decay: float = 0.99  # 0 = no EMA; the paper: 0.9997 SaluNet, 0.997 BN ResNet
-    # images from folders
-    image_size: int = 224
-    eval_size: int = 224
+    # images from folders (data/folders.py): None = from the data
+    image_size: int | None = None  # None = the images' own size (mixed sizes: median shorter side, at most 224)
+    eval_size: int | None = None  # None = image_size
+    in_chans: int | None = None  # None = 1 for grayscale folders, else 3; 1 or 3 converts every image
+    crop: str = "auto"  # auto (pad for <= 64 px, else resized) | pad (CIFAR-style) | resized (ImageNet-style)
+    crop_scale: float = 0.08  # resized crop: smallest area fraction (ImageNet's 0.08; larger is gentler)
     workers: int = 2
+    dist_timeout: float = 600.0  # seconds a torchrun rank waits for the others in a collective
     # execution
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "none"  # none | bf16 | fp16
@@ -87,7 +92,64 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs
     keep_checkpoints: int = 2
     progress: bool = True
+    logger: str = "none"  # none | tensorboard (train/loggers.py)
+    log_steps: bool = False  # one JSON line per optimizer step in steps.jsonl
     recipe: str | None = None  # informational: the recipe the run started from
+
+
+# One line per field: `salunet train --help` is generated from these (a test checks that every field has one).
+FIELD_HELP: dict[str, str] = {
+    "model": "registered model to train",
+    "width": "base channels (ResNets) or hidden size (ViT); none = the paper's (64 for the ResNets)",
+    "norm_layer": "replace the model's norm layers by this kind (the ablation); none = the model's own",
+    "act_layer": "replace the model's activations by this kind; none = the model's own",
+    "model_overrides": "extra create_model keyword arguments as a JSON object, e.g. '{\"salu_b0\": 0.3}'",
+    "data": "data set (digits is embedded; the others read --data-path)",
+    "data_path": "file or folder of the data set (an .npz, a CIFAR archive or folder, an image-folder root)",
+    "download": "download CIFAR into --data-path if it is not there (checksum-verified)",
+    "train_subset": "train on the first N training images only (0 = all)",
+    "test_subset": "evaluate on the first N test images only (0 = all)",
+    "epochs": "training epochs",
+    "batch_size": "global batch per optimizer step (split across torchrun ranks)",
+    "eval_batch_size": "batch size of evaluation",
+    "accum_steps": "micro-batches per optimizer step (gradient accumulation; --batch-size stays per step)",
+    "optimizer": "optimizer (sgd = SGD with Nesterov momentum)",
+    "lr": "peak learning rate (after warm-up, before the cosine decay)",
+    "momentum": "SGD momentum (0 = plain SGD)",
+    "weight_decay": "weight decay of conv kernels and weight matrices (never of SALU/gate parameters or biases)",
+    "warmup_epochs": "linear learning-rate warm-up, in epochs (fractions allowed)",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "grad_clip": "clip the global gradient norm to this value (0 = off)",
+    "agc": "adaptive gradient clipping factor, unit-wise as in NFNets (0 = off)",
+    "salu_lr_scale": "learning-rate multiplier of the SALU/SWALU/GALU parameters (log a, log b)",
+    "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",
+    "mixup": "mixup: alpha of Beta(alpha, alpha) (0 = off)",
+    "cutmix": "cutmix: alpha of Beta(alpha, alpha) (0 = off)",
+    "crop_padding": "random crops after padding by this many pixels (0 = no crop; none = image size / 8)",
+    "flip": "random horizontal flips",
+    "ema_decay": "decay of the EMA of the weights, evaluated beside the raw weights (0 = no EMA)",
+    "image_size": "image folders: training size (none = the images' own; a larger one upsamples, with a warning)",
+    "eval_size": "image folders: evaluation size (none = image_size; 288 for the paper's second ResNet-50 number)",
+    "in_chans": "image folders: input channels, 1 or 3 (none = 1 for grayscale images, else 3)",
+    "crop": "image folders: training crop (auto = pad for images of <= 64 px, resized above)",
+    "crop_scale": "image folders, --crop resized: smallest area fraction of the crop (ImageNet 0.08)",
+    "workers": "image folders: data-loading worker processes",
+    "dist_timeout": "torchrun: seconds a rank waits for the others (a stopped or hung rank ends the run after this)",
+    "device": "auto | cpu | cuda | cuda:N (auto: the GPU if there is one)",
+    "amp": "autocast dtype (fp16 adds a grad scaler)",
+    "channels_last": "channels-last memory format for the model and batches",
+    "compile": "torch.compile the model",
+    "seed": "seed of the initial weights, the data order and the augmentation",
+    "out": "folder in which the run directory is created",
+    "name": "run directory name; none = <model>-<data>-s<seed>-<time>",
+    "checkpoint_every": "save a checkpoint every N epochs (and after the last)",
+    "keep_checkpoints": "keep the N newest checkpoints",
+    "progress": "a progress bar during each epoch",
+    "logger": "also write TensorBoard events to RUN/tensorboard: scalars per step and per epoch, with the lr "
+              "(needs salunet[tensorboard])",
+    "log_steps": "write one JSON line per optimizer step (loss, accuracy, lr, gradient norm) to RUN/steps.jsonl",
+    "recipe": "the recipe the run started from (informational; set it with --recipe)",
+}
 
 
 RECIPES: dict[str, dict] = {
@@ -101,13 +163,25 @@ RECIPES: dict[str, dict] = {
                             optimizer="sgd", lr=0.1, weight_decay=5e-5, warmup_epochs=5, label_smoothing=0.1,
                             mixup=0.1, cutmix=1.0, ema_decay=0.9998, amp="bf16", channels_last=True,
                             eval_batch_size=250, crop_padding=0, flip=True),
-    "cpu-quick": dict(model="salunet_c18", width=16, data="digits", epochs=6, batch_size=64, lr=0.05,
-                      weight_decay=5e-4, warmup_epochs=1, crop_padding=1, flip=False, ema_decay=0.99),
+    "cpu-quick": dict(model="salunet_c18", width=16, data="digits", epochs=6, batch_size=64, lr=0.05,  # padding:
+                      weight_decay=5e-4, warmup_epochs=1, crop_padding=None, flip=False, ema_decay=0.99),  # 8 px / 8 = 1
 }
 
-_CHOICES = {"optimizer": ("sgd", "adamw", "adam"), "amp": ("none", "bf16", "fp16"),
-            "data": ("digits", "cifar10", "cifar100", "npz", "imagefolder")}
+_CHOICES = {"optimizer": ("sgd", "adamw", "adam"), "amp": ("none", "bf16", "fp16"), "crop": ("auto", "pad", "resized"),
+            "data": ("digits", "cifar10", "cifar100", "npz", "imagefolder"), "logger": ("none", "tensorboard")}
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def field_choices(key: str) -> tuple[str, ...] | None:
+    """The values field ``key`` takes from a fixed set (for ``--help``), or None: the checked choices, the
+    registered models, and the norm / activation names of the model factory."""
+    if key == "model":
+        return tuple(list_models())
+    if key in ("norm_layer", "act_layer"):
+        from ..models.layers import ACTS, NORMS
+
+        return tuple(NORMS if key == "norm_layer" else ACTS)
+    return _CHOICES.get(key)
 _HINTS = typing.get_type_hints(TrainConfig)  # resolves the annotation strings (PEP 563) without eval()
 
 
@@ -193,12 +267,14 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
             raise ValueError(f"{k}: {getattr(cfg, k)!r} is not one of {', '.join(choices)}")
     for k in ("epochs", "batch_size", "eval_batch_size", "accum_steps", "image_size", "eval_size",
               "checkpoint_every", "keep_checkpoints"):
-        if getattr(cfg, k) <= 0:
+        if getattr(cfg, k) is not None and getattr(cfg, k) <= 0:
             raise ValueError(f"{k} must be positive, got {getattr(cfg, k)}")
+    if not (cfg.dist_timeout > 0 and math.isfinite(cfg.dist_timeout)):
+        raise ValueError(f"dist_timeout must be a finite number of seconds > 0, got {cfg.dist_timeout}")
     for k in ("train_subset", "test_subset", "crop_padding", "workers", "warmup_epochs", "weight_decay",
               "grad_clip", "mixup", "cutmix", "min_lr", "momentum", "agc"):
         v = getattr(cfg, k)
-        if not (v >= 0 and math.isfinite(v)):
+        if v is not None and not (v >= 0 and math.isfinite(v)):
             raise ValueError(f"{k} must be a finite number >= 0, got {v}")
     if not (cfg.salu_lr_scale > 0 and math.isfinite(cfg.salu_lr_scale)):
         raise ValueError(f"salu_lr_scale must be a finite positive number (1 = no scaling), got {cfg.salu_lr_scale}")
@@ -216,6 +292,15 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {cfg.ema_decay}")
+    if cfg.in_chans not in (None, 1, 3):
+        raise ValueError(f"in_chans must be 1 (grayscale) or 3 (colour), or none to take it from the data; got "
+                         f"{cfg.in_chans}")
+    if not (0 < cfg.crop_scale <= 1):
+        raise ValueError(f"crop_scale is the smallest area fraction of the resized crop, in (0, 1]; got {cfg.crop_scale}")
+    if cfg.data != "imagefolder" and (cfg.in_chans is not None or cfg.crop == "resized"):
+        what = "--in-chans" if cfg.in_chans is not None else "--crop resized"
+        raise ValueError(f"{what} applies to image folders only; {cfg.data} images keep their stored channels and "
+                         "train with pad-and-crop (--crop-padding); drop it")
     if cfg.width is not None and cfg.width <= 0:
         raise ValueError(f"width must be positive, got {cfg.width}")
     if cfg.data == "digits" and cfg.data_path is not None:  # a path given for the embedded set is a mistake
@@ -253,6 +338,8 @@ def config_from_json(path: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         where = f" ({exc.msg} at line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise ValueError(f"{p}: not valid JSON{where}; fix the file") from None
+    except RecursionError:
+        raise ValueError(f"{p}: JSON nested too deeply to be a config; a config is one flat object of keys") from None
     if not isinstance(d, dict):
         raise ValueError(f"{p}: a config file must hold a JSON object of config keys, not a {type(d).__name__}")
     for k, v in d.items():
@@ -263,19 +350,37 @@ def config_from_json(path: str | Path) -> dict:
     return d
 
 
-def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, image_size: int):
-    """The model ``cfg`` names, for data of ``num_classes`` / ``in_chans`` / ``image_size``, built right after
-    ``torch.manual_seed(cfg.seed)`` (so a seed gives the same initial weights in every process)."""
-    import torch
-
+def model_kwargs(cfg: TrainConfig, num_classes: int, in_chans: int, image_size: int) -> dict:
+    """The keyword arguments of ``create_model`` (``name`` included) that :func:`build_model` passes: what an
+    exported weights file records, so that ``create_model(**kwargs)`` rebuilds the model without the trainer."""
     if cfg.model not in list_models():
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(list_models())}")
     kw = dict(cfg.model_overrides)
     fields = {f.name for f in dataclasses.fields(MODEL_CONFIGS[cfg.model])}
     if "img_size" in fields and "img_size" not in kw:  # models whose shapes depend on the image size
         kw["img_size"] = image_size
-        if "patch" in fields and image_size % 4:
-            kw.setdefault("patch", 2 if image_size % 2 == 0 else 1)
+        patch = kw.get("patch", getattr(MODEL_CONFIGS[cfg.model], "patch", None))
+        if patch is not None and image_size % patch:  # refused, not changed behind the user's back
+            fits = [p for p in range(1, min(image_size, 16) + 1) if image_size % p == 0]
+            raise ValueError(f"model {cfg.model}: {image_size} px images do not split into {patch}x{patch} patches; "
+                             f"pass --model-overrides '{{\"patch\": P}}' with P in {fits} ({image_size}/P squared "
+                             "tokens), or --image-size a multiple of the patch (image folders)")
+    return {"name": cfg.model, "num_classes": num_classes, "in_chans": in_chans, "width": cfg.width,
+            "norm_layer": cfg.norm_layer, "act_layer": cfg.act_layer, **kw}
+
+
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, image_size: int):
+    """The model ``cfg`` names, for data of ``num_classes`` / ``in_chans`` / ``image_size``, built right after
+    ``torch.manual_seed(cfg.seed)`` (so a seed gives the same initial weights in every process)."""
+    import torch
+
+    kwargs = model_kwargs(cfg, num_classes, in_chans, image_size)
     torch.manual_seed(cfg.seed)
-    return create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, width=cfg.width,
-                        norm_layer=cfg.norm_layer, act_layer=cfg.act_layer, **kw)
+    try:
+        return create_model(**kwargs)
+    except (MemoryError, RuntimeError) as exc:  # the allocator's refusal, however torch words it
+        if not isinstance(exc, MemoryError) and not any(s in str(exc) for s in ("alloc", "out of memory")):
+            raise
+        raise ValueError(f"model {cfg.model} at width {cfg.width} does not fit in memory "
+                         f"({str(exc).strip().splitlines()[-1][:100] if str(exc).strip() else 'MemoryError'}); "
+                         "use a smaller --width") from None

@@ -7,6 +7,7 @@ alone logs and writes checkpoints, the others wait at a barrier.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "setup", "teardown", "barrier", "broadcast_object", "all_reduce_sum", "resolve_device",
-           "restart_count", "max_restarts"]
+           "restart_count", "max_restarts", "agent_identity", "all_gather_object"]
 
 
 @dataclass
@@ -51,8 +52,9 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Join the torchrun job described by the environment (WORLD_SIZE, RANK, LOCAL_RANK), if any."""
+def setup(device: str = "auto", timeout: float = 600.0) -> DistInfo:
+    """Join the torchrun job described by the environment (WORLD_SIZE, RANK, LOCAL_RANK), if any. A collective
+    that waits more than ``timeout`` seconds for a peer (stopped, hung) fails, and the run stops saying so."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         dev = resolve_device(device, 0)
@@ -67,6 +69,7 @@ def setup(device: str = "auto") -> DistInfo:
     owns = not dist.is_initialized()  # a caller's own process group is used as it is, and left alone
     if owns:
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        wait = datetime.timedelta(seconds=timeout)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
@@ -77,10 +80,37 @@ def setup(device: str = "auto") -> DistInfo:
             # attempt keeps the attempts apart; the store and the rendezvous are torch's own.
             store, _, _ = next(dist.rendezvous("env://"))
             dist.init_process_group(backend=backend, store=dist.PrefixStore(f"salunet/attempt{restart}", store),
-                                    rank=rank, world_size=world)
+                                    rank=rank, world_size=world, timeout=wait)
         else:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=wait)
     return DistInfo(rank, world, local_rank, dev, owns)
+
+
+def agent_identity() -> str:
+    """Who launched this process, unique to one torchrun invocation on one machine: host, boot, the launcher's
+    (torchrun's elastic agent's) pid and its start time. It stays the same across the restarts of a job (the
+    agent restarts its workers) and differs between jobs even when they share a ``--rdzv-id``."""
+    import socket
+
+    ppid = os.getppid()
+    parts = [socket.gethostname(), str(ppid)]
+    for path, pick in (("/proc/sys/kernel/random/boot_id", lambda t: t.strip()),
+                       (f"/proc/{ppid}/stat", lambda t: t.rsplit(")", 1)[1].split()[19])):  # field 22: start time
+        try:
+            with open(path) as f:
+                parts.append(pick(f.read()))
+        except (OSError, IndexError):
+            pass
+    return ":".join(parts)
+
+
+def all_gather_object(info: DistInfo, obj) -> list:
+    """Every rank's ``obj`` (picklable, in-process only), in rank order; ``[obj]`` in a single process."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def restart_count() -> int:

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint, state_mismatch, write_json_atomic
+from .checkpoint import (CheckpointError, load_checkpoint, refuse_to_overwrite_inputs, state_mismatch,
+                         write_json_atomic)
 from .rundir import RunDir
 from .config import TrainConfig, build_model, resolve_config
 from . import distributed as D
@@ -108,6 +109,8 @@ def evaluate_checkpoint(path, *, data=None, data_path=None, batch_size=500, devi
 
     ``eval_size`` (image folders only): evaluate at this size (resize to size/0.875, center crop)."""
     path = Path(path)
+    if out:
+        refuse_to_overwrite_inputs(out, {"the checkpoint": path, "the data": data_path})
     state, meta = load_checkpoint(path)
     over = {"eval_batch_size": batch_size, "train_subset": 0, "test_subset": 0, "download": False}
     if data:
@@ -117,7 +120,11 @@ def evaluate_checkpoint(path, *, data=None, data_path=None, batch_size=500, devi
         over["data_path"] = data_path
     if eval_size is not None:
         over["eval_size"] = eval_size
-    cfg = resolve_config(None, over, base=asdict(checkpoint_config(path, meta)))  # its own config, then ours
+    saved = asdict(checkpoint_config(path, meta))
+    if over.get("data", saved["data"]) == "imagefolder":  # the size and channels the model was trained at, not
+        # whatever another copy of the images would suggest (None in the config = they came from the data)
+        over.update(image_size=meta["image_size"], in_chans=meta["in_chans"])
+    cfg = resolve_config(None, over, base=saved)  # its own config, then ours
     if eval_size is not None and cfg.data != "imagefolder":
         raise ValueError(f"--eval-size applies to image folders only; {cfg.data} images are evaluated at their "
                          "stored size; drop --eval-size")
@@ -126,10 +133,13 @@ def evaluate_checkpoint(path, *, data=None, data_path=None, batch_size=500, devi
     if (source.num_classes, source.in_chans) != (meta["num_classes"], meta["in_chans"]):
         raise ValueError(f"{path}: the model has {meta['num_classes']} classes / {meta['in_chans']} channels, "
                          f"data {cfg.data} has {source.num_classes} / {source.in_chans}; pick matching --data")
+    if cfg.data != "imagefolder" and source.image_size != meta["image_size"]:  # (folders are resized to fit)
+        raise ValueError(f"{path}: the model was trained on {meta['image_size']} px images, data {cfg.data} has "
+                         f"{source.image_size} px; pick data of the same size")
     if isinstance(source, MemorySource):  # normalise exactly as in training
         source.data.mean = torch.tensor(meta["mean"], device=info.device).view(1, -1, 1, 1)
         source.data.std = torch.tensor(meta["std"], device=info.device).view(1, -1, 1, 1)
-    size = cfg.eval_size if cfg.data == "imagefolder" else source.image_size
+    size = (cfg.eval_size or cfg.image_size) if cfg.data == "imagefolder" else source.image_size
     result = {"checkpoint": str(path), "data": cfg.data, "eval_size": size, "epoch": meta["epoch"],
               "model": cfg.model, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     model = build_model(cfg, meta["num_classes"], meta["in_chans"], meta["image_size"]).to(info.device)

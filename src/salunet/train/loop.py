@@ -25,7 +25,8 @@ step of the first epoch a process runs: lazy initialisation, kernel loading, ``t
 epochs), ``images_per_s`` (training images per second excluding ``startup_s``), ``data_s`` / ``data_share``
 (time spent producing batches: loading and augmentation, and its share of ``epoch_s``; on CUDA the
 augmentation kernels run asynchronously, so this is the launch cost), ``elapsed_s`` (since this process
-started training).
+started training). Per-step JSON lines (``log_steps``) and TensorBoard events (``logger``) come from
+:mod:`.loggers`, called once per step and once per epoch on rank 0.
 
 Failure behaviour: bad input is rejected before anything is written, and a new run that fails before it
 finishes its first epoch removes what it wrote (``config.json``, the run directory it created). A
@@ -57,14 +58,15 @@ from ..data import mixed_cross_entropy
 from ..nn import kernels
 from . import distributed as D
 from . import faults
-from .checkpoint import RunLock, remove_partial_files, save_checkpoint
+from .checkpoint import remove_partial_files, save_checkpoint
 from .config import TrainConfig, build_model
 from .ema import EMA
 from .evaluate import autocast_for, evaluate
+from .loggers import RunLoggers, check_logger
 from .optim import adaptive_clip_, agc_parameters, lr_at, make_optimizer, set_lr
-from .resume import RESUME_KEYS, RunPlan, load_state, make_dirs, plan_run, remove_empty_dirs
+from .resume import RESUME_KEYS, RunPlan, claim_run_dir, load_state, plan_run, remove_empty_dirs
 from .rundir import RunDir
-from .sources import FolderSource, load_source
+from .sources import data_fingerprint, load_source
 from .stopping import RunStopped, Terminated, TrainingDiverged, as_run_stopped, last_good, stop_on_sigterm
 
 __all__ = ["train", "TrainingDiverged", "RunStopped", "RESUME_KEYS", "stop_on_sigterm", "FinishHook"]
@@ -89,20 +91,22 @@ class _Run:
     agc_params: list | None = None
     total: int = 0  # optimizer steps of the whole run
     warmup: int = 0
+    loggers: RunLoggers | None = None  # rank 0: steps.jsonl and TensorBoard, if asked for (train/loggers.py)
 
 
 def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None = None,
-          on_finish: FinishHook | None = None, **overrides) -> dict:
+          on_finish: FinishHook | None = None, accept_data_change: bool = False, **overrides) -> dict:
     """Train per ``config`` (a TrainConfig, or a dict of overrides) and return a summary dict.
 
     ``resume=RUN_DIR`` continues that run from its newest valid checkpoint (``overrides`` may change only
     :data:`RESUME_KEYS`). Under a torchrun restart (``--max-restarts``) a new-run call continues the run
     directory that the failed attempt of the same job created. ``on_finish(run_dir, rows, cfg)`` runs on rank 0
-    after ``summary.json`` is written (``salunet train`` draws ``curves.png`` with it)."""
+    after ``summary.json`` is written (``salunet train`` draws ``curves.png`` with it). Resume refuses data that
+    changed since the checkpoint was written (:func:`.sources.data_fingerprint`) unless ``accept_data_change``."""
     plan = plan_run(config, resume, overrides)  # before init: every rank checks, none wrote yet
-    info = D.setup(plan.cfg.device)
+    plan.accept_data_change = accept_data_change
+    info = D.setup(plan.cfg.device, plan.cfg.dist_timeout)
     try:
-        plan.run_dir = Path(D.broadcast_object(info, str(plan.run_dir)))  # one name on all ranks (a time stamp)
         return _train(plan, info, on_finish)
     finally:
         D.teardown(info)
@@ -112,6 +116,8 @@ def _build(plan: RunPlan, info: D.DistInfo) -> tuple[_Run, int, int]:
     """Data, model, optimizer, EMA and grad scaler, loaded from the plan's checkpoint if it has one; returns the
     run and (epoch, step) to start from. Everything that can fail on bad input comes here, before any write."""
     cfg = plan.cfg
+    if info.is_main:
+        check_logger(cfg)
     source = load_source(cfg, info)
     model = build_model(cfg, source.num_classes, source.in_chans, source.image_size).to(info.device)
     if cfg.channels_last:
@@ -122,11 +128,12 @@ def _build(plan: RunPlan, info: D.DistInfo) -> tuple[_Run, int, int]:
     scaler = torch.amp.GradScaler(info.device.type) if cfg.amp == "fp16" else None
     run = _Run(cfg, info, plan.run_dir, source, model, opt, ema, scaler, total=source.steps * cfg.epochs,
                warmup=int(round(cfg.warmup_epochs * source.steps)))
-    start = load_state(plan.found, cfg, source, model, opt, ema, scaler) if plan.found is not None else (0, 0)
+    start = (load_state(plan.found, cfg, source, model, opt, ema, scaler, plan.accept_data_change)
+             if plan.found is not None else (0, 0))
     return run, *start
 
 
-def _announce(run: _Run, plan: RunPlan, start_epoch: int) -> None:
+def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> None:
     """Rank 0, once it holds the lock: notes, clean-up of interrupted writes, config.json, the header lines."""
     cfg, run_dir, files = run.cfg, run.run_dir, RunDir(run.run_dir)
     for note in plan.notes:
@@ -137,11 +144,12 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int) -> None:
               f"({', '.join(p.name for p in partial)})", file=sys.stderr, flush=True)
     if run.info.enabled and plan.new_run and os.environ.get("TORCHELASTIC_RUN_ID"):  # before config.json: a
         # restart then finds every directory its failed attempt could have written to
-        files.write_run_id(os.environ["TORCHELASTIC_RUN_ID"])
+        files.write_run_id(os.environ["TORCHELASTIC_RUN_ID"], agents)
     files.write_config(asdict(cfg))
     files.trim_metrics(start_epoch)
     print(f"salunet train: {run_dir}" + ("" if plan.new_run else f"  (resumed at epoch {start_epoch})"))
     print("config: " + json.dumps(asdict(cfg), sort_keys=True))
+    print(f"data: {run.source.note}")
     print(f"kernels: {kernels.kernel_path(run.info.device)}; device {run.info.device}; ranks {run.info.world}; "
           f"{sum(p.numel() for p in run.model.parameters()):,} parameters; {run.source.steps} steps/epoch", flush=True)
 
@@ -161,18 +169,15 @@ def _prepare_training(run: _Run) -> None:
 
 def _train(plan: RunPlan, info: D.DistInfo, on_finish: FinishHook | None = None) -> dict:
     run, start_epoch, step = _build(plan, info)
-    run_dir, new_run = plan.run_dir, plan.new_run
-    lock, created, epochs_done, epoch = RunLock(run_dir), [], 0, start_epoch
-    if info.is_main:
-        created = make_dirs(run_dir)
-        try:
-            lock.acquire()  # refuses if another live process holds the directory (then nothing here is ours)
-        except ValueError:
-            remove_empty_dirs(created)  # only the directories this call made; the files are the holder's
-            raise
+    new_run, lock, created, epochs_done, epoch = plan.new_run, None, [], 0, start_epoch
+    if info.is_main:  # refuses if another process holds or has written the directory (then nothing there is ours)
+        plan.run_dir, lock, created = claim_run_dir(plan)
+    run.run_dir = run_dir = plan.run_dir = Path(D.broadcast_object(info, str(plan.run_dir)))  # rank 0's name
+    agents = D.all_gather_object(info, D.agent_identity()) if info.enabled else []  # every node's launcher
     try:
         if info.is_main:
-            _announce(run, plan, start_epoch)
+            _announce(run, plan, start_epoch, agents)
+            run.loggers = RunLoggers(run.cfg, run_dir, start_step=step)
         _prepare_training(run)
         t_run = time.perf_counter()
         for epoch in range(start_epoch, run.cfg.epochs):
@@ -192,6 +197,12 @@ def _train(plan: RunPlan, info: D.DistInfo, on_finish: FinishHook | None = None)
         raise stopped from None
     finally:
         if info.is_main:
+            if run.loggers is not None:
+                try:
+                    run.loggers.close()
+                except OSError as exc:  # e.g. a full disk: say so, and still release the lock below
+                    print(f"salunet train: the last per-step log lines were not written ({exc})", file=sys.stderr,
+                          flush=True)
             discard = new_run and epochs_done == 0
             if discard:  # the files while the lock still makes them ours; the (then empty) directories after
                 RunDir(run_dir).discard_new_files()
@@ -204,6 +215,8 @@ def _end_epoch(run: _Run, epoch: int, step: int, row: dict) -> None:
     """Rank 0 after each epoch: the metrics line, the progress line, and the checkpoint when one is due."""
     cfg = run.cfg
     RunDir(run.run_dir).append_metrics(row)
+    if run.loggers is not None:
+        run.loggers.epoch(row)
     ema_txt = f"  ema {100 * row['ema_test_acc']:.2f}%" if row.get("ema_test_acc") is not None else ""
     print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  test {100 * row['test_acc']:.2f}%"
           f"{ema_txt}  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  {row['epoch_s']:.1f}s", flush=True)
@@ -250,9 +263,10 @@ def _timed(batches, total: list):
         yield item
 
 
-def _step(run: _Run, batch, where: str) -> tuple[float, float]:
+def _step(run: _Run, batch, where: str) -> tuple[float, float, float]:
     """One optimizer step on ``batch`` (x, y_a, y_b, lam), accumulated over ``accum_steps`` micro-batches;
-    returns the step's loss and hit count, averaged over ranks. Stops before the update if anything is not
+    returns the step's loss and hit count (over ranks) and the global gradient norm before clipping (with fp16,
+    unscaled). Stops before the update if anything is not
     finite (``where`` names the step in the message)."""
     cfg, info, opt, scaler = run.cfg, run.info, run.opt, run.scaler
     x, ya, yb, lam = batch
@@ -294,7 +308,7 @@ def _step(run: _Run, batch, where: str) -> tuple[float, float]:
     opt.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.update(run.model)
-    return loss_g, correct_g * info.world
+    return loss_g, correct_g * info.world, gnorm_g
 
 
 def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
@@ -313,7 +327,10 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
         for s, batch in enumerate(_timed(source.train_batches(epoch), data_s)):
             lr = lr_at(step + s, run.total, run.warmup, cfg.lr, cfg.min_lr)
             set_lr(run.opt, lr)
-            loss_g, correct_g = _step(run, batch, f"epoch {epoch + 1}, step {s + 1}")
+            loss_g, correct_g, gnorm_g = _step(run, batch, f"epoch {epoch + 1}, step {s + 1}")
+            if run.loggers is not None:
+                run.loggers.step(step + s + 1, epoch + 1, loss=loss_g, acc=correct_g / cfg.batch_size, lr=lr,
+                                 grad_norm=gnorm_g)
             faults.hit("step", step + s + 1)  # test hook (SALUNET_FAULT), a no-op otherwise
             loss_sum += loss_g
             correct_sum += correct_g
@@ -384,14 +401,15 @@ def _save(run: _Run, epoch: int, step: int, row: dict) -> Path:
     meta = {"config": asdict(cfg), "epoch": epoch, "step": step, "metrics": row, "salunet": __version__,
             "num_classes": source.num_classes, "in_chans": source.in_chans, "image_size": source.image_size,
             "mean": source.mean.flatten().tolist(), "std": source.std.flatten().tolist(),
-            "torch": torch.__version__}
-    if isinstance(source, FolderSource):  # label i is classes[i]: eval must map another copy of val/ the same way
-        meta["classes"] = source.train_set.classes
+            "torch": torch.__version__, "data_fingerprint": data_fingerprint(source)}
+    if source.classes is not None:  # image folders: label i is classes[i]; eval must map another val/ the same way
+        meta["classes"] = source.classes
     files = RunDir(run.run_dir)
     path = files.checkpoint(epoch)
     save_checkpoint(path, state, meta)
     for old in files.checkpoints()[:-cfg.keep_checkpoints]:
-        old.unlink(missing_ok=True)
+        if old != path:  # never the file just written, whatever else lies in the folder
+            old.unlink(missing_ok=True)
     return path
 
 
@@ -403,9 +421,14 @@ def _finish(run_dir: Path, cfg: TrainConfig, on_finish: FinishHook | None) -> di
     summary = {"run_dir": str(run_dir), "epochs": final.get("epoch", 0), "final": final,
                "best_test_acc": max((r["test_acc"] for r in rows), default=None),
                "checkpoint": str(ckpts[-1]) if ckpts else None}
-    files.write_summary(summary)
-    if rows and on_finish is not None:
-        on_finish(run_dir, rows, cfg)
+    try:
+        files.write_summary(summary)
+        if rows and on_finish is not None:
+            on_finish(run_dir, rows, cfg)
+    except OSError as exc:  # after the last epoch: nothing of the training is lost, say so
+        raise RunStopped(f"training finished ({summary['epochs']} epochs, checkpoint {summary['checkpoint']}), but "
+                         f"writing the summary or curves.png failed ({exc.strerror or exc}); free some space, then "
+                         f"draw the curves with: salunet experiment curves --runs {run_dir}") from None
     ema_txt = (f", EMA {100 * final['ema_test_acc']:.2f}%" if final.get("ema_test_acc") is not None else "")
     print(f"final test accuracy {100 * final.get('test_acc', float('nan')):.2f}%{ema_txt}  ->  {run_dir}")
     return summary

@@ -19,11 +19,13 @@ from . import distributed as D
 from .checkpoint import CheckpointError, RunLock, latest_checkpoint, state_mismatch
 from .rundir import RunDir, timestamped
 from .config import TrainConfig, resolve_config
+from .sources import data_fingerprint
 
 __all__ = ["RunPlan", "plan_run", "resume_config", "checkpoint_config", "check_checkpoint_meta", "load_state",
            "make_dirs", "remove_empty_dirs", "RESUME_KEYS"]
 
-RESUME_KEYS = ("epochs", "progress", "device", "workers", "checkpoint_every", "keep_checkpoints")
+RESUME_KEYS = ("epochs", "progress", "device", "workers", "checkpoint_every", "keep_checkpoints", "logger",
+               "log_steps", "dist_timeout")
 _META_KEYS = ("config", "epoch", "step", "num_classes", "in_chans", "image_size", "mean", "std")
 # config keys that may differ between a run's config.json and its checkpoints (--resume may change them; the
 # directory may have been moved or renamed)
@@ -39,6 +41,8 @@ class RunPlan:
     found: tuple | None  # (path, state, meta) of the checkpoint to continue from
     new_run: bool
     notes: list[str]  # printed by rank 0 before training: checkpoints skipped, torchrun restarts
+    numbered: bool = False  # a default name: if another run claims it first, take the next free "-2", "-3", ...
+    accept_data_change: bool = False  # resume on data whose fingerprint differs from the checkpoint's
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
@@ -88,6 +92,7 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[TrainConfig, tuple | 
         raise ValueError(f"--resume continues the saved config; only {', '.join(RESUME_KEYS)} may be changed, "
                          f"not {', '.join(bad)}")
     RunLock.refuse_if_held(run_dir)
+    RunDir(run_dir).refuse_links()
     saved = RunDir(run_dir).read_config()
     skipped: list[str] = []
     found = latest_checkpoint(run_dir, skipped)
@@ -106,6 +111,9 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[TrainConfig, tuple | 
                 raise CheckpointError(
                     f"{path}: written by another run ({k} {meta['config'].get(k)!r}, but this run's config.json "
                     f"has {saved.get(k)!r}); move it out of {path.parent}")
+        if meta["epoch"] != RunDir.epoch_of(path):
+            raise CheckpointError(f"{path}: records epoch {meta['epoch']!r}, not the epoch of its name (renamed or "
+                                  f"copied in); move it out of {path.parent}")
         if skipped:
             notes.append(f"resuming from the previous good checkpoint {path}")
         if int(meta["epoch"]) > cfg.epochs:
@@ -119,13 +127,20 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[TrainConfig, tuple | 
 
 
 def _restart_run_dir(cfg: TrainConfig) -> Path | None:
-    """Under a torchrun restart: the run directory that the failed attempt of this same job created."""
+    """Under a torchrun restart: the run directory that the failed attempt of this same job created, recognised
+    by torchrun's run id *and* this process's launcher (:func:`.distributed.agent_identity`), which only this job
+    has: a fixed ``--rdzv-id`` repeats the run id in every job."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     out = Path(cfg.out).expanduser()
     if not run_id or not out.is_dir():
         return None
+    me = D.agent_identity()
     candidates = [out / cfg.name] if cfg.name else [p.parent for p in out.glob(f"*/{RunDir.RUN_ID}")]
-    return next((d for d in candidates if RunDir(d).read_run_id() == run_id), None)
+    for d in candidates:
+        rec = RunDir(d).read_run_id()
+        if rec is not None and rec["run_id"] == run_id and me in rec["agents"]:
+            return d
+    return None
 
 
 def plan_run(config, resume, overrides: dict) -> RunPlan:
@@ -153,7 +168,47 @@ def plan_run(config, resume, overrides: dict) -> RunPlan:
         where = f"{found[0]} (epoch {found[2]['epoch']})" if found else "the start (no checkpoint was saved)"
         notes.append(f"torchrun restart {restart} of {D.max_restarts()}: resuming {run_dir} from {where}")
         return RunPlan(rcfg, run_dir, found, False, notes)
-    return RunPlan(cfg, _new_run_dir(cfg), None, True, [])
+    return RunPlan(cfg, _new_run_dir(cfg), None, True, [], numbered=not cfg.name)
+
+
+def claim_run_dir(plan: RunPlan) -> tuple[Path, RunLock, list[Path]]:
+    """Take the plan's run directory for this process, atomically: (directory, its held lock, the directories
+    this call created, deepest first). A new run creates its directory exclusively (``mkdir``, no ``exist_ok``)
+    and, once it holds the lock, checks again that nobody has written there: of two runs given the same
+    ``--name``, the second is refused even if the first finished in between; with a default name it takes the
+    next free ``<name>-2``, ``-3``, ... instead. Continuing a run (resume, torchrun restart) just takes the lock."""
+    if not plan.new_run:
+        created = make_dirs(plan.run_dir)
+        lock = RunLock(plan.run_dir)
+        try:
+            lock.acquire()
+        except ValueError:
+            remove_empty_dirs(created)
+            raise
+        return plan.run_dir, lock, created
+    for i in range(1, 1000 if plan.numbered else 2):
+        run_dir = plan.run_dir if i == 1 else plan.run_dir.with_name(f"{plan.run_dir.name}-{i}")
+        created = make_dirs(run_dir.parent)
+        try:
+            os.mkdir(run_dir)
+            created.insert(0, run_dir)
+        except FileExistsError:
+            pass
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+            taken = any(p.name != RunDir.LOCK for p in run_dir.iterdir())
+        except ValueError:  # a live run holds it ("in use by process PID"): that message, for a chosen name
+            remove_empty_dirs(created)
+            if not plan.numbered:
+                raise
+            continue
+        if not taken:
+            return run_dir, lock, created
+        lock.release()
+        remove_empty_dirs(created)
+    raise ValueError(f"{plan.run_dir}: run directory already exists (another run took it); continue it with "
+                     f"--resume {plan.run_dir} or choose another --name")
 
 
 def make_dirs(path: Path) -> list[Path]:
@@ -174,10 +229,17 @@ def remove_empty_dirs(dirs: list[Path]) -> None:
             pass
 
 
-def load_state(found, cfg: TrainConfig, source, model, opt, ema, scaler) -> tuple[int, int]:
+def load_state(found, cfg: TrainConfig, source, model, opt, ema, scaler,
+               accept_data_change: bool = False) -> tuple[int, int]:
     """Load a checkpoint into the freshly built objects; (epoch, step) to continue from. Anything that does
-    not fit (another model, another data set, another version) is refused naming the file."""
+    not fit (another model, another data set, another version, data that changed) is refused naming the file."""
     path, state, meta = found
+    recorded = meta.get("data_fingerprint")
+    if recorded is not None and not accept_data_change and recorded != data_fingerprint(source):
+        raise CheckpointError(f"{path}: the data changed since this run trained on it ({cfg.data_path or cfg.data}: "
+                              f"fingerprint {data_fingerprint(source)[:12]}, the checkpoint's {recorded[:12]}: a "
+                              "replaced file, images or labels changed, class folders renamed); resume with the "
+                              "original data, or pass --accept-data-change to continue on this data")
     if (meta["num_classes"], meta["in_chans"], meta["image_size"]) != \
             (source.num_classes, source.in_chans, source.image_size):
         raise CheckpointError(f"{path}: written for {meta['num_classes']} classes, {meta['in_chans']} channel(s), "

@@ -68,6 +68,9 @@ def as_run_stopped(exc: BaseException, run_dir: Path, info: D.DistInfo, epoch: i
         why = f"terminated (SIGTERM) during epoch {epoch}"
     elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         why = f"no space left on device while writing {exc.filename or 'to ' + str(run_dir)} (epoch {epoch})"
+    elif info.enabled and _is_comm_error(exc) and "timed out" in str(exc).lower():
+        why = (f"rank {info.rank} waited longer than dist_timeout for the other ranks during epoch {epoch} (one is "
+               f"stopped or hung; --dist-timeout sets the wait): {_short(exc)}")
     elif info.enabled and _is_comm_error(exc):
         why = f"rank {info.rank} lost contact with the other ranks during epoch {epoch} (a worker died?): {_short(exc)}"
     else:
