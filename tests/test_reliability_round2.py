@@ -497,3 +497,10 @@ def test_a_stopped_torchrun_rank_ends_the_run_after_dist_timeout(tmp_path):
     while RunLock.holder(tmp_path / "o" / "t") is not None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert RunLock.holder(tmp_path / "o" / "t") is None
+
+
+def test_experiment_list_option_that_is_not_numbers_is_one_line_with_the_fix(capsys, tmp_path):
+    npz = make_npz(tmp_path / "d.npz", shape=(32, 32, 3))
+    line = _one_line(capsys, main(["experiment", "batch-sweep", "--batch-sizes", "1,abc", "--data-path", str(npz),
+                                   "--out", str(tmp_path / "o")]))
+    assert "batch_sizes '1,abc': not a comma-separated list of whole numbers; write e.g. 1,8,128" in line

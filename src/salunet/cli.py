@@ -1,4 +1,6 @@
-"""Command line: ``salunet bench ops|models|train``, ``salunet train``, ``salunet eval``, ``salunet experiment``,
+"""salunet: train, evaluate, export and benchmark normalization-free networks; analyses of the paper.
+
+Commands: ``salunet bench ops|models|train|folder``, ``salunet train``, ``salunet eval``, ``salunet experiment``,
 ``salunet doctor``, ``salunet export`` (ONNX) and ``salunet export-weights``.
 
 Errors a user can fix (bad names, paths, values) print one line ``salunet: error: ...`` and exit with code 2;

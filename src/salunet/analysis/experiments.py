@@ -280,7 +280,11 @@ def batch_sweep_experiment(args: BatchSweepArgs, run_dir: Path) -> dict:
     if args.lr_rule not in ("sqrt", "linear"):
         raise ValueError(f"lr_rule must be 'sqrt' or 'linear', got {args.lr_rule!r}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    try:
+        sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"batch_sizes {args.batch_sizes!r}: not a comma-separated list of whole numbers; write e.g. "
+                         "1,8,128") from None
     if any(b <= 0 for b in sizes):
         raise ValueError(f"batch sizes must be positive, got {sizes}")
     base = _train_base(args, width=args.width or None, epochs=args.epochs, train_subset=args.train_subset,
