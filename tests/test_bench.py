@@ -63,3 +63,41 @@ def test_model_pairs_selectable_and_v2_folded_for_inference():
     torch.testing.assert_close(folded(x), m.eval()(x), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="unknown model pair"):
         bench_models(repeats=1, pairs="nope")
+
+
+def test_ops_on_a_device_and_dtype_report_structure():
+    """--device / --dtype: rows carry the device, dtype, shape and GB/s under the byte model (5 element-sizes per
+    element, 8 for the residual tail); CPU rows have no peak memory. Structure only, never timing."""
+    from salunet.bench import bench_ops
+
+    res = bench_ops(repeats=1, warmup=1, threads=1, batch=2, cases="nchw,tail", dtype="bf16", progress=lambda s: None)
+    assert {r.case for r in res} == {"nchw_2x64x32x32", "tail_2x64x32x32"}
+    for r in res:
+        assert (r.device, r.dtype, r.shape, r.peak_mib) == ("cpu", "bf16", "2x64x32x32", None)
+        n_bytes = 2 * 64 * 32 * 32 * 2 * (8 if r.case.startswith("tail") else 5)
+        assert r.gbps == pytest.approx(n_bytes / (r.median_ms / 1e3) / 1e9, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown case"):
+        bench_ops(cases="nope")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        bench_ops(dtype="fp8")
+
+
+def test_models_in_bf16_channels_last_report_structure():
+    from salunet.bench import bench_models, format_model_table
+
+    res = bench_models(repeats=1, warmup=1, pairs="vit cpu-width", dtype="bf16", batch=2, channels_last=True,
+                       progress=lambda s: None)
+    assert [(r.device, r.dtype, r.batch, r.train_peak_mib) for r in res] == [("cpu", "bf16", 2, None)]
+    assert "peak" not in format_model_table(res)  # the CPU table keeps its columns
+
+
+def test_bench_device_options_refused_in_one_line(capsys):
+    from salunet.cli import main
+
+    if not torch.cuda.is_available():
+        assert main(["bench", "ops", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert main(["bench", "ops", "--device", "tpu"]) == 2
+    assert "cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert main(["bench", "folder", "--dtype", "bf16"]) == 2
+    assert "apply to bench ops / models only" in capsys.readouterr().err

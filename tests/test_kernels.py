@@ -29,8 +29,8 @@ def _far(dtype, a, b):
 
 def _grads(op, x, a, b):
     x = x.clone().requires_grad_()
-    a = torch.tensor(a, requires_grad=True)
-    b = torch.tensor(b, requires_grad=True)
+    a = torch.tensor(a, device=x.device, requires_grad=True)
+    b = torch.tensor(b, device=x.device, requires_grad=True)
     y = getattr(F, op)(x, a, b)
     y.float().sum().backward()
     return y, x.grad, a.grad, b.grad
@@ -39,9 +39,14 @@ def _grads(op, x, a, b):
 @pytest.mark.parametrize("ab", PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_salu_edge_cases(dtype, ab, path):
+    check_salu_edge_cases(dtype, ab)
+
+
+def check_salu_edge_cases(dtype, ab, device="cpu"):
+    """The edge-case checks of SALU on ``device`` (tests/test_gpu.py runs them on CUDA)."""
     a, b = ab
     amp = math.sqrt(a / b)
-    x = _edge_values(dtype)
+    x = _edge_values(dtype).to(device)
     y, gx, ga, gb = _grads("salu", x, a, b)
     assert y.dtype == dtype
     yf, xf = y.float(), x.float()
@@ -62,11 +67,16 @@ def test_salu_edge_cases(dtype, ab, path):
 @pytest.mark.parametrize("ab", PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gate_edge_cases(op, dtype, ab, path):
+    check_gate_edge_cases(op, dtype, ab)
+
+
+def check_gate_edge_cases(op, dtype, ab, device="cpu"):
+    """The edge-case checks of a gate on ``device`` (tests/test_gpu.py runs them on CUDA)."""
     a, b = ab
     amp = math.sqrt(a / b)
     cdf = torch.sigmoid if op == "swalu" else (lambda s: 0.5 * torch.erfc(-s / math.sqrt(2)))
     lo, hi = cdf(torch.tensor(-amp)).item(), cdf(torch.tensor(amp)).item()
-    x = _edge_values(dtype)
+    x = _edge_values(dtype).to(device)
     y, gx, ga, gb = _grads(op, x, a, b)
     assert y.dtype == dtype
     xf, yf = x.float(), y.float()
@@ -89,8 +99,12 @@ def test_gate_edge_cases(op, dtype, ab, path):
 @pytest.mark.parametrize("op", ["salu", "swalu", "galu"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_inf_and_nan(op, dtype, path):
-    a, b = torch.tensor(2.0), torch.tensor(0.5)
-    x = torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=dtype)
+    check_inf_and_nan(op, dtype)
+
+
+def check_inf_and_nan(op, dtype, device="cpu"):
+    a, b = torch.tensor(2.0, device=device), torch.tensor(0.5, device=device)
+    x = torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=dtype, device=device)
     y = getattr(F, op)(x, a, b).float()
     assert torch.isnan(y[2])
     if op == "salu":
@@ -194,10 +208,15 @@ def test_kernel_path_is_reported():
 def test_autocast_lowp_input(dtype, path):
     """Under autocast a conv yields low-precision maps; SALU computes in float32 and returns the input dtype,
     with parameter gradients in float32."""
-    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-    act = SALUAct(SALU(8), SWALU(8))
-    x = torch.randn(2, 3, 8, 8)
-    with torch.autocast("cpu", dtype=dtype):
+    check_autocast(dtype)
+
+
+def check_autocast(dtype, device="cpu"):
+    """test_autocast_lowp_input on ``device`` (tests/test_gpu.py runs it on CUDA)."""
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1).to(device)
+    act = SALUAct(SALU(8), SWALU(8)).to(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    with torch.autocast(torch.device(device).type, dtype=dtype):
         h = conv(x)
         y = act(h)
     assert h.dtype == dtype and y.dtype == dtype

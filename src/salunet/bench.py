@@ -6,6 +6,17 @@ SALU+GALU vs LayerNorm+GELU on tokens, and
 the fused / eager / reference / torch.compile variants of SALU alone; forward+backward time and the bytes
 saved for backward (unique storages kept by autograd, parameters excluded since they live anyway).
 
+``--device cuda`` / ``--dtype bf16|fp16`` (ops and models): the same cases on a GPU and in low precision.
+Activations take the dtype, parameters stay float32 (what a layer meets inside a bf16-autocast network); the
+models run under ``torch.autocast``. GPU timing: ``torch.cuda.synchronize`` around CUDA events that enclose
+a loop of calls (ops) or one step (models). GPU rows also carry the peak memory allocated by one
+forward+backward (``torch.cuda.max_memory_allocated`` above what was allocated before it) and, for the ops, the
+achieved bandwidth: **byte model** = the op's minimal traffic, one read of each input and one write of each
+output per direction: forward reads x (and the residual) and writes y; backward reads x (and the residual) and
+the upstream gradient and writes dL/dx (and dL/dresidual). That is 5 element-sizes per element (8 for the
+residual tail), the same count for every variant of a case (the baseline too), so GB/s compares variants and
+sits against the device's copy bandwidth, measured in the same run (row ``copy``), as the ceiling.
+
 ``salunet bench folder``: training images/s on a generated 28 px grayscale image folder with no data flag but the
 path, against the same images as an .npz, in one process (data/folders.py: a small folder is decoded once and
 trains like the .npz).
@@ -16,6 +27,7 @@ import copy
 import platform
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,7 +39,58 @@ from .nn import GALU, SALU, SALUAct, SWALU, kernels
 from .nn import functional as F
 
 __all__ = ["saved_bytes", "time_fwd_bwd", "bench_ops", "OpResult", "bench_models", "ModelResult", "bench_train",
-           "TrainBenchResult", "fold_batchnorm", "fold_for_inference"]
+           "TrainBenchResult", "fold_batchnorm", "fold_for_inference", "resolve_device", "DTYPES", "OP_CASES"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, refused in one line if this machine cannot run it."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"bench: unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"bench: device {str(device)!r} is not supported; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"bench: --device {device} but CUDA is not available here (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda}); run on a GPU machine or use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"bench: --device {device} but this machine has {torch.cuda.device_count()} GPU(s); "
+                             "use cuda:0 .. cuda:N-1")
+    return dev
+
+
+def _dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"bench: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Peak:
+    """Peak memory allocated on a CUDA device inside the ``with`` block, above what was allocated at its start
+    (MiB in ``.mib``); None on CPU, where torch keeps no such count."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.mib = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda" and exc[0] is None:
+            _sync(self.device)
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
 
 
 def saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -48,11 +111,24 @@ def saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     return sum(seen.values())
 
 
-def time_fwd_bwd(fn: Callable, x: torch.Tensor, grad: torch.Tensor) -> float:
-    t0 = time.perf_counter()
-    y = fn(x)
-    y.backward(grad)
-    return time.perf_counter() - t0
+def time_fwd_bwd(fn: Callable, x: torch.Tensor, grad: torch.Tensor, inner: int = 1) -> float:
+    """Seconds of one forward+backward of ``fn(x)``. On CUDA: the mean over ``inner`` calls between two CUDA events,
+    after a synchronize (one call of a ~10 us kernel would measure the launch, not the kernel); ``x.grad`` is
+    reset between calls so that no call pays for accumulating into it."""
+    if x.device.type != "cuda":
+        t0 = time.perf_counter()
+        y = fn(x)
+        y.backward(grad)
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(x.device)
+    start.record()
+    for _ in range(inner):
+        x.grad = None
+        fn(x).backward(grad)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / inner
 
 
 @dataclass
@@ -65,52 +141,107 @@ class OpResult:
     saved_bytes: int
     ratio_saved: float  # saved bytes / input bytes
     path: str
+    device: str = "cpu"
+    dtype: str = "fp32"
+    shape: str = ""
+    gbps: float = 0.0  # achieved bandwidth under the byte model of the module docstring
+    peak_mib: float | None = None  # CUDA: peak memory allocated by one forward+backward, above what existed before
 
 
-def _path(variant: str) -> str:
+def _path(variant: str, device: str = "cpu") -> str:
     if "reference" in variant or not any(op in variant for op in ("salu", "swalu", "galu")):
         return "torch"
     for key, mode in (("eager", "eager"), ("C++", "cpp"), ("inductor", "compiled")):
         if key in variant:
             return "salunet " + mode
-    return "salunet " + kernels.kernel_path("cpu")
+    return "salunet " + kernels.kernel_path(device)
 
 
 def _measure(case: str, shape: tuple[int, ...], variants: dict[str, tuple[nn.Module | Callable, list]],
-             baseline: str, repeats: int, warmup: int) -> list[OpResult]:
+             baseline: str, repeats: int, warmup: int, device: torch.device = torch.device("cpu"),
+             dtype: str = "fp32", io_tensors: int = 1, inner: int = 1) -> list[OpResult]:
+    """Time every variant on x of ``shape``; ``io_tensors``: inputs of the op that the byte model counts (1, or 2
+    for the residual tail)."""
     torch.manual_seed(0)
-    x0 = torch.randn(shape)
-    grad = torch.randn(shape)
+    x0 = torch.randn(shape, device=device).to(DTYPES[dtype])
+    grad = torch.randn(shape, device=device).to(DTYPES[dtype])
     in_bytes = x0.numel() * x0.element_size()
+    moved = in_bytes * (3 * io_tensors + 2)  # fwd: read inputs, write y; bwd: read inputs and g, write their grads
     times: dict[str, list[float]] = {k: [] for k in variants}
     for name, (fn, _) in variants.items():  # warm-up (and compilation) outside the timed loop
         for _ in range(warmup):
-            time_fwd_bwd(fn, x0.clone().requires_grad_(), grad)
+            time_fwd_bwd(fn, x0.clone().requires_grad_(), grad, inner)
     for _ in range(repeats):  # interleaved so that machine noise hits every variant alike
         for name, (fn, _) in variants.items():
-            times[name].append(time_fwd_bwd(fn, x0.clone().requires_grad_(), grad))
+            times[name].append(time_fwd_bwd(fn, x0.clone().requires_grad_(), grad, inner))
     base = statistics.median(times[baseline])
     out = []
     for name, (fn, params) in variants.items():
         med = statistics.median(times[name])
         sb = saved_bytes(fn, x0.clone().requires_grad_(), params)
-        out.append(OpResult(case, name, baseline, med * 1e3, med / base, sb, sb / in_bytes, _path(name)))
+        with _Peak(device) as peak:
+            fn(x0.clone().requires_grad_()).backward(grad)
+        out.append(OpResult(case, name, baseline, med * 1e3, med / base, sb, sb / in_bytes, _path(name, device),
+                            device.type, dtype, "x".join(map(str, shape)), moved / med / 1e9, peak.mib))
     return out
 
 
-def bench_ops(repeats: int = 15, warmup: int = 3, threads: int = 2,
-              progress: Callable[[str], None] = print) -> list[OpResult]:
-    """Run the operator benchmark; return one :class:`OpResult` per (case, variant)."""
+OP_CASES = ("nchw", "tail", "tokens", "salu")  # names for ``cases``: see the _*_case builders below
+
+
+def bench_ops(repeats: int = 15, warmup: int = 3, threads: int = 2, progress: Callable[[str], None] = print,
+              device: str = "cpu", dtype: str = "fp32", batch: int | None = None,
+              cases: str | None = None) -> list[OpResult]:
+    """Run the operator benchmark; return one :class:`OpResult` per (case, variant). ``device`` / ``dtype``: see
+    the module docstring; ``batch``: leading size of every case (default 64 NCHW / 128 tokens on CPU, 4x that on
+    CUDA, so that each tensor is well beyond the GPU's L2 cache); ``cases``: comma-separated names of
+    :data:`OP_CASES` to run (default all)."""
+    dev, _ = resolve_device(device), _dtype(dtype)
+    wanted = list(OP_CASES) if cases is None else [c.strip() for c in cases.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in OP_CASES]
+    if unknown or not wanted:
+        raise ValueError(f"bench ops: unknown case(s) {', '.join(map(repr, unknown)) or 'none given'}; choose from "
+                         f"{', '.join(OP_CASES)}")
     torch.set_num_threads(threads)
+    scale = 4 if dev.type == "cuda" else 1
+    n_img, n_tok = (batch, batch) if batch else (64 * scale, 128 * scale)
+    inner = 20 if dev.type == "cuda" else 1
+    builders = {"nchw": lambda: _nchw_case(n_img, dev, dtype), "tail": lambda: _tail_case(n_img, dev, dtype),
+                "tokens": lambda: _token_case(n_tok, dev, dtype), "salu": lambda: _salu_alone_case(n_img, dev, dtype)}
     results: list[OpResult] = []
     mode = kernels.get_kernel_mode()
     try:
-        for label, case, shape, variants, baseline in (_nchw_case(), _tail_case(), _token_case(), _salu_alone_case()):
-            progress(f"ops: {label} ...")
-            results += _measure(case, shape, variants, baseline, repeats, warmup)
+        if dev.type == "cuda":
+            results.append(_copy_row(n_img, dev, dtype, repeats, inner))
+        for name in wanted:
+            label, case, shape, variants, baseline = builders[name]()
+            progress(f"ops: {label} ({dev}, {dtype}) ...")
+            results += _measure(case, shape, variants, baseline, repeats, warmup, dev, dtype,
+                                io_tensors=2 if name == "tail" else 1, inner=inner)
     finally:
         kernels.set_kernel_mode(mode)
     return results
+
+
+def _copy_row(n: int, device: torch.device, dtype: str, repeats: int, inner: int) -> OpResult:
+    """The device's copy bandwidth on the NCHW case's tensor (read x + write y): the ceiling for the GB/s column."""
+    x = torch.randn(n, _C, 32, 32, device=device).to(DTYPES[dtype])
+    y = torch.empty_like(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for i in range(repeats + 1):
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(inner):
+            y.copy_(x)
+        end.record()
+        end.synchronize()
+        if i:  # the first round warms up
+            times.append(start.elapsed_time(end) / 1e3 / inner)
+    med = statistics.median(times)
+    nbytes = x.numel() * x.element_size()
+    return OpResult("copy", "y.copy_(x) (read + write, no backward)", "itself", med * 1e3, 1.0, 0, 0.0, "torch",
+                    device.type, dtype, "x".join(map(str, x.shape)), 2 * nbytes / med / 1e9, None)
 
 
 def _params(*mods):
@@ -120,12 +251,16 @@ def _params(*mods):
 _C, _D = 64, 384  # channels of the NCHW cases, hidden size of the token case
 
 
-def _nchw_case():
+def _on(device, *mods):
+    """Modules on ``device`` with float32 parameters (activations carry the benchmark's dtype)."""
+    return [m.to(device) for m in mods]
+
+
+def _nchw_case(n: int = 64, device=torch.device("cpu"), dtype: str = "fp32"):
     """SALU + SWALU (two modules, fused) vs BatchNorm2d + ReLU on NCHW."""
-    bn, relu = nn.BatchNorm2d(_C), nn.ReLU()
-    s1, w1 = SALU(_C), SWALU(_C)
-    pair = SALUAct(SALU(_C), SWALU(_C))
-    return "NCHW (64, 64, 32, 32)", "nchw_64x64x32x32", (64, _C, 32, 32), {
+    bn, relu, s1, w1 = _on(device, nn.BatchNorm2d(_C), nn.ReLU(), SALU(_C), SWALU(_C))
+    pair, = _on(device, SALUAct(SALU(_C), SWALU(_C)))
+    return f"NCHW ({n}, 64, 32, 32)", f"nchw_{n}x64x32x32", (n, _C, 32, 32), {
         "batchnorm2d+relu": (lambda x: relu(bn(x)), _params(bn)),
         "salu+swalu (two modules)": (lambda x: w1(s1(x)), _params(s1, w1)),
         "salu+swalu (fused SALUAct)": (pair, _params(pair)),
@@ -133,35 +268,35 @@ def _nchw_case():
     }, "batchnorm2d+relu"
 
 
-def _tail_case():
+def _tail_case(n: int = 64, device=torch.device("cpu"), dtype: str = "fp32"):
     """The residual tail act(norm(x) + shortcut): fused SALUAddAct vs BatchNorm2d + add + ReLU."""
     from .nn import SALUAddAct
 
-    r0 = torch.randn(64, _C, 32, 32)
-    bn2, relu, tail = nn.BatchNorm2d(_C), nn.ReLU(), SALUAddAct(SALU(_C), SWALU(_C))
-    return "residual tail NCHW (64, 64, 32, 32)", "tail_64x64x32x32", (64, _C, 32, 32), {
+    r0 = torch.randn(n, _C, 32, 32, device=device).to(DTYPES[dtype])
+    bn2, relu, tail = _on(device, nn.BatchNorm2d(_C), nn.ReLU(), SALUAddAct(SALU(_C), SWALU(_C)))
+    return f"residual tail NCHW ({n}, 64, 32, 32)", f"tail_{n}x64x32x32", (n, _C, 32, 32), {
         "batchnorm2d+add+relu": (lambda x: relu(bn2(x) + r0), _params(bn2)),
         "salu+add+swalu (fused SALUAddAct)": (lambda x: tail(x, r0), _params(tail)),
     }, "batchnorm2d+add+relu"
 
 
-def _token_case():
+def _token_case(n: int = 128, device=torch.device("cpu"), dtype: str = "fp32"):
     """Tokens: SALU + GALU (two modules, fused) vs LayerNorm + GELU."""
-    ln, gelu = nn.LayerNorm(_D), nn.GELU()
-    s2, g2 = SALU(_D, dim=-1), GALU(_D, dim=-1)
-    pair2 = SALUAct(SALU(_D, dim=-1), GALU(_D, dim=-1))
-    return "tokens (128, 65, 384)", "tokens_128x65x384", (128, 65, _D), {
+    ln, gelu, s2, g2 = _on(device, nn.LayerNorm(_D), nn.GELU(), SALU(_D, dim=-1), GALU(_D, dim=-1))
+    pair2, = _on(device, SALUAct(SALU(_D, dim=-1), GALU(_D, dim=-1)))
+    return f"tokens ({n}, 65, 384)", f"tokens_{n}x65x384", (n, 65, _D), {
         "layernorm+gelu": (lambda x: gelu(ln(x)), _params(ln)),
         "salu+galu (two modules)": (lambda x: g2(s2(x)), _params(s2, g2)),
         "salu+galu (fused SALUAct)": (pair2, _params(pair2)),
     }, "layernorm+gelu"
 
 
-def _salu_alone_case():
-    """SALU alone on every path (C++, inductor, eager), the plain-formula reference and its torch.compile."""
-    bn, s3 = nn.BatchNorm2d(_C), SALU(_C)
-    a = torch.ones(_C, 1, 1, requires_grad=True)
-    b = torch.ones(_C, 1, 1, requires_grad=True)
+def _salu_alone_case(n: int = 64, device=torch.device("cpu"), dtype: str = "fp32"):
+    """SALU alone on every path (C++ on CPU only, inductor, eager), the plain-formula reference and its
+    torch.compile."""
+    bn, s3 = _on(device, nn.BatchNorm2d(_C), SALU(_C))
+    a = torch.ones(_C, 1, 1, device=device, requires_grad=True)
+    b = torch.ones(_C, 1, 1, device=device, requires_grad=True)
     ref_compiled = torch.compile(F.salu_reference, dynamic=False)
 
     def in_mode(mode, m):
@@ -175,28 +310,40 @@ def _salu_alone_case():
                 kernels.set_kernel_mode(old)
         return run
 
-    return "SALU alone, variants", "salu_64x64x32x32", (64, _C, 32, 32), {
+    variants = {
         "batchnorm2d": (bn, _params(bn)),
         "salu fused, C++": (in_mode("cpp", s3), _params(s3)),
         "salu fused, inductor": (in_mode("compiled", s3), _params(s3)),
         "salu fused, eager": (in_mode("eager", s3), _params(s3)),
         "salu reference": (lambda x: F.salu_reference(x, a, b), [a, b]),
         "salu reference, torch.compile": (lambda x: ref_compiled(x, a, b), [a, b]),
-    }, "batchnorm2d"
+    }
+    if device.type != "cpu":  # the C++ kernels take CPU tensors only
+        del variants["salu fused, C++"]
+    return "SALU alone, variants", f"salu_{n}x64x32x32", (n, _C, 32, 32), variants, "batchnorm2d"
 
 
-def environment() -> dict:
-    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "kernel_path": kernels.kernel_path("cpu")}
+def environment(device: str | torch.device = "cpu") -> dict:
+    dev = torch.device(device)
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "kernel_path": kernels.kernel_path("cpu")}
+    if dev.type == "cuda":
+        env.update(device=torch.cuda.get_device_name(dev), cuda=torch.version.cuda,
+                   kernel_path_cuda=kernels.kernel_path(dev))
+    return env
 
 
 def format_table(results: list[OpResult]) -> str:
-    lines = ["| case | variant | fwd+bwd ms | time vs baseline | saved for backward | x input bytes |",
-             "|---|---|---:|---:|---:|---:|"]
+    """The markdown table; rows measured on a GPU add achieved GB/s and peak memory (CPU tables are unchanged)."""
+    gpu = any(r.device != "cpu" for r in results)
+    lines = ["| case | variant | fwd+bwd ms | time vs baseline | saved for backward | x input bytes |"
+             + (" GB/s | peak MiB |" if gpu else ""), "|---|---|---:|---:|---:|---:|" + ("---:|---:|" if gpu else "")]
     for r in results:
-        lines.append(f"| {r.case} | {r.variant} | {r.median_ms:.2f} | {r.ratio_time:.2f}x | "
-                     f"{r.saved_bytes / 2**20:.1f} MiB | {r.ratio_saved:.2f}x |")
+        peak = "" if r.peak_mib is None else f"{r.peak_mib:.0f}"
+        lines.append(f"| {r.case} | {r.variant} | {r.median_ms:.{3 if gpu else 2}f} | {r.ratio_time:.2f}x | "
+                     f"{r.saved_bytes / 2**20:.1f} MiB | {r.ratio_saved:.2f}x |" + (f" {r.gbps:.0f} | {peak} |"
+                                                                                     if gpu else ""))
     return "\n".join(lines)
 
 
@@ -223,6 +370,10 @@ class ModelResult:
     infer_img_s: float
     infer_ratio: float  # against the baseline with BatchNorm folded into its convolutions when it has BN
     infer_baseline: str
+    device: str = "cpu"
+    dtype: str = "fp32"  # fp32, or the autocast dtype
+    train_peak_mib: float | None = None  # CUDA: peak memory allocated by one training step, above what existed
+    train_peak_ratio: float | None = None  # model / baseline (<1 = leaner)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -242,19 +393,24 @@ def fold_for_inference(model: nn.Module) -> nn.Module:
     return m
 
 
-def _train_step(model, opt, x, y):
+def _train_step(model, opt, x, y, amp=None):
+    _sync(x.device)  # on CUDA: time this step's kernels, not the queue left by earlier work
     t0 = time.perf_counter()
-    loss = nn.functional.cross_entropy(model(x), y)
+    with amp or nullcontext():
+        loss = nn.functional.cross_entropy(model(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    _sync(x.device)
     return time.perf_counter() - t0
 
 
-def _infer(model, x):
+def _infer(model, x, amp=None):
+    _sync(x.device)
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), amp or nullcontext():
         model(x)
+    _sync(x.device)
     return time.perf_counter() - t0
 
 
@@ -271,26 +427,36 @@ MODEL_PAIRS = [  # (pair, salunet, twin, width or None, batch, image side, full?
 
 
 def bench_models(repeats: int = 7, warmup: int = 3, threads: int = 2, full: bool = False,
-                 progress: Callable[[str], None] = print, pairs: str | None = None) -> list[ModelResult]:
+                 progress: Callable[[str], None] = print, pairs: str | None = None, device: str = "cpu",
+                 dtype: str = "fp32", batch: int | None = None, channels_last: bool = False) -> list[ModelResult]:
     """Images/s of a training step (SGD) and of inference, SaluNet vs its twin, interleaved repeats. ``pairs``
-    (comma-separated names of :data:`MODEL_PAIRS`) runs only those, whatever ``full`` says."""
+    (comma-separated names of :data:`MODEL_PAIRS`) runs only those, whatever ``full`` says. ``device`` /
+    ``dtype`` (bf16 / fp16: ``torch.autocast``) / ``channels_last``: where and how the models run; ``batch``
+    replaces every pair's own batch size (on a GPU the paper's 128, say)."""
     from .models import create_model
 
+    dev, _ = resolve_device(device), _dtype(dtype)
     wanted = None if pairs is None else {p.strip() for p in pairs.split(",") if p.strip()}
     unknown = sorted((wanted or set()) - {p[0] for p in MODEL_PAIRS})
     if unknown:
         raise ValueError(f"unknown model pair(s) {', '.join(map(repr, unknown))}; choose from "
                          f"{', '.join(repr(p[0]) for p in MODEL_PAIRS)}")
     torch.set_num_threads(threads)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def amp():
+        return nullcontext() if dtype == "fp32" else torch.autocast(dev.type, dtype=DTYPES[dtype])
+
     out = []
-    for pair, name, twin, width, batch, side, is_full in MODEL_PAIRS:
+    for pair, name, twin, width, pair_batch, side, is_full in MODEL_PAIRS:
         if (wanted is not None and pair not in wanted) or (wanted is None and is_full and not full):
             continue
-        progress(f"models: {pair} ({name} vs {twin}, batch {batch}, {side}x{side}) ...")
+        batch_n = batch or pair_batch
+        progress(f"models: {pair} ({name} vs {twin}, batch {batch_n}, {side}x{side}, {dev}, {dtype}) ...")
         torch.manual_seed(0)
-        x = torch.randn(batch, 3, side, side)
-        y = torch.randint(0, 10, (batch,))
-        models = {n: create_model(n, num_classes=10, width=width) for n in (name, twin)}
+        x = torch.randn(batch_n, 3, side, side, device=dev).contiguous(memory_format=fmt)
+        y = torch.randint(0, 10, (batch_n,), device=dev)
+        models = {n: create_model(n, num_classes=10, width=width).to(dev, memory_format=fmt) for n in (name, twin)}
         opts = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in models.items()}
         has_bn = any(isinstance(m, nn.BatchNorm2d) for m in models[twin].modules())
         # separate eval-mode copies: the training models stay in train mode (SaluNets behave the same in both,
@@ -305,28 +471,39 @@ def bench_models(repeats: int = 7, warmup: int = 3, threads: int = 2, full: bool
         # with it the inference ratio (measured 0.82x interleaved vs 1.04x for resnet18 cpu-width)
         for i in range(warmup + repeats):
             for n, m in models.items():
-                t = _train_step(m, opts[n], x, y)
+                t = _train_step(m, opts[n], x, y, amp())
                 if i >= warmup:
                     times["train_" + n].append(t)
         for i in range(warmup + repeats):
             for n, m in infer_models.items():
-                t = _infer(m, x)
+                t = _infer(m, x, amp())
                 if i >= warmup:
                     times["infer_" + n].append(t)
-        med = {k: batch / statistics.median(v) for k, v in times.items()}
-        out.append(ModelResult(pair, name, twin, str(width or "paper"), batch, side, med["train_" + name],
+        peaks = {}
+        for n, m in models.items():  # one more step each, alone, for its peak memory (None on CPU)
+            with _Peak(dev) as peak:
+                _train_step(m, opts[n], x, y, amp())
+            peaks[n] = peak.mib
+        med = {k: batch_n / statistics.median(v) for k, v in times.items()}
+        out.append(ModelResult(pair, name, twin, str(width or "paper"), batch_n, side, med["train_" + name],
                                med["train_" + name] / med["train_" + twin], med["infer_" + name],
                                med["infer_" + name] / med["infer_" + twin],
-                               twin + (" (BN folded)" if has_bn else "")))
+                               twin + (" (BN folded)" if has_bn else ""), dev.type, dtype, peaks[name],
+                               None if peaks[name] is None else peaks[name] / peaks[twin]))
     return out
 
 
 def format_model_table(results: list[ModelResult]) -> str:
-    lines = ["| pair | batch x image | train img/s | train vs twin | infer img/s | infer vs | twin at inference |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    """The markdown table; rows measured on a GPU add the training step's peak memory (CPU tables are unchanged)."""
+    gpu = any(r.train_peak_mib is not None for r in results)
+    lines = ["| pair | batch x image | train img/s | train vs twin | infer img/s | infer vs | twin at inference |"
+             + (" train peak MiB | vs twin |" if gpu else ""), "|---|---|---:|---:|---:|---:|---|"
+             + ("---:|---:|" if gpu else "")]
     for r in results:
+        mem = (f" {r.train_peak_mib:.0f} | {r.train_peak_ratio:.2f}x |" if r.train_peak_mib is not None
+               else " | |" if gpu else "")
         lines.append(f"| {r.pair} | {r.batch} x {r.image}² | {r.train_img_s:.1f} | {r.train_ratio:.2f}x | "
-                     f"{r.infer_img_s:.1f} | {r.infer_ratio:.2f}x | {r.infer_baseline} |")
+                     f"{r.infer_img_s:.1f} | {r.infer_ratio:.2f}x | {r.infer_baseline} |" + mem)
     return "\n".join(lines)
 
 

@@ -35,14 +35,28 @@ def _positive_int(s: str) -> int:
 def _cmd_bench(args) -> int:
     from . import bench
 
+    on_device = args.device != "cpu" or args.dtype != "fp32"
+    if args.what not in ("ops", "models") and (on_device or args.batch or args.channels_last or args.cases):
+        raise UserError(f"bench {args.what}: --device, --dtype, --batch, --channels-last and --cases apply to "
+                        "bench ops / models only; drop them")
+    if args.what == "models" and args.cases:
+        raise UserError("bench models: --cases selects op cases (bench ops); use --pairs for models")
+    if args.what == "ops" and (args.pairs or args.channels_last):
+        raise UserError("bench ops: --pairs and --channels-last apply to bench models; use --cases for ops")
+    if args.what in ("ops", "models"):
+        bench.resolve_device(args.device)  # refused before anything is written
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "ops":
-        results = bench.bench_ops(repeats=args.repeats or 15, threads=args.threads)
+        results = bench.bench_ops(repeats=args.repeats or 15, warmup=args.warmup or 3, threads=args.threads,
+                                  device=args.device,
+                                  dtype=args.dtype, batch=args.batch, cases=args.cases)
         table = bench.format_table(results)
     elif args.what == "models":
-        results = bench.bench_models(repeats=args.repeats or 7, threads=args.threads, full=args.full,
-                                     pairs=args.pairs)
+        results = bench.bench_models(repeats=args.repeats or 7, warmup=args.warmup or 3, threads=args.threads,
+                                     full=args.full,
+                                     pairs=args.pairs, device=args.device, dtype=args.dtype, batch=args.batch,
+                                     channels_last=args.channels_last)
         table = bench.format_model_table(results)
     elif args.what == "folder":
         results = bench.bench_folder(repeats=args.repeats or 3, threads=args.threads)
@@ -52,8 +66,10 @@ def _cmd_bench(args) -> int:
             raise UserError("bench train needs --data-path (CIFAR-10 as an .npz or the official archive)")
         results = bench.bench_train(args.data_path, repeats=args.repeats or 3, threads=args.threads, full=args.full)
         table = bench.format_train_table(results)
-    env = bench.environment()
-    path = out / f"bench_{args.what}.jsonl"
+    env = bench.environment(args.device if args.what in ("ops", "models") else "cpu")
+    # the CPU fp32 file keeps its name; other devices / dtypes get their own, so that runs do not overwrite each other
+    suffix = f"_{args.device.replace(':', '')}_{args.dtype}" if on_device else ""
+    path = out / f"bench_{args.what}{suffix}.jsonl"
     bench.write_jsonl(path, results, env)
     print(table)
     print(f"environment: {json.dumps(env)}")
@@ -246,11 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["ops", "models", "train", "folder"])
     b.add_argument("--repeats", type=_positive_int, help="timed repeats per variant, median (default: ops 15, "
                    "models 7, train 3)")
+    b.add_argument("--warmup", type=_positive_int, help="ops/models: untimed calls per variant first (default 3)")
     b.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
     b.add_argument("--full", action="store_true", help="models/train: also full-width models (slow on CPU)")
     b.add_argument("--data-path", help="train: CIFAR-10 (.npz or the official archive)")
     b.add_argument("--pairs", help="models: comma-separated pair names to run (default: all of the chosen scale), "
                    "e.g. 'resnet18 v2 full'")
+    b.add_argument("--device", default="cpu", help="ops/models: cpu, cuda or cuda:N (GPU timing with CUDA events; "
+                   "rows add peak memory and, for ops, achieved GB/s)")
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="ops/models: activation dtype (models: the autocast dtype); parameters stay float32")
+    b.add_argument("--batch", type=_positive_int, help="ops/models: batch size of every case / pair (default: ops "
+                   "64 NCHW and 128 tokens, 4x that on CUDA; models: each pair's own)")
+    b.add_argument("--cases", help="ops: comma-separated cases to run (nchw, tail, tokens, salu; default all)")
+    b.add_argument("--channels-last", action="store_true", help="models: channels-last model and input")
     b.add_argument("--out", default="runs/bench", help="directory for the JSON-lines results")
     b.set_defaults(func=_cmd_bench)
 

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# The one GPU check of issue 13 (docs/GPU.md): install, data, GPU tests, benchmarks (bf16 and fp32), and
+# full-width CIFAR-10 training of resnet18_bn, salunet_c18 and salunet_c18_v2 (same epochs each), in under
+# 9 minutes on one H100 / H200.
+#
+#   bash scripts/gpu_check.sh            # on the GPU machine
+#   bash scripts/gpu_check.sh --dry-run  # the same steps on CPU at toy sizes (tests/test_gpu_check.py), < 1 min
+#
+# Every step runs under `timeout`, its log goes to WORK/logs/STEP.log and its exit code and seconds to
+# WORK/steps.jsonl; a failed step never stops the later ones. After each step WORK/summary.json and
+# WORK/summary.md are rebuilt (scripts/gpu_check.py summary).
+# Where: with $OUT set (the device tool), WORK is /tmp/gpu_check_work and $OUT receives only what the tool can
+# bring back (at most 8 files): summary.json, summary.md and gpu_check_results.tar.gz (all of WORK but the
+# data and the checkpoints), refreshed after every step so that a run cut short still returns its results.
+# Without $OUT everything stays in one folder, $GPU_CHECK_OUT or gpu_check_<timestamp>/.
+# Time: GPU_CHECK_BUDGET_S (default 510 s) is the whole script's budget; the training epochs are computed from a
+# 2-epoch probe run against the time left (scripts/gpu_check.py epochs).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+PY=${PYTHON:-python3}
+T0=$SECONDS
+BUDGET=${GPU_CHECK_BUDGET_S:-510}
+if [[ -n "${OUT:-}" ]]; then
+  RESULTS=$OUT
+  WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_work}
+else
+  RESULTS=${GPU_CHECK_OUT:-gpu_check_$(date +%Y%m%d_%H%M%S)}
+  WORK=$RESULTS
+fi
+rm -rf "$WORK/logs" "$WORK/bench" "$WORK/train" "$WORK/steps.jsonl"
+mkdir -p "$RESULTS" "$WORK/logs" "$WORK/bench" "$WORK/train" "$WORK/data"
+export PYTHONUNBUFFERED=1 SALUNET_COMMIT=${SALUNET_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+
+left() { echo $((BUDGET - (SECONDS - T0))); }
+
+refresh() {
+  "$PY" scripts/gpu_check.py summary "$WORK" >/dev/null 2>>"$WORK/logs/summary.err"
+  if [[ "$RESULTS" != "$WORK" ]]; then
+    cp -f "$WORK/summary.json" "$WORK/summary.md" "$RESULTS/" 2>/dev/null
+    tar czf "$RESULTS/gpu_check_results.tar.gz" --exclude='./data' --exclude='*.safetensors' -C "$WORK" . 2>/dev/null
+  fi
+}
+
+# step NAME SECONDS CMD...: run CMD under a time limit, log it, record its exit code; never stops the script
+step() {
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo "[$((SECONDS - T0))s] $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" >"$WORK/logs/$name.log" 2>&1
+  rc=$?
+  printf '{"step": "%s", "rc": %d, "seconds": %d}\n' "$name" "$rc" $((SECONDS - start)) >>"$WORK/steps.jsonl"
+  echo "[$((SECONDS - T0))s] $name: rc=$rc"
+  tail -n 4 "$WORK/logs/$name.log" | sed 's/^/    /'
+  refresh
+  return 0
+}
+
+skip() {
+  printf '{"step": "%s", "rc": "skipped", "seconds": 0, "why": "%s"}\n' "$1" "$2" >>"$WORK/steps.jsonl"
+  echo "[$((SECONDS - T0))s] $1: skipped ($2)"
+}
+
+if ((DRY)); then
+  DEVICE=cpu
+  PYTEST_GPU=(-k cuda)                    # collects every test; the CUDA ones skip themselves on CPU
+  PYTEST_KERNELS=(-k "inf_and_nan")
+  OPS=(--device cpu --batch 2 --cases nchw,tail,tokens --repeats 1 --warmup 1)
+  MODELS=(--device cpu --batch 2 --pairs "resnet18 cpu-width" --repeats 1 --warmup 1 --channels-last)
+  TRAIN=(--device cpu --width 4 --batch-size 64 --compile false)
+  MODEL_LIMIT=120
+else
+  DEVICE=cuda
+  PYTEST_GPU=()
+  PYTEST_KERNELS=()
+  OPS=(--device cuda --repeats 10)
+  MODELS=(--device cuda --batch 128 --pairs "resnet18 full,resnet18 v2 full,vit full" --repeats 5 --channels-last)
+  TRAIN=(--device cuda --compile true)
+  MODEL_LIMIT=300
+fi
+
+# 1. install without fetching anything (the GPU machine has no package registry)
+if ((DRY)); then
+  skip install "dry run: the project is installed here already"
+else
+  step install 120 "$PY" -m pip install --no-deps --no-build-isolation -e .
+fi
+step env 60 "$PY" scripts/gpu_check.py env "$WORK/env.json"
+
+# 2. data: the packed subset carried in gpu_data/ (scripts/pack_cifar.py), rebuilt as an .npz, pixels verified
+DATA=$WORK/data/cifar10.npz
+if ((DRY)); then
+  SRC=${CIFAR_SRC:-../shared/data/cifar10.npz}
+  if [[ ! -f "$SRC" ]]; then  # no CIFAR here: random images in its format, so that the steps still run
+    SRC=$WORK/data/random_cifar.npz
+    "$PY" -c "import numpy as np, sys; r = np.random.default_rng(0); np.savez(sys.argv[1], \
+x_train=r.integers(0, 256, (400, 32, 32, 3), dtype=np.uint8), y_train=np.arange(400) % 10, \
+x_test=r.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8), y_test=np.arange(200) % 10)" "$SRC"
+  fi
+  step pack 120 "$PY" scripts/pack_cifar.py pack --src "$SRC" --train 200 --test 100 --out "$WORK/data/pack.npz"
+  PACK=$WORK/data/pack.npz
+else
+  PACK=gpu_data/cifar10_pack.npz
+fi
+step unpack 120 "$PY" scripts/pack_cifar.py unpack "$PACK" "$DATA"
+
+# 3. the GPU tests (the kernel tests, CPU-only, come last, if time is left)
+step pytest_gpu 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py "${PYTEST_GPU[@]}" -rs \
+  --junitxml="$WORK/logs/pytest_gpu.xml"
+
+# 4. benchmarks, bf16 and fp32: ratios to the normalised baselines of the same run, GB/s, peak memory
+for dt in bf16 fp32; do
+  step "bench_ops_$dt" 120 "$PY" -m salunet bench ops "${OPS[@]}" --dtype "$dt" --out "$WORK/bench"
+done
+for dt in bf16 fp32; do
+  step "bench_models_$dt" 150 "$PY" -m salunet bench models "${MODELS[@]}" --dtype "$dt" --out "$WORK/bench"
+done
+
+# 5. full-width CIFAR-10 training, the paper's recipe (batch 128), bf16 autocast, channels_last, torch.compile,
+#    the data resident on the device; the same number of epochs for each model, fitted to the time left
+COMMON=(--recipe cifar-resnet --data cifar10 --data-path "$DATA" --amp bf16 --channels-last true --progress false
+        --checkpoint-every 1000 --keep-checkpoints 1 --out "$WORK/train" "${TRAIN[@]}")
+step train_probe "$MODEL_LIMIT" "$PY" -m salunet train "${COMMON[@]}" --model salunet_c18_v2 --epochs 2 --name probe
+RESERVE=$(( DRY ? 0 : 20 ))  # the final summary and the tarball
+EPOCHS=$("$PY" scripts/gpu_check.py epochs "$WORK/train/probe" $(( $(left) - RESERVE )) 3 2>>"$WORK/logs/summary.err")
+((DRY)) && EPOCHS=1
+echo "[$((SECONDS - T0))s] training: $EPOCHS epochs per model, $(left)s left"
+echo "{\"epochs_per_model\": ${EPOCHS:-0}}" >"$WORK/train_plan.json"
+MODELS_LEFT=3
+for m in resnet18_bn salunet_c18 salunet_c18_v2; do
+  EMA=()
+  [[ $m == resnet18_bn ]] && EMA=(--ema-decay 0.997)  # the paper's decay for the BN ResNet (README)
+  LIMIT=$(( ($(left) - RESERVE) / MODELS_LEFT ))
+  ((LIMIT < 60)) && LIMIT=60
+  step "train_$m" "$LIMIT" "$PY" -m salunet train "${COMMON[@]}" --model "$m" "${EMA[@]}" --epochs "${EPOCHS:-1}" --name "$m"
+  MODELS_LEFT=$((MODELS_LEFT - 1))
+done
+
+# 6. the kernel tests (CPU: the C++ kernels and the eager path) if time is left; CI runs them anyway
+if (( DRY || $(left) > 100 )); then
+  step pytest_kernels $(( DRY ? 120 : $(left) - 10 )) "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+    tests/test_functional.py "${PYTEST_KERNELS[@]}"
+else
+  skip pytest_kernels "$(left)s left: too little for the C++ build and the CPU kernel tests"
+fi
+
+refresh
+echo "[$((SECONDS - T0))s] done; results in $RESULTS (work folder $WORK)"
+cat "$WORK/summary.md" 2>/dev/null
+exit 0

@@ -1,0 +1,88 @@
+"""scripts/gpu_check.sh --dry-run (the GPU check's steps on CPU at toy sizes) and scripts/pack_cifar.py's
+lossless round trip."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import pack_cifar  # noqa: E402
+
+STEPS = ["install", "env", "pack", "unpack", "pytest_gpu", "bench_ops_bf16", "bench_ops_fp32", "bench_models_bf16",
+         "bench_models_fp32", "train_probe", "train_resnet18_bn", "train_salunet_c18", "train_salunet_c18_v2",
+         "pytest_kernels"]
+
+
+def _fake_cifar(path, n_train=60, n_test=30):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8)
+    x[:, :16] //= 4  # some structure, as photos have
+    np.savez(path, x_train=x, y_train=np.arange(n_train) % 10,
+             x_test=rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8), y_test=(np.arange(n_test) * 7) % 10)
+    return path
+
+
+def test_pack_round_trip_is_bitwise_and_class_balanced(tmp_path):
+    src = _fake_cifar(tmp_path / "c.npz")
+    info = pack_cifar.pack(src, tmp_path / "pack.npz", 30, 20)
+    assert info["format"] in ("webp", "png") and info["bytes"] < info["raw_bytes"] + 20_000
+    out = pack_cifar.unpack(tmp_path / "pack.npz", tmp_path / "out.npz")
+    d, s = np.load(out), np.load(src)
+    for split, n in (("train", 30), ("test", 20)):
+        idx = pack_cifar.balanced_indices(s[f"y_{split}"], n)
+        assert np.array_equal(d[f"x_{split}"], s[f"x_{split}"][idx])  # bitwise, in file order
+        assert np.array_equal(d[f"y_{split}"], s[f"y_{split}"][idx])
+        assert np.bincount(d[f"y_{split}"], minlength=10).tolist() == [n // 10] * 10
+
+
+def test_unpack_refuses_changed_pixels(tmp_path):
+    src = _fake_cifar(tmp_path / "c.npz")
+    pack_cifar.pack(src, tmp_path / "pack.npz", 10, 10)
+    p = dict(np.load(tmp_path / "pack.npz"))
+    p["train_sha256"] = np.array("0" * 64)
+    np.savez(tmp_path / "bad.npz", **p)
+    with pytest.raises(SystemExit, match="pixels differ"):
+        pack_cifar.unpack(tmp_path / "bad.npz", tmp_path / "out.npz")
+    with pytest.raises(ValueError, match="multiple of 10"):
+        pack_cifar.balanced_indices(np.arange(100) % 10, 15)
+
+
+def test_real_cifar_subset_round_trip(cifar_npz, tmp_path):
+    pack_cifar.pack(cifar_npz, tmp_path / "pack.npz", 50, 20)
+    d, s = np.load(pack_cifar.unpack(tmp_path / "pack.npz", tmp_path / "out.npz")), np.load(cifar_npz)
+    assert np.array_equal(d["x_train"], s["x_train"][pack_cifar.balanced_indices(s["y_train"], 50)])
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_every_promised_file(tmp_path):
+    """The whole script on CPU (toy sizes): every step runs and succeeds (install is skipped), $OUT gets what the
+    device tool brings back (<= 8 files), and the tarball holds every log, benchmark and training record."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable,
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check_results.tar.gz", "summary.json", "summary.md"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == STEPS
+    assert summary["failed"] == [], summary["steps"]
+    assert summary["steps"][0]["rc"] == "skipped"
+    assert set(summary["training"]) == {"probe", "resnet18_bn", "salunet_c18", "salunet_c18_v2"}
+    assert all(summary["training"][m]["epochs"] == 1 for m in ("resnet18_bn", "salunet_c18", "salunet_c18_v2"))
+    assert any("salu+swalu (fused SALUAct) vs batchnorm2d+relu" in k for k in summary["targets"])
+    assert "salunet_c18 images/s vs resnet18_bn" in summary["targets"]
+    with tarfile.open(out / "gpu_check_results.tar.gz") as tf:
+        names = set(tf.getnames())
+    for f in [f"./logs/{s}.log" for s in STEPS[1:]] + ["./env.json", "./steps.jsonl", "./summary.md",
+              "./bench/bench_ops_cpu_bf16.jsonl", "./bench/bench_ops.jsonl", "./bench/bench_models_cpu_bf16.jsonl",
+              "./bench/bench_models.jsonl", "./train/salunet_c18_v2/metrics.jsonl", "./logs/pytest_gpu.xml"]:
+        assert f in names, f
+    assert not any(n.endswith(".safetensors") or n.startswith("./data/") for n in names)
