@@ -455,19 +455,25 @@ def _spawn_train(argv, **env):
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_with_loader_workers_prints_no_traceback(tmp_path):
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.5])
+def test_sigterm_to_the_process_group_with_loader_workers_prints_no_traceback(tmp_path, delay):
     """How schedulers stop a job: SIGTERM to every process of its group, DataLoader workers included. The
-    workers used to run the trainer's inherited handler and print ~20 lines of traceback each."""
+    workers used to run the trainer's inherited handler and print ~20 lines of traceback each; a SIGTERM right
+    at an epoch's start (delay 0: the next epoch's workers are being forked) could hang the run for good."""
     root = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=16, size=(16, 16))
     p = _spawn_train(["--data", "imagefolder", "--data-path", str(root), "--crop", "resized", "--workers", "2",
                       "--model", "cnn4", "--width", "2", "--batch-size", "4", "--epochs", "500", "--progress",
                       "false", "--out", str(tmp_path / "o"), "--name", "t"])
-    for line in p.stdout:  # the first finished epoch: workers have been started and are live
+    for line in p.stdout:  # the end of epoch 1: the next epoch's workers start now
         if line.startswith("epoch 1/"):
             break
-    time.sleep(0.5)
+    time.sleep(delay)
     os.killpg(p.pid, signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
+    try:
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 1 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("salunet: stopped: terminated (SIGTERM) during epoch")
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .imagefolder import GRAY_MODES, ImageFolder, open_image, quiet_worker
+from .imagefolder import GRAY_MODES, ImageFolder, iter_quietly, open_image, quiet_worker
 
 __all__ = ["FolderShape", "FolderPlan", "probe_folder", "plan_folder", "decode_folder", "default_padding",
            "PROBE_FILES", "SMALL_IMAGE", "MEMORY_BUDGET", "IMAGENET_SIZE"]
@@ -131,8 +131,8 @@ def decode_folder(ds, workers: int) -> tuple[np.ndarray, np.ndarray]:
     from torch.utils.data import DataLoader
 
     xs, ys = [], []
-    for x, y in DataLoader(ds, batch_size=256, num_workers=workers, shuffle=False,
-                           worker_init_fn=quiet_worker if workers else None):
+    for x, y in iter_quietly(DataLoader(ds, batch_size=256, num_workers=workers, shuffle=False,
+                                        worker_init_fn=quiet_worker if workers else None)):
         xs.append(x.permute(0, 2, 3, 1).numpy())
         ys.append(y.numpy())
     return np.concatenate(xs), np.concatenate(ys).astype(np.int64)

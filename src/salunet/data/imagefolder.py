@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = ["ImageFolder", "IMG_EXTENSIONS", "GRAY_MODES", "scan_folder", "open_image", "MAX_PIXELS",
-           "quiet_worker"]
+           "quiet_worker", "iter_quietly"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes without colour
@@ -101,11 +101,30 @@ def quiet_worker(_worker_id: int) -> None:
     """``worker_init_fn`` of every DataLoader over image folders: a worker leaves quietly on SIGTERM (exit code 0)
     and ignores SIGINT. A scheduler stops a job by signalling its whole process group; the workers would otherwise
     run the trainer's inherited handler and print a traceback each. (Ignoring SIGTERM instead would hang the
-    shutdown: multiprocessing ends daemonic workers with SIGTERM.) The main process reports the stop."""
+    shutdown: multiprocessing ends daemonic workers with SIGTERM.) The main process reports the stop. Workers
+    start with SIGTERM blocked (:func:`iter_quietly`): a signal that arrives between the fork and this function
+    waits here, then ends the worker quietly."""
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
+def iter_quietly(loader):
+    """``iter(loader)`` with SIGTERM and SIGINT blocked while its worker processes are forked, so that no worker
+    ever runs the trainer's inherited handler (it raised ``Terminated`` inside a half-started worker, which then
+    spun forever: a hang at a group SIGTERM that landed in the few milliseconds of an epoch's worker start). A
+    signal meanwhile sent to this process is delivered as soon as the workers exist."""
+    import signal
+
+    if not getattr(loader, "num_workers", 0):
+        return iter(loader)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class ImageFolder(Dataset):

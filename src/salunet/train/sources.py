@@ -20,7 +20,7 @@ import torch
 
 from ..data import ImageArrays, ImageFolder, load_arrays, mix_batch, random_crop, random_flip, to_memory
 from ..data.folders import FolderPlan, decode_folder, default_padding, plan_folder
-from ..data.imagefolder import quiet_worker
+from ..data.imagefolder import iter_quietly, quiet_worker
 from . import distributed as D
 from .config import TrainConfig
 
@@ -169,7 +169,7 @@ class FolderSource:
             loader = self._loader(self.train_data, self.local_batch, shuffle=True,
                                   generator=epoch_generator(self.cfg.seed, epoch))
         g = epoch_generator(self.cfg.seed, epoch, info.rank)
-        for s, (x, y) in enumerate(loader):
+        for s, (x, y) in enumerate(iter_quietly(loader)):
             if s >= self.steps:
                 break
             x = x.to(info.device, non_blocking=True)
@@ -185,7 +185,7 @@ class FolderSource:
         from torch.utils.data import Subset
 
         shard = Subset(self.val_data, range(self.info.rank, len(self.val_data), self.info.world))
-        for x, y in self._loader(shard, self.cfg.eval_batch_size):
+        for x, y in iter_quietly(self._loader(shard, self.cfg.eval_batch_size)):
             yield (x.to(self.info.device).float() - self.mean) / self.std, y.to(self.info.device)
 
 

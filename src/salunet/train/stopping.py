@@ -52,6 +52,13 @@ def _is_comm_error(exc: BaseException) -> bool:
         s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL")))
 
 
+def _worker_terminated(exc: BaseException) -> bool:
+    """A DataLoader worker ended by SIGTERM, reported by torch in the main process: a SIGTERM to the whole process
+    group (a scheduler's stop) can reach a worker that is just starting, before its quiet handler is installed
+    (data/imagefolder.py ``quiet_worker``), and torch's check then fires before the main process's own handler."""
+    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc) and "Terminated" in str(exc)
+
+
 def _short(exc: BaseException) -> str:
     """A communication error in a few words: gloo's text without its source location and advice."""
     import re
@@ -64,7 +71,7 @@ def as_run_stopped(exc: BaseException, run_dir: Path, info: D.DistInfo, epoch: i
     """The RunStopped that ``exc`` (raised during epoch ``epoch``) amounts to, or None if it is not one."""
     import errno
 
-    if isinstance(exc, Terminated):
+    if isinstance(exc, Terminated) or _worker_terminated(exc):
         why = f"terminated (SIGTERM) during epoch {epoch}"
     elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         why = f"no space left on device while writing {exc.filename or 'to ' + str(run_dir)} (epoch {epoch})"
