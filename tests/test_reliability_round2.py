@@ -82,6 +82,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tarfile  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -493,16 +494,35 @@ def test_a_stopped_torchrun_rank_ends_the_run_after_dist_timeout(tmp_path):
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stopped = next((line for line in p.stderr if line.startswith("salunet: stopped:")), "")
+        # rank 0 leaves right after its message (and its lock with it) while the frozen rank 1 and torchrun are
+        # still alive: checked before the test ends the job, so the group kill below cannot be what ended rank 0
+        deadline, states = time.monotonic() + 20, []
+        while time.monotonic() < deadline:
+            states = _children_states(p.pid)
+            if states == ["T"]:
+                break
+            time.sleep(0.2)
+        assert p.poll() is None, "torchrun should still be waiting on the frozen rank"
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
     assert stopped.startswith("salunet: stopped: rank 0 waited longer than dist_timeout for the other ranks during "
                               "epoch 1 (one is stopped or hung; --dist-timeout sets the wait)"), stopped
+    assert states == ["T"], f"torchrun's ranks 20 s after rank 0 stopped: states {states} (want only the frozen one)"
     assert time.perf_counter() - t < 120
-    deadline = time.monotonic() + 10  # rank 0 exits right after its message: the lock goes with it
-    while RunLock.holder(tmp_path / "o" / "t") is not None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert RunLock.holder(tmp_path / "o" / "t") is None
+
+
+def _children_states(pid: int) -> list[str]:
+    """The process states (R, S, T, Z, ...) of ``pid``'s children, read from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(fields[0])
+    return sorted(out)
 
 
 def test_experiment_list_option_that_is_not_numbers_is_one_line_with_the_fix(capsys, tmp_path):
