@@ -246,17 +246,25 @@ def seal(data: bytes) -> bytes:
     return data[:at] + hashlib.sha256(data).hexdigest().encode() + data[at + _SUM_LEN:]
 
 
-def _checksum_offset(data) -> int | None:
-    """Where the 64 hex digits of the checksum start in ``data``, found without parsing anything: after the one
-    ``"sha256":"`` inside the header (its length from the first 8 bytes). None if the header is not there."""
+def _header_bytes(data) -> bytes | None:
+    """The JSON header of safetensors bytes (its length from the first 8 bytes), None if it cannot be there."""
     if len(data) < 8:
         return None
     n = int.from_bytes(data[:8], "little")
     if n > len(data) - 8 or n > MAX_HEADER_BYTES:
         return None
-    header = bytes(data[8:8 + n])
+    return bytes(data[8:8 + n])
+
+
+def _checksum_offset(data, header: bytes | None = None) -> int | None:
+    """Where the 64 hex digits of the checksum start in ``data``, found without parsing anything: after the one
+    ``"sha256":"`` inside the header (``header``: :func:`_header_bytes`, if the caller has it). None if the
+    header is not there."""
+    header = _header_bytes(data) if header is None else header
+    if header is None:
+        return None
     at = header.find(_SUM_KEY)
-    if at < 0 or header.find(_SUM_KEY, at + 1) >= 0 or at + len(_SUM_KEY) + _SUM_LEN > n:
+    if at < 0 or header.find(_SUM_KEY, at + 1) >= 0 or at + len(_SUM_KEY) + _SUM_LEN > len(header):
         return None
     return 8 + at + len(_SUM_KEY)
 
@@ -290,8 +298,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
 def checkpoint_from_bytes(data: bytes, name: str = "checkpoint") -> tuple[dict, dict]:
     """(state, meta) of a checkpoint held in memory (``name`` is used in messages): the whole-file checksum is
     verified before any part of the file is parsed."""
-    at = _checksum_offset(data)
-    header = bytes(data[8:8 + int.from_bytes(data[:8], "little")]) if at is not None else b""
+    header = _header_bytes(data)
+    at = _checksum_offset(data, header)
+    header = header if at is not None else b""
     # a format-1 file is checked by its tensor checksum below (no single flipped bit turns "2" into "1")
     fmt_v1 = f'"format":"{FORMAT_V1}"'.encode() in header
     if at is None or (not fmt_v1 and _whole_file_digest(data, at).encode() != bytes(data[at:at + _SUM_LEN])):
