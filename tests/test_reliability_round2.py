@@ -498,12 +498,14 @@ def test_a_stopped_torchrun_rank_ends_the_run_after_dist_timeout(tmp_path):
         # still alive: checked before the test ends the job, so the group kill below cannot be what ended rank 0
         deadline, states = time.monotonic() + 20, []
         while time.monotonic() < deadline:
-            states = _children_states(p.pid)
+            states = sorted(state for _, state in _children(p.pid))
             if states == ["T"]:
                 break
             time.sleep(0.2)
         assert p.poll() is None, "torchrun should still be waiting on the frozen rank"
-    finally:
+    finally:  # the ranks run in sessions of their own: the frozen one would outlive a kill of torchrun's group
+        for pid, _ in _children(p.pid):
+            os.kill(pid, signal.SIGKILL)
         os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
     assert stopped.startswith("salunet: stopped: rank 0 waited longer than dist_timeout for the other ranks during "
@@ -512,8 +514,8 @@ def test_a_stopped_torchrun_rank_ends_the_run_after_dist_timeout(tmp_path):
     assert time.perf_counter() - t < 120
 
 
-def _children_states(pid: int) -> list[str]:
-    """The process states (R, S, T, Z, ...) of ``pid``'s children, read from /proc."""
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, state) of ``pid``'s children, read from /proc (state R, S, T for stopped, Z, ...)."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -521,8 +523,8 @@ def _children_states(pid: int) -> list[str]:
         except OSError:
             continue
         if int(fields[1]) == pid:
-            out.append(fields[0])
-    return sorted(out)
+            out.append((int(stat.parent.name), fields[0]))
+    return out
 
 
 def test_experiment_list_option_that_is_not_numbers_is_one_line_with_the_fix(capsys, tmp_path):
