@@ -146,3 +146,27 @@ def test_representation_of_a_vit_pools_tokens(tmp_path):
     assert all(s["dims"] == 24 for s in stages.values())  # the hidden size, not the 17 tokens
     geo, _ = _run(tmp_path, "geometry", checkpoints=run)
     assert {l["stage"] for l in geo["checkpoints"][0]["layers"]} == {"layer1", "layer2", "head"}
+
+
+def _fake_run(path, accs, losses=None):
+    path.mkdir(parents=True)
+    rows = [{"epoch": i + 1, "train_loss": 1.0 / (i + 1), "test_loss": 1.2 / (i + 1), "test_acc": a}
+            for i, a in enumerate(accs)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_curves_average_runs_that_share_a_label(tmp_path):
+    a0, a1 = _fake_run(tmp_path / "a0", [0.4, 0.5]), _fake_run(tmp_path / "a1", [0.5, 0.7])
+    b = _fake_run(tmp_path / "b", [0.3, 0.6])
+    out, d = _run(tmp_path, "curves", runs=f"{a0},{b},{a1}", labels="a,b,a")
+    assert out["runs"] == {"a": [a0, a1], "b": [b]}
+    fa = out["final"]["a"]
+    assert fa["epoch"] == 2 and fa["test_acc"] == pytest.approx(0.6)
+    assert fa["test_acc_std"] == pytest.approx(math.sqrt(0.02))  # sample std of 0.5, 0.7
+    assert fa["per_run_test_acc"] == [0.5, 0.7] and fa["train_loss"] == pytest.approx(0.5)
+    assert out["final"]["b"]["test_acc"] == 0.6 and "test_acc_std" not in out["final"]["b"]  # one run: as is
+    short = _fake_run(tmp_path / "short", [0.4])
+    with pytest.raises(ValueError, match="label 'a': its runs have different epochs"):
+        run_experiment("curves", out=str(tmp_path), name="bad", runs=f"{a0},{short}", labels="a,a")
+    assert not (tmp_path / "bad").exists()  # nothing left behind

@@ -749,7 +749,9 @@ class CurvesArgs(ExperimentArgs):
 
 @experiment("curves", CurvesArgs)
 def curves_experiment(args: CurvesArgs, run_dir: Path) -> dict:
-    """Figure 5: test and EMA accuracy curves of several runs on one plot, from their metrics.jsonl."""
+    """Figure 5: test and EMA accuracy curves of several runs on one plot, from their metrics.jsonl. Runs given
+    the same label are seeds of one configuration: drawn as their mean per epoch, with a +-1 std band on the
+    accuracy, and reported as mean, std and per-run final values."""
     from ..train.rundir import RunDir
 
     dirs = [Path(r.strip()).expanduser() for r in args.runs.split(",") if r.strip()]
@@ -758,15 +760,51 @@ def curves_experiment(args: CurvesArgs, run_dir: Path) -> dict:
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else [d.name for d in dirs]
     if len(labels) != len(dirs):
         raise ValueError(f"{len(labels)} labels for {len(dirs)} runs; give one label per run")
-    series = {}
+    groups: dict[str, list[list[dict]]] = {}
     for d, label in zip(dirs, labels):
         run = RunDir(d)
         if not run.metrics.is_file():
             raise FileNotFoundError(f"{run.metrics}: no such file; is {d} a salunet run directory?")
-        series[label] = run.read_metrics()
-    out = {"experiment": "curves", "args": asdict(args), "runs": {k: [str(d)] for k, d in zip(labels, dirs)},
+        groups.setdefault(label, []).append([r for r in run.read_metrics() if "test_acc" in r])
+    series = {label: _seed_mean(label, rows) for label, rows in groups.items()}
+    runs = {k: [] for k in groups}
+    for d, label in zip(dirs, labels):
+        runs[label].append(str(d))
+    out = {"experiment": "curves", "args": asdict(args), "runs": runs,
            "final": {k: v[-1] if v else None for k, v in series.items()}}
     _draw(out, plots.plot_curves, series, run_dir / "curves.png", title="training curves")
+    for k, v in out["final"].items():
+        if v and len(groups[k]) > 1:
+            print(f"  {k:36s} {_fmt(v['test_acc'], v.get('test_acc_std'))}% "
+                  f"after epoch {v['epoch']} ({len(groups[k])} runs)")
+    return out
+
+
+_CURVE_KEYS = ("train_loss", "test_loss", "test_acc", "ema_test_acc", "train_acc")
+
+
+def _seed_mean(label: str, runs: list[list[dict]]) -> list[dict]:
+    """One run's rows as they are; several runs' (seeds') rows as their mean per epoch, with ``test_acc_std``
+    (and ``ema_test_acc_std``) and ``per_run_test_acc``. The runs must have the same epochs."""
+    if len(runs) == 1:
+        return runs[0]
+    epochs = [[r["epoch"] for r in rows] for rows in runs]
+    if any(e != epochs[0] for e in epochs):
+        raise ValueError(f"label {label!r}: its runs have different epochs ({', '.join(str(len(e)) for e in epochs)} "
+                         "rows); runs that share a label are averaged, so give them the same epochs or other labels")
+    out = []
+    for i, epoch in enumerate(epochs[0]):
+        row: dict = {"epoch": epoch}
+        for key in _CURVE_KEYS:
+            vals = [rows[i].get(key) for rows in runs]
+            if any(v is None for v in vals):
+                continue
+            m, sd = _mean_std(vals)
+            row[key] = m
+            if key in ("test_acc", "ema_test_acc"):
+                row[f"{key}_std"] = sd
+        row["per_run_test_acc"] = [rows[i]["test_acc"] for rows in runs]
+        out.append(row)
     return out
 
 

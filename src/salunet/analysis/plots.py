@@ -37,7 +37,7 @@ def _save(fig, path: Path) -> Path:
 
 def plot_curves(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
     """Figure 5 and every run's ``curves.png``: train / test loss and raw / EMA test accuracy per epoch of one
-    or more runs (``{label: metrics.jsonl rows}``)."""
+    or more runs (``{label: metrics.jsonl rows}``); rows with ``test_acc_std`` (seed means) get a +-1 std band."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, (label, rows) in enumerate(runs.items()):
@@ -46,6 +46,10 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, title: str = "") -> Pat
         axes[0].plot(ep, [r["train_loss"] for r in rows], color=c, label=f"{label} train")
         axes[0].plot(ep, [r["test_loss"] for r in rows], color=c, ls="--", label=f"{label} test")
         axes[1].plot(ep, [100 * r["test_acc"] for r in rows], color=c, label=f"{label} raw")
+        if rows and rows[0].get("test_acc_std") is not None:  # several seeds averaged: +-1 std band
+            lo = [100 * (r["test_acc"] - r["test_acc_std"]) for r in rows]
+            hi = [100 * (r["test_acc"] + r["test_acc_std"]) for r in rows]
+            axes[1].fill_between(ep, lo, hi, color=c, alpha=0.15, lw=0)
         if rows and rows[0].get("ema_test_acc") is not None:
             axes[1].plot(ep, [100 * r["ema_test_acc"] for r in rows], color=c, ls=":", label=f"{label} EMA")
     axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
