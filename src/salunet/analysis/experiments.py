@@ -761,15 +761,14 @@ def curves_experiment(args: CurvesArgs, run_dir: Path) -> dict:
     if len(labels) != len(dirs):
         raise ValueError(f"{len(labels)} labels for {len(dirs)} runs; give one label per run")
     groups: dict[str, list[list[dict]]] = {}
+    runs: dict[str, list[str]] = {}
     for d, label in zip(dirs, labels):
         run = RunDir(d)
         if not run.metrics.is_file():
             raise FileNotFoundError(f"{run.metrics}: no such file; is {d} a salunet run directory?")
         groups.setdefault(label, []).append([r for r in run.read_metrics() if "test_acc" in r])
+        runs.setdefault(label, []).append(str(d))
     series = {label: _seed_mean(label, rows) for label, rows in groups.items()}
-    runs = {k: [] for k in groups}
-    for d, label in zip(dirs, labels):
-        runs[label].append(str(d))
     out = {"experiment": "curves", "args": asdict(args), "runs": runs,
            "final": {k: v[-1] if v else None for k, v in series.items()}}
     _draw(out, plots.plot_curves, series, run_dir / "curves.png", title="training curves")

@@ -256,11 +256,14 @@ def _header_bytes(data) -> bytes | None:
     return bytes(data[8:8 + n])
 
 
-def _checksum_offset(data, header: bytes | None = None) -> int | None:
+def _checksum_offset(data) -> int | None:
     """Where the 64 hex digits of the checksum start in ``data``, found without parsing anything: after the one
-    ``"sha256":"`` inside the header (``header``: :func:`_header_bytes`, if the caller has it). None if the
-    header is not there."""
-    header = _header_bytes(data) if header is None else header
+    ``"sha256":"`` inside the header. None if the header is not there."""
+    return _checksum_offset_in(_header_bytes(data))
+
+
+def _checksum_offset_in(header: bytes | None) -> int | None:
+    """:func:`_checksum_offset` for a header already sliced by :func:`_header_bytes`."""
     if header is None:
         return None
     at = header.find(_SUM_KEY)
@@ -299,7 +302,7 @@ def checkpoint_from_bytes(data: bytes, name: str = "checkpoint") -> tuple[dict, 
     """(state, meta) of a checkpoint held in memory (``name`` is used in messages): the whole-file checksum is
     verified before any part of the file is parsed."""
     header = _header_bytes(data)
-    at = _checksum_offset(data, header)
+    at = _checksum_offset_in(header)
     header = header if at is not None else b""
     # a format-1 file is checked by its tensor checksum below (no single flipped bit turns "2" into "1")
     fmt_v1 = f'"format":"{FORMAT_V1}"'.encode() in header
