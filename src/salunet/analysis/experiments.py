@@ -514,6 +514,38 @@ class SignalArgs(ExperimentArgs):
     seed: int = 0
 
 
+def _probe_setup(args: "SignalArgs"):
+    """The data (``args.images`` training images, un-augmented) and the models an analysis probes: each of
+    ``args.configs`` (nf-study cells) fresh at init (seeded with ``args.seed``), then each of ``args.checkpoints``
+    as trained; models as ``(label, source, model)``."""
+    from ..data import load_arrays, to_memory
+    from ..models import create_model
+    from ..train.evaluate import model_from_checkpoint
+    from ..train.rundir import RunDir
+
+    if args.images < 2:
+        raise ValueError(f"images must be >= 2, got {args.images}")
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [n for n in names if n not in NF_GRID]
+    if unknown:
+        raise ValueError(f"unknown config(s) {unknown}; choose from {', '.join(NF_GRID)}")
+    ckpts = _checkpoint_list(CheckpointArgs(checkpoints=args.checkpoints, labels=args.labels)) \
+        if args.checkpoints.strip() else []
+    data = to_memory(load_arrays(args.data, args.data_path), "cpu", train_subset=args.images)
+    models: list[tuple[str, str, torch.nn.Module]] = []
+    for n in names:
+        cell = NF_GRID[n]
+        torch.manual_seed(args.seed)
+        models.append((n, "init", create_model(cell["model"], num_classes=data.num_classes, in_chans=data.in_chans,
+                                               width=args.width or None, **cell.get("model_overrides", {}))))
+    for path, label in ckpts:
+        model, meta, _ = model_from_checkpoint(path)
+        run = RunDir.of_checkpoint(path)
+        models.append((label or f"{meta['config']['model']} ({run.path.name if run else Path(path).name})",
+                       f"{path} (epoch {meta['epoch']})", model))
+    return data, models
+
+
 @experiment("signal", SignalArgs, full={"width": 0, "images": 1024})
 def signal_experiment(args: SignalArgs, run_dir: Path) -> dict:
     """Per norm / gate site and per stage: channel mean^2 / variance, within-channel vs pooled std, stuck gate
@@ -521,34 +553,11 @@ def signal_experiment(args: SignalArgs, run_dir: Path) -> dict:
     Every model runs as training sees it: a copy in train mode (BatchNorm on batch statistics)."""
     import copy
 
-    from ..data import load_arrays, to_memory
-    from ..models import create_model
-    from ..train.rundir import RunDir
-    from ..train.evaluate import model_from_checkpoint
     from .signal import signal_report, stage_summary
 
-    if args.images < 2:
-        raise ValueError(f"images must be >= 2, got {args.images}")
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [n for n in names if n not in NF_GRID]
-    if unknown:
-        raise ValueError(f"unknown signal config(s) {unknown}; choose from {', '.join(NF_GRID)}")
-    ckpts = _checkpoint_list(CheckpointArgs(checkpoints=args.checkpoints, labels=args.labels)) \
-        if args.checkpoints.strip() else []
-    data = to_memory(load_arrays(args.data, args.data_path), "cpu", train_subset=args.images)
+    data, models = _probe_setup(args)
     x = data.normalize(data.x_train[:args.images])
     batches = [x[i:i + 128] for i in range(0, len(x), 128)]
-    models: list[tuple[str, str, torch.nn.Module]] = []
-    for n in names:
-        cell = NF_GRID[n]
-        torch.manual_seed(args.seed)
-        models.append((n, "init", create_model(cell["model"], num_classes=data.num_classes, in_chans=x.shape[1],
-                                               width=args.width or None, **cell.get("model_overrides", {}))))
-    for path, label in ckpts:
-        model, meta, _ = model_from_checkpoint(path)
-        run = RunDir.of_checkpoint(path)
-        models.append((label or f"{meta['config']['model']} ({run.path.name if run else Path(path).name})",
-                       f"{path} (epoch {meta['epoch']})", model))
     results = []
     for label, source, model in models:
         sites = signal_report(copy.deepcopy(model).train(), batches)
@@ -563,6 +572,43 @@ def signal_experiment(args: SignalArgs, run_dir: Path) -> dict:
     out = {"experiment": "signal", "args": asdict(args), "models": results,
            "stage_order": list(dict.fromkeys(st for r in results for st in r["stages"]))}
     _draw(out, plots.plot_signal, out, run_dir / "signal.png")
+    return out
+
+
+# ---- training dynamics: relative steps of the kernels, drift of the gains ---------------------------------
+
+@dataclass
+class DynamicsArgs(SignalArgs):
+    configs: str = "bn,ws-center,ws-scaled"  # nf-study cells, measured at init
+
+
+@experiment("dynamics", DynamicsArgs, full={"width": 0, "images": 1024})
+def dynamics_experiment(args: DynamicsArgs, run_dir: Path) -> dict:
+    """Per conv kernel and per stage: kernel norm, relative step |g|/|W| per unit lr and the radial share of the
+    gradient (0 = scale-invariant); per-channel gains' drift from init (analysis/dynamics.py). At init for
+    ``configs`` and for ``checkpoints``, each a copy in train mode, on ``images`` un-augmented training images."""
+    import copy
+
+    from .dynamics import dynamics_report, dynamics_summary
+
+    data, models = _probe_setup(args)
+    x, y = data.normalize(data.x_train[:args.images]), data.y_train[:args.images]
+    batches = [(x[i:i + 128], y[i:i + 128]) for i in range(0, len(x), 128)]
+    results = []
+    for label, source, model in models:
+        report = dynamics_report(copy.deepcopy(model).train(), batches)
+        stages = dynamics_summary(report, _stage_of)
+        results.append({"label": label, "source": source, **report, "stages": stages})
+        print(f"  {label} ({source})")
+        for st, v in stages.items():
+            k = v["kernels"]
+            gains = "  ".join(f"{kind} drift {g['drift']:.3f}" for kind, g in v["gains"].items())
+            if k:
+                print(f"    {st:7s} |W| {k['kernel_norm']:5.2f}  |g|/|W| {k['grad_ratio']:.4f}  radial "
+                      f"{k['radial']:.3f}   {gains}")
+    out = {"experiment": "dynamics", "args": asdict(args), "models": results,
+           "stage_order": list(dict.fromkeys(st for r in results for st in r["stages"]))}
+    _draw(out, plots.plot_dynamics, out, run_dir / "dynamics.png")
     return out
 
 

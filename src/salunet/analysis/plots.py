@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 __all__ = ["plot_curves", "plot_plasticity", "plot_batch_sweep", "plot_grid_bars", "plot_geometry", "plot_representation",
-           "plot_variance", "plot_signal", "draw_run_curves"]
+           "plot_variance", "plot_signal", "plot_dynamics", "draw_run_curves"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
@@ -228,6 +228,50 @@ def plot_signal(result: dict, path: Path) -> Path:
     axes[1].set_yscale("log")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 6), 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+_DRIFT_KINDS = {"SALU.a": "-", "SALU.b": ":", "BatchNorm2d.weight": "-", "WS.gain": "-."}
+
+
+def plot_dynamics(result: dict, path: Path) -> Path:
+    """Training dynamics per stage, one colour per model (solid: at init, dashed: trained checkpoints): kernel
+    norm, relative step |g|/|W| per unit lr, radial share of the gradient, and the drift of the per-channel gains
+    from init (line style by gain: SALU a solid, SALU b dotted, BatchNorm weight solid, WS gain dash-dot)."""
+    plt = _plt()
+    order = result["stage_order"]
+    panels = [("kernel_norm", "kernel norm |W| (per output channel)"),
+              ("grad_ratio", "relative step |g|/|W| per unit lr"),
+              ("radial", "radial share of the gradient (0: scale-invariant)")]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    for i, m in enumerate(result["models"]):
+        ls = "-" if m["source"] == "init" else "--"
+        for ax, (key, title) in zip(axes, panels):
+            pts = [(j, m["stages"][st]["kernels"][key]) for j, st in enumerate(order)
+                   if m["stages"].get(st, {}).get("kernels")]
+            if pts:
+                ax.plot(*zip(*pts), color=_color(i), marker="o", ls=ls, label=m["label"])
+            ax.set_title(title, fontsize=9)
+        for kind, kls in _DRIFT_KINDS.items():
+            pts = [(j, m["stages"][st]["gains"][kind]["drift"]) for j, st in enumerate(order)
+                   if kind in m["stages"].get(st, {}).get("gains", {})]
+            if pts and m["source"] != "init":  # at init every drift is 0
+                axes[3].plot(*zip(*pts), color=_color(i), marker="s", ls=kls, label=f"{m['label']}: {kind}")
+    axes[3].set_title("per-channel gains: median |log(v / v_init)|", fontsize=9)
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(order, fontsize=8)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+    if axes[3].get_legend_handles_labels()[0]:
+        axes[3].legend(fontsize=6)
     fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 6), 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
