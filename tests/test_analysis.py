@@ -152,3 +152,30 @@ def test_within_group_spread_is_the_std_around_each_groups_mean():
     assert all(p > 5 * w for p, w in zip(pooled.tolist(), got))  # pooling counts the gap between the groups
     with pytest.raises(ValueError, match="one spread series per group"):
         S.within_group_spread(spreads, [5])
+
+
+def test_wd_sweep_script_groups_runs_by_prefix_and_weight_decay(tmp_path):
+    """scripts/wd_sweep.py: runs named <prefix>[wd<wd>]-s<seed> become one cell per (family, weight decay), mean
+    and std over seeds; other names (v2bias, v2lr0.1wd2e-3) stay out; a missing folder exits 2."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("wd_sweep", Path(__file__).parents[1] / "scripts" / "wd_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs = {"v2-s0": 0.60, "v2-s1": 0.70, "v2wd2e-3-s0": 0.5, "v2bias-s0": 0.1, "v2lr0.1wd2e-3-s0": 0.2,
+            "v2scaledwd4e-3-s0": 0.8, "resnet18_bnwd1e-4-s2": 0.9}
+    for name, acc in runs.items():
+        (tmp_path / "r" / name).mkdir(parents=True)
+        (tmp_path / "r" / name / "summary.json").write_text(json.dumps({"final": {"test_acc": acc, "train_loss": 1.0}}))
+    assert mod.main([str(tmp_path / "r"), str(tmp_path / "out" / "sweep")]) == 0
+    got = json.loads((tmp_path / "out" / "sweep.json").read_text())["summary"]
+    centred = got["salunet_c18_v2 (centred kernels)"]
+    assert [r["weight_decay"] for r in centred] == [5e-4, 2e-3]
+    assert centred[0]["mean"] == pytest.approx(0.65) and centred[0]["std"] == pytest.approx(0.0707, abs=1e-4)
+    assert centred[1]["per_seed"] == [0.5] and centred[1]["std"] is None
+    assert got["salunet_c18_v2 + scaled WS"][0]["weight_decay"] == 4e-3
+    assert got["resnet18_bn (BN + ReLU)"][0]["seeds"] == [2]
+    assert (tmp_path / "out" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert mod.main([str(tmp_path / "nope"), str(tmp_path / "x")]) == 2

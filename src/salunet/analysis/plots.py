@@ -89,22 +89,28 @@ def plot_plasticity(result: dict, path: Path) -> Path:
 
 
 def plot_batch_sweep(result: dict, path: Path) -> Path:
-    """Figure 10: final accuracy vs batch size (mean +- std over seeds), one line per model; diverged runs
-    are drawn as crosses at chance level."""
+    """Figure 10, and any sweep of one setting: final accuracy vs the swept value (mean +- std over seeds), one
+    line per model; diverged runs are drawn as crosses at chance level. The x values are ``result["x_key"]``
+    of the summary rows (default ``batch_size``), on a log2 axis labelled ``result["x_label"]``."""
     plt = _plt()
+    key = result.get("x_key", "batch_size")
     fig, ax = plt.subplots(figsize=(6, 4))
+    xs = set()
     for i, (model, rows) in enumerate(result["summary"].items()):
-        bs = [r["batch_size"] for r in rows]
+        bs = [r[key] for r in rows]
+        xs.update(bs)
         mean = [r["mean"] if r["mean"] is not None else math.nan for r in rows]
         std = [r["std"] or 0.0 for r in rows]
         ax.errorbar(bs, [100 * m for m in mean], yerr=[100 * s for s in std], marker="o", capsize=3,
                     color=_color(i), label=model)
-        div = [r["batch_size"] for r in rows if r["diverged"]]
+        div = [r[key] for r in rows if r.get("diverged")]
         if div:
             ax.scatter(div, [100 * result["chance"]] * len(div), marker="x", color=_color(i), s=60,
                        label=f"{model} diverged (some seeds)")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
+    ax.set_xticks(sorted(xs))
+    ax.set_xticklabels([f"{x:g}" for x in sorted(xs)], fontsize=8)
+    ax.set_xlabel(result.get("x_label", "batch size"))
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(result.get("title", "batch-size resilience"))
     ax.grid(alpha=0.3)
