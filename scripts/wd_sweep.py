@@ -21,6 +21,7 @@ SERIES = {  # label -> run-name prefix
     "resnet18_bn (BN + ReLU)": "resnet18_bn",
     "salunet_c18_v2 (centred kernels)": "v2",
     "salunet_c18_v2 + scaled WS": "v2scaled",
+    "salunet_c18_v2 + scaled WS, gain fixed": "v2fixed",
 }
 PROTOCOL_WD = 5e-4
 

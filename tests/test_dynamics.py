@@ -44,6 +44,7 @@ def _batches(n=2, size=8, hw=16, classes=10, seed=0):
 @pytest.mark.parametrize("name, overrides, invariant", [
     ("resnet18_bn", {}, True),                   # every conv feeds a BatchNorm (train mode)
     ("salunet_c18_v2", {"conv_ws": "scaled"}, True),  # standardised kernels: invariant up to WS's eps
+    ("salunet_c18_v2", {"conv_ws": "scaled_fixed"}, True),
     ("salunet_c18_v2", {}, False),               # centred kernels set the signal's scale
 ])
 def test_radial_gradient_is_zero_exactly_where_kernels_are_scale_invariant(name, overrides, invariant):

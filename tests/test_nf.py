@@ -37,6 +37,21 @@ def test_scaled_ws_matches_float64_reference():
     torch.testing.assert_close(rows.var(1, unbiased=False) * 36, 2 * gain.double() ** 2, rtol=1e-4, atol=0)
 
 
+def test_scaled_fixed_ws_is_scaled_ws_with_gain_one_and_has_no_gain():
+    w = torch.randn(6, 4, 3, 3) * 3 + 1
+    torch.testing.assert_close(ws_kernel(w, "scaled_fixed").double(), _ref_scaled(w, torch.ones(6), 1e-4),
+                               rtol=1e-5, atol=1e-6)
+    conv = NFConv2d(4, 6, 3, ws="scaled_fixed")
+    assert conv.gain is None and [n for n, _ in conv.named_parameters()] == ["weight"]
+    with torch.no_grad():  # scale-invariant (up to eps = 1e-4 against fan_in var = 36): doubling changes nothing
+        conv.weight.normal_()
+        before = conv.effective_weight().clone()
+        conv.weight.mul_(2.0)
+        torch.testing.assert_close(conv.effective_weight(), before, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="ws must be one of"):
+        ws_kernel(w, "scaledd")
+
+
 def test_centred_ws_removes_only_the_mean():
     w = torch.randn(5, 3, 3, 3) + 2
     got = ws_kernel(w, "center")
@@ -45,7 +60,7 @@ def test_centred_ws_removes_only_the_mean():
     assert ws_kernel(w, "none") is w
 
 
-@pytest.mark.parametrize("ws", ["none", "center", "scaled"])
+@pytest.mark.parametrize("ws", ["none", "center", "scaled", "scaled_fixed"])
 def test_nfconv_gradcheck(ws):
     conv = NFConv2d(3, 4, 3, 1, 1, bias=True, ws=ws, res_gain=0.7).double()
     x = torch.randn(2, 3, 5, 5, dtype=torch.double, requires_grad=True)
@@ -121,7 +136,7 @@ def test_folding_gives_the_same_outputs(name, side):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("overrides", [{"conv_ws": "scaled"}, {"conv_ws": "center"}, {"conv_bias": True},
-                                       {"conv_ws": "scaled", "conv_bias": True}], ids=str)
+                                       {"conv_ws": "scaled", "conv_bias": True}, {"conv_ws": "scaled_fixed"}], ids=str)
 def test_ws_keeps_stage_std_in_range(overrides, seed):
     torch.manual_seed(seed)
     m = create_model("salunet_c18", num_classes=10, width=16, **overrides)

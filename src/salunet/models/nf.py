@@ -12,11 +12,18 @@ common mean to outputs with (about) zero mean, and, scaled, a fixed gain per cha
     ws="none":    W
     ws="center":  W - mean(W)                                   (per output channel, over its fan-in)
     ws="scaled":  gain * gamma * (W - mean(W)) / sqrt(fan_in * var(W) + eps),   gamma = sqrt(2)
+    ws="scaled_fixed": the same with no gain (fixed at 1): the kernel's scale is pinned, not learned
 
 times a scalar ``res_gain`` when the conv ends a residual branch (SkipInit, De & Smith 2020; the NF-ResNets'
 alpha). gamma = sqrt(2) is Kaiming's ReLU gain, so at init a scaled-WS kernel has the second moment of the
 Kaiming-normal kernels the init rules were calibrated with. ``gain`` is per output channel, learnable, not
 weight-decayed; ``bias`` (``bias=True``) takes the place of a BatchNorm's beta, before the SALU.
+
+Why ``scaled_fixed`` (docs/RESULTS.md "What the twin has"): a standardised kernel is scale-invariant, so weight
+decay shrinks its norm at no cost and raises its effective learning rate, as a BatchNorm does for the conv before
+it. With a learnable, undecayed gain the signal's scale is then free to grow (at weight decay 8e-3 the SALU inputs
+of a ``scaled`` v2 reach std 5, half of them past the knee); without one it stays where the init rules put it, as
+BatchNorm pins it. The per-channel scale is left to the SALU's ``a``.
 
 The residual gain sits in the kernel of the branch's *last conv*, i.e. before the branch's closing SALU: SALU is
 linear near 0 (slope a), so a small gain scales the branch's output exactly as SkipInit's gain after the branch
@@ -37,7 +44,7 @@ from torch import Tensor, nn
 
 __all__ = ["NFConv2d", "WS_MODES", "fold_nf_convs", "ws_kernel"]
 
-WS_MODES = ("none", "center", "scaled")
+WS_MODES = ("none", "center", "scaled", "scaled_fixed")
 _GAMMA = math.sqrt(2.0)  # Kaiming's ReLU gain: the init scale the init rules (models/init.py) assume
 
 
@@ -45,6 +52,8 @@ def ws_kernel(weight: Tensor, mode: str, gain: Tensor | None = None, eps: float 
     """The standardised kernel of ``weight`` (out, in/groups, *k) under ``mode`` (see the module docstring)."""
     if mode == "none":
         return weight
+    if mode not in WS_MODES:
+        raise ValueError(f"ws must be one of {', '.join(map(repr, WS_MODES))}, got {mode!r}")
     dims = tuple(range(1, weight.dim()))
     centred = weight - weight.mean(dim=dims, keepdim=True)
     if mode == "center":
@@ -59,8 +68,8 @@ def ws_kernel(weight: Tensor, mode: str, gain: Tensor | None = None, eps: float 
 
 class NFConv2d(nn.Conv2d):
     """``nn.Conv2d`` with weight standardisation (``ws``) and an optional scalar residual gain (``res_gain``,
-    None = none). Parameters: ``weight`` (decayed like any kernel), ``gain`` (ws="scaled", per output channel,
-    init 1), ``res_gain`` (scalar, init ``res_gain``) and ``bias`` if asked for."""
+    None = none). Parameters: ``weight`` (decayed like any kernel), ``gain`` (ws="scaled" only, per output
+    channel, init 1), ``res_gain`` (scalar, init ``res_gain``) and ``bias`` if asked for."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  *, bias: bool = False, ws: str = "none", res_gain: float | None = None, eps: float = 1e-4) -> None:

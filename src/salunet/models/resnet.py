@@ -32,7 +32,7 @@ __all__ = ["ResNet", "BasicBlock", "Bottleneck", "ResNetInit", "BLOCKS", "STEMS"
 class ConvSpec:
     """How a ResNet builds its convs: the normalization-free toolkit's conv options (:mod:`.nf`).
 
-    ``ws``: weight standardisation ("none", "center", "scaled"); ``bias``: a per-channel conv bias (where a
+    ``ws``: weight standardisation ("none", "center", "scaled", "scaled_fixed"); ``bias``: a per-channel conv bias (where a
     BatchNorm's beta used to be); ``res_gain``: init of a learnable scalar gain in each residual branch's last
     conv (None = no gain; 0 = SkipInit). The default builds plain bias-free ``nn.Conv2d`` (the paper's models)."""
 
