@@ -232,13 +232,18 @@ def plot_signal(result: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_yscale("symlog", linthresh=0.1)
     axes[1].set_yscale("log")
-    handles, labels = axes[0].get_legend_handles_labels()
+    return _save_with_legend(fig, axes[0], path)
+
+
+def _save_with_legend(fig, ax, path: Path) -> Path:
+    """Save a row of stage panels with one legend below them, from ``ax``'s lines (room left for its rows)."""
+    handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
     fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 6), 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
@@ -274,16 +279,9 @@ def plot_dynamics(result: dict, path: Path) -> Path:
         ax.set_xticks(range(len(order)))
         ax.set_xticklabels(order, fontsize=8)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
     if axes[3].get_legend_handles_labels()[0]:
         axes[3].legend(fontsize=6)
-    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 6), 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_with_legend(fig, axes[0], path)
 
 
 def draw_run_curves(run_dir: Path, rows: list[dict], cfg) -> Path:
