@@ -41,8 +41,7 @@ def kernel_stats(weight: Tensor, grad: Tensor) -> dict[str, float]:
     wn, gn = w.norm(dim=1), g.norm(dim=1)
     ok = wn > 0
     ratio = gn[ok] / wn[ok]
-    radial = (g * w).sum(1).abs()[ok] / (gn[ok] * wn[ok]).clamp_min(1e-300)
-    radial = torch.where(gn[ok] > 0, radial, torch.zeros_like(radial))
+    radial = (g * w).sum(1).abs()[ok] / (gn[ok] * wn[ok]).clamp_min(1e-300)  # a zero gradient row gives 0, not 0/0
     return {"kernel_norm": float(wn.mean()), "grad_ratio": float(ratio.mean()) if ok.any() else math.nan,
             "radial": float(radial.mean()) if ok.any() else math.nan, "channels": int(w.shape[0])}
 
