@@ -42,6 +42,16 @@ def test_pack_round_trip_is_bitwise_and_class_balanced(tmp_path):
         assert np.bincount(d[f"y_{split}"], minlength=10).tolist() == [n // 10] * 10
 
 
+def test_parallel_decode_keeps_the_order(tmp_path):
+    src = _fake_cifar(tmp_path / "c.npz", n_train=1200)
+    pack_cifar.pack(src, tmp_path / "pack.npz", 1200, 10)
+    p = np.load(tmp_path / "pack.npz")
+    data, off = p["train_data"].tobytes(), p["train_offsets"]
+    one, two = pack_cifar.decode_all(data, off, workers=1), pack_cifar.decode_all(data, off, workers=2)
+    idx = pack_cifar.balanced_indices(np.load(src)["y_train"], 1200)
+    assert np.array_equal(two, np.load(src)["x_train"][idx]) and np.array_equal(one, two)
+
+
 def test_unpack_refuses_changed_pixels(tmp_path):
     src = _fake_cifar(tmp_path / "c.npz")
     pack_cifar.pack(src, tmp_path / "pack.npz", 10, 10)
