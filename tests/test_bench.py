@@ -101,3 +101,16 @@ def test_bench_device_options_refused_in_one_line(capsys):
     assert "cpu, cuda or cuda:N" in capsys.readouterr().err
     assert main(["bench", "folder", "--dtype", "bf16"]) == 2
     assert "apply to bench ops / models only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_token_baseline_layernorm_takes_the_input_dtype(dtype):
+    """CUDA's layer_norm refuses float32 weights with a bf16 input (CPU's accepts them): `bench ops --dtype bf16`
+    failed so on an H200 (issue 13). The LayerNorm baseline is cast to the bench dtype."""
+    from salunet.bench import DTYPES, _token_case
+
+    _, _, shape, variants, _ = _token_case(2, torch.device("cpu"), dtype)
+    ln_params = variants["layernorm+gelu"][1]
+    assert ln_params and all(p.dtype == DTYPES[dtype] for p in ln_params)
+    x = torch.randn(shape).to(DTYPES[dtype]).requires_grad_()
+    assert variants["layernorm+gelu"][0](x).dtype == DTYPES[dtype]

@@ -113,6 +113,20 @@ def check_inf_and_nan(op, dtype, device="cpu"):
         assert y[0].item() == float("inf") and y[1].item() == -float("inf")
 
 
+def test_saturation_is_exact_under_an_approximate_rsqrt(monkeypatch):
+    """Triton's float32 rsqrt is an approximation (issue 13: SALU(inf) missed A = sqrt(a/b) on an H200). With an
+    rsqrt that over-estimates by 3 ulp, the shared math (eager here; Triton traces the same function) still gives
+    exactly +-A at saturation and never exceeds A."""
+    exact = torch.rsqrt
+    monkeypatch.setattr(torch, "rsqrt", lambda v: exact(v) * (1 + 3 * 2.0**-23))
+    kernels.set_kernel_mode("eager")
+    x = torch.tensor([float("inf"), -float("inf"), 1e20, -1e6, 1e4, 30.0, 3.0, 0.0, float("nan")])
+    a, b = torch.tensor(2.0), torch.tensor(0.5)
+    y = F.salu(x, a, b)
+    assert y[:3].tolist() == [2.0, -2.0, 2.0] and y[3].item() == -2.0
+    assert (y[:-1].abs() <= 2.0).all() and y[7].item() == 0.0 and torch.isnan(y[-1])
+
+
 def test_reference_collapses_where_fused_does_not():
     """The reason the fused path exists: the plain formula returns 0 at x = 1e20 (float32)."""
     x = torch.tensor([1e20])

@@ -283,6 +283,9 @@ def _tail_case(n: int = 64, device=torch.device("cpu"), dtype: str = "fp32"):
 def _token_case(n: int = 128, device=torch.device("cpu"), dtype: str = "fp32"):
     """Tokens: SALU + GALU (two modules, fused) vs LayerNorm + GELU."""
     ln, gelu, s2, g2 = _on(device, nn.LayerNorm(_D), nn.GELU(), SALU(_D, dim=-1), GALU(_D, dim=-1))
+    # CUDA's layer_norm takes weights of the input's dtype only (CPU's takes float32 too): the baseline in bf16
+    # is LayerNorm cast to bf16, as a model cast with .to(torch.bfloat16) runs it
+    ln.to(DTYPES[dtype])
     pair2, = _on(device, SALUAct(SALU(_D, dim=-1), GALU(_D, dim=-1)))
     return f"tokens ({n}, 65, 384)", f"tokens_{n}x65x384", (n, 65, _D), {
         "layernorm+gelu": (lambda x: gelu(ln(x)), _params(ln)),

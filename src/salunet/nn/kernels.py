@@ -80,12 +80,24 @@ def _derive(a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
     return sab, amp, a, 1.0 / sab, 0.5 * amp / b
 
 
+def _saturation(dtype: torch.dtype) -> float:
+    """|t| from which the exact q = t / sqrt(1 + t^2) rounds to +-1 in ``dtype``'s compute precision: 1 - q is
+    about 1 / (2 t^2), under half an ulp below 1 once t^2 > 2^24 (float32) or 2^53 (float64); a power of two
+    above that, with margin."""
+    return 2.0**28 if dtype == torch.float64 else 2.0**13
+
+
 def _salu_terms(x: Tensor, sab: Tensor):
-    """Return (r, q) of the rescaled form; see the module docstring."""
+    """Return (r, q) of the rescaled form; see the module docstring.
+
+    q is exactly +-1 where its exact value rounds to that (|t| past :func:`_saturation`) and never outside
+    [-1, 1]: Triton's float32 rsqrt is an approximation (a few ulp), so t * r alone can land just above 1 or
+    just below it at saturation, and SALU(+-inf) would miss +-A (seen on an H200, issue 13)."""
     lim = _clamp_limit(x.dtype)
     t = torch.clamp(x * sab, -lim, lim)
     r = torch.rsqrt(1.0 + t * t)
-    return r, t * r
+    q = torch.where(t.abs() >= _saturation(x.dtype), torch.sign(t), torch.clamp(t * r, -1.0, 1.0))
+    return r, q
 
 
 def _salu_fwd(x, d):

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The second, short GPU call of issue 13 (docs/GPU.md): after the first full check (scripts/gpu_check.sh) on an
+# H200, re-run what it left failed or unfinished, with the fixes made since, and look inside the slow op.
+#
+#   bash scripts/gpu_recheck.sh            # on the GPU machine; every log lands in $OUT (or gpu_recheck_out/)
+#   bash scripts/gpu_recheck.sh --dry-run  # the same steps on CPU at toy sizes
+#
+# Steps, in priority order (a call cut short still returns the logs of those that ran):
+#   edge      tests/test_gpu.py's edge cases on CUDA (test_edge_cases[cuda-float32] failed in the first call)
+#   profile   scripts/profile_op.py: host vs device time of fused SALU+SWALU and BN+ReLU (the 3.5x of bench ops)
+#   ops_bf16  salunet bench ops --dtype bf16 (failed in the first call: LayerNorm weights vs bf16 input)
+#   rest      the GPU tests the first call's 240 s limit cut off (checkpoints, bitwise resume, convert)
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+PY=${PYTHON:-python3}
+R=${OUT:-gpu_recheck_out}
+mkdir -p "$R"
+export PYTHONUNBUFFERED=1
+T0=$SECONDS
+run() {  # run NAME LIMIT CMD...
+  local name=$1 limit=$2; shift 2
+  echo "[$((SECONDS - T0))s] $name (limit ${limit}s)"
+  timeout --kill-after=5 "$limit" "$@" >"$R/$name.log" 2>&1
+  echo "[$((SECONDS - T0))s] $name: rc=$?"
+  tail -n 3 "$R/$name.log" | sed 's/^/    /'
+}
+if ((DRY)); then
+  DEV=cpu; K="cpu"; SHAPE=8,64,16,16; OPS=(--device cpu --batch 2 --cases tokens --repeats 1 --warmup 1)
+else
+  DEV=cuda; K="cuda"; SHAPE=256,64,32,32; OPS=(--device cuda --repeats 10)
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$R/install.log" 2>&1
+fi
+run edge 70 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "$K and edge_cases" --tb=short -rA
+run profile 45 "$PY" scripts/profile_op.py --device "$DEV" --shape "$SHAPE" --iters 20
+run ops_bf16 45 "$PY" -m salunet bench ops "${OPS[@]}" --dtype bf16 --out "$R"
+run rest 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py --tb=short -rA \
+  -k "$K and (checkpoint or resume or convert)"
+echo "[$((SECONDS - T0))s] done"

@@ -1,0 +1,97 @@
+"""Where the time of one fused op's forward + backward goes: host (Python, dispatch, launches) or device kernels.
+
+    python scripts/profile_op.py [--device cuda] [--shape 256,64,32,32] [--dtype fp32] [--iters 20]
+
+For the fused SALU -> SWALU pair (SALUAct) on the default kernel path and for BatchNorm2d + ReLU, it prints per
+call: the host's wall time to issue forward + backward without waiting (``host_ms``), the device's time between
+two events around the same calls (``device_ms``, on CUDA), and the torch.profiler table of the kernels and
+operators that took the most time. ``device_ms`` well above the kernels' own time, with ``host_ms`` close to it,
+means the op is bound by host overhead, not by memory bandwidth. Issue 13 added it after `salunet bench ops` on
+an H200 measured the fused pair at 3.5x BatchNorm2d + ReLU at a size where bandwidth alone predicts < 1x.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch import nn
+
+from salunet import SALU, SWALU, SALUAct
+from salunet.nn import kernels
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def measure(fn, x: torch.Tensor, grad: torch.Tensor, iters: int) -> dict:
+    """host_ms: issuing one fwd+bwd (no waiting); device_ms: event time per call on CUDA (None elsewhere)."""
+    dev = x.device
+    for _ in range(3):  # warm-up and compilation
+        x.grad = None
+        fn(x).backward(grad)
+    _sync(dev)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if dev.type == "cuda" else None
+    if ev:
+        ev[0].record()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        x.grad = None
+        fn(x).backward(grad)
+    host = (time.perf_counter() - t0) / iters
+    if ev:
+        ev[1].record()
+    _sync(dev)
+    wall = (time.perf_counter() - t0) / iters
+    return {"host_ms": round(host * 1e3, 4), "wall_ms": round(wall * 1e3, 4),
+            "device_ms": round(ev[0].elapsed_time(ev[1]) / iters, 4) if ev else None}
+
+
+def profile(fn, x, grad, iters: int, rows: int) -> str:
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if x.device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(iters):
+            x.grad = None
+            fn(x).backward(grad)
+        _sync(x.device)
+    key = "device_time_total" if x.device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shape", default="256,64,32,32")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--rows", type=int, default=18)
+    args = ap.parse_args(argv)
+    dev, dt = torch.device(args.device), DTYPES[args.dtype]
+    shape = tuple(int(s) for s in args.shape.split(","))
+    c = shape[1]
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=dev).to(dt).requires_grad_()
+    grad = torch.randn(shape, device=dev).to(dt)
+    bn, relu = nn.BatchNorm2d(c).to(dev), nn.ReLU()
+    pair = SALUAct(SALU(c), SWALU(c)).to(dev)
+    variants = {"batchnorm2d+relu": lambda t: relu(bn(t)), "salu+swalu (fused SALUAct)": pair}
+    print(f"profile_op: {shape} {args.dtype} on {dev}; kernels: {kernels.kernel_path(dev)}")
+    results = {}
+    for name, fn in variants.items():
+        results[name] = measure(fn, x, grad, args.iters)
+        print(json.dumps({"variant": name, **results[name]}))
+    for name, fn in variants.items():
+        print(f"\n== {name}: torch.profiler, {args.iters} calls ==")
+        print(profile(fn, x, grad, args.iters, args.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
