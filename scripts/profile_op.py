@@ -4,7 +4,8 @@
 
 For the fused SALU -> SWALU pair (SALUAct) on the default kernel path and for BatchNorm2d + ReLU, it prints per
 call: the host's wall time to issue forward + backward without waiting (``host_ms``), the device's time between
-two events around the same calls (``device_ms``, on CUDA), and the torch.profiler table of the kernels and
+two events around the same calls (``device_ms``, on CUDA), medians of interleaved repeats with their
+ratios to BatchNorm2d + ReLU, and the torch.profiler table of the kernels and
 operators that took the most time. ``device_ms`` well above the kernels' own time, with ``host_ms`` close to it,
 means the op is bound by host overhead, not by memory bandwidth. Issue 13 added it after `salunet bench ops` on
 an H200 measured the fused pair at 3.5x BatchNorm2d + ReLU at a size where bandwidth alone predicts < 1x.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -71,8 +73,13 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="256,64,32,32")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the medians are printed")
     ap.add_argument("--rows", type=int, default=18)
+    ap.add_argument("--kernels", default="auto", help="kernel mode (auto, cpp, compiled, eager); `compiled` on a "
+                    "CPU at a tiny --shape measures the compiled path's host overhead without a GPU")
+    ap.add_argument("--no-profile", action="store_true", help="only the timings, no profiler tables")
     args = ap.parse_args(argv)
+    kernels.set_kernel_mode(args.kernels)
     dev, dt = torch.device(args.device), DTYPES[args.dtype]
     shape = tuple(int(s) for s in args.shape.split(","))
     c = shape[1]
@@ -83,10 +90,18 @@ def main(argv=None) -> int:
     pair = SALUAct(SALU(c), SWALU(c)).to(dev)
     variants = {"batchnorm2d+relu": lambda t: relu(bn(t)), "salu+swalu (fused SALUAct)": pair}
     print(f"profile_op: {shape} {args.dtype} on {dev}; kernels: {kernels.kernel_path(dev)}")
-    results = {}
-    for name, fn in variants.items():
-        results[name] = measure(fn, x, grad, args.iters)
-        print(json.dumps({"variant": name, **results[name]}))
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(args.repeats):  # interleaved, so that machine noise hits both alike
+        for name, fn in variants.items():
+            runs[name].append(measure(fn, x, grad, args.iters))
+    base = None
+    for name, rs in runs.items():
+        med = {k: (statistics.median(r[k] for r in rs) if rs[0][k] is not None else None) for k in rs[0]}
+        base = base or med
+        ratio = {f"{k}_vs_bn": round(med[k] / base[k], 3) for k in med if med[k] is not None}
+        print(json.dumps({"variant": name, "repeats": args.repeats, **med, **ratio}))
+    if args.no_profile:
+        return 0
     for name, fn in variants.items():
         print(f"\n== {name}: torch.profiler, {args.iters} calls ==")
         print(profile(fn, x, grad, args.iters, args.rows))

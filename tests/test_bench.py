@@ -114,3 +114,17 @@ def test_token_baseline_layernorm_takes_the_input_dtype(dtype):
     assert ln_params and all(p.dtype == DTYPES[dtype] for p in ln_params)
     x = torch.randn(shape).to(DTYPES[dtype]).requires_grad_()
     assert variants["layernorm+gelu"][0](x).dtype == DTYPES[dtype]
+
+
+def test_gpu_environment_does_not_build_the_cpu_kernels(monkeypatch):
+    """Asking for the CPU kernel path builds the C++ extension (40-60 s); `bench ops --device cuda` did so at its
+    end and ran past its step's time limit on an H200 (issue 13). On a GPU only the GPU's path is reported."""
+    from salunet import bench
+    from salunet.nn import kernels
+
+    asked = []
+    monkeypatch.setattr(kernels, "kernel_path", lambda d="cpu": asked.append(str(d)) or f"path on {d}")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "a GPU")
+    env = bench.environment(torch.device("cuda", 0))
+    assert asked == ["cuda:0"] and env["kernel_path_cuda"] == "path on cuda:0" and "kernel_path" not in env
+    assert bench.environment("cpu")["kernel_path"] == "path on cpu"

@@ -323,15 +323,16 @@ def _fresh_copy(fn: Callable, tag: int) -> Callable:
     return copy
 
 
-def _get_compiled(direction: str, op: str, x: Tensor, derived: Sequence[Tensor]):
-    key = (direction, op, x.dtype, tuple(x.shape), x.stride(), x.device, tuple(d.shape for d in derived[::5]))
+def _get_compiled(direction: str, op: str, log_params: bool, args: Sequence[Tensor | None]):
+    """The compiled whole forward or backward (:func:`_forward_math` / :func:`_backward_math`) for these inputs."""
+    key = (direction, op, log_params,
+           tuple(None if t is None else (t.dtype, tuple(t.shape), t.stride(), t.device) for t in args))
     fn = _compiled.get(key)
     if fn is None:
-        # One static-shape kernel per (op, dtype, shape, layout, device): inductor turns static shapes into
+        # One static-shape kernel per (op, dtypes, shapes, layouts, device): inductor turns static shapes into
         # loops about 1.6x faster than dynamic-shape ones for the per-channel reductions of backward. Each
         # costs one compilation (seconds, cached on disk by inductor across runs).
-        fn = torch.compile(_fresh_copy(_fwd_core if direction == "fwd" else _bwd_core, len(_compiled)),
-                           dynamic=False, fullgraph=True)
+        fn = torch.compile(_fresh_copy(_MATH[direction], len(_compiled)), dynamic=False, fullgraph=True)
         _compiled[key] = fn
         if len(_compiled) in (64, 256, 1024):
             log.warning("salunet kernels: %d compiled specialisations so far; inputs of ever-changing "
@@ -339,20 +340,25 @@ def _get_compiled(direction: str, op: str, x: Tensor, derived: Sequence[Tensor])
     return fn
 
 
-def _call_core(path: str, direction: str, op: str, *args: Tensor):
-    """Run the fwd/bwd math on ``path`` ("compiled" or "eager"); inputs already in the compute dtype.
+def _call_core(path: str, direction: str, op: str, log_params: bool, *args: Tensor | None):
+    """Run the whole forward (``args`` = x, res, *params) or backward (g, x, res, *params) on ``path``
+    ("compiled" or "eager").
+
+    The compiled path compiles the whole direction, the parameters' preparation (exp of log-parameters, the
+    derived quantities), the dtype casts and the reduction of parameter gradients to their shapes included: one
+    compiled call per direction. Compiling only the elementwise core left ~16 small eager ops around it, and on
+    an H200 the host time of issuing them was 5x the kernels' own time (issue 13, scripts/profile_op.py).
 
     In ``auto`` mode a failure of a specialisation's *first* call (when inductor compiles it) means this machine
     cannot compile for that device type: warn once, and run eagerly there from then on. Anything else (out of
     memory, a device-side error, any error of a kernel that has already run) is the caller's error, raised."""
-    core = _fwd_core if direction == "fwd" else _bwd_core
+    math_fn = _MATH[direction]
     if path == "eager" or torch.compiler.is_compiling():  # in a compiled model: trace inline, inductor fuses
-        return core(op, *args)
+        return math_fn(op, log_params, *args)
     x = args[0] if direction == "fwd" else args[1]
-    derived = args[2:] if direction == "fwd" else args[3:]
-    fn = _get_compiled(direction, op, x, derived)
+    fn = _get_compiled(direction, op, log_params, args)
     try:
-        out = fn(op, *args)
+        out = fn(op, log_params, *args)
     except Exception as exc:  # noqa: BLE001 - compiler failures have many types (inductor, triton, the C compiler)
         if _mode == "compiled" or id(fn) in _compiled_ran or isinstance(exc, torch.OutOfMemoryError):
             raise
@@ -360,7 +366,7 @@ def _call_core(path: str, direction: str, op: str, *args: Tensor):
         _compile_failed[x.device.type] = why
         _warn_fallback(f"torch.compile could not build the fused SALU kernels on {x.device.type} ({why}); make "
                        "torch.compile work here (on CUDA it needs triton; `salunet doctor` shows the versions)")
-        return core(op, *args)
+        return math_fn(op, log_params, *args)
     _compiled_ran.add(id(fn))
     return out
 
@@ -434,28 +440,41 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _forward(path: str, op: str, log_params: bool, x: Tensor, res: Tensor | None,
-             params: Sequence[Tensor]) -> Tensor:
+def _forward_math(op: str, log_params: bool, x: Tensor, res: Tensor | None, *params: Tensor) -> Tensor:
+    """The whole forward in plain tensor ops: parameters prepared, the math in the compute dtype, the output in
+    ``x``'s dtype (the eager path runs it op by op, the compiled path compiles it whole)."""
     cdt = _compute_dtype(x, *params)
     _, derived = _prepare(log_params, cdt, params)
     r = None if res is None else res.to(cdt)
-    return _call_core(path, "fwd", op, x.to(cdt), r, *derived).to(x.dtype)
+    return _fwd_core(op, x.to(cdt), r, *derived).to(x.dtype)
 
 
-def _backward(path: str, op: str, log_params: bool, g: Tensor, x: Tensor, res: Tensor | None,
-              params: Sequence[Tensor]):
-    """Gradients (x, res, *params); res's is None for ops without a residual."""
+def _backward_math(op: str, log_params: bool, g: Tensor, x: Tensor, res: Tensor | None, *params: Tensor):
+    """Gradients (x, res, *params) of the whole op; res's is None for ops without a residual."""
     cdt = _compute_dtype(x, *params)
     ps, derived = _prepare(log_params, cdt, params)
     r = None if res is None else res.to(cdt)
-    gx, gres, *gps = _call_core(path, "bwd", op, g.to(cdt), x.to(cdt), r, *derived)
+    gx, gres, *gps = _bwd_core(op, g.to(cdt), x.to(cdt), r, *derived)
     out = [gx.to(x.dtype), None if gres is None else gres.to(res.dtype)]
     for gp, p, raw in zip(gps, ps, params):
         gp = gp.sum_to_size(raw.shape)
         if log_params:  # d/dlog_a = a * d/da
             gp = gp * p
         out.append(gp.to(raw.dtype))
-    return out
+    return tuple(out)
+
+
+_MATH = {"fwd": _forward_math, "bwd": _backward_math}
+
+
+def _forward(path: str, op: str, log_params: bool, x: Tensor, res: Tensor | None,
+             params: Sequence[Tensor]) -> Tensor:
+    return _call_core(path, "fwd", op, log_params, x, res, *params)
+
+
+def _backward(path: str, op: str, log_params: bool, g: Tensor, x: Tensor, res: Tensor | None,
+              params: Sequence[Tensor]):
+    return _call_core(path, "bwd", op, log_params, g, x, res, *params)
 
 
 # ----------------------------------------------------------------------------------------------------------
