@@ -14,13 +14,25 @@
 # data and the checkpoints), refreshed after every step so that a run cut short still returns its results.
 # Without $OUT everything stays in one folder, $GPU_CHECK_OUT or gpu_check_<timestamp>/.
 # Time: GPU_CHECK_BUDGET_S (default 510 s) is the whole script's budget; the training epochs are computed from a
-# 2-epoch probe run against the time left (scripts/gpu_check.py epochs).
+# 2-epoch probe run against the time left (scripts/gpu_check.py epochs), or fixed with GPU_CHECK_EPOCHS (no probe).
+# Parts: GPU_CHECK_STEPS, a comma-separated subset of tests,bench,train,kernels (default all): the first H200 call
+# (2026-11-28) showed that all four do not fit one call with useful training, so a session can spend one call on
+# training (GPU_CHECK_STEPS=train GPU_CHECK_EPOCHS=30) and another on the rest (docs/GPU.md).
+# GPU_CHECK_PYTEST_S (default 240): the GPU tests' limit (they compile every model's kernels; 240 s was too short).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
 PY=${PYTHON:-python3}
+STEPS_WANTED=",${GPU_CHECK_STEPS:-tests,bench,train,kernels},"
+for part in ${STEPS_WANTED//,/ }; do
+  [[ ",tests,bench,train,kernels," == *",$part,"* ]] || { echo "GPU_CHECK_STEPS: unknown part '$part'; use tests, bench, train, kernels" >&2; exit 2; }
+done
+if [[ -n "${GPU_CHECK_EPOCHS:-}" && ! "${GPU_CHECK_EPOCHS}" =~ ^[1-9][0-9]*$ ]]; then
+  echo "GPU_CHECK_EPOCHS=${GPU_CHECK_EPOCHS}: give a whole number of epochs >= 1, or leave it unset for the probe" >&2
+  exit 2
+fi
 T0=$SECONDS
 BUDGET=${GPU_CHECK_BUDGET_S:-510}
 if [[ -n "${OUT:-}" ]]; then
@@ -34,6 +46,7 @@ rm -rf "$WORK/logs" "$WORK/bench" "$WORK/train" "$WORK/steps.jsonl"
 mkdir -p "$RESULTS" "$WORK/logs" "$WORK/bench" "$WORK/train" "$WORK/data"
 export PYTHONUNBUFFERED=1 SALUNET_COMMIT=${SALUNET_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 
+want() { [[ "$STEPS_WANTED" == *",$1,"* ]]; }
 left() { echo $((BUDGET - (SECONDS - T0))); }
 
 refresh() {
@@ -89,61 +102,77 @@ else
 fi
 step env 60 "$PY" scripts/gpu_check.py env "$WORK/env.json"
 
-# 2. data: the packed subset carried in gpu_data/ (scripts/pack_cifar.py), rebuilt as an .npz, pixels verified
+# 2. data (for the training only): the packed subset carried in gpu_data/ (scripts/pack_cifar.py), rebuilt as an
+#    .npz, pixels verified
 DATA=$WORK/data/cifar10.npz
-if ((DRY)); then
-  SRC=${CIFAR_SRC:-../shared/data/cifar10.npz}
-  if [[ ! -f "$SRC" ]]; then  # no CIFAR here: random images in its format, so that the steps still run
-    SRC=$WORK/data/random_cifar.npz
-    "$PY" -c "import numpy as np, sys; r = np.random.default_rng(0); np.savez(sys.argv[1], \
+if want train; then
+  if ((DRY)); then
+    SRC=${CIFAR_SRC:-../shared/data/cifar10.npz}
+    if [[ ! -f "$SRC" ]]; then  # no CIFAR here: random images in its format, so that the steps still run
+      SRC=$WORK/data/random_cifar.npz
+      "$PY" -c "import numpy as np, sys; r = np.random.default_rng(0); np.savez(sys.argv[1], \
 x_train=r.integers(0, 256, (400, 32, 32, 3), dtype=np.uint8), y_train=np.arange(400) % 10, \
 x_test=r.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8), y_test=np.arange(200) % 10)" "$SRC"
+    fi
+    step pack 120 "$PY" scripts/pack_cifar.py pack --src "$SRC" --train 200 --test 100 --out "$WORK/data/pack.npz"
+    PACK=$WORK/data/pack.npz
+  else
+    PACK=gpu_data/cifar10_pack.npz
   fi
-  step pack 120 "$PY" scripts/pack_cifar.py pack --src "$SRC" --train 200 --test 100 --out "$WORK/data/pack.npz"
-  PACK=$WORK/data/pack.npz
-else
-  PACK=gpu_data/cifar10_pack.npz
+  step unpack 120 "$PY" scripts/pack_cifar.py unpack "$PACK" "$DATA"
 fi
-step unpack 120 "$PY" scripts/pack_cifar.py unpack "$PACK" "$DATA"
 
 # 3. the GPU tests (the kernel tests, CPU-only, come last, if time is left)
-step pytest_gpu 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py "${PYTEST_GPU[@]}" -rs \
-  --junitxml="$WORK/logs/pytest_gpu.xml"
+if want tests; then
+  step pytest_gpu "${GPU_CHECK_PYTEST_S:-240}" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    "${PYTEST_GPU[@]}" -rs --junitxml="$WORK/logs/pytest_gpu.xml"
+fi
 
 # 4. benchmarks, bf16 and fp32: ratios to the normalised baselines of the same run, GB/s, peak memory
-for dt in bf16 fp32; do
-  step "bench_ops_$dt" 120 "$PY" -m salunet bench ops "${OPS[@]}" --dtype "$dt" --out "$WORK/bench"
-done
-for dt in bf16 fp32; do
-  step "bench_models_$dt" 150 "$PY" -m salunet bench models "${MODELS[@]}" --dtype "$dt" --out "$WORK/bench"
-done
+if want bench; then
+  for dt in bf16 fp32; do
+    step "bench_ops_$dt" 120 "$PY" -m salunet bench ops "${OPS[@]}" --dtype "$dt" --out "$WORK/bench"
+  done
+  for dt in bf16 fp32; do
+    step "bench_models_$dt" 150 "$PY" -m salunet bench models "${MODELS[@]}" --dtype "$dt" --out "$WORK/bench"
+  done
+fi
 
 # 5. full-width CIFAR-10 training, the paper's recipe (batch 128), bf16 autocast, channels_last, torch.compile,
-#    the data resident on the device; the same number of epochs for each model, fitted to the time left
-COMMON=(--recipe cifar-resnet --data cifar10 --data-path "$DATA" --amp bf16 --channels-last true --progress false
-        --checkpoint-every 1000 --keep-checkpoints 1 --out "$WORK/train" "${TRAIN[@]}")
-step train_probe "$MODEL_LIMIT" "$PY" -m salunet train "${COMMON[@]}" --model salunet_c18_v2 --epochs 2 --name probe
-RESERVE=$(( DRY ? 0 : 20 ))  # the final summary and the tarball
-EPOCHS=$("$PY" scripts/gpu_check.py epochs "$WORK/train/probe" $(( $(left) - RESERVE )) 3 2>>"$WORK/logs/summary.err")
-((DRY)) && EPOCHS=1
-echo "[$((SECONDS - T0))s] training: $EPOCHS epochs per model, $(left)s left"
-echo "{\"epochs_per_model\": ${EPOCHS:-0}}" >"$WORK/train_plan.json"
-MODELS_LEFT=3
-for m in resnet18_bn salunet_c18 salunet_c18_v2; do
-  EMA=()
-  [[ $m == resnet18_bn ]] && EMA=(--ema-decay 0.997)  # the paper's decay for the BN ResNet (README)
-  LIMIT=$(( ($(left) - RESERVE) / MODELS_LEFT ))
-  ((LIMIT < 60)) && LIMIT=60
-  step "train_$m" "$LIMIT" "$PY" -m salunet train "${COMMON[@]}" --model "$m" "${EMA[@]}" --epochs "${EPOCHS:-1}" --name "$m"
-  MODELS_LEFT=$((MODELS_LEFT - 1))
-done
+#    the data resident on the device; the same number of epochs for each model, fitted to the time left by a
+#    probe run or fixed by GPU_CHECK_EPOCHS
+if want train; then
+  COMMON=(--recipe cifar-resnet --data cifar10 --data-path "$DATA" --amp bf16 --channels-last true --progress false
+          --checkpoint-every 1000 --keep-checkpoints 1 --out "$WORK/train" "${TRAIN[@]}")
+  RESERVE=$(( DRY ? 0 : 20 ))  # the final summary and the tarball
+  if [[ -n "${GPU_CHECK_EPOCHS:-}" ]]; then
+    EPOCHS=$GPU_CHECK_EPOCHS
+  else
+    step train_probe "$MODEL_LIMIT" "$PY" -m salunet train "${COMMON[@]}" --model salunet_c18_v2 --epochs 2 --name probe
+    EPOCHS=$("$PY" scripts/gpu_check.py epochs "$WORK/train/probe" $(( $(left) - RESERVE )) 3 2>>"$WORK/logs/summary.err")
+    ((DRY)) && EPOCHS=1
+  fi
+  echo "[$((SECONDS - T0))s] training: $EPOCHS epochs per model, $(left)s left"
+  echo "{\"epochs_per_model\": ${EPOCHS:-0}}" >"$WORK/train_plan.json"
+  MODELS_LEFT=3
+  for m in resnet18_bn salunet_c18 salunet_c18_v2; do
+    EMA=()
+    [[ $m == resnet18_bn ]] && EMA=(--ema-decay 0.997)  # the paper's decay for the BN ResNet (README)
+    LIMIT=$(( ($(left) - RESERVE) / MODELS_LEFT ))
+    ((LIMIT < 60)) && LIMIT=60
+    step "train_$m" "$LIMIT" "$PY" -m salunet train "${COMMON[@]}" --model "$m" "${EMA[@]}" --epochs "${EPOCHS:-1}" --name "$m"
+    MODELS_LEFT=$((MODELS_LEFT - 1))
+  done
+fi
 
 # 6. the kernel tests (CPU: the C++ kernels and the eager path) if time is left; CI runs them anyway
-if (( DRY || $(left) > 100 )); then
-  step pytest_kernels $(( DRY ? 120 : $(left) - 10 )) "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-    tests/test_functional.py "${PYTEST_KERNELS[@]}"
-else
-  skip pytest_kernels "$(left)s left: too little for the C++ build and the CPU kernel tests"
+if want kernels; then
+  if (( DRY || $(left) > 100 )); then
+    step pytest_kernels $(( DRY ? 120 : $(left) - 10 )) "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+      tests/test_functional.py "${PYTEST_KERNELS[@]}"
+  else
+    skip pytest_kernels "$(left)s left: too little for the C++ build and the CPU kernel tests"
+  fi
 fi
 
 refresh

@@ -228,6 +228,11 @@ def test_checkpoint_from_gpu_loads_on_cpu_and_back(dev, tmp_path):
     from salunet.train import train
     from salunet.train.checkpoint import list_checkpoints
 
+    # what moves between devices here is the saved state, not the kernels: the eager path spares the ~20
+    # compilations (one per op, shape and direction) that the compiled path costs a fresh GPU machine; the
+    # default path's own resume is test_resume_is_bitwise_exact (on the first H200 the two together outran a
+    # 240 s limit, issue 13)
+    kernels.set_kernel_mode("eager")
     run = tmp_path / "run"
     train({**TINY, "device": str(dev), "epochs": 1, "out": str(tmp_path), "name": "run"})
     on_cpu = salunet.load_model(run, device="cpu")

@@ -96,3 +96,42 @@ def test_gpu_check_dry_run_writes_every_promised_file(tmp_path):
               "./bench/bench_models.jsonl", "./train/salunet_c18_v2/metrics.jsonl", "./logs/pytest_gpu.xml"]:
         assert f in names, f
     assert not any(n.endswith(".safetensors") or n.startswith("./data/") for n in names)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_only_the_parts_asked_for(tmp_path):
+    """GPU_CHECK_STEPS=train with GPU_CHECK_EPOCHS: the data and the three training runs, fixed epochs, no probe,
+    no tests or benchmarks (a session spends one call on training, another on the rest: docs/GPU.md)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable,
+           "OMP_NUM_THREADS": "1", "GPU_CHECK_STEPS": "train", "GPU_CHECK_EPOCHS": "2"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == ["install", "env", "pack", "unpack", "train_resnet18_bn",
+                                                     "train_salunet_c18", "train_salunet_c18_v2"]
+    assert summary["failed"] == [] and set(summary["training"]) == {"resnet18_bn", "salunet_c18", "salunet_c18_v2"}
+    assert all(t["epochs"] == 2 for t in summary["training"].values())
+
+
+@pytest.mark.parametrize("var, value, message", [("GPU_CHECK_STEPS", "train,bogus", "unknown part 'bogus'"),
+                                                 ("GPU_CHECK_EPOCHS", "0", "whole number of epochs")])
+def test_gpu_check_refuses_a_bad_setting_before_doing_anything(tmp_path, var, value, message):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"), var: value}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "work").exists()
+
+
+@pytest.mark.slow
+def test_gpu_recheck_dry_run_runs_every_step(tmp_path):
+    """scripts/gpu_recheck.sh (the second GPU call's script) on CPU at toy sizes: every step runs and succeeds."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_recheck.sh"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = ["rest", "profile", "ops_bf16", "ops_fp32", "edge"]
+    assert [line.split(":")[0].split("] ")[1] for line in proc.stdout.splitlines() if ": rc=" in line] == steps
+    assert proc.stdout.count(": rc=0") == len(steps), proc.stdout
+    assert all((tmp_path / f"{s}.log").stat().st_size > 0 for s in steps)
