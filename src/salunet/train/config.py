@@ -66,6 +66,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     agc: float = 0.0  # adaptive gradient clipping factor (unit-wise, NFNets); 0 = off (train/optim.py)
     salu_lr_scale: float = 1.0  # learning-rate multiplier for SALU/SWALU/GALU parameters (log a, log b)
+    salu_recalibrate: float = 0.0  # after each epoch but the last, pin sqrt(ab)*rms(SALU input) to this; 0 = off
     # regularisation and augmentation
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
@@ -122,6 +123,8 @@ FIELD_HELP: dict[str, str] = {
     "grad_clip": "clip the global gradient norm to this value (0 = off)",
     "agc": "adaptive gradient clipping factor, unit-wise as in NFNets (0 = off)",
     "salu_lr_scale": "learning-rate multiplier of the SALU/SWALU/GALU parameters (log a, log b)",
+    "salu_recalibrate": "after each epoch but the last, set every SALU channel's a and b so that sqrt(ab) times the "
+                        "RMS of its input (4 training batches) is this value (0 = off; train/recalibrate.py)",
     "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",
     "mixup": "mixup: alpha of Beta(alpha, alpha) (0 = off)",
     "cutmix": "cutmix: alpha of Beta(alpha, alpha) (0 = off)",
@@ -272,7 +275,7 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if not (cfg.dist_timeout > 0 and math.isfinite(cfg.dist_timeout)):
         raise ValueError(f"dist_timeout must be a finite number of seconds > 0, got {cfg.dist_timeout}")
     for k in ("train_subset", "test_subset", "crop_padding", "workers", "warmup_epochs", "weight_decay",
-              "grad_clip", "mixup", "cutmix", "min_lr", "momentum", "agc"):
+              "grad_clip", "mixup", "cutmix", "min_lr", "momentum", "agc", "salu_recalibrate"):
         v = getattr(cfg, k)
         if v is not None and not (v >= 0 and math.isfinite(v)):
             raise ValueError(f"{k} must be a finite number >= 0, got {v}")

@@ -40,9 +40,11 @@ attempt continues the run directory of the failed one. docs/RELIABILITY.md lists
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -64,6 +66,7 @@ from .ema import EMA
 from .evaluate import autocast_for, evaluate
 from .loggers import RunLoggers, check_logger
 from .optim import adaptive_clip_, agc_parameters, lr_at, make_optimizer, set_lr
+from .recalibrate import recalibrate_salu
 from .resume import RESUME_KEYS, RunPlan, claim_run_dir, load_state, plan_run, remove_empty_dirs
 from .rundir import RunDir
 from .sources import data_fingerprint, load_source
@@ -348,9 +351,22 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
            "train_acc": correct_sum / (source.steps * cfg.batch_size), "lr": lr, "epoch_s": round(t1 - t0, 3),
            "startup_s": round(startup, 3), "images_per_s": timed_steps * cfg.batch_size / (t1 - t0 - startup),
            "data_s": round(data_s[0], 3), "data_share": data_s[0] / (t1 - t0)}
+    if cfg.salu_recalibrate > 0 and epoch + 1 < cfg.epochs:
+        row["salu_recal_factor"] = _recalibrate(run, epoch)
     row.update(_evaluate_epoch(run, epoch))
     row["eval_s"] = round(time.perf_counter() - t1, 3)
     return row
+
+
+def _recalibrate(run: _Run, epoch: int) -> float:
+    """--salu-recalibrate: pin every SALU's operating point on the next epoch's first 4 (seeded) batches, so that
+    a resumed run repeats it exactly; returns the median over sites of the factor applied to a and b."""
+    batches = itertools.islice(run.source.train_batches(epoch + 1), 4)
+    factors = recalibrate_salu(run.model, batches, run.cfg.salu_recalibrate,
+                               reduce=lambda t: D.all_reduce_sum(run.info, t))
+    if not factors:
+        raise ValueError(f"--salu-recalibrate: model {run.cfg.model} has no SALU to recalibrate; drop the option")
+    return round(statistics.median(factors.values()), 4)
 
 
 def _evaluate_epoch(run: _Run, epoch: int) -> dict:
