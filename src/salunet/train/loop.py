@@ -66,7 +66,7 @@ from .ema import EMA
 from .evaluate import autocast_for, evaluate
 from .loggers import RunLoggers, check_logger
 from .optim import adaptive_clip_, agc_parameters, lr_at, make_optimizer, set_lr
-from .recalibrate import recalibrate_salu
+from .recalibrate import recalibrate_salu, salu_sites
 from .resume import RESUME_KEYS, RunPlan, claim_run_dir, load_state, plan_run, remove_empty_dirs
 from .rundir import RunDir
 from .sources import data_fingerprint, load_source
@@ -172,6 +172,9 @@ def _prepare_training(run: _Run) -> None:
 
 def _train(plan: RunPlan, info: D.DistInfo, on_finish: FinishHook | None = None) -> dict:
     run, start_epoch, step = _build(plan, info)
+    if run.cfg.salu_recalibrate > 0 and not salu_sites(run.model):  # before the run directory is claimed
+        raise ValueError(f"--salu-recalibrate: model {run.cfg.model} has no SALU to recalibrate; drop the option "
+                         "or train a SaluNet")
     new_run, lock, created, epochs_done, epoch = plan.new_run, None, [], 0, start_epoch
     if info.is_main:  # refuses if another process holds or has written the directory (then nothing there is ours)
         plan.run_dir, lock, created = claim_run_dir(plan)
@@ -364,8 +367,6 @@ def _recalibrate(run: _Run, epoch: int) -> float:
     batches = itertools.islice(run.source.train_batches(epoch + 1), 4)
     factors = recalibrate_salu(run.model, batches, run.cfg.salu_recalibrate,
                                reduce=lambda t: D.all_reduce_sum(run.info, t))
-    if not factors:
-        raise ValueError(f"--salu-recalibrate: model {run.cfg.model} has no SALU to recalibrate; drop the option")
     return round(statistics.median(factors.values()), 4)
 
 

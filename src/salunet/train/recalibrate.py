@@ -9,7 +9,7 @@ inputs drifting (shrinking with centred kernels, growing past the knee with scal
 
 :func:`recalibrate_salu` measures, per SALU channel, the RMS of its input over a few training batches (no
 gradient, the model in eval mode) and sets log a and log b so that sqrt(ab) * rms = K, the same K for every
-channel. The forward stays a pointwise function of each sample: batch size 1, inference and export are
+channel, site after site in one forward (each from its input as the sites before it, already set, produce it). The forward stays a pointwise function of each sample: batch size 1, inference and export are
 untouched; only the parameters move, once an epoch, and the checkpoint holds them (a resumed run repeats the same
 recalibrations, since the batches are the epoch's seeded ones). Under DDP the per-channel sums are all-reduced,
 so every rank sets the same parameters.
@@ -40,67 +40,73 @@ def salu_sites(model: nn.Module) -> dict[str, tuple[nn.Module, SALU]]:
     return sites
 
 
+def _rms_hook(salu: SALU, reduce: Callable[[Tensor], Tensor] | None, then: Callable[[Tensor], None]):
+    """A forward pre-hook that computes the per-channel RMS of the site's input (over processes with ``reduce``)
+    as float64 (0-d for scalar-parameter SALUs) and passes it to ``then``."""
+    def hook(_m, args):
+        x = args[0].detach().double()
+        axis = salu.channel_axis(x)
+        if axis is None:
+            s2, n = (x * x).sum().reshape(1), float(x.numel())
+        else:
+            s2, n = (x * x).movedim(axis, -1).reshape(-1, x.shape[axis]).sum(0), float(x.numel() // x.shape[axis])
+        packed = torch.cat([s2, torch.tensor([n], dtype=torch.float64, device=s2.device)])
+        if reduce is not None:
+            packed = reduce(packed)
+        rms = (packed[:-1] / packed[-1]).sqrt()
+        then(rms.reshape(()) if axis is None else rms)
+    return hook
+
+
 @torch.no_grad()
-def salu_input_rms(model: nn.Module, batches: Iterable, reduce: Callable[[Tensor], Tensor] | None = None
-                   ) -> dict[str, Tensor]:
-    """Per-channel RMS of every SALU site's input over ``batches`` (each a tensor or a tuple whose first item is
-    the input), as float64 vectors (a 0-d tensor for scalar-parameter SALUs). ``reduce``: sums over processes
-    (DDP's all-reduce), applied to the stacked (sum of squares, count) of each site."""
-    sites = salu_sites(model)
-    sums: dict[str, list] = {}
-
-    def hook_for(name, salu):
-        def hook(_m, args):
-            x = args[0].detach().double()
-            axis = salu.channel_axis(x)
-            if axis is None:  # scalar parameters: one RMS for the whole tensor
-                s2, n = (x * x).sum(), float(x.numel())
-            else:
-                s2 = (x * x).movedim(axis, -1).reshape(-1, x.shape[axis]).sum(0)
-                n = float(x.numel() // x.shape[axis])
-            prev = sums.get(name)
-            sums[name] = [s2, n] if prev is None else [prev[0] + s2, prev[1] + n]
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(name, salu)) for name, (m, salu) in sites.items()]
+def _forward_with_hooks(model: nn.Module, batches: Iterable, make_hook) -> None:
+    """One forward in eval mode of all ``batches`` concatenated (each a tensor or a tuple whose first item is the
+    input), with ``make_hook(name, salu)`` as the forward pre-hook of every SALU site."""
+    xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+    if not xs:
+        raise ValueError("SALU calibration needs at least one batch")
+    handles = [m.register_forward_pre_hook(make_hook(name, salu)) for name, (m, salu) in salu_sites(model).items()]
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x)
+        model(torch.cat(xs))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    out = {}
-    for name, (s2, n) in sums.items():
-        if reduce is not None:
-            packed = reduce(torch.cat([s2.reshape(-1), torch.tensor([n], dtype=torch.float64, device=s2.device)]))
-            s2, n = packed[:-1].reshape(s2.shape), packed[-1].item()
-        out[name] = (s2 / n).sqrt()
+
+
+def salu_input_rms(model: nn.Module, batches: Iterable, reduce: Callable[[Tensor], Tensor] | None = None
+                   ) -> dict[str, Tensor]:
+    """Per-channel RMS of every SALU site's input over ``batches`` (float64 vectors; 0-d for scalar-parameter
+    SALUs). ``reduce``: sums over processes (DDP's all-reduce) of each site's (sums of squares, count)."""
+    out: dict[str, Tensor] = {}
+    _forward_with_hooks(model, batches, lambda name, salu: _rms_hook(salu, reduce, lambda r: out.__setitem__(name, r)))
     return out
 
 
-@torch.no_grad()
 def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
                      reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
     """Set every SALU channel's log a and log b so that sqrt(ab) * rms(input) = ``target`` (module docstring).
 
-    Channels whose input is exactly 0 are left as they are. Returns, per site, the median factor c applied to
-    a and b (1 = no change), for the log."""
+    One forward of ``batches`` concatenated: each site is set in its pre-hook, from its input as the sites before
+    it (already set) produce it, before it runs; so every site meets the target exactly on these inputs, however
+    the earlier sites' changes moved them. Channels whose input is exactly 0 are left as they are. Returns, per
+    site, the median factor c applied to a and b (1 = no change)."""
     if not (target > 0 and math.isfinite(target)):
         raise ValueError(f"SALU recalibration target must be a positive number, got {target}")
-    rms = salu_input_rms(model, batches, reduce)
-    sites = salu_sites(model)
-    factors = {}
-    for name, r in rms.items():
-        salu = sites[name][1]
-        la, lb = salu.log_a, salu.log_b
-        sab = torch.exp(0.5 * (la.double() + lb.double())).reshape(r.shape)
-        arg = sab * r
-        log_c = torch.where(arg > 0, torch.log(target / arg.clamp_min(1e-300)), torch.zeros_like(arg))
-        la.add_(log_c.reshape(la.shape).to(la.dtype))
-        lb.add_(log_c.reshape(lb.shape).to(lb.dtype))
-        factors[name] = float(torch.exp(log_c).median())
+    factors: dict[str, float] = {}
+
+    def make_hook(name, salu):
+        def set_params(rms: Tensor) -> None:
+            la, lb = salu.log_a, salu.log_b
+            arg = torch.exp(0.5 * (la.double() + lb.double())).reshape(rms.shape) * rms
+            log_c = torch.where(arg > 0, torch.log(target / arg.clamp_min(1e-300)), torch.zeros_like(arg))
+            la.add_(log_c.reshape(la.shape).to(la.dtype))
+            lb.add_(log_c.reshape(lb.shape).to(lb.dtype))
+            factors[name] = float(torch.exp(log_c).median())
+        return _rms_hook(salu, reduce, set_params)
+
+    with torch.no_grad():
+        _forward_with_hooks(model, batches, make_hook)
     return factors

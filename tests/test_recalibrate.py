@@ -1,0 +1,105 @@
+"""--salu-recalibrate (train/recalibrate.py): SALU's operating point pinned between epochs."""
+import pytest
+import torch
+from torch import nn
+
+from salunet import SALU, SWALU, SALUAct
+from salunet.nn import SALUAddAct
+from salunet.train.recalibrate import recalibrate_salu, salu_input_rms, salu_sites
+
+
+class _Net(nn.Module):
+    """A standalone SALU, a fused pair and a fused residual tail, with different input scales per channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.salu = SALU(4)
+        self.pair = SALUAct(SALU(4), SWALU(4))
+        self.tail = SALUAddAct(SALU(4), SWALU(4))
+
+    def forward(self, x):
+        h = self.salu(self.conv(x))
+        h = self.pair(h * torch.tensor([1.0, 3.0, 0.1, 10.0]).view(1, 4, 1, 1))
+        return self.tail(h * 2, h)
+
+
+def _batches(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 3, 6, 6, generator=g) * 2, torch.zeros(8)) for _ in range(n)]
+
+
+def test_sites_are_every_salu_input_once():
+    net = _Net()
+    sites = salu_sites(net)
+    assert list(sites) == ["salu", "pair", "tail"]
+    assert sites["pair"][1] is net.pair.norm and sites["salu"][1] is net.salu
+
+
+def test_recalibration_pins_the_argument_and_keeps_the_function_up_to_input_scale():
+    torch.manual_seed(0)
+    net = _Net().double()
+    batches = [(x.double(), y) for x, y in _batches()]
+    before = {n: (s.log_a.detach().clone(), s.log_b.detach().clone(), s.amplitude.clone())
+              for n, (_, s) in salu_sites(net).items()}
+    x = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    y_old = net.salu(x)
+    recalibrate_salu(net, batches, 0.5)
+    for name, rms in salu_input_rms(net, batches).items():
+        s = salu_sites(net)[name][1]
+        arg = torch.exp(0.5 * (s.log_a + s.log_b)).detach() * rms
+        torch.testing.assert_close(arg, torch.full_like(arg, 0.5), rtol=1e-9, atol=0)
+        torch.testing.assert_close(s.amplitude, before[name][2], rtol=1e-12, atol=0)  # A = sqrt(a/b) kept
+    # a and b both scaled by c per channel: the new SALU at x is the old one at c x
+    c = torch.exp(net.salu.log_a.detach() - before["salu"][0]).view(1, 4, 1, 1)
+    old = SALU(4).double()
+    with torch.no_grad():
+        old.log_a.copy_(before["salu"][0])
+        old.log_b.copy_(before["salu"][1])
+    torch.testing.assert_close(net.salu(x), old(c * x))
+    assert not torch.allclose(net.salu(x), y_old)
+
+
+def test_a_silent_channel_is_left_alone_and_bad_targets_are_refused():
+    net = _Net()
+    with torch.no_grad():
+        net.conv.weight[0].zero_()
+        net.conv.bias[0] = 0.0
+    la = net.salu.log_a.detach().clone()
+    recalibrate_salu(net, _batches(), 0.3)
+    assert net.salu.log_a[0].item() == la[0].item() and net.salu.log_a[1].item() != la[1].item()
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive number"):
+            recalibrate_salu(net, _batches(), bad)
+
+
+def test_training_with_recalibration_resumes_bit_for_bit(tmp_path):
+    """The recalibration after epoch 1 uses epoch 2's seeded batches and lands in epoch 1's checkpoint, so a run
+    that dies after epoch 1 and resumes ends with exactly the weights of one that did not."""
+    from safetensors.torch import load_file
+
+    from salunet.train import train
+    from salunet.train.checkpoint import list_checkpoints
+
+    cfg = dict(model="salunet_c18_v2", width=4, data="digits", train_subset=128, test_subset=50, batch_size=32,
+               epochs=3, ema_decay=0.0, progress=False, salu_recalibrate=0.5, out=str(tmp_path), name="r")
+    train(cfg)
+    rows = [__import__("json").loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [("salu_recal_factor" in r) for r in rows] == [True, True, False]  # never after the last epoch
+    assert rows[0]["salu_recal_factor"] != 1.0
+    ckpts = list_checkpoints(tmp_path / "r")
+    full = load_file(str(ckpts[-1]))
+    ckpts[-1].unlink()
+    train(resume=str(tmp_path / "r"))
+    resumed = load_file(str(list_checkpoints(tmp_path / "r")[-1]))
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_a_model_without_salu_is_refused_before_anything_is_written(tmp_path):
+    from salunet.train import train
+
+    with pytest.raises(ValueError, match="has no SALU to recalibrate"):
+        train(dict(model="resnet18_bn", width=4, data="digits", train_subset=64, test_subset=20, epochs=1,
+                   salu_recalibrate=0.5, out=str(tmp_path), name="bn", progress=False))
+    assert not (tmp_path / "bn").exists()
