@@ -40,6 +40,9 @@ def test_run_writes_everything(tmp_path):
     # the first step's one-time costs are reported apart from (and excluded from) the throughput
     assert rows[0]["startup_s"] > 0 and rows[1]["startup_s"] == 0
     assert rows[0]["images_per_s"] == pytest.approx(7 * 32 / (rows[0]["epoch_s"] - rows[0]["startup_s"]), rel=0.02)
+    # host time blocked on the device at the per-step check: a part of the epoch (on CPU nothing runs ahead)
+    assert all(0 <= r["wait_s"] <= r["epoch_s"] and r["wait_share"] == pytest.approx(r["wait_s"] / r["epoch_s"],
+                                                                                     abs=1e-3) for r in rows)
     assert json.loads((d / "config.json").read_text())["width"] == 4
     assert (d / "curves.png").stat().st_size > 1000 and (d / "summary.json").is_file()
     assert s["final"]["epoch"] == 2 and len(list_checkpoints(d)) == 2

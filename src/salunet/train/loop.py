@@ -24,8 +24,10 @@ optimizer step), ``epoch_s`` (wall time of the epoch's training steps), ``eval_s
 step of the first epoch a process runs: lazy initialisation, kernel loading, ``torch.compile``; 0 in other
 epochs), ``images_per_s`` (training images per second excluding ``startup_s``), ``data_s`` / ``data_share``
 (time spent producing batches: loading and augmentation, and its share of ``epoch_s``; on CUDA the
-augmentation kernels run asynchronously, so this is the launch cost), ``elapsed_s`` (since this process
-started training). Per-step JSON lines (``log_steps``) and TensorBoard events (``logger``) come from
+augmentation kernels run asynchronously, so this is the launch cost), ``wait_s`` / ``wait_share`` (host time
+blocked at each step's finiteness check until the device has finished the step, and its share of ``epoch_s``: on
+a GPU a share near 0 means the host, issuing work, is the bottleneck, a large one that the device is; ~0 on CPU,
+where nothing runs ahead), ``elapsed_s`` (since this process started training). Per-step JSON lines (``log_steps``) and TensorBoard events (``logger``) come from
 :mod:`.loggers`, called once per step and once per epoch on rank 0.
 
 Failure behaviour: bad input is rejected before anything is written, and a new run that fails before it
@@ -95,6 +97,7 @@ class _Run:
     total: int = 0  # optimizer steps of the whole run
     warmup: int = 0
     loggers: RunLoggers | None = None  # rank 0: steps.jsonl and TensorBoard, if asked for (train/loggers.py)
+    wait_s: float = 0.0  # this epoch's host time blocked on the device at the per-step check (metrics: wait_s)
 
 
 def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None = None,
@@ -299,7 +302,9 @@ def _step(run: _Run, batch, where: str) -> tuple[float, float, float]:
     # one small all-reduce per step: the loss and hit count of every rank (the gradient norm is the same on all
     # ranks after DDP's average), so that all ranks log alike and stop alike
     sums = torch.stack([step_loss.double(), step_correct.double(), gnorm.double().to(info.device)])
-    loss_g, correct_g, gnorm_g = (D.all_reduce_sum(info, sums) / info.world).tolist()
+    t_wait = time.perf_counter()
+    loss_g, correct_g, gnorm_g = (D.all_reduce_sum(info, sums) / info.world).tolist()  # waits for the device
+    run.wait_s += time.perf_counter() - t_wait
     if not math.isfinite(loss_g):
         raise TrainingDiverged(f"non-finite loss ({loss_g}) at {where}; stopped before the optimizer step. Last good "
                                f"checkpoint: {last_good(run.run_dir)}. Lower --lr or set --grad-clip")
@@ -329,6 +334,7 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
                disable=not (cfg.progress and run.info.is_main), dynamic_ncols=True)
     t0 = time.perf_counter()
     data_s = [0.0]  # time spent producing batches (loading, augmentation): the data pipeline's share
+    run.wait_s = 0.0
     try:
         for s, batch in enumerate(_timed(source.train_batches(epoch), data_s)):
             lr = lr_at(step + s, run.total, run.warmup, cfg.lr, cfg.min_lr)
@@ -353,7 +359,8 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
     row = {"epoch": epoch + 1, "step": step + source.steps, "train_loss": loss_sum / source.steps,
            "train_acc": correct_sum / (source.steps * cfg.batch_size), "lr": lr, "epoch_s": round(t1 - t0, 3),
            "startup_s": round(startup, 3), "images_per_s": timed_steps * cfg.batch_size / (t1 - t0 - startup),
-           "data_s": round(data_s[0], 3), "data_share": data_s[0] / (t1 - t0)}
+           "data_s": round(data_s[0], 3), "data_share": data_s[0] / (t1 - t0),
+           "wait_s": round(run.wait_s, 3), "wait_share": run.wait_s / (t1 - t0)}
     if cfg.salu_recalibrate > 0 and epoch + 1 < cfg.epochs:
         row["salu_recal_factor"] = _recalibrate(run, epoch)
     row.update(_evaluate_epoch(run, epoch))
