@@ -22,7 +22,7 @@ from salunet.nn import SALU, SWALU, SALUAct, SALUAddAct, kernels
 from salunet.nn import functional as F
 from test_functional import _params as _positive_params
 from test_kernels import DTYPES, PARAMS, check_autocast, check_gate_edge_cases, check_inf_and_nan, \
-    check_salu_edge_cases
+    check_one_compiled_call, check_salu_edge_cases
 
 CUDA = torch.cuda.is_available()
 NO_CUDA = "CUDA is not available (no GPU or a CPU-only torch build); the cpu twin of this test runs instead"
@@ -112,6 +112,11 @@ def test_gradcheck_float64(dev, op, mode):
         if op in kernels.RESIDUAL_OPS else []
     ps = [_positive_params((3, 1, 1)).detach().to(dev).requires_grad_() for _ in range(n)]
     assert gradcheck(getattr(F, op), (x, *res, *ps))
+
+
+def test_compiled_path_issues_one_call_per_direction(dev):
+    """No eager op around the compiled kernels (host time: BENCHMARKS.md "On a GPU")."""
+    check_one_compiled_call(dev)
 
 
 # ---- autocast and channels_last ----------------------------------------------------------------------------

@@ -458,15 +458,20 @@ def test_float64_galu_keeps_its_left_tail(path):
 
 
 def test_compiled_path_runs_each_direction_in_one_compiled_call():
+    check_one_compiled_call()
+
+
+def check_one_compiled_call(device="cpu"):
     """The compiled path compiles the whole forward and backward, parameter preparation and the reduction of
     parameter gradients included: around the compiled calls only views and autograd's gradient accumulation
     remain, no eager compute op. Before, ~16 small eager ops per call surrounded the compiled core, and on an H200
-    issuing them took 5x the kernels' own time (issue 13)."""
+    issuing them took 5x the kernels' own time (issue 13). tests/test_gpu.py runs it on CUDA."""
     import collections
 
     kernels.set_kernel_mode("compiled")
-    pair = SALUAct(SALU(8), SWALU(8))
-    x, g = torch.randn(2, 8, 4, 4, requires_grad=True), torch.randn(2, 8, 4, 4)
+    pair = SALUAct(SALU(8), SWALU(8)).to(device)
+    x = torch.randn(2, 8, 4, 4, device=device, requires_grad=True)
+    g = torch.randn(2, 8, 4, 4, device=device)
     for _ in range(2):  # compiles both directions
         x.grad = None
         pair(x).backward(g)
