@@ -1,4 +1,4 @@
-"""The weight-decay sweep of docs/RESULTS.md "The end gap, repeated over seeds": final test accuracy against
+"""The weight-decay sweep of docs/RESULTS.md "The end gap, repeated over seeds" (and the sections after it): final test accuracy against
 weight decay, mean +- std over seeds, one line per model family, from the runs' ``summary.json`` files.
 
     python scripts/wd_sweep.py docs/results/midrun docs/results/wd_sweep
@@ -22,6 +22,8 @@ SERIES = {  # label -> run-name prefix
     "salunet_c18_v2 (centred kernels)": "v2",
     "salunet_c18_v2 + scaled WS": "v2scaled",
     "salunet_c18_v2 + scaled WS, gain fixed": "v2fixed",
+    "salunet_c18_v2 + SALU recalibrated, K = 0.5": "v2rc0.5",
+    "salunet_c18_v2 + SALU recalibrated, K = 1": "v2rc1",
 }
 PROTOCOL_WD = 5e-4
 

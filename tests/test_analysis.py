@@ -165,7 +165,7 @@ def test_wd_sweep_script_groups_runs_by_prefix_and_weight_decay(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     runs = {"v2-s0": 0.60, "v2-s1": 0.70, "v2wd2e-3-s0": 0.5, "v2bias-s0": 0.1, "v2lr0.1wd2e-3-s0": 0.2,
-            "v2scaledwd4e-3-s0": 0.8, "resnet18_bnwd1e-4-s2": 0.9}
+            "v2scaledwd4e-3-s0": 0.8, "resnet18_bnwd1e-4-s2": 0.9, "v2rc0.5wd8e-3-s1": 0.7}
     for name, acc in runs.items():
         (tmp_path / "r" / name).mkdir(parents=True)
         (tmp_path / "r" / name / "summary.json").write_text(json.dumps({"final": {"test_acc": acc, "train_loss": 1.0}}))
@@ -177,5 +177,7 @@ def test_wd_sweep_script_groups_runs_by_prefix_and_weight_decay(tmp_path):
     assert centred[1]["per_seed"] == [0.5] and centred[1]["std"] is None
     assert got["salunet_c18_v2 + scaled WS"][0]["weight_decay"] == 4e-3
     assert got["resnet18_bn (BN + ReLU)"][0]["seeds"] == [2]
+    rc = got["salunet_c18_v2 + SALU recalibrated, K = 0.5"]  # the "0.5" in the prefix is not a weight decay
+    assert [(r["weight_decay"], r["per_seed"]) for r in rc] == [(8e-3, [0.7])]
     assert (tmp_path / "out" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert mod.main([str(tmp_path / "nope"), str(tmp_path / "x")]) == 2

@@ -103,3 +103,15 @@ def test_a_model_without_salu_is_refused_before_anything_is_written(tmp_path):
         train(dict(model="resnet18_bn", width=4, data="digits", train_subset=64, test_subset=20, epochs=1,
                    salu_recalibrate=0.5, out=str(tmp_path), name="bn", progress=False))
     assert not (tmp_path / "bn").exists()
+
+
+def test_calibration_forward_compiles_nothing(monkeypatch):
+    """On the compiled path (CUDA's default) the calibration's one forward of an unseen shape runs op by op instead
+    of compiling a kernel per op for it; the kernel mode is restored afterwards."""
+    from salunet.nn import kernels
+
+    kernels.set_kernel_mode("compiled")
+    monkeypatch.setattr(kernels, "_get_compiled", lambda *a, **k: pytest.fail("compiled during calibration"))
+    net = _Net()
+    recalibrate_salu(net, _batches(), 0.5)
+    assert kernels.get_kernel_mode() == "compiled"

@@ -27,8 +27,10 @@ epochs), ``images_per_s`` (training images per second excluding ``startup_s``), 
 augmentation kernels run asynchronously, so this is the launch cost), ``wait_s`` / ``wait_share`` (host time
 blocked at each step's finiteness check until the device has finished the step, and its share of ``epoch_s``: on
 a GPU a share near 0 means the host, issuing work, is the bottleneck, a large one that the device is; ~0 on CPU,
-where nothing runs ahead), ``elapsed_s`` (since this process started training). Per-step JSON lines (``log_steps``) and TensorBoard events (``logger``) come from
-:mod:`.loggers`, called once per step and once per epoch on rank 0.
+where nothing runs ahead), ``elapsed_s`` (since this process started training), ``salu_recal_factor`` (with
+``salu_recalibrate``: the median factor applied to SALU's a and b after the epoch). Per-step JSON lines
+(``log_steps``) and TensorBoard events (``logger``) come from :mod:`.loggers`, called once per step and once per
+epoch on rank 0.
 
 Failure behaviour: bad input is rejected before anything is written, and a new run that fails before it
 finishes its first epoch removes what it wrote (``config.json``, the run directory it created). A

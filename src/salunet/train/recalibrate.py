@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..nn import SALU, SALUAct
+from ..nn import SALU, SALUAct, kernels
 
 __all__ = ["salu_sites", "salu_input_rms", "recalibrate_salu"]
 
@@ -65,15 +65,21 @@ def _forward_with_hooks(model: nn.Module, batches: Iterable, make_hook) -> None:
     xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
     if not xs:
         raise ValueError("SALU calibration needs at least one batch")
+    x = torch.cat(xs)
     handles = [m.register_forward_pre_hook(make_hook(name, salu)) for name, (m, salu) in salu_sites(model).items()]
-    was_training = model.training
+    was_training, mode = model.training, kernels.get_kernel_mode()
+    if kernels.kernel_path(x.device).startswith("compiled"):
+        # one forward of an input shape that training never sees: on the compiled path (CUDA's default) it would
+        # compile a kernel per op for that shape, once, for nothing; the same math op by op costs one forward
+        kernels.set_kernel_mode("eager")
     model.eval()
     try:
-        model(torch.cat(xs))
+        model(x)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+        kernels.set_kernel_mode(mode)
 
 
 def salu_input_rms(model: nn.Module, batches: Iterable, reduce: Callable[[Tensor], Tensor] | None = None
