@@ -29,7 +29,9 @@ of three paths, chosen by ``set_kernel_mode`` / ``SALUNET_KERNELS``:
   In float32 it uses fast approximations: hardware reciprocal / rsqrt estimates with one Newton step (a few
   ulp), ATen's polynomial exp, and Abramowitz-Stegun 7.1.26 for the normal CDF (gate absolute error < 3.5e-7,
   the precision of ATen's vectorised GELU); float64 uses exact operations (gradcheck runs on this path).
-- ``compiled`` (``auto`` on CUDA): ``torch.compile``/inductor of the functions below (one Triton kernel).
+- ``compiled`` (``auto`` on CUDA): ``torch.compile``/inductor of the whole forward and the whole backward
+  (:func:`_forward_math`, :func:`_backward_math`: parameter preparation and gradient reduction included), one
+  compiled call per direction, so that the host issues little besides the kernels.
 - ``eager``: the functions below op by op.
 If the chosen path cannot be built on this machine, ``auto`` warns once, says why and how to fix it, and takes the
 eager path.
