@@ -22,6 +22,7 @@ SERIES = {  # label -> run-name prefix
     "salunet_c18_v2 (centred kernels)": "v2",
     "salunet_c18_v2 + scaled WS": "v2scaled",
     "salunet_c18_v2 + scaled WS, gain fixed": "v2fixed",
+    "salunet_c18_v2 + SALU recalibrated, K = 0.25": "v2rc0.25",
     "salunet_c18_v2 + SALU recalibrated, K = 0.5": "v2rc0.5",
     "salunet_c18_v2 + SALU recalibrated, K = 1": "v2rc1",
 }
