@@ -1,0 +1,58 @@
+"""Each SALU's operating point, sqrt(ab) * rms(input), the quantity ``--salu-recalibrate K`` pins.
+
+    python scripts/salu_operating_point.py [--data-path ../shared/data/cifar10.npz] [--images 512] RUN_OR_MODEL...
+
+RUN_OR_MODEL is a run directory (its last checkpoint, raw weights) or ``init:MODEL`` (a freshly initialised
+registered model at width 16, seed 0). For each it prints the median over channels of sqrt(ab) * rms(input) at
+every SALU site, in forward order, measured on the first ``--images`` CIFAR-10 training images, normalised as the
+trainer does, without augmentation (docs/RESULTS.md "Pinning the SALU inputs' scale between epochs").
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+import salunet
+from salunet.models import create_model
+from salunet.train.recalibrate import salu_input_rms, salu_sites
+
+
+def operating_points(model: torch.nn.Module, x: torch.Tensor) -> list[float]:
+    rms = salu_input_rms(model, [x[i:i + 128] for i in range(0, len(x), 128)])
+    sites = salu_sites(model)
+    out = []
+    for name, r in rms.items():
+        salu = sites[name][1]
+        sab = torch.exp(0.5 * (salu.log_a.detach().double() + salu.log_b.detach().double())).reshape(r.shape)
+        out.append(float((sab * r).median()))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--data-path", default="../shared/data/cifar10.npz")
+    ap.add_argument("--images", type=int, default=512)
+    args = ap.parse_args(argv)
+    try:
+        d = np.load(args.data_path)
+    except FileNotFoundError:
+        print(f"{args.data_path}: no such file; pass --data-path to a CIFAR-10 .npz", file=sys.stderr)
+        return 2
+    x = torch.tensor(d["x_train"][:args.images]).permute(0, 3, 1, 2).float() / 255
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    for spec in args.runs:
+        if spec.startswith("init:"):
+            torch.manual_seed(0)
+            model = create_model(spec[5:], num_classes=10, width=16)
+        else:
+            model = salunet.load_model(spec, device="cpu")
+        print(f"{spec}: " + " ".join(f"{v:.2f}" for v in operating_points(model, x)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
