@@ -115,3 +115,22 @@ def test_calibration_forward_compiles_nothing(monkeypatch):
     net = _Net()
     recalibrate_salu(net, _batches(), 0.5)
     assert kernels.get_kernel_mode() == "compiled"
+
+
+def test_operating_point_script(tmp_path, capsys):
+    """scripts/salu_operating_point.py: one median per SALU site of a model at init; a missing data file exits 2."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location(
+        "salu_operating_point", Path(__file__).parents[1] / "scripts" / "salu_operating_point.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", x_train=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8))
+    assert mod.main(["--data-path", str(tmp_path / "c.npz"), "--images", "64", "init:salunet_c18_v2"]) == 0
+    values = [float(v) for v in capsys.readouterr().out.rsplit(":", 1)[1].split()]
+    assert len(values) == 20 and all(0.05 < v < 1.0 for v in values)
+    assert mod.main(["--data-path", str(tmp_path / "none.npz"), "init:salunet_c18_v2"]) == 2
