@@ -348,8 +348,9 @@ def _call_core(path: str, direction: str, op: str, log_params: bool, *args: Tens
 
     The compiled path compiles the whole direction, the parameters' preparation (exp of log-parameters, the
     derived quantities), the dtype casts and the reduction of parameter gradients to their shapes included: one
-    compiled call per direction. Compiling only the elementwise core left ~16 small eager ops around it, and on
-    an H200 the host time of issuing them was 5x the kernels' own time (issue 13, scripts/profile_op.py).
+    compiled call per direction. Compiling only the elementwise core left ~70 small eager ops per forward +
+    backward around it; on an H200, issuing the op (those and the two compiled calls) took the host 5x the
+    kernels' own time (issue 13, scripts/profile_op.py).
 
     In ``auto`` mode a failure of a specialisation's *first* call (when inductor compiles it) means this machine
     cannot compile for that device type: warn once, and run eagerly there from then on. Anything else (out of
