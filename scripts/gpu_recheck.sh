@@ -34,10 +34,15 @@ else
   DEV=cuda; K="cuda"; SHAPE=256,64,32,32; OPS=(--device cuda --repeats 10)
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$R/install.log" 2>&1
 fi
-run rest 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py --tb=short -rA \
-  -k "$K and (checkpoint or resume or convert)"
+skipped() { echo "[$((SECONDS - T0))s] $1: skipped (dry run: tests/test_gpu.py's cpu twins run in the test suite)"; }
+if ((DRY)); then skipped rest; else
+  run rest 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py --tb=short -rA \
+    -k "$K and (checkpoint or resume or convert)"
+fi
 run profile 45 "$PY" scripts/profile_op.py --device "$DEV" --shape "$SHAPE" --iters 20
 run ops_bf16 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype bf16 --out "$R"
 run ops_fp32 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype fp32 --out "$R"
-run edge 70 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "$K and edge_cases" --tb=short -rA
+if ((DRY)); then skipped edge; else
+  run edge 70 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "$K and edge_cases" --tb=short -rA
+fi
 echo "[$((SECONDS - T0))s] done"

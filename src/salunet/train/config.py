@@ -123,8 +123,8 @@ FIELD_HELP: dict[str, str] = {
     "grad_clip": "clip the global gradient norm to this value (0 = off)",
     "agc": "adaptive gradient clipping factor, unit-wise as in NFNets (0 = off)",
     "salu_lr_scale": "learning-rate multiplier of the SALU/SWALU/GALU parameters (log a, log b)",
-    "salu_recalibrate": "after each epoch but the last, set every SALU channel's a and b so that sqrt(ab) times the "
-                        "RMS of its input (4 training batches) is this value (0 = off; train/recalibrate.py)",
+    "salu_recalibrate": "after each epoch but the last, scale each SALU's a and b so that sqrt(ab) * rms(input) is "
+                        "this (0 = off)",
     "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",
     "mixup": "mixup: alpha of Beta(alpha, alpha) (0 = off)",
     "cutmix": "cutmix: alpha of Beta(alpha, alpha) (0 = off)",
