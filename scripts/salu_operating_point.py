@@ -24,10 +24,8 @@ def operating_points(model: torch.nn.Module, x: torch.Tensor) -> list[float]:
     rms = salu_input_rms(model, [x[i:i + 128] for i in range(0, len(x), 128)])
     sites = salu_sites(model)
     out = []
-    for name, r in rms.items():
-        salu = sites[name][1]
-        sab = torch.exp(0.5 * (salu.log_a.detach().double() + salu.log_b.detach().double())).reshape(r.shape)
-        out.append(float((sab * r).median()))
+    for name, r in rms.items():  # sqrt(ab) * rms = rms / width, width = 1/sqrt(ab) as the kernels use it
+        out.append(float((r / sites[name][1].width.double().reshape(r.shape)).median()))
     return out
 
 
