@@ -13,7 +13,8 @@ A *norm layer* and an *act layer* are callables ``(num_features, *, dim) -> nn.M
 :class:`salunet.nn.SALUAct` pass.
 
 Norms: ``salu``, ``batchnorm``, ``layernorm``, ``groupnorm``, ``identity`` (no normalization at all),
-``batchnorm+salu`` (normalization kept and SALU added after it: the referees' ablation).
+``batchnorm+salu`` (normalization kept and SALU added after it: the referees' ablation), ``batchnorm_detached``
+(a diagnostic: BatchNorm whose batch statistics are constants in the backward, :class:`DetachedBatchNorm2d`).
 Activations: ``swalu``, ``galu``, ``relu``, ``silu``, ``gelu``, ``prelu``.
 
 ``batchnorm`` at dim=1 is a plain ``nn.BatchNorm2d`` on purpose: deployment tools (``torch.fx`` conv-BN
@@ -29,7 +30,7 @@ from torch import nn
 from ..nn import GALU, SALU, SALUAct, SALUAddAct, SWALU
 
 __all__ = ["NORMS", "ACTS", "get_norm_layer", "get_act_layer", "norm_act", "norm_add_act", "NormAddAct",
-           "LayerNorm2d", "TokenBatchNorm", "LayerFactory"]
+           "LayerNorm2d", "TokenBatchNorm", "DetachedBatchNorm2d", "LayerFactory"]
 
 LayerFactory = Callable[..., nn.Module]
 
@@ -49,6 +50,32 @@ class TokenBatchNorm(nn.BatchNorm1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+class DetachedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose batch mean and variance are constants in the backward (a diagnostic, not a layer to train
+    with). In training it normalises by the batch's statistics exactly as BatchNorm does, but the gradient does not
+    flow through them: what is left of BatchNorm is the pinning of each channel's scale and shift at every step,
+    without its gradient projection (the component of the gradient along the input and the channel mean, which
+    BatchNorm removes). docs/RESULTS.md "What BatchNorm does at every step" separates the two with it. Running
+    statistics and evaluation are nn.BatchNorm2d's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.dim() != 4:
+            return super().forward(x)
+        with torch.no_grad():
+            xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            mean, var = xs.mean((0, 2, 3)), xs.var((0, 2, 3), unbiased=False)
+            if self.track_running_stats and self.running_mean is not None:
+                n = x.numel() // x.shape[1]
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * n / max(n - 1, 1)).to(self.running_var.dtype), m)
+                self.num_batches_tracked.add_(1)
+            scale = (var + self.eps).rsqrt()
+        shape = (1, -1, 1, 1)
+        y = (x - mean.to(x.dtype).view(shape)) * scale.to(x.dtype).view(shape)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 
 class _DimPReLU(nn.PReLU):
@@ -101,6 +128,14 @@ def _groupnorm(c: int | None, *, dim: int = 1) -> nn.Module:
     return nn.GroupNorm(_groups(c), c)
 
 
+def _batchnorm_detached(c: int | None, *, dim: int = 1) -> nn.Module:
+    c = _need_width("batchnorm_detached", c)
+    if dim != 1:
+        raise ValueError("batchnorm_detached needs channel-first (N, C, H, W) input (dim=1); it is a diagnostic of the "
+                         "CNNs")
+    return DetachedBatchNorm2d(c)
+
+
 def _bn_salu(c: int | None, *, dim: int = 1) -> nn.Module:
     return nn.Sequential(_batchnorm(c, dim=dim), SALU(c, dim=dim))
 
@@ -118,6 +153,7 @@ NORMS: dict[str, LayerFactory] = {
     "groupnorm": _groupnorm,
     "identity": lambda c, *, dim=1: nn.Identity(),
     "batchnorm+salu": _bn_salu,
+    "batchnorm_detached": _batchnorm_detached,
 }
 
 ACTS: dict[str, LayerFactory] = {

@@ -67,6 +67,7 @@ class TrainConfig:
     agc: float = 0.0  # adaptive gradient clipping factor (unit-wise, NFNets); 0 = off (train/optim.py)
     salu_lr_scale: float = 1.0  # learning-rate multiplier for SALU/SWALU/GALU parameters (log a, log b)
     salu_recalibrate: float = 0.0  # after each epoch but the last, pin sqrt(ab)*rms(SALU input) to this; 0 = off
+    salu_recalibrate_every: int = 0  # > 0: pin it every this many steps on the step's own batch instead; 0 = per epoch
     # regularisation and augmentation
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
@@ -125,6 +126,8 @@ FIELD_HELP: dict[str, str] = {
     "salu_lr_scale": "learning-rate multiplier of the SALU/SWALU/GALU parameters (log a, log b)",
     "salu_recalibrate": "after each epoch but the last, scale each SALU's a and b so that sqrt(ab) * rms(input) is "
                         "this (0 = off)",
+    "salu_recalibrate_every": "with --salu-recalibrate: recalibrate every this many steps, on the step's own batch, "
+                              "instead of once an epoch (0 = once an epoch)",
     "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",
     "mixup": "mixup: alpha of Beta(alpha, alpha) (0 = off)",
     "cutmix": "cutmix: alpha of Beta(alpha, alpha) (0 = off)",
@@ -279,6 +282,11 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         v = getattr(cfg, k)
         if v is not None and not (v >= 0 and math.isfinite(v)):
             raise ValueError(f"{k} must be a finite number >= 0, got {v}")
+    if cfg.salu_recalibrate_every < 0:
+        raise ValueError(f"salu_recalibrate_every must be a whole number of steps >= 0 (0 = once an epoch), got "
+                         f"{cfg.salu_recalibrate_every}")
+    if cfg.salu_recalibrate_every > 0 and cfg.salu_recalibrate == 0:
+        raise ValueError("salu_recalibrate_every needs a target: add --salu-recalibrate K (0.5 measured best)")
     if not (cfg.salu_lr_scale > 0 and math.isfinite(cfg.salu_lr_scale)):
         raise ValueError(f"salu_lr_scale must be a finite positive number (1 = no scaling), got {cfg.salu_lr_scale}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):

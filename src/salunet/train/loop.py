@@ -28,7 +28,8 @@ augmentation kernels run asynchronously, so this is the launch cost), ``wait_s``
 blocked at each step's finiteness check until the device has finished the step, and its share of ``epoch_s``: on
 a GPU a share near 0 means the host, issuing work, is the bottleneck, a large one that the device is; ~0 on CPU,
 where nothing runs ahead), ``elapsed_s`` (since this process started training), ``salu_recal_factor`` (with
-``salu_recalibrate``: the median factor applied to SALU's a and b after the epoch). Per-step JSON lines
+``salu_recalibrate``: the median factor applied to SALU's a and b after the epoch; with ``salu_recalibrate_every``
+the median over the epoch's recalibrations, and their count ``salu_recalibrations``). Per-step JSON lines
 (``log_steps``) and TensorBoard events (``logger``) come from :mod:`.loggers`, called once per step and once per
 epoch on rank 0.
 
@@ -337,10 +338,14 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
     t0 = time.perf_counter()
     data_s = [0.0]  # time spent producing batches (loading, augmentation): the data pipeline's share
     run.wait_s = 0.0
+    recal_factors: list[float] = []  # --salu-recalibrate-every: each recalibration's median factor
     try:
         for s, batch in enumerate(_timed(source.train_batches(epoch), data_s)):
             lr = lr_at(step + s, run.total, run.warmup, cfg.lr, cfg.min_lr)
             set_lr(run.opt, lr)
+            every = cfg.salu_recalibrate_every if cfg.salu_recalibrate > 0 else 0
+            if every and (step + s) % every == 0:  # on the step's own batch, before its forward
+                recal_factors.append(_recalibrate_on(run, [batch[0]]))
             loss_g, correct_g, gnorm_g = _step(run, batch, f"epoch {epoch + 1}, step {s + 1}")
             if run.loggers is not None:
                 run.loggers.step(step + s + 1, epoch + 1, loss=loss_g, acc=correct_g / cfg.batch_size, lr=lr,
@@ -363,17 +368,21 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
            "startup_s": round(startup, 3), "images_per_s": timed_steps * cfg.batch_size / (t1 - t0 - startup),
            "data_s": round(data_s[0], 3), "data_share": data_s[0] / (t1 - t0),
            "wait_s": round(run.wait_s, 3), "wait_share": run.wait_s / (t1 - t0)}
-    if cfg.salu_recalibrate > 0 and epoch + 1 < cfg.epochs:
-        row["salu_recal_factor"] = _recalibrate(run, epoch)
+    if recal_factors:
+        row["salu_recal_factor"] = round(statistics.median(recal_factors), 4)
+        row["salu_recalibrations"] = len(recal_factors)
+    elif cfg.salu_recalibrate > 0 and not cfg.salu_recalibrate_every and epoch + 1 < cfg.epochs:
+        row["salu_recal_factor"] = _recalibrate_on(
+            run, itertools.islice(run.source.train_batches(epoch + 1), 4))  # the next epoch's first 4 (seeded)
     row.update(_evaluate_epoch(run, epoch))
     row["eval_s"] = round(time.perf_counter() - t1, 3)
     return row
 
 
-def _recalibrate(run: _Run, epoch: int) -> float:
-    """--salu-recalibrate: pin every SALU's operating point on the next epoch's first 4 (seeded) batches, so that
-    a resumed run repeats it exactly; returns the median over sites of the factor applied to a and b."""
-    batches = itertools.islice(run.source.train_batches(epoch + 1), 4)
+def _recalibrate_on(run: _Run, batches) -> float:
+    """--salu-recalibrate: pin every SALU's operating point on ``batches`` (after an epoch: the next epoch's first 4
+    seeded batches; with --salu-recalibrate-every: the step's own batch), so that a resumed run repeats it exactly;
+    returns the median over sites of the factor applied to a and b."""
     factors = recalibrate_salu(run.model, batches, run.cfg.salu_recalibrate,
                                reduce=lambda t: D.all_reduce_sum(run.info, t))
     return round(statistics.median(factors.values()), 4)
