@@ -213,3 +213,32 @@ def test_list_models_pattern():
     assert list_models("salunet_*") == ["salunet_c18", "salunet_c18_v2", "salunet_c50", "salunet_t"]
     assert set(list_models()) == {"salunet_c18", "salunet_c18_v2", "resnet18_bn", "salunet_c50", "resnet50_bn",
                                   "salunet_t", "vit_ln", "cnn4"}
+
+
+def test_detached_batchnorm_is_batchnorm_forward_without_the_statistics_gradient():
+    """The diagnostic norm 'batchnorm_detached': BatchNorm2d's forward and running statistics (float64, train and
+    eval), but the backward treats the batch mean and variance as constants: dL/dx = g * w / sqrt(var + eps)."""
+    from salunet.models.layers import DetachedBatchNorm
+
+    torch.manual_seed(0)
+    x = (torch.randn(6, 3, 4, 5, dtype=torch.float64) * 3 + 1).requires_grad_()
+    det, ref = DetachedBatchNorm(3).double(), nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        for m in (det, ref):
+            m.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
+            m.bias.copy_(torch.tensor([0.1, 0.0, 0.3]))
+    g = torch.randn(6, 3, 4, 5, dtype=torch.float64)
+    y = det(x)
+    torch.testing.assert_close(y, ref(x.detach()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(det.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(det.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+    det.eval(), ref.eval()
+    torch.testing.assert_close(det(x.detach()), ref(x.detach()), rtol=1e-12, atol=1e-12)
+    det.train(), ref.train()
+    (y * g).sum().backward()
+    var = x.detach().var((0, 2, 3), unbiased=False)
+    want = g * (det.weight.detach() / (var + det.eps).sqrt()).view(1, 3, 1, 1)
+    torch.testing.assert_close(x.grad, want, rtol=1e-12, atol=1e-12)
+    xr = x.detach().clone().requires_grad_()
+    (ref(xr) * g).sum().backward()  # BatchNorm's own gradient differs: it flows through the statistics
+    assert not torch.allclose(xr.grad, want)

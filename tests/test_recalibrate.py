@@ -134,3 +134,38 @@ def test_operating_point_script(tmp_path, capsys):
     values = [float(v) for v in capsys.readouterr().out.rsplit(":", 1)[1].split()]
     assert len(values) == 20 and all(0.05 < v < 1.0 for v in values)
     assert mod.main(["--data-path", str(tmp_path / "none.npz"), "init:salunet_c18_v2"]) == 2
+
+
+def test_recalibration_every_n_steps_counts_and_resumes_bit_for_bit(tmp_path):
+    """--salu-recalibrate-every 3: on the step's own batch before steps 0, 3, 6 (global), none at the epoch's end;
+    the resumed run repeats the same recalibrations, so its weights are those of the run that did not stop."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from salunet.train import train
+    from salunet.train.checkpoint import list_checkpoints
+
+    cfg = dict(model="salunet_c18_v2", width=4, data="digits", train_subset=128, test_subset=50, batch_size=32,
+               epochs=2, ema_decay=0.0, progress=False, salu_recalibrate=0.5, salu_recalibrate_every=3,
+               out=str(tmp_path), name="r")
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["salu_recalibrations"] for r in rows] == [2, 1]  # 4 steps an epoch: global steps 0, 3 | 6
+    assert all(r["salu_recal_factor"] > 0 for r in rows)
+    ckpts = list_checkpoints(tmp_path / "r")
+    full = load_file(str(ckpts[-1]))
+    ckpts[-1].unlink()
+    train(resume=str(tmp_path / "r"))
+    resumed = load_file(str(list_checkpoints(tmp_path / "r")[-1]))
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+@pytest.mark.parametrize("over, match", [({"salu_recalibrate_every": 5}, "needs a target"),
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_every": -1}, "whole number")])
+def test_recalibration_every_is_checked(over, match):
+    from salunet.train.config import resolve_config
+
+    with pytest.raises(ValueError, match=match):
+        resolve_config(overrides=over)

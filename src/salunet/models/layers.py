@@ -14,7 +14,7 @@ A *norm layer* and an *act layer* are callables ``(num_features, *, dim) -> nn.M
 
 Norms: ``salu``, ``batchnorm``, ``layernorm``, ``groupnorm``, ``identity`` (no normalization at all),
 ``batchnorm+salu`` (normalization kept and SALU added after it: the referees' ablation), ``batchnorm_detached``
-(a diagnostic: BatchNorm whose batch statistics are constants in the backward, :class:`DetachedBatchNorm2d`).
+(a diagnostic: BatchNorm whose batch statistics are constants in the backward, :class:`DetachedBatchNorm`).
 Activations: ``swalu``, ``galu``, ``relu``, ``silu``, ``gelu``, ``prelu``.
 
 ``batchnorm`` at dim=1 is a plain ``nn.BatchNorm2d`` on purpose: deployment tools (``torch.fx`` conv-BN
@@ -30,7 +30,7 @@ from torch import nn
 from ..nn import GALU, SALU, SALUAct, SALUAddAct, SWALU
 
 __all__ = ["NORMS", "ACTS", "get_norm_layer", "get_act_layer", "norm_act", "norm_add_act", "NormAddAct",
-           "LayerNorm2d", "TokenBatchNorm", "DetachedBatchNorm2d", "LayerFactory"]
+           "LayerNorm2d", "TokenBatchNorm", "DetachedBatchNorm", "LayerFactory"]
 
 LayerFactory = Callable[..., nn.Module]
 
@@ -52,20 +52,26 @@ class TokenBatchNorm(nn.BatchNorm1d):
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
-class DetachedBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose batch mean and variance are constants in the backward (a diagnostic, not a layer to train
-    with). In training it normalises by the batch's statistics exactly as BatchNorm does, but the gradient does not
-    flow through them: what is left of BatchNorm is the pinning of each channel's scale and shift at every step,
-    without its gradient projection (the component of the gradient along the input and the channel mean, which
-    BatchNorm removes). docs/RESULTS.md "What BatchNorm does at every step" separates the two with it. Running
-    statistics and evaluation are nn.BatchNorm2d's."""
+class DetachedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm of channel-first input (N, C, *) whose batch mean and variance are constants in the backward (a
+    diagnostic, not a layer to train with). In training it normalises by the batch's statistics exactly as BatchNorm
+    does, but the gradient does not flow through them: what is left of BatchNorm is the pinning of each channel's
+    scale and shift at every step, without its gradient projection (the components of the gradient along the
+    channel mean and along the normalised input, which BatchNorm removes). docs/RESULTS.md "What BatchNorm does at
+    every step" separates the two with it. Running statistics and evaluation are BatchNorm's."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"batchnorm_detached expects (N, C, *) input, got {x.dim()}-D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.dim() != 4:
+        if not self.training:
             return super().forward(x)
+        self._check_input_dim(x)
+        dims = (0,) + tuple(range(2, x.dim()))
         with torch.no_grad():
             xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-            mean, var = xs.mean((0, 2, 3)), xs.var((0, 2, 3), unbiased=False)
+            mean, var = xs.mean(dims), xs.var(dims, unbiased=False)
             if self.track_running_stats and self.running_mean is not None:
                 n = x.numel() // x.shape[1]
                 m = self.momentum if self.momentum is not None else 0.1
@@ -73,7 +79,7 @@ class DetachedBatchNorm2d(nn.BatchNorm2d):
                 self.running_var.lerp_((var * n / max(n - 1, 1)).to(self.running_var.dtype), m)
                 self.num_batches_tracked.add_(1)
             scale = (var + self.eps).rsqrt()
-        shape = (1, -1, 1, 1)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
         y = (x - mean.to(x.dtype).view(shape)) * scale.to(x.dtype).view(shape)
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
@@ -131,9 +137,8 @@ def _groupnorm(c: int | None, *, dim: int = 1) -> nn.Module:
 def _batchnorm_detached(c: int | None, *, dim: int = 1) -> nn.Module:
     c = _need_width("batchnorm_detached", c)
     if dim != 1:
-        raise ValueError("batchnorm_detached needs channel-first (N, C, H, W) input (dim=1); it is a diagnostic of the "
-                         "CNNs")
-    return DetachedBatchNorm2d(c)
+        raise ValueError("batchnorm_detached needs channel-first (N, C, *) input (dim=1); use batchnorm for tokens")
+    return DetachedBatchNorm(c)
 
 
 def _bn_salu(c: int | None, *, dim: int = 1) -> nn.Module:
