@@ -13,6 +13,12 @@ channel, site after site in one forward (each from its input as the sites before
 untouched; only the parameters move, once an epoch, and the checkpoint holds them (a resumed run repeats the same
 recalibrations, since the batches are the epoch's seeded ones). Under DDP the per-channel sums are all-reduced,
 so every rank sets the same parameters.
+
+``--salu-recalibrate-every N`` moves the recalibration inside the epoch: before every N-th optimizer step (global
+step count), on that step's own batch, so that the step's forward sees every SALU site at the target (N = 1 is
+BatchNorm's scale pinning with the statistics as constants, applied through SALU's parameters; the gradient
+still moves A = sqrt(a/b), and sqrt(ab) until the next recalibration). It costs one more forward per
+recalibration.
 """
 from __future__ import annotations
 
