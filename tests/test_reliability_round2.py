@@ -479,6 +479,48 @@ def test_sigterm_to_the_process_group_with_loader_workers_prints_no_traceback(tm
     assert err.strip().splitlines()[-1].startswith("salunet: stopped: terminated (SIGTERM) during epoch")
 
 
+def test_a_sigterm_whose_terminated_python_swallows_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    """Python runs the SIGTERM handler wherever the main thread is. In an at-fork hook (loader workers being forked)
+    or a ``__del__`` (a loader iterator's worker shutdown) its Terminated was printed as "Exception ignored" and
+    dropped: the run trained on, deaf to later SIGTERMs (a group SIGTERM in CI; the workers forked after it never
+    got it). Now the stop stays pending and the next batch raises it. Here the handler runs in a ``__del__``."""
+    from salunet.train import loop
+
+    class SigtermInDel:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # handled before kill returns, i.e. inside __del__
+
+    end_epoch = loop._end_epoch
+
+    def end_epoch_then_sigterm(run, epoch, *rest):
+        end_epoch(run, epoch, *rest)
+        if epoch == 0:
+            SigtermInDel()  # dropped at once
+
+    monkeypatch.setattr(loop, "_end_epoch", end_epoch_then_sigterm)
+    npz = make_npz(tmp_path / "d.npz", n_train=64, n_test=16)
+    code = main(["train", "--data", "npz", "--data-path", str(npz), "--model", "cnn4", "--width", "2", "--batch-size",
+                 "16", "--epochs", "2", "--progress", "false", "--out", str(tmp_path / "o"), "--name", "t"])
+    err = capsys.readouterr().err
+    run = tmp_path / "o" / "t"
+    assert code == 1 and "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.strip().splitlines()[-1] == (f"salunet: stopped: terminated (SIGTERM) during epoch 2; the last good "
+                                            f"checkpoint is {run}/checkpoints/epoch_0001.safetensors; continue with "
+                                            f"--resume {run}")
+
+
+def test_loader_workers_do_not_report_a_handover_the_main_process_dropped(capsys):
+    """A worker's resource_sharer thread reports through sys.excepthook; a main process that stopped mid-handover
+    (its own SIGTERM) made it print a ConnectionResetError traceback. Other errors are still printed."""
+    from salunet.data.imagefolder import _quiet_excepthook
+
+    for exc in (ConnectionResetError(104, "Connection reset by peer"), BrokenPipeError(32, "Broken pipe"), EOFError()):
+        _quiet_excepthook(type(exc), exc, None)
+    assert capsys.readouterr().err == ""
+    _quiet_excepthook(ValueError, ValueError("something else"), None)
+    assert "ValueError: something else" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_stopped_torchrun_rank_ends_the_run_after_dist_timeout(tmp_path):
     """A SIGSTOPped rank (frozen, alive) used to hold its peers and the run directory for gloo's 30-minute

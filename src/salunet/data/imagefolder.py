@@ -103,12 +103,27 @@ def quiet_worker(_worker_id: int) -> None:
     run the trainer's inherited handler and print a traceback each. (Ignoring SIGTERM instead would hang the
     shutdown: multiprocessing ends daemonic workers with SIGTERM.) The main process reports the stop. Workers
     start with SIGTERM blocked (:func:`iter_quietly`): a signal that arrives between the fork and this function
-    waits here, then ends the worker quietly."""
+    waits here, then ends the worker quietly. A worker hands each batch's shared memory to the main process over a
+    socket (multiprocessing's resource_sharer thread); a main process that stops mid-handover (its own SIGTERM)
+    drops the socket, and that thread printed a traceback (ConnectionResetError) whenever it ran before this
+    worker's SIGTERM handler: such a lost handover is not reported (:func:`_quiet_excepthook`)."""
     import signal
+    import sys
 
+    sys.excepthook = _quiet_excepthook
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
+def _quiet_excepthook(kind, exc, tb) -> None:
+    """``sys.excepthook`` of a loader worker, where only multiprocessing's resource_sharer thread calls it (torch
+    passes the worker's own errors to the main process): the main process went away mid-handover (a connection
+    reset, a broken pipe, an early end of stream), which the main process reports itself; anything else as usual."""
+    import sys
+
+    if not issubclass(kind, (ConnectionError, EOFError)):
+        sys.__excepthook__(kind, exc, tb)
 
 
 def iter_quietly(loader):

@@ -75,7 +75,8 @@ from .recalibrate import recalibrate_salu, salu_sites
 from .resume import RESUME_KEYS, RunPlan, claim_run_dir, load_state, plan_run, remove_empty_dirs
 from .rundir import RunDir
 from .sources import data_fingerprint, load_source
-from .stopping import RunStopped, Terminated, TrainingDiverged, as_run_stopped, last_good, stop_on_sigterm
+from .stopping import (RunStopped, Terminated, TrainingDiverged, as_run_stopped, last_good, raise_if_terminated,
+                       stop_on_sigterm)
 
 __all__ = ["train", "TrainingDiverged", "RunStopped", "RESUME_KEYS", "stop_on_sigterm", "FinishHook"]
 
@@ -263,9 +264,11 @@ def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
 
 
 def _timed(batches, total: list):
-    """Yield from ``batches``, adding the time each item took to produce to ``total[0]``."""
+    """Yield from ``batches``, adding the time each item took to produce to ``total[0]``; first, each time, the stop
+    of a SIGTERM whose Terminated Python swallowed (stopping.raise_if_terminated)."""
     it = iter(batches)
     while True:
+        raise_if_terminated()
         t = time.perf_counter()
         try:
             item = next(it)

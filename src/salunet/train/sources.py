@@ -23,6 +23,7 @@ from ..data.folders import FolderPlan, decode_folder, default_padding, plan_fold
 from ..data.imagefolder import iter_quietly, quiet_worker
 from . import distributed as D
 from .config import TrainConfig
+from .stopping import raise_if_terminated
 
 __all__ = ["MemorySource", "FolderSource", "open_folder", "load_source", "epoch_generator", "class_spread_subset",
            "data_fingerprint"]
@@ -169,7 +170,7 @@ class FolderSource:
             loader = self._loader(self.train_data, self.local_batch, shuffle=True,
                                   generator=epoch_generator(self.cfg.seed, epoch))
         g = epoch_generator(self.cfg.seed, epoch, info.rank)
-        for s, (x, y) in enumerate(iter_quietly(loader)):
+        for s, (x, y) in enumerate(_batches(loader)):
             if s >= self.steps:
                 break
             x = x.to(info.device, non_blocking=True)
@@ -185,8 +186,23 @@ class FolderSource:
         from torch.utils.data import Subset
 
         shard = Subset(self.val_data, range(self.info.rank, len(self.val_data), self.info.world))
-        for x, y in iter_quietly(self._loader(shard, self.cfg.eval_batch_size)):
+        for x, y in _batches(self._loader(shard, self.cfg.eval_batch_size)):
             yield (x.to(self.info.device).float() - self.mean) / self.std, y.to(self.info.device)
+
+
+def _batches(loader):
+    """The batches of ``loader``, its workers forked with SIGTERM blocked (``iter_quietly``). Before each batch, the
+    stop of a SIGTERM whose Terminated Python swallowed (in an at-fork hook while the workers were forked, or in the
+    ``__del__`` of the previous loader's iterator: stopping.stop_on_sigterm); without it the run waited on workers
+    the group SIGTERM had ended, or trained on with the workers forked after it."""
+    it = iter_quietly(loader)
+    while True:
+        raise_if_terminated()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield batch
 
 
 def data_fingerprint(source) -> str:

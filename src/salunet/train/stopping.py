@@ -8,7 +8,8 @@ from pathlib import Path
 from . import distributed as D
 from .checkpoint import list_checkpoints
 
-__all__ = ["TrainingDiverged", "RunStopped", "Terminated", "stop_on_sigterm", "as_run_stopped", "last_good"]
+__all__ = ["TrainingDiverged", "RunStopped", "Terminated", "stop_on_sigterm", "raise_if_terminated", "as_run_stopped",
+           "last_good"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -27,21 +28,47 @@ class Terminated(BaseException):
 
 
 _STOPPING = [False]  # once a run is stopping, further SIGTERMs (torchrun sends one to every worker) are ignored
+_PENDING = [False]  # a SIGTERM raised Terminated and no stop has been reported yet (see raise_if_terminated)
 
 
 def stop_on_sigterm():
     """Make SIGTERM stop a run cleanly: the current write is abandoned (its temporary file removed), the lock
     released, and a message says what was kept. Installed by ``salunet train``; returns the previous handler
-    (for ``signal.signal``) so that the caller can restore it once the message is out."""
+    (for ``signal.signal``) so that the caller can restore it once the message is out.
+
+    Python runs the handler at whatever line the main thread is at, and some of those cannot pass an exception
+    on: an at-fork hook (logging's, while a DataLoader forks its workers), a ``__del__`` or a weakref callback (a
+    loader iterator's worker shutdown, a queue's finalizer). There Python prints ``Exception ignored in ...`` with
+    a traceback and carries on: the stop was lost, later SIGTERMs were ignored, and the run trained on (a group
+    SIGTERM in CI, the workers forked after it never got it). So the handler also leaves the stop pending, the
+    training loop calls :func:`raise_if_terminated` before each batch, and such a swallowed Terminated is not
+    printed."""
     import signal
+    import sys
 
     def handler(signum, frame):
         if not _STOPPING[0]:
-            _STOPPING[0] = True
+            _STOPPING[0] = _PENDING[0] = True
             raise Terminated()
 
-    _STOPPING[0] = False
+    if not getattr(sys.unraisablehook, "drops_terminated", False):  # once; it passes on everything else
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            if not isinstance(unraisable.exc_value, Terminated):
+                previous(unraisable)
+
+        hook.drops_terminated = True
+        sys.unraisablehook = hook
+    _STOPPING[0] = _PENDING[0] = False
     return signal.signal(signal.SIGTERM, handler)
+
+
+def raise_if_terminated() -> None:
+    """Raise the Terminated of a SIGTERM whose own raise was swallowed (see :func:`stop_on_sigterm`); a no-op
+    otherwise (one list lookup). Called between batches: where a Terminated that is on its way up never runs."""
+    if _PENDING[0]:
+        raise Terminated()
 
 
 def _is_comm_error(exc: BaseException) -> bool:
@@ -55,8 +82,10 @@ def _is_comm_error(exc: BaseException) -> bool:
 def _worker_terminated(exc: BaseException) -> bool:
     """A DataLoader worker ended by SIGTERM, reported by torch in the main process: a SIGTERM to the whole process
     group (a scheduler's stop) can reach a worker that is just starting, before its quiet handler is installed
-    (data/imagefolder.py ``quiet_worker``), and torch's check then fires before the main process's own handler."""
-    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc) and "Terminated" in str(exc)
+    (data/imagefolder.py ``quiet_worker``), and torch's check then fires before the main process's own handler.
+    Also a worker that left quietly (exit 0, "exited unexpectedly") once this process has had its SIGTERM."""
+    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc) and (
+        "Terminated" in str(exc) or _PENDING[0])
 
 
 def _short(exc: BaseException) -> str:
@@ -82,7 +111,7 @@ def as_run_stopped(exc: BaseException, run_dir: Path, info: D.DistInfo, epoch: i
         why = f"rank {info.rank} lost contact with the other ranks during epoch {epoch} (a worker died?): {_short(exc)}"
     else:
         return None
-    _STOPPING[0] = True
+    _STOPPING[0], _PENDING[0] = True, False
     good = list_checkpoints(run_dir)
     if not kept:
         then = "nothing was kept; run the same command again"
