@@ -117,17 +117,21 @@ def test_calibration_forward_compiles_nothing(monkeypatch):
     assert kernels.get_kernel_mode() == "compiled"
 
 
-def test_operating_point_script(tmp_path, capsys):
-    """scripts/salu_operating_point.py: one median per SALU site of a model at init; a missing data file exits 2."""
+def _script(name):
     import importlib.util
     from pathlib import Path
 
-    import numpy as np
-
-    spec = importlib.util.spec_from_file_location(
-        "salu_operating_point", Path(__file__).parents[1] / "scripts" / "salu_operating_point.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_operating_point_script(tmp_path, capsys):
+    """scripts/salu_operating_point.py: one median per SALU site of a model at init; a missing data file exits 2."""
+    import numpy as np
+
+    mod = _script("salu_operating_point")
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "c.npz", x_train=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8))
     assert mod.main(["--data-path", str(tmp_path / "c.npz"), "--images", "64", "init:salunet_c18_v2"]) == 0
@@ -169,3 +173,20 @@ def test_recalibration_every_is_checked(over, match):
 
     with pytest.raises(ValueError, match=match):
         resolve_config(overrides=over)
+
+
+def test_recal_cost_script(capsys):
+    """scripts/recal_cost.py: a time per step and a ratio for every setting (no recalibration is the 1.0 base);
+    bad --every exits 2 (argparse)."""
+    import json
+
+    mod = _script("recal_cost")
+    assert mod.main(["--width", "2", "--batch", "4", "--size", "8", "--every", "1,3", "--steps", "1",
+                     "--repeats", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["ms_per_step"]) == set(out["ratio_to_off"]) == {"0", "1", "3"}
+    assert out["ratio_to_off"]["0"] == 1.0 and all(v > 0 for v in out["ms_per_step"].values())
+    for bad in (["--every", "x"], ["--every", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            mod.main(bad)
+        assert exc.value.code == 2

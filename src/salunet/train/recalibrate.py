@@ -50,12 +50,15 @@ def _rms_hook(salu: SALU, reduce: Callable[[Tensor], Tensor] | None, then: Calla
     """A forward pre-hook that computes the per-channel RMS of the site's input (over processes with ``reduce``)
     as float64 (0-d for scalar-parameter SALUs) and passes it to ``then``."""
     def hook(_m, args):
-        x = args[0].detach().double()
+        x = args[0].detach()
         axis = salu.channel_axis(x)
+        sq = x.square() if x.dtype in (torch.float32, torch.float64) else x.float().square()  # squares in at least
+        # float32, summed in float64: a per-step recalibration (--salu-recalibrate-every) pays no float64 copy
         if axis is None:
-            s2, n = (x * x).sum().reshape(1), float(x.numel())
+            s2, n = sq.sum(dtype=torch.float64).reshape(1), float(x.numel())
         else:
-            s2, n = (x * x).movedim(axis, -1).reshape(-1, x.shape[axis]).sum(0), float(x.numel() // x.shape[axis])
+            dims = tuple(d for d in range(x.dim()) if d != axis % x.dim())
+            s2, n = sq.sum(dims, dtype=torch.float64), float(x.numel() // x.shape[axis])
         packed = torch.cat([s2, torch.tensor([n], dtype=torch.float64, device=s2.device)])
         if reduce is not None:
             packed = reduce(packed)

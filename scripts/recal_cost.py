@@ -1,0 +1,76 @@
+"""What ``--salu-recalibrate-every N`` costs per training step: one SGD step of a model with and without the
+recalibration forward, interleaved in one process, as a ratio to the step without it.
+
+    python scripts/recal_cost.py [--model salunet_c18_v2] [--width 16] [--batch 128] [--every 1,10] [--repeats 7]
+
+Each repeat times ``--steps`` optimizer steps (forward, backward, SGD) per setting, the settings in turn, on the
+same random batch; it prints the median time per step of every setting and its ratio to no recalibration, and one
+JSON line with all of it. Run it with OMP_NUM_THREADS set, as the trainer's runs are (docs/BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from salunet.models import create_model
+from salunet.train.recalibrate import recalibrate_salu
+
+
+def _steps(model, opt, x, y, n: int, every: int, start: int) -> float:
+    t = time.perf_counter()
+    for s in range(start, start + n):
+        if every and s % every == 0:
+            recalibrate_salu(model, [x], 0.5)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - t) / n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--model", default="salunet_c18_v2")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--every", default="1,10", help="comma-separated N of --salu-recalibrate-every to time")
+    p.add_argument("--steps", type=int, default=10, help="steps per setting and repeat")
+    p.add_argument("--repeats", type=int, default=7)
+    a = p.parse_args(argv)
+    try:
+        everies = [int(v) for v in a.every.split(",")]
+    except ValueError:
+        p.error(f"--every: {a.every!r} is not a comma-separated list of whole numbers")
+    if any(e <= 0 for e in everies) or a.steps <= 0 or a.repeats <= 0:
+        p.error("--every, --steps and --repeats must be positive")
+    torch.manual_seed(0)
+    model = create_model(a.model, num_classes=10, width=a.width)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x, y = torch.randn(a.batch, 3, a.size, a.size), torch.randint(0, 10, (a.batch,))
+    settings = [0] + everies
+    times: dict[int, list[float]] = {e: [] for e in settings}
+    _steps(model, opt, x, y, 2, 1, 0)  # warm-up (and the C++ kernels' first use)
+    step = 0
+    for _ in range(a.repeats):
+        for e in settings:
+            times[e].append(_steps(model, opt, x, y, a.steps, e, step))
+            step += a.steps
+    base = statistics.median(times[0])
+    out = {"model": a.model, "width": a.width, "batch": a.batch, "threads": torch.get_num_threads(),
+           "ms_per_step": {str(e): round(1e3 * statistics.median(times[e]), 2) for e in settings},
+           "ratio_to_off": {str(e): round(statistics.median(times[e]) / base, 3) for e in settings}}
+    for e in settings:
+        label = "no recalibration" if e == 0 else f"every {e} step(s)"
+        print(f"{label:>20}: {out['ms_per_step'][str(e)]:8.2f} ms/step  ({out['ratio_to_off'][str(e)]:.3f}x)")
+    print(json.dumps(out, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
