@@ -178,7 +178,11 @@ def test_cpp_matches_eager(module, layout):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("module", ["SALU", "SWALU", "GALU"])
+# Each compiled specialisation costs seconds of inductor compilation (cold cache), so the compiled path is checked
+# on every structure (single-stage SALU, single-stage gate here, pair, residual tail) and both gate kinds, not on
+# every op: the logistic gate compiles in the pair (test_pair_matches_unfused_and_channels_last), the normal CDF here
+# and in the residual tail (test_residual_tail_matches_unfused).
+@pytest.mark.parametrize("module", ["SALU", "GALU"])
 def test_compiled_matches_eager(module, compiled_kernels):
     m = _randomise(MODULES[module](8))
     x = torch.randn(4, 8, 5, 5) * 3
@@ -187,11 +191,14 @@ def test_compiled_matches_eager(module, compiled_kernels):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
 
 
+PAIR_SHAPE = (2, 8, 4, 4)  # the pair's input here and in check_one_compiled_call: one compiled specialisation
+
+
 @pytest.mark.parametrize("mode", ["cpp", "compiled"])
 def test_pair_matches_unfused_and_channels_last(mode):
     kernels.set_kernel_mode(mode)
     pair = SALUAct(SALU(8, a_init=0.7, b_init=0.3), SWALU(8))
-    x = (torch.randn(2, 8, 6, 6) * 2).to(memory_format=torch.channels_last).requires_grad_()
+    x = (torch.randn(*PAIR_SHAPE) * 2).to(memory_format=torch.channels_last).requires_grad_()
     y = pair(x)
     assert y.is_contiguous(memory_format=torch.channels_last)
     y.square().sum().backward()
@@ -411,12 +418,13 @@ def test_layout_matches_memory_order(make):
             assert C == x.shape[axis]
 
 
-_TAIL_CASES = [(layout, mode) for layout in ("NCHW", "channels_last", "tokens") for mode in ("cpp", "eager")] + [
-    ("channels_last", "compiled")]  # the compiled path's math is the eager path's; one layout pays its compilations
+# the compiled path's math is the eager path's: one layout and one gate pay its compilations (the logistic gate
+# compiles in test_pair_matches_unfused_and_channels_last; see test_compiled_matches_eager)
+_TAIL_CASES = [(act, layout, mode) for act in (SWALU, GALU) for layout in ("NCHW", "channels_last", "tokens")
+               for mode in ("cpp", "eager")] + [(GALU, "channels_last", "compiled")]
 
 
-@pytest.mark.parametrize("act", [SWALU, GALU])
-@pytest.mark.parametrize("layout, mode", _TAIL_CASES)
+@pytest.mark.parametrize("act, layout, mode", _TAIL_CASES, ids=[f"{l}-{m}-{a.__name__}" for a, l, m in _TAIL_CASES])
 def test_residual_tail_matches_unfused(act, mode, layout):
     """SALUAddAct(x, r) == act(norm(x) + r) in value and in the gradients of x, r and every parameter, on every
     path and layout (the residual may arrive in another layout than x); the compiled path (CUDA's default, the same
@@ -462,10 +470,12 @@ def test_float64_galu_keeps_its_left_tail(path):
 
 
 def test_compiled_path_runs_each_direction_in_one_compiled_call():
-    check_one_compiled_call()
+    """In channels_last, the specialisations test_pair_matches_unfused_and_channels_last compiles (no compilation of
+    its own in the suite): no layout copy around the compiled calls either."""
+    check_one_compiled_call(memory_format=torch.channels_last)
 
 
-def check_one_compiled_call(device="cpu"):
+def check_one_compiled_call(device="cpu", memory_format=torch.contiguous_format):
     """The compiled path compiles the whole forward and backward, parameter preparation and the reduction of
     parameter gradients included: around the compiled calls only views and autograd's gradient accumulation
     remain, no eager compute op. Before, ~70 small eager ops per forward + backward surrounded the compiled core;
@@ -475,8 +485,8 @@ def check_one_compiled_call(device="cpu"):
 
     kernels.set_kernel_mode("compiled")
     pair = SALUAct(SALU(8), SWALU(8)).to(device)
-    x = torch.randn(2, 8, 4, 4, device=device, requires_grad=True)
-    g = torch.randn(2, 8, 4, 4, device=device)
+    x = torch.randn(PAIR_SHAPE, device=device).to(memory_format=memory_format).requires_grad_()
+    g = torch.randn(PAIR_SHAPE, device=device).to(memory_format=memory_format)
     for _ in range(2):  # compiles both directions
         x.grad = None
         pair(x).backward(g)
