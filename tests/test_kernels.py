@@ -536,3 +536,21 @@ def test_only_a_failed_compilation_switches_to_eager(monkeypatch):
     torch.testing.assert_close(y, expect)
     assert list(kernels._compile_failed) == ["cpu"]
     assert kernels._path_for(torch.device("cuda")) == "compiled"  # per device type: CUDA is not judged by CPU
+
+
+def test_residual_tail_of_a_tensor_with_itself_compiles_fullgraph():
+    """act(SALU(h) + h), input and residual one tensor: dynamo refused the autograd.Function given one tensor
+    twice ("duplicate tensor input") under fullgraph=True; the compiled model now matches eager, gradients too."""
+    from salunet.nn import SALUAddAct
+
+    torch.manual_seed(0)
+    m = SALUAddAct(SALU(4), SWALU(4))
+    f = torch.compile(lambda h: m(h, h), fullgraph=True, backend="aot_eager")
+    h = torch.randn(2, 4, 3, 3, requires_grad=True)
+    y = f(h)
+    y.sum().backward()
+    h2 = h.detach().clone().requires_grad_()
+    y2 = m(h2, h2)
+    y2.sum().backward()
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(h.grad, h2.grad)

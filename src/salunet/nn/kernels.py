@@ -533,6 +533,8 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: i
         if not torch.is_grad_enabled():  # inference needs no autograd node (and dynamo cannot trace FusedFn's
             # ctx under no_grad: fullgraph=True failed there)
             return _forward("eager", op, log_params, x, residual, _broadcastable(params, x, axis))
+        if residual is x:  # act(SALU(h) + h): dynamo refuses an autograd.Function given one tensor twice
+            residual = x.clone()
         return FusedFn.apply("eager", op, log_params, x, residual, *_broadcastable(params, x, axis))
     path = _path_for(x.device)
     _report(x.device)
