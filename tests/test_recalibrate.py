@@ -73,13 +73,26 @@ def test_a_silent_channel_is_left_alone_and_bad_targets_are_refused():
             recalibrate_salu(net, _batches(), bad)
 
 
-def test_training_with_recalibration_resumes_bit_for_bit(tmp_path):
-    """The recalibration after epoch 1 uses epoch 2's seeded batches and lands in epoch 1's checkpoint, so a run
-    that dies after epoch 1 and resumes ends with exactly the weights of one that did not."""
+def _assert_resume_repeats_the_last_epoch(run_dir):
+    """Delete the run's last checkpoint, resume: the last epoch trained again gives exactly the same weights."""
     from safetensors.torch import load_file
 
     from salunet.train import train
     from salunet.train.checkpoint import list_checkpoints
+
+    ckpts = list_checkpoints(run_dir)
+    full = load_file(str(ckpts[-1]))
+    ckpts[-1].unlink()
+    train(resume=str(run_dir))
+    resumed = load_file(str(list_checkpoints(run_dir)[-1]))
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_training_with_recalibration_resumes_bit_for_bit(tmp_path):
+    """The recalibration after epoch 1 uses epoch 2's seeded batches and lands in epoch 1's checkpoint, so a run
+    that dies after epoch 1 and resumes ends with exactly the weights of one that did not."""
+    from salunet.train import train
 
     cfg = dict(model="salunet_c18_v2", width=4, data="digits", train_subset=128, test_subset=50, batch_size=32,
                epochs=3, ema_decay=0.0, progress=False, salu_recalibrate=0.5, out=str(tmp_path), name="r")
@@ -87,13 +100,7 @@ def test_training_with_recalibration_resumes_bit_for_bit(tmp_path):
     rows = [__import__("json").loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [("salu_recal_factor" in r) for r in rows] == [True, True, False]  # never after the last epoch
     assert rows[0]["salu_recal_factor"] != 1.0
-    ckpts = list_checkpoints(tmp_path / "r")
-    full = load_file(str(ckpts[-1]))
-    ckpts[-1].unlink()
-    train(resume=str(tmp_path / "r"))
-    resumed = load_file(str(list_checkpoints(tmp_path / "r")[-1]))
-    assert full.keys() == resumed.keys()
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    _assert_resume_repeats_the_last_epoch(tmp_path / "r")
 
 
 def test_a_model_without_salu_is_refused_before_anything_is_written(tmp_path):
@@ -145,10 +152,7 @@ def test_recalibration_every_n_steps_counts_and_resumes_bit_for_bit(tmp_path):
     the resumed run repeats the same recalibrations, so its weights are those of the run that did not stop."""
     import json
 
-    from safetensors.torch import load_file
-
     from salunet.train import train
-    from salunet.train.checkpoint import list_checkpoints
 
     cfg = dict(model="salunet_c18_v2", width=4, data="digits", train_subset=128, test_subset=50, batch_size=32,
                epochs=2, ema_decay=0.0, progress=False, salu_recalibrate=0.5, salu_recalibrate_every=3,
@@ -157,13 +161,7 @@ def test_recalibration_every_n_steps_counts_and_resumes_bit_for_bit(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["salu_recalibrations"] for r in rows] == [2, 1]  # 4 steps an epoch: global steps 0, 3 | 6
     assert all(r["salu_recal_factor"] > 0 for r in rows)
-    ckpts = list_checkpoints(tmp_path / "r")
-    full = load_file(str(ckpts[-1]))
-    ckpts[-1].unlink()
-    train(resume=str(tmp_path / "r"))
-    resumed = load_file(str(list_checkpoints(tmp_path / "r")[-1]))
-    assert full.keys() == resumed.keys()
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    _assert_resume_repeats_the_last_epoch(tmp_path / "r")
 
 
 @pytest.mark.parametrize("over, match", [({"salu_recalibrate_every": 5}, "needs a target"),
