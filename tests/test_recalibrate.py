@@ -134,6 +134,30 @@ def _script(name):
     return mod
 
 
+def test_a_training_batch_keeps_the_compiled_path(monkeypatch):
+    """--salu-recalibrate-every calibrates on a training batch, whose shape training has compiled: the compiled
+    kernels are used (not an op-by-op forward per step), and the result is the eager path's."""
+    from salunet.nn import kernels
+
+    used = []
+
+    def uncompiled(direction, op, log_params, args):  # stands in for inductor: the same math, no compilation
+        used.append(direction)
+        return kernels._MATH[direction]
+
+    torch.manual_seed(0)
+    net, batch = _Net(), _batches(1)
+    ref = _Net()
+    ref.load_state_dict(net.state_dict())
+    recalibrate_salu(ref, batch, 0.5)  # eager (the default mode on CPU is cpp or eager; the same math)
+    kernels.set_kernel_mode("compiled")  # (conftest restores the mode after each test)
+    monkeypatch.setattr(kernels, "_get_compiled", uncompiled)
+    recalibrate_salu(net, batch, 0.5, training_shape=True)
+    assert used and set(used) == {"fwd"}  # three sites, each a forward only
+    for (_, s), (_, r) in zip(salu_sites(net).values(), salu_sites(ref).values()):
+        torch.testing.assert_close(s.log_a, r.log_a, rtol=1e-5, atol=1e-6)
+
+
 def test_operating_point_script(tmp_path, capsys):
     """scripts/salu_operating_point.py: one median per SALU site of a model at init; a missing data file exits 2."""
     import numpy as np

@@ -347,8 +347,10 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
             lr = lr_at(step + s, run.total, run.warmup, cfg.lr, cfg.min_lr)
             set_lr(run.opt, lr)
             every = cfg.salu_recalibrate_every if cfg.salu_recalibrate > 0 else 0
-            if every and (step + s) % every == 0:  # on the step's own batch, before its forward
-                recal_factors.append(_recalibrate_on(run, [batch[0]]))
+            if every and (step + s) % every == 0:  # on the step's own batch, before its forward, as _step feeds it
+                x = batch[0].contiguous(memory_format=torch.channels_last) if cfg.channels_last else batch[0]
+                with run.amp_ctx:
+                    recal_factors.append(_recalibrate_on(run, [x], training_shape=True))
             loss_g, correct_g, gnorm_g = _step(run, batch, f"epoch {epoch + 1}, step {s + 1}")
             if run.loggers is not None:
                 run.loggers.step(step + s + 1, epoch + 1, loss=loss_g, acc=correct_g / cfg.batch_size, lr=lr,
@@ -382,12 +384,12 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
     return row
 
 
-def _recalibrate_on(run: _Run, batches) -> float:
+def _recalibrate_on(run: _Run, batches, training_shape: bool = False) -> float:
     """--salu-recalibrate: pin every SALU's operating point on ``batches`` (after an epoch: the next epoch's first 4
     seeded batches; with --salu-recalibrate-every: the step's own batch), so that a resumed run repeats it exactly;
     returns the median over sites of the factor applied to a and b."""
     factors = recalibrate_salu(run.model, batches, run.cfg.salu_recalibrate,
-                               reduce=lambda t: D.all_reduce_sum(run.info, t))
+                               reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=training_shape)
     return round(statistics.median(factors.values()), 4)
 
 

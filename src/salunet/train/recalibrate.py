@@ -18,7 +18,7 @@ so every rank sets the same parameters.
 step count), on that step's own batch, so that the step's forward sees every SALU site at the target (N = 1 is
 BatchNorm's scale pinning with the statistics as constants, applied through SALU's parameters; the gradient
 still moves A = sqrt(a/b), and sqrt(ab) until the next recalibration). It costs one more forward per
-recalibration.
+recalibration (on the compiled kernel path, CUDA's default, with the kernels training compiled for that shape).
 """
 from __future__ import annotations
 
@@ -68,16 +68,17 @@ def _rms_hook(salu: SALU, reduce: Callable[[Tensor], Tensor] | None, then: Calla
 
 
 @torch.no_grad()
-def _forward_with_hooks(model: nn.Module, batches: Iterable, make_hook) -> None:
+def _forward_with_hooks(model: nn.Module, batches: Iterable, make_hook, training_shape: bool = False) -> None:
     """One forward in eval mode of all ``batches`` concatenated (each a tensor or a tuple whose first item is the
-    input), with ``make_hook(name, salu)`` as the forward pre-hook of every SALU site."""
+    input), with ``make_hook(name, salu)`` as the forward pre-hook of every SALU site. ``training_shape``: the
+    input has the shape training compiles for (one training batch), so the compiled kernel path is kept."""
     xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
     if not xs:
         raise ValueError("SALU calibration needs at least one batch")
-    x = torch.cat(xs)
+    x = torch.cat(xs) if len(xs) > 1 else xs[0]
     handles = [m.register_forward_pre_hook(make_hook(name, salu)) for name, (m, salu) in salu_sites(model).items()]
     was_training, mode = model.training, kernels.get_kernel_mode()
-    if kernels.kernel_path(x.device).startswith("compiled"):
+    if not training_shape and kernels.kernel_path(x.device).startswith("compiled"):
         # one forward of an input shape that training never sees: on the compiled path (CUDA's default) it would
         # compile a kernel per op for that shape, once, for nothing; the same math op by op costs one forward
         kernels.set_kernel_mode("eager")
@@ -101,8 +102,12 @@ def salu_input_rms(model: nn.Module, batches: Iterable, reduce: Callable[[Tensor
 
 
 def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
-                     reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+                     reduce: Callable[[Tensor], Tensor] | None = None, training_shape: bool = False
+                     ) -> dict[str, float]:
     """Set every SALU channel's log a and log b so that sqrt(ab) * rms(input) = ``target`` (module docstring).
+    ``training_shape``: ``batches`` is one training batch (``--salu-recalibrate-every``), whose shape the compiled
+    kernel path has already compiled: it is kept (otherwise the forward runs op by op rather than compile for a
+    shape training never sees).
 
     One forward of ``batches`` concatenated: each site is set in its pre-hook, from its input as the sites before
     it (already set) produce it, before it runs; so every site meets the target exactly on these inputs, however
@@ -123,5 +128,5 @@ def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
         return _rms_hook(salu, reduce, set_params)
 
     with torch.no_grad():
-        _forward_with_hooks(model, batches, make_hook)
+        _forward_with_hooks(model, batches, make_hook, training_shape)
     return factors
