@@ -2,6 +2,7 @@
 recalibration forward, interleaved in one process, as a ratio to the step without it.
 
     python scripts/recal_cost.py [--model salunet_c18_v2] [--width 16] [--batch 128] [--every 1,10] [--repeats 7]
+                                 [--device cpu|cuda]
 
 Each repeat times ``--steps`` optimizer steps (forward, backward, SGD) per setting, the settings in turn, on the
 same random batch; it prints the median time per step of every setting and its ratio to no recalibration, and one
@@ -21,7 +22,13 @@ from salunet.models import create_model
 from salunet.train.recalibrate import recalibrate_salu
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _steps(model, opt, x, y, n: int, every: int, start: int) -> float:
+    _sync(x.device)
     t = time.perf_counter()
     for s in range(start, start + n):
         if every and s % every == 0:
@@ -30,6 +37,7 @@ def _steps(model, opt, x, y, n: int, every: int, start: int) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    _sync(x.device)
     return (time.perf_counter() - t) / n
 
 
@@ -42,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", default="1,10", help="comma-separated N of --salu-recalibrate-every to time")
     p.add_argument("--steps", type=int, default=10, help="steps per setting and repeat")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the kernels' default path on that device)")
     a = p.parse_args(argv)
     try:
         everies = [int(v) for v in a.every.split(",")]
@@ -49,10 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--every: {a.every!r} is not a comma-separated list of whole numbers")
     if any(e <= 0 for e in everies) or a.steps <= 0 or a.repeats <= 0:
         p.error("--every, --steps and --repeats must be positive")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        p.error(f"--device: {a.device!r} is not a device (cpu, cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here; use --device cpu")
     torch.manual_seed(0)
-    model = create_model(a.model, num_classes=10, width=a.width)
+    model = create_model(a.model, num_classes=10, width=a.width).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x, y = torch.randn(a.batch, 3, a.size, a.size), torch.randint(0, 10, (a.batch,))
+    x = torch.randn(a.batch, 3, a.size, a.size, device=device)
+    y = torch.randint(0, 10, (a.batch,), device=device)
     settings = [0] + everies
     times: dict[int, list[float]] = {e: [] for e in settings}
     _steps(model, opt, x, y, 2, 1, 0)  # warm-up (and the C++ kernels' first use)
@@ -62,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             times[e].append(_steps(model, opt, x, y, a.steps, e, step))
             step += a.steps
     base = statistics.median(times[0])
-    out = {"model": a.model, "width": a.width, "batch": a.batch, "threads": torch.get_num_threads(),
+    out = {"model": a.model, "device": str(device), "width": a.width, "batch": a.batch, "threads": torch.get_num_threads(),
            "ms_per_step": {str(e): round(1e3 * statistics.median(times[e]), 2) for e in settings},
            "ratio_to_off": {str(e): round(statistics.median(times[e]) / base, 3) for e in settings}}
     for e in settings:

@@ -208,7 +208,7 @@ def test_recal_cost_script(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["ms_per_step"]) == set(out["ratio_to_off"]) == {"0", "1", "3"}
     assert out["ratio_to_off"]["0"] == 1.0 and all(v > 0 for v in out["ms_per_step"].values())
-    for bad in (["--every", "x"], ["--every", "0"]):
+    for bad in (["--every", "x"], ["--every", "0"], ["--device", "nodevice"]):
         with pytest.raises(SystemExit) as exc:
             mod.main(bad)
         assert exc.value.code == 2
