@@ -162,7 +162,7 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
     print(f"data: {run.source.note}")
     print(f"kernels: {kernels.kernel_path(run.info.device)}; device {run.info.device}; ranks {run.info.world}; "
           f"{sum(p.numel() for p in run.model.parameters()):,} parameters; {run.source.steps} steps/epoch", flush=True)
-    if cfg.salu_recalibrate > 0 and cfg.salu_recalibrate_every and cfg.batch_size // run.info.world < 2:
+    if cfg.salu_recalibrate_every and cfg.batch_size // run.info.world < 2:
         print("salunet train: warning: --salu-recalibrate-every with one image per step and rank pins every SALU to "
               "that image's own statistics; at batch size 1 it stopped training on digits (docs/RESULTS.md \"What "
               "BatchNorm does at every step\"); use a larger batch or recalibrate once an epoch", file=sys.stderr,
@@ -347,11 +347,11 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
     data_s = [0.0]  # time spent producing batches (loading, augmentation): the data pipeline's share
     run.wait_s = 0.0
     recal_factors: list[float] = []  # --salu-recalibrate-every: each recalibration's median factor
+    every = cfg.salu_recalibrate_every  # > 0 only with a target (config validation)
     try:
         for s, batch in enumerate(_timed(source.train_batches(epoch), data_s)):
             lr = lr_at(step + s, run.total, run.warmup, cfg.lr, cfg.min_lr)
             set_lr(run.opt, lr)
-            every = cfg.salu_recalibrate_every if cfg.salu_recalibrate > 0 else 0
             if every and (step + s) % every == 0:  # on the step's own batch, before its forward, as _step feeds it
                 x = batch[0].contiguous(memory_format=torch.channels_last) if cfg.channels_last else batch[0]
                 with run.amp_ctx:
