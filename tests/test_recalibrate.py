@@ -73,6 +73,32 @@ def test_a_silent_channel_is_left_alone_and_bad_targets_are_refused():
             recalibrate_salu(net, _batches(), bad)
 
 
+def test_a_partial_rate_moves_part_of_the_way_on_a_log_scale_and_repeated_converges():
+    """rate r: sqrt(ab) * rms goes from g to g^(1-r) * K^r at the first site (whose input no other site moves),
+    A = sqrt(a/b) kept; repeated on the same batches, every site converges to K; rates outside (0, 1] refused."""
+    torch.manual_seed(0)
+    net = _Net().double()
+    batches = [(x.double(), y) for x, y in _batches()]
+
+    def args():
+        return {n: torch.exp(0.5 * (salu_sites(net)[n][1].log_a + salu_sites(net)[n][1].log_b)).detach() * rms
+                for n, rms in salu_input_rms(net, batches).items()}
+
+    amp = net.salu.amplitude.clone()
+    g = args()["salu"]
+    recalibrate_salu(net, batches, 0.5, rate=0.25)
+    torch.testing.assert_close(args()["salu"], g ** 0.75 * 0.5 ** 0.25, rtol=1e-9, atol=0)
+    torch.testing.assert_close(net.salu.amplitude, amp, rtol=1e-12, atol=0)
+    assert not torch.allclose(args()["tail"], torch.full((4,), 0.5, dtype=torch.float64), rtol=1e-3)
+    for _ in range(150):  # geometric, slower at the sites whose inputs the earlier sites still move
+        recalibrate_salu(net, batches, 0.5, rate=0.25)
+    for name, arg in args().items():
+        torch.testing.assert_close(arg, torch.full_like(arg, 0.5), rtol=1e-9, atol=0, msg=name)
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="rate must be in"):
+            recalibrate_salu(net, batches, 0.5, rate=bad)
+
+
 def _assert_resume_repeats_the_last_epoch(run_dir):
     """Delete the run's last checkpoint, resume: the last epoch trained again gives exactly the same weights."""
     from safetensors.torch import load_file
@@ -189,7 +215,10 @@ def test_recalibration_every_n_steps_counts_and_resumes_bit_for_bit(tmp_path):
 
 
 @pytest.mark.parametrize("over, match", [({"salu_recalibrate_every": 5}, "needs a target"),
-                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_every": -1}, "whole number")])
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_every": -1}, "whole number"),
+                                         ({"salu_recalibrate_rate": 0.1}, "rate needs a target"),
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_rate": 0.0}, r"in \(0, 1\]"),
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_rate": 2.0}, r"in \(0, 1\]")])
 def test_recalibration_every_is_checked(over, match):
     from salunet.train.config import resolve_config
 

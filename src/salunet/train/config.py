@@ -68,6 +68,7 @@ class TrainConfig:
     salu_lr_scale: float = 1.0  # learning-rate multiplier for SALU/SWALU/GALU parameters (log a, log b)
     salu_recalibrate: float = 0.0  # after each epoch but the last, pin sqrt(ab)*rms(SALU input) to this; 0 = off
     salu_recalibrate_every: int = 0  # > 0: pin it every this many steps on the step's own batch instead; 0 = per epoch
+    salu_recalibrate_rate: float = 1.0  # fraction of the way to the target each recalibration moves (log scale); 1 = all
     # regularisation and augmentation
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
@@ -128,6 +129,8 @@ FIELD_HELP: dict[str, str] = {
                         "this (0 = off)",
     "salu_recalibrate_every": "with --salu-recalibrate: recalibrate every this many steps, on the step's own batch, "
                               "instead of once an epoch (0 = once an epoch)",
+    "salu_recalibrate_rate": "with --salu-recalibrate: the fraction of the way (log scale) each recalibration moves "
+                             "toward the target (1 = all)",
     "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",
     "mixup": "mixup: alpha of Beta(alpha, alpha) (0 = off)",
     "cutmix": "cutmix: alpha of Beta(alpha, alpha) (0 = off)",
@@ -287,6 +290,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
                          f"{cfg.salu_recalibrate_every}")
     if cfg.salu_recalibrate_every > 0 and cfg.salu_recalibrate == 0:
         raise ValueError("salu_recalibrate_every needs a target: add --salu-recalibrate K (0.5 measured best)")
+    if not (0 < cfg.salu_recalibrate_rate <= 1):
+        raise ValueError(f"salu_recalibrate_rate must be in (0, 1] (1 = pin exactly), got {cfg.salu_recalibrate_rate}")
+    if cfg.salu_recalibrate_rate != 1 and cfg.salu_recalibrate == 0:
+        raise ValueError("salu_recalibrate_rate needs a target: add --salu-recalibrate K (0.5 measured best)")
     if not (cfg.salu_lr_scale > 0 and math.isfinite(cfg.salu_lr_scale)):
         raise ValueError(f"salu_lr_scale must be a finite positive number (1 = no scaling), got {cfg.salu_lr_scale}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):

@@ -394,7 +394,8 @@ def _recalibrate_on(run: _Run, batches, training_shape: bool = False) -> float:
     seeded batches; with --salu-recalibrate-every: the step's own batch), so that a resumed run repeats it exactly;
     returns the median over sites of the factor applied to a and b."""
     factors = recalibrate_salu(run.model, batches, run.cfg.salu_recalibrate,
-                               reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=training_shape)
+                               reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=training_shape,
+                               rate=run.cfg.salu_recalibrate_rate)
     return round(statistics.median(factors.values()), 4)
 
 

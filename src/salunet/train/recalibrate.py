@@ -102,26 +102,31 @@ def salu_input_rms(model: nn.Module, batches: Iterable, reduce: Callable[[Tensor
 
 
 def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
-                     reduce: Callable[[Tensor], Tensor] | None = None, training_shape: bool = False
-                     ) -> dict[str, float]:
+                     reduce: Callable[[Tensor], Tensor] | None = None, training_shape: bool = False,
+                     rate: float = 1.0) -> dict[str, float]:
     """Set every SALU channel's log a and log b so that sqrt(ab) * rms(input) = ``target`` (module docstring).
+    ``rate`` in (0, 1]: move only this fraction of the way, on a log scale (log a and log b each by ``rate`` times
+    the full correction), so that repeated recalibrations follow an exponential average of the batches' RMS over
+    about 1/rate of them rather than the last batch alone (``--salu-recalibrate-rate``: small per-step batches).
     ``training_shape``: ``batches`` is one training batch (``--salu-recalibrate-every``), whose shape the compiled
     kernel path has already compiled: it is kept (otherwise the forward runs op by op rather than compile for a
     shape training never sees).
 
     One forward of ``batches`` concatenated: each site is set in its pre-hook, from its input as the sites before
-    it (already set) produce it, before it runs; so every site meets the target exactly on these inputs, however
-    the earlier sites' changes moved them. Channels whose input is exactly 0 are left as they are. Returns, per
+    it (already set) produce it, before it runs; so every site meets the target exactly on these inputs (with
+    ``rate`` 1), however the earlier sites' changes moved them. Channels whose input is exactly 0 are left as they are. Returns, per
     site, the median factor c applied to a and b (1 = no change)."""
     if not (target > 0 and math.isfinite(target)):
         raise ValueError(f"SALU recalibration target must be a positive number, got {target}")
+    if not 0 < rate <= 1:
+        raise ValueError(f"SALU recalibration rate must be in (0, 1] (1 = all the way to the target), got {rate}")
     factors: dict[str, float] = {}
 
     def make_hook(name, salu):
         def set_params(rms: Tensor) -> None:
             la, lb = salu.log_a, salu.log_b
             arg = torch.exp(0.5 * (la.double() + lb.double())).reshape(rms.shape) * rms
-            log_c = torch.where(arg > 0, torch.log(target / arg.clamp_min(1e-300)), torch.zeros_like(arg))
+            log_c = torch.where(arg > 0, torch.log(target / arg.clamp_min(1e-300)), torch.zeros_like(arg)) * rate
             la.add_(log_c.reshape(la.shape).to(la.dtype))
             lb.add_(log_c.reshape(lb.shape).to(lb.dtype))
             factors[name] = float(torch.exp(log_c).median())
