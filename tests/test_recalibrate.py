@@ -73,9 +73,10 @@ def test_a_silent_channel_is_left_alone_and_bad_targets_are_refused():
             recalibrate_salu(net, _batches(), bad)
 
 
-def test_a_partial_rate_moves_part_of_the_way_on_a_log_scale_and_repeated_converges():
-    """rate r: sqrt(ab) * rms goes from g to g^(1-r) * K^r at the first site (whose input no other site moves),
-    A = sqrt(a/b) kept; repeated on the same batches, every site converges to K; rates outside (0, 1] refused."""
+def test_a_partial_rate_pins_a_running_mean_square_and_repeated_converges():
+    """rate r: the pinned mean square is (1 - r) K^2 + r g^2 (g = sqrt(ab) * rms before), so the first site (whose
+    input no other site moves) ends at g K / sqrt((1 - r) K^2 + r g^2), A = sqrt(a/b) kept; repeated on the same
+    batches, every site converges to K; rates outside (0, 1] refused."""
     torch.manual_seed(0)
     net = _Net().double()
     batches = [(x.double(), y) for x, y in _batches()]
@@ -87,7 +88,8 @@ def test_a_partial_rate_moves_part_of_the_way_on_a_log_scale_and_repeated_conver
     amp = net.salu.amplitude.clone()
     g = args()["salu"]
     recalibrate_salu(net, batches, 0.5, rate=0.25)
-    torch.testing.assert_close(args()["salu"], g ** 0.75 * 0.5 ** 0.25, rtol=1e-9, atol=0)
+    torch.testing.assert_close(args()["salu"], g * 0.5 / (0.75 * 0.25 + 0.25 * g ** 2).sqrt(), rtol=1e-9, atol=0)
+    assert not torch.allclose(args()["salu"], torch.full((4,), 0.5, dtype=torch.float64), rtol=1e-3)
     torch.testing.assert_close(net.salu.amplitude, amp, rtol=1e-12, atol=0)
     assert not torch.allclose(args()["tail"], torch.full((4,), 0.5, dtype=torch.float64), rtol=1e-3)
     for _ in range(150):  # geometric, slower at the sites whose inputs the earlier sites still move

@@ -68,7 +68,7 @@ class TrainConfig:
     salu_lr_scale: float = 1.0  # learning-rate multiplier for SALU/SWALU/GALU parameters (log a, log b)
     salu_recalibrate: float = 0.0  # after each epoch but the last, pin sqrt(ab)*rms(SALU input) to this; 0 = off
     salu_recalibrate_every: int = 0  # > 0: pin it every this many steps on the step's own batch instead; 0 = per epoch
-    salu_recalibrate_rate: float = 1.0  # fraction of the way to the target each recalibration moves (log scale); 1 = all
+    salu_recalibrate_rate: float = 1.0  # momentum of the running mean square pinned (as BN's running var); 1 = batch
     # regularisation and augmentation
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
@@ -129,8 +129,8 @@ FIELD_HELP: dict[str, str] = {
                         "this (0 = off)",
     "salu_recalibrate_every": "with --salu-recalibrate: recalibrate every this many steps, on the step's own batch, "
                               "instead of once an epoch (0 = once an epoch)",
-    "salu_recalibrate_rate": "with --salu-recalibrate: the fraction of the way (log scale) each recalibration moves "
-                             "toward the target (1 = all)",
+    "salu_recalibrate_rate": "with --salu-recalibrate: the momentum of the SALU inputs' running mean square that "
+                             "is pinned (1 = this batch only)",
     "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",
     "mixup": "mixup: alpha of Beta(alpha, alpha) (0 = off)",
     "cutmix": "cutmix: alpha of Beta(alpha, alpha) (0 = off)",

@@ -19,6 +19,8 @@ step count), on that step's own batch, so that the step's forward sees every SAL
 BatchNorm's scale pinning with the statistics as constants, applied through SALU's parameters; the gradient
 still moves A = sqrt(a/b), and sqrt(ab) until the next recalibration). It costs one more forward per
 recalibration (on the compiled kernel path, CUDA's default, with the kernels training compiled for that shape).
+``--salu-recalibrate-rate r`` pins a running mean square instead of the batch's own (BatchNorm's running variance
+with momentum r), for batches too small to measure a channel's scale on.
 """
 from __future__ import annotations
 
@@ -105,9 +107,11 @@ def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
                      reduce: Callable[[Tensor], Tensor] | None = None, training_shape: bool = False,
                      rate: float = 1.0) -> dict[str, float]:
     """Set every SALU channel's log a and log b so that sqrt(ab) * rms(input) = ``target`` (module docstring).
-    ``rate`` in (0, 1]: move only this fraction of the way, on a log scale (log a and log b each by ``rate`` times
-    the full correction), so that repeated recalibrations follow an exponential average of the batches' RMS over
-    about 1/rate of them rather than the last batch alone (``--salu-recalibrate-rate``: small per-step batches).
+    ``rate`` in (0, 1] (``--salu-recalibrate-rate``, for small per-step batches): the argument's mean square is
+    taken as an exponential moving average, ``(1 - rate) * target**2 + rate * ab * mean(x**2)``, of this batch and
+    the earlier ones (which the last recalibration left at exactly ``target**2``), as BatchNorm's running variance
+    with momentum ``rate``: an average of squares, so unbiased where a batch has few values per channel (an
+    average of logs would be biased low). ``rate`` 1: this batch alone.
     ``training_shape``: ``batches`` is one training batch (``--salu-recalibrate-every``), whose shape the compiled
     kernel path has already compiled: it is kept (otherwise the forward runs op by op rather than compile for a
     shape training never sees).
@@ -126,7 +130,9 @@ def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
         def set_params(rms: Tensor) -> None:
             la, lb = salu.log_a, salu.log_b
             arg = torch.exp(0.5 * (la.double() + lb.double())).reshape(rms.shape) * rms
-            log_c = torch.where(arg > 0, torch.log(target / arg.clamp_min(1e-300)), torch.zeros_like(arg)) * rate
+            mean_sq = (1 - rate) * target ** 2 + rate * arg.square()  # rate 1: arg^2, this batch alone
+            log_c = torch.where(arg > 0, 0.5 * torch.log(target ** 2 / mean_sq.clamp_min(1e-300)),
+                                torch.zeros_like(arg))
             la.add_(log_c.reshape(la.shape).to(la.dtype))
             lb.add_(log_c.reshape(lb.shape).to(lb.dtype))
             factors[name] = float(torch.exp(log_c).median())
