@@ -246,7 +246,8 @@ def test_recal_cost_script(capsys):
 
 
 def test_per_step_recalibration_at_batch_size_one_warns(tmp_path, capsys):
-    """Pinned to one image's statistics every step, training failed at batch size 1 (RESULTS.md): the run says so."""
+    """Pinned to one image's statistics every step, training stayed at chance at batch size 1 (RESULTS.md): the run
+    says so, and not with a batch of 2 or a running mean square (--salu-recalibrate-rate < 1)."""
     from salunet.train import train
 
     train(dict(model="salunet_c18_v2", width=2, data="digits", train_subset=4, test_subset=10, batch_size=1, epochs=1,
@@ -254,4 +255,8 @@ def test_per_step_recalibration_at_batch_size_one_warns(tmp_path, capsys):
     assert "warning: --salu-recalibrate-every with one image per step" in capsys.readouterr().err
     train(dict(model="salunet_c18_v2", width=2, data="digits", train_subset=4, test_subset=10, batch_size=2, epochs=1,
                progress=False, salu_recalibrate=0.5, salu_recalibrate_every=1, out=str(tmp_path), name="b2"))
+    assert "warning" not in capsys.readouterr().err
+    train(dict(model="salunet_c18_v2", width=2, data="digits", train_subset=4, test_subset=10, batch_size=1, epochs=1,
+               progress=False, salu_recalibrate=0.5, salu_recalibrate_every=1, salu_recalibrate_rate=0.01,
+               out=str(tmp_path), name="b1rate"))  # a running mean square: what the warning recommends
     assert "warning" not in capsys.readouterr().err

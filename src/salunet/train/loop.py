@@ -162,11 +162,11 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
     print(f"data: {run.source.note}")
     print(f"kernels: {kernels.kernel_path(run.info.device)}; device {run.info.device}; ranks {run.info.world}; "
           f"{sum(p.numel() for p in run.model.parameters()):,} parameters; {run.source.steps} steps/epoch", flush=True)
-    if cfg.salu_recalibrate_every and cfg.batch_size // run.info.world < 2:
+    if cfg.salu_recalibrate_every and cfg.salu_recalibrate_rate == 1 and cfg.batch_size // run.info.world < 2:
         print("salunet train: warning: --salu-recalibrate-every with one image per step and rank pins every SALU to "
-              "that image's own statistics; at batch size 1 it stopped training on digits (docs/RESULTS.md \"What "
-              "BatchNorm does at every step\"); use a larger batch or recalibrate once an epoch", file=sys.stderr,
-              flush=True)
+              "that image's own statistics; at batch size 1 it trained at chance on digits (docs/RESULTS.md "
+              "\"Pinning on small batches\"); a running mean square (--salu-recalibrate-rate 0.01) recovered most "
+              "of it, no pinning did best", file=sys.stderr, flush=True)
 
 
 def _prepare_training(run: _Run) -> None:
