@@ -260,3 +260,8 @@ def test_per_step_recalibration_at_batch_size_one_warns(tmp_path, capsys):
                progress=False, salu_recalibrate=0.5, salu_recalibrate_every=1, salu_recalibrate_rate=0.01,
                out=str(tmp_path), name="b1rate"))  # a running mean square: what the warning recommends
     assert "warning" not in capsys.readouterr().err
+    from salunet.train.checkpoint import list_checkpoints, load_checkpoint
+
+    states = [load_checkpoint(list_checkpoints(tmp_path / n)[-1])[0]["model"] for n in ("b1", "b1rate")]
+    keys = [k for k in states[0] if k.endswith("log_b")]
+    assert keys and not all(torch.equal(states[0][k], states[1][k]) for k in keys)  # the rate reached the trainer

@@ -118,8 +118,8 @@ def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
 
     One forward of ``batches`` concatenated: each site is set in its pre-hook, from its input as the sites before
     it (already set) produce it, before it runs; so every site meets the target exactly on these inputs (with
-    ``rate`` 1), however the earlier sites' changes moved them. Channels whose input is exactly 0 are left as they are. Returns, per
-    site, the median factor c applied to a and b (1 = no change)."""
+    ``rate`` 1), however the earlier sites' changes moved them. Channels whose input is exactly 0 are left as they
+    are. Returns, per site, the median factor c applied to a and b (1 = no change)."""
     if not (target > 0 and math.isfinite(target)):
         raise ValueError(f"SALU recalibration target must be a positive number, got {target}")
     if not 0 < rate <= 1:
