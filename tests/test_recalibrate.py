@@ -5,7 +5,7 @@ from torch import nn
 
 from salunet import SALU, SWALU, SALUAct
 from salunet.nn import SALUAddAct
-from salunet.train.recalibrate import recalibrate_salu, salu_input_rms, salu_sites
+from salunet.train.recalibrate import StepStatistics, recalibrate_salu, salu_input_rms, salu_sites
 
 
 class _Net(nn.Module):
@@ -99,6 +99,68 @@ def test_a_partial_rate_pins_a_running_mean_square_and_repeated_converges():
     for bad in (0.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="rate must be in"):
             recalibrate_salu(net, batches, 0.5, rate=bad)
+
+
+def test_step_statistics_gather_training_forwards_only_and_pin_from_them():
+    """--salu-recalibrate-measure step: the hooks add up every site's input squares over the training forwards
+    (train mode, autograd on; two batches = their concatenation), eval and no-grad forwards add nothing, and pin()
+    sets every site's sqrt(ab) * rms(input as measured) to the target, then starts again."""
+    torch.manual_seed(0)
+    net = _Net().double()
+    (x1, _), (x2, _), (x3, _) = [(x.double(), y) for x, y in _batches()]
+    stats = StepStatistics(net)
+    net.eval()
+    net(x3)
+    net.train()
+    with torch.no_grad():
+        net(x3)
+    assert stats.pin(0.5) is None  # nothing a training step did
+    measured = salu_input_rms(net, [torch.cat([x1, x2])])  # the inputs the two training forwards below see
+    net(x1).sum().backward()
+    net(x2).sum().backward()
+    factors = stats.pin(0.5)
+    assert set(factors) == {"salu", "pair", "tail"} and all(f != 1.0 for f in factors.values())
+    for name, rms in measured.items():
+        s = salu_sites(net)[name][1]
+        arg = torch.exp(0.5 * (s.log_a + s.log_b)).detach() * rms
+        torch.testing.assert_close(arg, torch.full_like(arg, 0.5), rtol=1e-9, atol=0, msg=name)
+    assert stats.pin(0.5) is None  # started again
+    net(x1).sum().backward()
+    stats.reset()
+    assert stats.pin(0.5) is None
+    stats.remove()
+    net(x1).sum().backward()
+    assert stats.pin(0.5) is None  # no hooks left
+
+
+def test_step_statistics_refuse_a_site_the_forward_skipped():
+    class Skips(_Net):
+        def forward(self, x):
+            return self.salu(self.conv(x))
+
+    net = Skips()
+    stats = StepStatistics(net)
+    net(_batches()[0][0]).sum().backward()
+    with pytest.raises(RuntimeError, match="did not reach pair, tail"):
+        stats.pin(0.5)
+
+
+def test_step_statistics_under_torch_compile_match_eager():
+    """The hooks are traced into a compiled forward (aot_eager: dynamo and AOT autograd, no code generation): the
+    sums gathered and the parameters pinned are the eager run's."""
+    torch._dynamo.reset()
+    nets = [_Net(), _Net()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    stats = [StepStatistics(n) for n in nets]
+    models = [nets[0], torch.compile(nets[1], backend="aot_eager", fullgraph=True)]
+    for xb, _ in _batches(2):
+        for m in models:
+            m(xb).sum().backward()
+    for st in stats:
+        st.pin(0.5)
+    for k, v in nets[0].state_dict().items():
+        torch.testing.assert_close(nets[1].state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert not torch.equal(nets[0].salu.log_a, _Net().salu.log_a)
 
 
 def _assert_resume_repeats_the_last_epoch(run_dir):
@@ -216,11 +278,36 @@ def test_recalibration_every_n_steps_counts_and_resumes_bit_for_bit(tmp_path):
     _assert_resume_repeats_the_last_epoch(tmp_path / "r")
 
 
+def test_per_step_pinning_from_the_training_forward_resumes_bit_for_bit(tmp_path):
+    """--salu-recalibrate-measure step, every 2 steps: the first due step of an epoch has nothing gathered (the
+    statistics never cross an epoch) and pins exactly, with the extra forward; the others pin from the steps since
+    the last; the trained weights differ from the extra-forward measure's; a resumed run repeats it exactly."""
+    import json
+
+    from salunet.train import train
+    from salunet.train.checkpoint import list_checkpoints, load_checkpoint
+
+    cfg = dict(model="salunet_c18_v2", width=4, data="digits", train_subset=192, test_subset=50, batch_size=32,
+               epochs=2, ema_decay=0.0, progress=False, salu_recalibrate=0.5, salu_recalibrate_every=2,
+               out=str(tmp_path))
+    train(cfg, name="step", salu_recalibrate_measure="step")
+    train(cfg, name="fwd")
+    rows = [json.loads(line) for line in (tmp_path / "step" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["salu_recalibrations"] for r in rows] == [3, 3]  # 6 steps an epoch: due at 0, 2, 4 | 6, 8, 10
+    a, b = (load_checkpoint(list_checkpoints(tmp_path / n)[-1])[0]["model"] for n in ("step", "fwd"))
+    assert not all(torch.equal(a[k], b[k]) for k in a if k.endswith("log_b"))
+    _assert_resume_repeats_the_last_epoch(tmp_path / "step")
+
+
 @pytest.mark.parametrize("over, match", [({"salu_recalibrate_every": 5}, "needs a target"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": -1}, "whole number"),
                                          ({"salu_recalibrate_rate": 0.1}, "rate needs a target"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_rate": 0.0}, r"in \(0, 1\]"),
-                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_rate": 2.0}, r"in \(0, 1\]")])
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_rate": 2.0}, r"in \(0, 1\]"),
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_measure": "step"},
+                                          "per-step recalibration's"),
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
+                                           "salu_recalibrate_measure": "batch"}, "not one of forward, step")])
 def test_recalibration_every_is_checked(over, match):
     from salunet.train.config import resolve_config
 

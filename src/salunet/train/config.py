@@ -69,6 +69,7 @@ class TrainConfig:
     salu_recalibrate: float = 0.0  # after each epoch but the last, pin sqrt(ab)*rms(SALU input) to this; 0 = off
     salu_recalibrate_every: int = 0  # > 0: pin it every this many steps on the step's own batch instead; 0 = per epoch
     salu_recalibrate_rate: float = 1.0  # momentum of the running mean square pinned (as BN's running var); 1 = batch
+    salu_recalibrate_measure: str = "forward"  # per-step pinning measures in one more forward, or in the step's own
     # regularisation and augmentation
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
@@ -131,6 +132,8 @@ FIELD_HELP: dict[str, str] = {
                               "instead of once an epoch (0 = once an epoch)",
     "salu_recalibrate_rate": "with --salu-recalibrate: the momentum of the SALU inputs' running mean square that "
                              "is pinned (1 = this batch only)",
+    "salu_recalibrate_measure": "with --salu-recalibrate-every: forward = one more forward per recalibration (exact); "
+                                "step = the training forward's own statistics, a step late",
     "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",
     "mixup": "mixup: alpha of Beta(alpha, alpha) (0 = off)",
     "cutmix": "cutmix: alpha of Beta(alpha, alpha) (0 = off)",
@@ -177,7 +180,8 @@ RECIPES: dict[str, dict] = {
 }
 
 _CHOICES = {"optimizer": ("sgd", "adamw", "adam"), "amp": ("none", "bf16", "fp16"), "crop": ("auto", "pad", "resized"),
-            "data": ("digits", "cifar10", "cifar100", "npz", "imagefolder"), "logger": ("none", "tensorboard")}
+            "data": ("digits", "cifar10", "cifar100", "npz", "imagefolder"), "logger": ("none", "tensorboard"),
+            "salu_recalibrate_measure": ("forward", "step")}
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -292,6 +296,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError("salu_recalibrate_every needs a target: add --salu-recalibrate K (0.5 measured best)")
     if not (0 < cfg.salu_recalibrate_rate <= 1):
         raise ValueError(f"salu_recalibrate_rate must be in (0, 1] (1 = pin exactly), got {cfg.salu_recalibrate_rate}")
+    if cfg.salu_recalibrate_measure == "step" and cfg.salu_recalibrate_every == 0:
+        raise ValueError("salu_recalibrate_measure step is the per-step recalibration's: add --salu-recalibrate K "
+                         "--salu-recalibrate-every N")
     if cfg.salu_recalibrate_rate != 1 and cfg.salu_recalibrate == 0:
         raise ValueError("salu_recalibrate_rate needs a target: add --salu-recalibrate K (0.5 measured best)")
     if not (cfg.salu_lr_scale > 0 and math.isfinite(cfg.salu_lr_scale)):

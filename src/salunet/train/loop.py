@@ -71,7 +71,7 @@ from .ema import EMA
 from .evaluate import autocast_for, evaluate
 from .loggers import RunLoggers, check_logger
 from .optim import adaptive_clip_, agc_parameters, lr_at, make_optimizer, set_lr
-from .recalibrate import recalibrate_salu, salu_sites
+from .recalibrate import StepStatistics, recalibrate_salu, salu_sites
 from .resume import RESUME_KEYS, RunPlan, claim_run_dir, load_state, plan_run, remove_empty_dirs
 from .rundir import RunDir
 from .sources import data_fingerprint, load_source
@@ -102,6 +102,7 @@ class _Run:
     warmup: int = 0
     loggers: RunLoggers | None = None  # rank 0: steps.jsonl and TensorBoard, if asked for (train/loggers.py)
     wait_s: float = 0.0  # this epoch's host time blocked on the device at the per-step check (metrics: wait_s)
+    step_stats: StepStatistics | None = None  # --salu-recalibrate-measure step: the training forward's statistics
 
 
 def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None = None,
@@ -172,6 +173,8 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
 def _prepare_training(run: _Run) -> None:
     """The model as it trains (DDP, torch.compile), the autocast context and AGC's parameters."""
     cfg, info = run.cfg, run.info
+    if cfg.salu_recalibrate_every and cfg.salu_recalibrate_measure == "step":  # hooks before DDP and compile
+        run.step_stats = StepStatistics(run.model)
     run.train_model = run.model
     if info.enabled:
         run.train_model = nn.parallel.DistributedDataParallel(
@@ -214,6 +217,8 @@ def _train(plan: RunPlan, info: D.DistInfo, on_finish: FinishHook | None = None)
             raise
         raise stopped from None
     finally:
+        if run.step_stats is not None:
+            run.step_stats.remove()  # the model outlives the run (a caller's); its hooks do not
         if info.is_main:
             if run.loggers is not None:
                 try:
@@ -348,11 +353,20 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
     run.wait_s = 0.0
     recal_factors: list[float] = []  # --salu-recalibrate-every: each recalibration's median factor
     every = cfg.salu_recalibrate_every  # > 0 only with a target (config validation)
+    if run.step_stats is not None:
+        run.step_stats.reset()  # statistics never cross an epoch: a run resumed here has none gathered either
     try:
         for s, batch in enumerate(_timed(source.train_batches(epoch), data_s)):
             lr = lr_at(step + s, run.total, run.warmup, cfg.lr, cfg.min_lr)
             set_lr(run.opt, lr)
-            if every and (step + s) % every == 0:  # on the step's own batch, before its forward, as _step feeds it
+            factors = None
+            if every and (step + s) % every == 0 and run.step_stats is not None:  # from the steps since the last
+                factors = run.step_stats.pin(cfg.salu_recalibrate, cfg.salu_recalibrate_rate,
+                                             reduce=lambda t: D.all_reduce_sum(run.info, t))
+                if factors is not None:
+                    recal_factors.append(round(statistics.median(factors.values()), 4))
+            if every and (step + s) % every == 0 and factors is None:  # on the step's own batch, before its forward,
+                # as _step feeds it (--salu-recalibrate-measure step: when nothing is gathered yet this epoch)
                 x = batch[0].contiguous(memory_format=torch.channels_last) if cfg.channels_last else batch[0]
                 with run.amp_ctx:
                     recal_factors.append(_recalibrate_on(run, [x], training_shape=True))

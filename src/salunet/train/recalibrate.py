@@ -20,7 +20,9 @@ BatchNorm's scale pinning with the statistics as constants, applied through SALU
 still moves A = sqrt(a/b), and sqrt(ab) until the next recalibration). It costs one more forward per
 recalibration (on the compiled kernel path, CUDA's default, with the kernels training compiled for that shape).
 ``--salu-recalibrate-rate r`` pins a running mean square instead of the batch's own (BatchNorm's running variance
-with momentum r), for batches too small to measure a channel's scale on.
+with momentum r), for batches too small to measure a channel's scale on. ``--salu-recalibrate-measure step`` takes
+the statistics from the training forwards themselves (:class:`StepStatistics`), one step late, instead of one more
+forward.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 
 from ..nn import SALU, SALUAct, kernels
 
-__all__ = ["salu_sites", "salu_input_rms", "recalibrate_salu"]
+__all__ = ["salu_sites", "salu_input_rms", "recalibrate_salu", "StepStatistics"]
 
 
 def salu_sites(model: nn.Module) -> dict[str, tuple[nn.Module, SALU]]:
@@ -48,25 +50,47 @@ def salu_sites(model: nn.Module) -> dict[str, tuple[nn.Module, SALU]]:
     return sites
 
 
+def _sum_squares(salu: SALU, x: Tensor) -> Tensor:
+    """Per-channel sums of squares of the site input ``x`` and, last, the number of values each sums, packed in one
+    float64 vector (one sum for scalar-parameter SALUs): what the processes' all-reduce adds up."""
+    x = x.detach()
+    axis = salu.channel_axis(x)
+    sq = x.square() if x.dtype in (torch.float32, torch.float64) else x.float().square()  # squares in at least
+    # float32, summed in float64: a per-step recalibration (--salu-recalibrate-every) pays no float64 copy
+    if axis is None:
+        s2, n = sq.sum(dtype=torch.float64).reshape(1), float(x.numel())
+    else:
+        dims = tuple(d for d in range(x.dim()) if d != axis % x.dim())
+        s2, n = sq.sum(dims, dtype=torch.float64), float(x.numel() // x.shape[axis])
+    return torch.cat([s2, torch.tensor([n], dtype=torch.float64, device=s2.device)])
+
+
+def _rms(salu: SALU, packed: Tensor) -> Tensor:
+    rms = (packed[:-1] / packed[-1]).sqrt()
+    return rms.reshape(()) if salu.num_features is None else rms
+
+
 def _rms_hook(salu: SALU, reduce: Callable[[Tensor], Tensor] | None, then: Callable[[Tensor], None]):
     """A forward pre-hook that computes the per-channel RMS of the site's input (over processes with ``reduce``)
     as float64 (0-d for scalar-parameter SALUs) and passes it to ``then``."""
     def hook(_m, args):
-        x = args[0].detach()
-        axis = salu.channel_axis(x)
-        sq = x.square() if x.dtype in (torch.float32, torch.float64) else x.float().square()  # squares in at least
-        # float32, summed in float64: a per-step recalibration (--salu-recalibrate-every) pays no float64 copy
-        if axis is None:
-            s2, n = sq.sum(dtype=torch.float64).reshape(1), float(x.numel())
-        else:
-            dims = tuple(d for d in range(x.dim()) if d != axis % x.dim())
-            s2, n = sq.sum(dims, dtype=torch.float64), float(x.numel() // x.shape[axis])
-        packed = torch.cat([s2, torch.tensor([n], dtype=torch.float64, device=s2.device)])
-        if reduce is not None:
-            packed = reduce(packed)
-        rms = (packed[:-1] / packed[-1]).sqrt()
-        then(rms.reshape(()) if axis is None else rms)
+        packed = _sum_squares(salu, args[0])
+        then(_rms(salu, reduce(packed) if reduce is not None else packed))
     return hook
+
+
+@torch.no_grad()
+def _pin(salu: SALU, rms: Tensor, target: float, rate: float) -> float:
+    """Scale one site's a and b by c per channel so that its argument's mean square, taken as
+    ``(1 - rate) * target**2 + rate * (sqrt(ab) * rms)**2``, becomes ``target**2`` (channels with rms 0 kept);
+    returns the median c."""
+    la, lb = salu.log_a, salu.log_b
+    arg = torch.exp(0.5 * (la.double() + lb.double())).reshape(rms.shape) * rms
+    mean_sq = (1 - rate) * target ** 2 + rate * arg.square()  # rate 1: arg^2, this batch alone
+    log_c = torch.where(arg > 0, 0.5 * torch.log(target ** 2 / mean_sq.clamp_min(1e-300)), torch.zeros_like(arg))
+    la.add_(log_c.reshape(la.shape).to(la.dtype))
+    lb.add_(log_c.reshape(lb.shape).to(lb.dtype))
+    return float(torch.exp(log_c).median())
 
 
 @torch.no_grad()
@@ -120,24 +144,80 @@ def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
     it (already set) produce it, before it runs; so every site meets the target exactly on these inputs (with
     ``rate`` 1), however the earlier sites' changes moved them. Channels whose input is exactly 0 are left as they
     are. Returns, per site, the median factor c applied to a and b (1 = no change)."""
-    if not (target > 0 and math.isfinite(target)):
-        raise ValueError(f"SALU recalibration target must be a positive number, got {target}")
-    if not 0 < rate <= 1:
-        raise ValueError(f"SALU recalibration rate must be in (0, 1] (1 = all the way to the target), got {rate}")
+    _check(target, rate)
     factors: dict[str, float] = {}
 
     def make_hook(name, salu):
-        def set_params(rms: Tensor) -> None:
-            la, lb = salu.log_a, salu.log_b
-            arg = torch.exp(0.5 * (la.double() + lb.double())).reshape(rms.shape) * rms
-            mean_sq = (1 - rate) * target ** 2 + rate * arg.square()  # rate 1: arg^2, this batch alone
-            log_c = torch.where(arg > 0, 0.5 * torch.log(target ** 2 / mean_sq.clamp_min(1e-300)),
-                                torch.zeros_like(arg))
-            la.add_(log_c.reshape(la.shape).to(la.dtype))
-            lb.add_(log_c.reshape(lb.shape).to(lb.dtype))
-            factors[name] = float(torch.exp(log_c).median())
-        return _rms_hook(salu, reduce, set_params)
+        return _rms_hook(salu, reduce, lambda rms: factors.__setitem__(name, _pin(salu, rms, target, rate)))
 
     with torch.no_grad():
         _forward_with_hooks(model, batches, make_hook, training_shape)
     return factors
+
+
+def _check(target: float, rate: float) -> None:
+    if not (target > 0 and math.isfinite(target)):
+        raise ValueError(f"SALU recalibration target must be a positive number, got {target}")
+    if not 0 < rate <= 1:
+        raise ValueError(f"SALU recalibration rate must be in (0, 1] (1 = the measured statistics alone), got {rate}")
+
+
+class StepStatistics:
+    """``--salu-recalibrate-measure step``: the statistics the training forwards already compute, instead of one
+    more forward. Forward pre-hooks on every SALU site add up the per-channel sums of squares of its input during
+    the training forwards (modules in train mode with autograd on: evaluation and the calibration forward are
+    skipped); :meth:`pin` sets every site from what was gathered since the last call, then starts again.
+
+    The pinning is one step late, where the extra forward's is exact: step t trains on parameters pinned to step
+    t-1's batch as step t-1's weights produced it, and each site is set from its input as the sites before it were
+    (not as their new setting moves it). Large corrections therefore overshoot: the trainer pins the first due step
+    of every epoch exactly, with the extra forward (nothing is gathered yet then), and from the training forwards'
+    statistics after that, where they only track the drift. It costs one pass over each SALU input (a square and a
+    sum) per step instead of a forward. Hooks are attached at construction and stay for the run, so a compiled
+    model traces them once."""
+
+    def __init__(self, model: nn.Module):
+        self._sites = salu_sites(model)
+        self._sums: dict[str, Tensor] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(name, salu))
+                         for name, (m, salu) in self._sites.items()]
+
+    def _hook(self, name: str, salu: SALU):
+        def hook(module, args):
+            if module.training and torch.is_grad_enabled():
+                packed = _sum_squares(salu, args[0])
+                self._sums[name] = self._sums[name] + packed if name in self._sums else packed
+        return hook
+
+    def reset(self) -> None:
+        """Forget what was gathered (the start of an epoch: a resumed run starts there with nothing gathered)."""
+        self._sums = {}
+
+    def pin(self, target: float, rate: float = 1.0, reduce: Callable[[Tensor], Tensor] | None = None
+            ) -> dict[str, float] | None:
+        """Set every site from the statistics gathered since the last call (``reduce``: one all-reduce of them
+        all, so every process sets the same parameters) and start again; None if nothing was gathered (the
+        first step of an epoch). Returns, per site, the median factor applied to a and b."""
+        _check(target, rate)
+        if not self._sums:
+            return None
+        if len(self._sums) != len(self._sites):
+            missing = sorted(set(self._sites) - set(self._sums))
+            raise RuntimeError(f"SALU statistics: the training forward did not reach {', '.join(missing)}")
+        names = list(self._sites)
+        packed = torch.cat([self._sums[n] for n in names])
+        if reduce is not None:
+            packed = reduce(packed)
+        self._sums = {}
+        out, i = {}, 0
+        for n in names:
+            salu = self._sites[n][1]
+            k = (1 if salu.num_features is None else salu.num_features) + 1
+            out[n] = _pin(salu, _rms(salu, packed[i:i + k]), target, rate)
+            i += k
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
