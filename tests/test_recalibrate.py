@@ -290,7 +290,7 @@ def test_per_step_pinning_from_the_training_forward_resumes_bit_for_bit(tmp_path
     cfg = dict(model="salunet_c18_v2", width=4, data="digits", train_subset=192, test_subset=50, batch_size=32,
                epochs=2, ema_decay=0.0, progress=False, salu_recalibrate=0.5, salu_recalibrate_every=2,
                out=str(tmp_path))
-    train(cfg, name="step", salu_recalibrate_measure="step")
+    train(cfg, name="step", salu_recalibrate_measure="step", salu_recalibrate_rate=0.5)
     train(cfg, name="fwd")
     rows = [json.loads(line) for line in (tmp_path / "step" / "metrics.jsonl").read_text().splitlines()]
     assert [r["salu_recalibrations"] for r in rows] == [3, 3]  # 6 steps an epoch: due at 0, 2, 4 | 6, 8, 10
@@ -306,6 +306,8 @@ def test_per_step_pinning_from_the_training_forward_resumes_bit_for_bit(tmp_path
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_rate": 2.0}, r"in \(0, 1\]"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_measure": "step"},
                                           "per-step recalibration's"),
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
+                                           "salu_recalibrate_measure": "step"}, "needs --salu-recalibrate-rate <= 0.5"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
                                            "salu_recalibrate_measure": "batch"}, "not one of forward, step")])
 def test_recalibration_every_is_checked(over, match):

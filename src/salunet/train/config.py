@@ -132,8 +132,8 @@ FIELD_HELP: dict[str, str] = {
                               "instead of once an epoch (0 = once an epoch)",
     "salu_recalibrate_rate": "with --salu-recalibrate: the momentum of the SALU inputs' running mean square that "
                              "is pinned (1 = this batch only)",
-    "salu_recalibrate_measure": "with --salu-recalibrate-every: forward = one more forward per recalibration (exact); "
-                                "step = the training forward's own statistics, a step late",
+    "salu_recalibrate_measure": "per-step pinning's statistics: forward = one more forward (exact); step = the "
+                                "training forward's, a step late (rate <= 0.5)",
     "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",
     "mixup": "mixup: alpha of Beta(alpha, alpha) (0 = off)",
     "cutmix": "cutmix: alpha of Beta(alpha, alpha) (0 = off)",
@@ -299,6 +299,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.salu_recalibrate_measure == "step" and cfg.salu_recalibrate_every == 0:
         raise ValueError("salu_recalibrate_measure step is the per-step recalibration's: add --salu-recalibrate K "
                          "--salu-recalibrate-every N")
+    if cfg.salu_recalibrate_measure == "step" and cfg.salu_recalibrate_rate > 0.5:
+        raise ValueError(f"salu_recalibrate_measure step needs --salu-recalibrate-rate <= 0.5, got "
+                         f"{cfg.salu_recalibrate_rate}: pinned a step late at full rate, the sites overshoot and "
+                         "oscillate (docs/RESULTS.md \"Pinning from the training forward\")")
     if cfg.salu_recalibrate_rate != 1 and cfg.salu_recalibrate == 0:
         raise ValueError("salu_recalibrate_rate needs a target: add --salu-recalibrate K (0.5 measured best)")
     if not (cfg.salu_lr_scale > 0 and math.isfinite(cfg.salu_lr_scale)):
