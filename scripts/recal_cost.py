@@ -1,8 +1,11 @@
 """What ``--salu-recalibrate-every N`` costs per training step: one SGD step of a model with and without the
-recalibration forward, interleaved in one process, as a ratio to the step without it.
+recalibration, interleaved in one process, as a ratio to the step without it.
 
     python scripts/recal_cost.py [--model salunet_c18_v2] [--width 16] [--batch 128] [--every 1,10] [--repeats 7]
-                                 [--device cpu|cuda]
+                                 [--measure forward,step] [--device cpu|cuda]
+
+``--measure``: ``forward`` is the extra forward per recalibration (settings named ``N``); ``step`` gathers the
+statistics in the training forward (``--salu-recalibrate-measure step``, rate 0.5; settings named ``N:step``).
 
 Each repeat times ``--steps`` optimizer steps (forward, backward, SGD) per setting, the settings in turn, on the
 same random batch; it prints the median time per step of every setting and its ratio to no recalibration, and one
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from salunet.models import create_model
-from salunet.train.recalibrate import recalibrate_salu
+from salunet.train.recalibrate import StepStatistics, recalibrate_salu
 
 
 def _sync(device: torch.device) -> None:
@@ -27,17 +30,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _steps(model, opt, x, y, n: int, every: int, start: int) -> float:
+def _steps(model, opt, x, y, n: int, every: int, start: int, measure: str = "forward") -> float:
+    stats = StepStatistics(model) if every and measure == "step" else None
     _sync(x.device)
     t = time.perf_counter()
     for s in range(start, start + n):
-        if every and s % every == 0:
+        if every and s % every == 0 and (stats is None or stats.pin(0.5, 0.5) is None):  # as the trainer does
             recalibrate_salu(model, [x], 0.5)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     _sync(x.device)
+    if stats is not None:
+        stats.remove()
     return (time.perf_counter() - t) / n
 
 
@@ -51,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="steps per setting and repeat")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the kernels' default path on that device)")
+    p.add_argument("--measure", default="forward", help="comma-separated: forward (extra forward), step (training's)")
     a = p.parse_args(argv)
+    measures = a.measure.split(",")
+    if not measures or any(m not in ("forward", "step") for m in measures):
+        p.error(f"--measure: {a.measure!r} is not a comma-separated list of forward, step")
     try:
         everies = [int(v) for v in a.every.split(",")]
     except ValueError:
@@ -69,21 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(a.batch, 3, a.size, a.size, device=device)
     y = torch.randint(0, 10, (a.batch,), device=device)
-    settings = [0] + everies
-    times: dict[int, list[float]] = {e: [] for e in settings}
+    settings = [(0, "forward")] + [(e, m) for m in measures for e in everies]
+    names = {st: str(st[0]) if st[1] == "forward" else f"{st[0]}:step" for st in settings}
+    times: dict[tuple, list[float]] = {st: [] for st in settings}
     _steps(model, opt, x, y, 2, 1, 0)  # warm-up (and the C++ kernels' first use)
     step = 0
     for _ in range(a.repeats):
-        for e in settings:
-            times[e].append(_steps(model, opt, x, y, a.steps, e, step))
+        for st in settings:
+            times[st].append(_steps(model, opt, x, y, a.steps, st[0], step, st[1]))
             step += a.steps
-    base = statistics.median(times[0])
+    base = statistics.median(times[settings[0]])
     out = {"model": a.model, "device": str(device), "width": a.width, "batch": a.batch, "threads": torch.get_num_threads(),
-           "ms_per_step": {str(e): round(1e3 * statistics.median(times[e]), 2) for e in settings},
-           "ratio_to_off": {str(e): round(statistics.median(times[e]) / base, 3) for e in settings}}
-    for e in settings:
-        label = "no recalibration" if e == 0 else f"every {e} step(s)"
-        print(f"{label:>20}: {out['ms_per_step'][str(e)]:8.2f} ms/step  ({out['ratio_to_off'][str(e)]:.3f}x)")
+           "ms_per_step": {names[st]: round(1e3 * statistics.median(times[st]), 2) for st in settings},
+           "ratio_to_off": {names[st]: round(statistics.median(times[st]) / base, 3) for st in settings}}
+    for st in settings:
+        label = "no recalibration" if st[0] == 0 else f"every {st[0]} step(s), {st[1]}"
+        print(f"{label:>28}: {out['ms_per_step'][names[st]]:8.2f} ms/step  ({out['ratio_to_off'][names[st]]:.3f}x)")
     print(json.dumps(out, sort_keys=True))
     return 0
 
