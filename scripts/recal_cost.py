@@ -32,6 +32,8 @@ def _sync(device: torch.device) -> None:
 
 def _steps(model, opt, x, y, n: int, every: int, start: int, measure: str = "forward") -> float:
     stats = StepStatistics(model) if every and measure == "step" else None
+    if stats is not None:  # one untimed step gathers: timed steps then pin from statistics, as all but an epoch's
+        _steps(model, opt, x, y, 1, 0, 0)  # first do in the trainer (which pins that one with the extra forward)
     _sync(x.device)
     t = time.perf_counter()
     for s in range(start, start + n):

@@ -55,13 +55,14 @@ def _sum_squares(salu: SALU, x: Tensor) -> Tensor:
     float64 vector (one sum for scalar-parameter SALUs): what the processes' all-reduce adds up."""
     x = x.detach()
     axis = salu.channel_axis(x)
-    sq = x.square() if x.dtype in (torch.float32, torch.float64) else x.float().square()  # squares in at least
-    # float32, summed in float64: a per-step recalibration (--salu-recalibrate-every) pays no float64 copy
+    sq = x.square() if x.dtype in (torch.float32, torch.float64) else x.float().square()  # squares and their sums
+    # in at least float32 (torch's reductions sum pairwise: ~1e-6 relative, where the pin needs ~1e-3; a float64
+    # accumulation cost 2.4x on CPU, paid at every site and step by --salu-recalibrate-measure step)
     if axis is None:
-        s2, n = sq.sum(dtype=torch.float64).reshape(1), float(x.numel())
+        s2, n = sq.sum().double().reshape(1), float(x.numel())
     else:
         dims = tuple(d for d in range(x.dim()) if d != axis % x.dim())
-        s2, n = sq.sum(dims, dtype=torch.float64), float(x.numel() // x.shape[axis])
+        s2, n = sq.sum(dims).double(), float(x.numel() // x.shape[axis])
     return torch.cat([s2, torch.tensor([n], dtype=torch.float64, device=s2.device)])
 
 
