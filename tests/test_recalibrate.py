@@ -354,3 +354,24 @@ def test_per_step_recalibration_at_batch_size_one_warns(tmp_path, capsys):
     states = [load_checkpoint(list_checkpoints(tmp_path / n)[-1])[0]["model"] for n in ("b1", "b1rate")]
     keys = [k for k in states[0] if k.endswith("log_b")]
     assert keys and not all(torch.equal(states[0][k], states[1][k]) for k in keys)  # the rate reached the trainer
+
+
+def test_pin_lag_script(tmp_path, capsys):
+    """scripts/pin_lag.py: a series per setting (exact and each rate), one value per step; no data file: exit 2."""
+    import json
+
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", x_train=g.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8),
+             y_train=g.integers(0, 10, 12))
+    mod = _script("pin_lag")
+    assert mod.main(["--data-path", str(tmp_path / "c.npz"), "--width", "2", "--steps", "3", "--batch", "4",
+                     "--rates", "1,0.5"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["series"]) == {"exact", "1.0", "0.5"}
+    assert all(len(v["max_abs_log_factor"]) == 3 for v in out["series"].values())
+    assert mod.main(["--data-path", str(tmp_path / "none.npz")]) == 2
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--rates", "0"])
+    assert exc.value.code == 2
