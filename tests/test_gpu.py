@@ -155,8 +155,14 @@ def test_compile_whole_salunet_fullgraph(dev):
     """SaluNet-C-18 v2 in the training configuration (channels_last, bf16 autocast) compiles with
     ``fullgraph=True`` (any graph break raises), forward and backward, and agrees with eager. On CUDA: inductor
     and the model's full depth; the cpu twin uses ``aot_eager`` (dynamo + AOT autograd, no code generation) and
-    one block per stage, to stay a few seconds on a CI machine."""
+    one block per stage, to stay a few seconds on a CI machine.
+
+    The model carries the hooks of ``--salu-recalibrate-measure step`` (train/recalibrate.py) as the trainer
+    attaches them, before compiling: they trace into the graph, gather every SALU site's input RMS as an eager
+    forward measures it (bf16 rounding apart), and pin every site to the target from it."""
     from torch._dynamo.utils import counters
+
+    from salunet.train.recalibrate import StepStatistics, salu_input_rms, salu_sites
 
     torch._dynamo.reset()
     counters.clear()
@@ -168,6 +174,9 @@ def test_compile_whole_salunet_fullgraph(dev):
     with amp:
         y_eager = model(x)
     g_eager = torch.autograd.grad(y_eager.float().square().mean(), list(model.parameters()))
+    with amp:
+        rms_eager = salu_input_rms(model, [x])  # eval mode, no grad: what the hooks below must not gather
+    stats = StepStatistics(model)
     compiled = torch.compile(model, fullgraph=True, backend="inductor" if cuda else "aot_eager")
     with amp:
         y = compiled(x)
@@ -180,6 +189,12 @@ def test_compile_whole_salunet_fullgraph(dev):
     flat, flat_eager = torch.cat([g.flatten().float() for g in grads]), torch.cat([g.flatten().float() for g in g_eager])
     assert torch.isfinite(flat).all()
     assert torch.nn.functional.cosine_similarity(flat, flat_eager, dim=0).item() > 0.99
+    assert set(stats.pin(0.5)) == set(rms_eager)  # from the compiled forward's statistics alone
+    stats.remove()
+    for name, (_, salu) in salu_sites(model).items():  # sqrt(ab) * rms = 0.5 after the pin: the rms it used
+        rms_used = 0.5 / torch.exp(0.5 * (salu.log_a + salu.log_b)).detach().double()
+        torch.testing.assert_close(rms_used.reshape(rms_eager[name].shape), rms_eager[name], rtol=2e-2, atol=0,
+                                   msg=name)
 
 
 # ---- a training step of every registered model --------------------------------------------------------------
