@@ -1,11 +1,13 @@
 """Each SALU's operating point, sqrt(ab) * rms(input), the quantity ``--salu-recalibrate K`` pins.
 
-    python scripts/salu_operating_point.py [--data-path ../shared/data/cifar10.npz] [--images 512] RUN_OR_MODEL...
+    python scripts/salu_operating_point.py [--data-path ../shared/data/cifar10.npz | digits] [--images 512]
+                                           [--width 16] RUN_OR_MODEL...
 
 RUN_OR_MODEL is a run directory (its last checkpoint, raw weights) or ``init:MODEL`` (a freshly initialised
-registered model at width 16, seed 0). For each it prints the median over channels of sqrt(ab) * rms(input) at
-every SALU site, in forward order, measured on the first ``--images`` CIFAR-10 training images, normalised as the
-trainer does, without augmentation (docs/RESULTS.md "Pinning the SALU inputs' scale between epochs").
+registered model at ``--width``, seed 0). For each it prints the median over channels of sqrt(ab) * rms(input) at
+every SALU site, in forward order, measured on the first ``--images`` training images (of the CIFAR-10 .npz, or
+of the embedded 8x8 digits with ``--data-path digits``), normalised per channel, without augmentation
+(docs/RESULTS.md "Pinning the SALU inputs' scale between epochs", "Pinning on small batches").
 """
 from __future__ import annotations
 
@@ -34,18 +36,24 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--data-path", default="../shared/data/cifar10.npz")
     ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--width", type=int, default=16, help="width of the init:MODEL models")
     args = ap.parse_args(argv)
-    try:
-        d = np.load(args.data_path)
-    except FileNotFoundError:
-        print(f"{args.data_path}: no such file; pass --data-path to a CIFAR-10 .npz", file=sys.stderr)
-        return 2
-    x = torch.tensor(d["x_train"][:args.images]).permute(0, 3, 1, 2).float() / 255
+    if args.data_path == "digits":
+        from salunet.data.digits import load_digits
+
+        x_train = load_digits().x_train
+    else:
+        try:
+            x_train = np.load(args.data_path)["x_train"]
+        except FileNotFoundError:
+            print(f"{args.data_path}: no such file; pass --data-path to a CIFAR-10 .npz (or digits)", file=sys.stderr)
+            return 2
+    x = torch.tensor(x_train[:args.images]).permute(0, 3, 1, 2).float() / 255
     x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
     for spec in args.runs:
         if spec.startswith("init:"):
             torch.manual_seed(0)
-            model = create_model(spec[5:], num_classes=10, width=16)
+            model = create_model(spec[5:], num_classes=10, width=args.width, in_chans=x.shape[1])
         else:
             model = salunet.load_model(spec, device="cpu")
         print(f"{spec}: " + " ".join(f"{v:.2f}" for v in operating_points(model, x)))

@@ -249,7 +249,8 @@ def test_a_training_batch_keeps_the_compiled_path(monkeypatch):
 
 
 def test_operating_point_script(tmp_path, capsys):
-    """scripts/salu_operating_point.py: one median per SALU site of a model at init; a missing data file exits 2."""
+    """scripts/salu_operating_point.py: one median per SALU site of a model at init (CIFAR-10-shaped .npz, the
+    embedded digits); a missing data file exits 2."""
     import numpy as np
 
     mod = _script("salu_operating_point")
@@ -259,6 +260,8 @@ def test_operating_point_script(tmp_path, capsys):
     values = [float(v) for v in capsys.readouterr().out.rsplit(":", 1)[1].split()]
     assert len(values) == 20 and all(0.05 < v < 1.0 for v in values)
     assert mod.main(["--data-path", str(tmp_path / "none.npz"), "init:salunet_c18_v2"]) == 2
+    assert mod.main(["--data-path", "digits", "--width", "2", "--images", "32", "init:salunet_c18_v2"]) == 0
+    assert len(capsys.readouterr().out.rsplit(":", 1)[1].split()) == 20  # the embedded digits: 1 channel, 8x8
 
 
 def test_recalibration_every_n_steps_counts_and_resumes_bit_for_bit(tmp_path):
