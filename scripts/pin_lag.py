@@ -7,7 +7,8 @@ one-step-late pin at several rates, on the same batches from the same init.
 For each setting it trains ``--steps`` SGD steps (lr 0.05, Nesterov momentum 0.9, batch 128, the first ``steps``
 batches of the training set, no augmentation) with SALU pinned to K = 0.5 before every step: ``exact`` by one extra
 forward on the step's batch (``--salu-recalibrate-measure forward``), ``r`` from the previous step's training
-forward at rate r (``--salu-recalibrate-measure step``; the first step pinned exactly, as the trainer does). It
+forward at rate r (``--salu-recalibrate-measure step``; the first step pinned exactly with the extra forward,
+where the trainer pins it with the extra forward at rate r). It
 prints, per step, the largest |log c| over the sites (c: the factor the pin applied to a and b): a pin that tracks
 drift stays near the exact pin's, one that overshoots grows. One JSON line at the end holds every series.
 Without ``--data-path`` (or with a missing file) it says so and exits 2.

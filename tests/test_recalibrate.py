@@ -265,7 +265,7 @@ def test_recalibration_every_n_steps_counts_and_resumes_bit_for_bit(tmp_path):
 
 def test_per_step_pinning_from_the_training_forward_resumes_bit_for_bit(tmp_path):
     """--salu-recalibrate-measure step, every 2 steps: the first due step of an epoch has nothing gathered (the
-    statistics never cross an epoch) and pins exactly, with the extra forward; the others pin from the steps since
+    statistics never cross an epoch) and pins with the extra forward; the others pin from the steps since
     the last; the trained weights differ from the extra-forward measure's; a resumed run repeats it exactly."""
     import json
 

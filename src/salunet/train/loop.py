@@ -359,17 +359,15 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
         for s, batch in enumerate(_timed(source.train_batches(epoch), data_s)):
             lr = lr_at(step + s, run.total, run.warmup, cfg.lr, cfg.min_lr)
             set_lr(run.opt, lr)
-            factors = None
-            if every and (step + s) % every == 0 and run.step_stats is not None:  # from the steps since the last
-                factors = run.step_stats.pin(cfg.salu_recalibrate, cfg.salu_recalibrate_rate,
-                                             reduce=lambda t: D.all_reduce_sum(run.info, t))
-                if factors is not None:
-                    recal_factors.append(round(statistics.median(factors.values()), 4))
-            if every and (step + s) % every == 0 and factors is None:  # on the step's own batch, before its forward,
-                # as _step feeds it (--salu-recalibrate-measure step: when nothing is gathered yet this epoch)
-                x = batch[0].contiguous(memory_format=torch.channels_last) if cfg.channels_last else batch[0]
-                with run.amp_ctx:
-                    recal_factors.append(_recalibrate_on(run, [x], training_shape=True))
+            if every and (step + s) % every == 0:
+                factors = None if run.step_stats is None else run.step_stats.pin(  # from the steps since the last
+                    cfg.salu_recalibrate, cfg.salu_recalibrate_rate, reduce=lambda t: D.all_reduce_sum(run.info, t))
+                if factors is None:  # on the step's own batch, before its forward, as _step feeds it (with
+                    # --salu-recalibrate-measure step: when nothing is gathered yet this epoch)
+                    x = batch[0].contiguous(memory_format=torch.channels_last) if cfg.channels_last else batch[0]
+                    with run.amp_ctx:
+                        factors = _recalibrate_on(run, [x], training_shape=True)
+                recal_factors.append(_median_factor(factors))
             loss_g, correct_g, gnorm_g = _step(run, batch, f"epoch {epoch + 1}, step {s + 1}")
             if run.loggers is not None:
                 run.loggers.step(step + s + 1, epoch + 1, loss=loss_g, acc=correct_g / cfg.batch_size, lr=lr,
@@ -396,20 +394,24 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
         row["salu_recal_factor"] = round(statistics.median(recal_factors), 4)
         row["salu_recalibrations"] = len(recal_factors)
     elif cfg.salu_recalibrate > 0 and not cfg.salu_recalibrate_every and epoch + 1 < cfg.epochs:
-        row["salu_recal_factor"] = _recalibrate_on(
-            run, itertools.islice(run.source.train_batches(epoch + 1), 4))  # the next epoch's first 4 (seeded)
+        row["salu_recal_factor"] = _median_factor(_recalibrate_on(
+            run, itertools.islice(run.source.train_batches(epoch + 1), 4)))  # the next epoch's first 4 (seeded)
     row.update(_evaluate_epoch(run, epoch))
     row["eval_s"] = round(time.perf_counter() - t1, 3)
     return row
 
 
-def _recalibrate_on(run: _Run, batches, training_shape: bool = False) -> float:
+def _recalibrate_on(run: _Run, batches, training_shape: bool = False) -> dict[str, float]:
     """--salu-recalibrate: pin every SALU's operating point on ``batches`` (after an epoch: the next epoch's first 4
     seeded batches; with --salu-recalibrate-every: the step's own batch), so that a resumed run repeats it exactly;
-    returns the median over sites of the factor applied to a and b."""
-    factors = recalibrate_salu(run.model, batches, run.cfg.salu_recalibrate,
-                               reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=training_shape,
-                               rate=run.cfg.salu_recalibrate_rate)
+    returns the factor applied to a and b per site."""
+    return recalibrate_salu(run.model, batches, run.cfg.salu_recalibrate,
+                            reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=training_shape,
+                            rate=run.cfg.salu_recalibrate_rate)
+
+
+def _median_factor(factors: dict[str, float]) -> float:
+    """The median over sites of a recalibration's factors, as the metrics record it."""
     return round(statistics.median(factors.values()), 4)
 
 

@@ -172,7 +172,7 @@ class StepStatistics:
     The pinning is one step late, where the extra forward's is exact: step t trains on parameters pinned to step
     t-1's batch as step t-1's weights produced it, and each site is set from its input as the sites before it were
     (not as their new setting moves it). So corrections overshoot: the trainer pins the first due step of every
-    epoch exactly, with the extra forward (nothing is gathered yet then), and requires a rate <= 0.5 after that (at
+    epoch with the extra forward (nothing is gathered yet then; at the run's rate), and requires a rate <= 0.5 (at
     rate 1 the per-site corrections grow into an oscillation within ten steps; at 0.5 they stay at the exact pin's
     size: scripts/pin_lag.py). It costs one pass over each SALU input (a square and a sum) per step instead of a
     forward. Hooks are attached at construction and stay for the run, so a compiled model traces them once."""
