@@ -242,3 +242,40 @@ def test_detached_batchnorm_is_batchnorm_forward_without_the_statistics_gradient
     xr = x.detach().clone().requires_grad_()
     (ref(xr) * g).sum().backward()  # BatchNorm's own gradient differs: it flows through the statistics
     assert not torch.allclose(xr.grad, want)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_uncentred_batchnorm_divides_by_the_batch_rms_and_evaluates_on_its_running_mean_square(detach):
+    """The diagnostics 'batchnorm_uncentred' (and '_detached'), float64: training divides each channel by its batch
+    RMS with no mean subtracted, then the affine; the running statistic is the mean square (momentum 0.1) and
+    evaluation uses it; the backward goes through the statistic (gradcheck) or, detached, treats it as a constant."""
+    from salunet.models.layers import UncentredBatchNorm, get_norm_layer
+
+    torch.manual_seed(0)
+    m = get_norm_layer("batchnorm_uncentred_detached" if detach else "batchnorm_uncentred")(3).double()
+    assert isinstance(m, UncentredBatchNorm) and m.detach is detach
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
+        m.bias.copy_(torch.tensor([0.1, 0.0, 0.3]))
+    x = (torch.randn(6, 3, 4, 5, dtype=torch.float64) * 3 + 1).requires_grad_()
+    ms = x.detach().square().mean((0, 2, 3))
+    w, b = m.weight.detach().view(1, 3, 1, 1), m.bias.detach().view(1, 3, 1, 1)
+    y = m(x)
+    torch.testing.assert_close(y, x.detach() / (ms + m.eps).sqrt().view(1, 3, 1, 1) * w + b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.running_var, 0.9 + 0.1 * ms, rtol=1e-12, atol=1e-12)
+    assert torch.equal(m.running_mean, torch.zeros(3, dtype=torch.float64))
+    m.eval()
+    torch.testing.assert_close(m(x.detach()), x.detach() / (m.running_var + m.eps).sqrt().view(1, 3, 1, 1) * w + b,
+                               rtol=1e-12, atol=1e-12)
+    m.train()
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    constant = g * w / (ms + m.eps).sqrt().view(1, 3, 1, 1)
+    if detach:
+        torch.testing.assert_close(x.grad, constant, rtol=1e-12, atol=1e-12)
+    else:
+        assert not torch.allclose(x.grad, constant)
+        m.track_running_stats = False  # gradcheck calls the forward many times
+        assert torch.autograd.gradcheck(m, (x.detach()[:2, :, :2, :2].clone().requires_grad_(),))
+    with pytest.raises(ValueError, match="channel-first"):
+        get_norm_layer("batchnorm_uncentred")(3, dim=-1)

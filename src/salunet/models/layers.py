@@ -13,8 +13,11 @@ A *norm layer* and an *act layer* are callables ``(num_features, *, dim) -> nn.M
 :class:`salunet.nn.SALUAct` pass.
 
 Norms: ``salu``, ``batchnorm``, ``layernorm``, ``groupnorm``, ``identity`` (no normalization at all),
-``batchnorm+salu`` (normalization kept and SALU added after it: the referees' ablation), ``batchnorm_detached``
-(a diagnostic: BatchNorm whose batch statistics are constants in the backward, :class:`DetachedBatchNorm`).
+``batchnorm+salu`` (normalization kept and SALU added after it: the referees' ablation), and three diagnostics
+that take BatchNorm apart: ``batchnorm_detached`` (BatchNorm whose batch statistics are constants in the backward,
+:class:`DetachedBatchNorm`), ``batchnorm_uncentred`` (scale only: divides by the batch's root mean square, no mean
+subtracted, :class:`UncentredBatchNorm`) and ``batchnorm_uncentred_detached`` (the same with its statistic a
+constant in the backward: what SALU's per-step pinning does, on the BN model).
 Activations: ``swalu``, ``galu``, ``relu``, ``silu``, ``gelu``, ``prelu``.
 
 ``batchnorm`` at dim=1 is a plain ``nn.BatchNorm2d`` on purpose: deployment tools (``torch.fx`` conv-BN
@@ -30,7 +33,7 @@ from torch import nn
 from ..nn import GALU, SALU, SALUAct, SALUAddAct, SWALU
 
 __all__ = ["NORMS", "ACTS", "get_norm_layer", "get_act_layer", "norm_act", "norm_add_act", "NormAddAct",
-           "LayerNorm2d", "TokenBatchNorm", "DetachedBatchNorm", "LayerFactory"]
+           "LayerNorm2d", "TokenBatchNorm", "DetachedBatchNorm", "UncentredBatchNorm", "LayerFactory"]
 
 LayerFactory = Callable[..., nn.Module]
 
@@ -81,6 +84,44 @@ class DetachedBatchNorm(nn.modules.batchnorm._BatchNorm):
             scale = (var + self.eps).rsqrt()
         shape = (1, -1) + (1,) * (x.dim() - 2)
         y = (x - mean.to(x.dtype).view(shape)) * scale.to(x.dtype).view(shape)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+class UncentredBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Scale-only BatchNorm of channel-first input (N, C, *), a diagnostic: in training each channel is divided by
+    its batch root mean square, sqrt(mean(x²) + eps), with no mean subtracted, then BatchNorm's affine (weight and
+    bias). ``detach=True`` makes the statistic a constant in the backward. It asks which half of BatchNorm's
+    forward the twin's lead rests on: the centring (which no SALU pin does) or the scale (which
+    ``--salu-recalibrate-every 1`` pins, as a constant). The running statistic is the mean square, kept in
+    ``running_var`` with ``running_mean`` fixed at zero, so evaluation is BatchNorm's own with those buffers."""
+
+    def __init__(self, num_features: int, *, detach: bool = False, **kw) -> None:
+        super().__init__(num_features, **kw)
+        self.detach = detach
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", detach={self.detach}"
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"batchnorm_uncentred expects (N, C, *) input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        self._check_input_dim(x)
+        dims = (0,) + tuple(range(2, x.dim()))
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        mean_sq = xs.square().mean(dims)
+        if self.detach:
+            mean_sq = mean_sq.detach()
+        if self.track_running_stats and self.running_var is not None:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_var.lerp_(mean_sq.detach().to(self.running_var.dtype), m)
+                self.num_batches_tracked.add_(1)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = x * (mean_sq + self.eps).rsqrt().to(x.dtype).view(shape)
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 
@@ -141,6 +182,14 @@ def _batchnorm_detached(c: int | None, *, dim: int = 1) -> nn.Module:
     return DetachedBatchNorm(c)
 
 
+def _batchnorm_uncentred(c: int | None, *, dim: int = 1, detach: bool = False) -> nn.Module:
+    name = "batchnorm_uncentred" + ("_detached" if detach else "")
+    c = _need_width(name, c)
+    if dim != 1:
+        raise ValueError(f"{name} needs channel-first (N, C, *) input (dim=1); use batchnorm for tokens")
+    return UncentredBatchNorm(c, detach=detach)
+
+
 def _bn_salu(c: int | None, *, dim: int = 1) -> nn.Module:
     return nn.Sequential(_batchnorm(c, dim=dim), SALU(c, dim=dim))
 
@@ -159,6 +208,8 @@ NORMS: dict[str, LayerFactory] = {
     "identity": lambda c, *, dim=1: nn.Identity(),
     "batchnorm+salu": _bn_salu,
     "batchnorm_detached": _batchnorm_detached,
+    "batchnorm_uncentred": _batchnorm_uncentred,
+    "batchnorm_uncentred_detached": lambda c, *, dim=1: _batchnorm_uncentred(c, dim=dim, detach=True),
 }
 
 ACTS: dict[str, LayerFactory] = {
