@@ -55,23 +55,36 @@ class TokenBatchNorm(nn.BatchNorm1d):
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
-class DetachedBatchNorm(nn.modules.batchnorm._BatchNorm):
+class _TrainStatisticsBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Base of the diagnostic BatchNorms of channel-first input (N, C, *): evaluation is BatchNorm's own (on the
+    running buffers); training calls ``_train_forward(x, dims)`` with the dims the statistics reduce over."""
+    kind = ""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"{self.kind} expects (N, C, *) input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        self._check_input_dim(x)
+        return self._train_forward(x, (0,) + tuple(range(2, x.dim())))
+
+    def _affine(self, y: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+class DetachedBatchNorm(_TrainStatisticsBatchNorm):
     """BatchNorm of channel-first input (N, C, *) whose batch mean and variance are constants in the backward (a
     diagnostic, not a layer to train with). In training it normalises by the batch's statistics exactly as BatchNorm
     does, but the gradient does not flow through them: what is left of BatchNorm is the pinning of each channel's
     scale and shift at every step, without its gradient projection (the components of the gradient along the
     channel mean and along the normalised input, which BatchNorm removes). docs/RESULTS.md "What BatchNorm does at
     every step" separates the two with it. Running statistics and evaluation are BatchNorm's."""
+    kind = "batchnorm_detached"
 
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"batchnorm_detached expects (N, C, *) input, got {x.dim()}-D")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        self._check_input_dim(x)
-        dims = (0,) + tuple(range(2, x.dim()))
+    def _train_forward(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         with torch.no_grad():
             xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
             mean, var = xs.mean(dims), xs.var(dims, unbiased=False)
@@ -83,17 +96,18 @@ class DetachedBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.num_batches_tracked.add_(1)
             scale = (var + self.eps).rsqrt()
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = (x - mean.to(x.dtype).view(shape)) * scale.to(x.dtype).view(shape)
-        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        return self._affine((x - mean.to(x.dtype).view(shape)) * scale.to(x.dtype).view(shape))
 
 
-class UncentredBatchNorm(nn.modules.batchnorm._BatchNorm):
+class UncentredBatchNorm(_TrainStatisticsBatchNorm):
     """Scale-only BatchNorm of channel-first input (N, C, *), a diagnostic: in training each channel is divided by
     its batch root mean square, sqrt(mean(x²) + eps), with no mean subtracted, then BatchNorm's affine (weight and
     bias). ``detach=True`` makes the statistic a constant in the backward. It asks which half of BatchNorm's
     forward the twin's lead rests on: the centring (which no SALU pin does) or the scale (which
     ``--salu-recalibrate-every 1`` pins, as a constant). The running statistic is the mean square, kept in
     ``running_var`` with ``running_mean`` fixed at zero, so evaluation is BatchNorm's own with those buffers."""
+
+    kind = "batchnorm_uncentred"
 
     def __init__(self, num_features: int, *, detach: bool = False, **kw) -> None:
         super().__init__(num_features, **kw)
@@ -102,15 +116,7 @@ class UncentredBatchNorm(nn.modules.batchnorm._BatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", detach={self.detach}"
 
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"batchnorm_uncentred expects (N, C, *) input, got {x.dim()}-D")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        self._check_input_dim(x)
-        dims = (0,) + tuple(range(2, x.dim()))
+    def _train_forward(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         mean_sq = xs.square().mean(dims)
         if self.detach:
@@ -121,8 +127,7 @@ class UncentredBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_var.lerp_(mean_sq.detach().to(self.running_var.dtype), m)
                 self.num_batches_tracked.add_(1)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = x * (mean_sq + self.eps).rsqrt().to(x.dtype).view(shape)
-        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        return self._affine(x * (mean_sq + self.eps).rsqrt().to(x.dtype).view(shape))
 
 
 class _DimPReLU(nn.PReLU):
