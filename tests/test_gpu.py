@@ -159,10 +159,11 @@ def test_compile_whole_salunet_fullgraph(dev):
 
     The model carries the hooks of ``--salu-recalibrate-measure step`` (train/recalibrate.py) as the trainer
     attaches them, before compiling: they trace into the graph, gather every SALU site's input RMS as an eager
-    forward measures it (bf16 rounding apart), and pin every site to the target from it."""
+    forward measures it (bf16 rounding apart), and pin every site to the target from it; and those of
+    ``--salu-project-grad`` (an autograd.Function on every SALU input), attached before the eager reference too."""
     from torch._dynamo.utils import counters
 
-    from salunet.train.recalibrate import StepStatistics, salu_input_rms, salu_sites
+    from salunet.train.recalibrate import GradientProjection, StepStatistics, salu_input_rms, salu_sites
 
     torch._dynamo.reset()
     counters.clear()
@@ -171,6 +172,7 @@ def test_compile_whole_salunet_fullgraph(dev):
                          **({} if cuda else {"layers": (1, 1, 1, 1)})).to(dev, memory_format=torch.channels_last)
     x = torch.randn(8, 3, 32, 32, device=dev).to(memory_format=torch.channels_last)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16)
+    GradientProjection(model)
     with amp:
         y_eager = model(x)
     g_eager = torch.autograd.grad(y_eager.float().square().mean(), list(model.parameters()))

@@ -178,7 +178,7 @@ def test_training_with_recalibration_resumes_bit_for_bit(tmp_path):
 def test_a_model_without_salu_is_refused_before_anything_is_written(tmp_path):
     from salunet.train import train
 
-    with pytest.raises(ValueError, match="has no SALU to recalibrate"):
+    with pytest.raises(ValueError, match="has no SALU to act on"):
         train(dict(model="resnet18_bn", width=4, data="digits", train_subset=64, test_subset=20, epochs=1,
                    salu_recalibrate=0.5, out=str(tmp_path), name="bn", progress=False))
     assert not (tmp_path / "bn").exists()
@@ -360,3 +360,72 @@ def test_pin_lag_script(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         mod.main(["--rates", "0"])
     assert exc.value.code == 2
+
+
+def test_projected_gradient_is_the_gradient_through_an_in_graph_scale_normalisation():
+    """float64: a SALU pinned to this batch (sqrt(ab) * rms = K per channel) with its input's gradient projected
+    gives the layers before it exactly the gradient of the same SALU applied to x / rms(x) with rms in the graph
+    (an uncentred batch normalisation); unprojected, the gradient differs. The forward is unchanged."""
+    from salunet.nn import SALU
+    from salunet.train.recalibrate import project_radial_grad, recalibrate_salu
+
+    torch.manual_seed(0)
+    salu = SALU(4).double()
+    with torch.no_grad():
+        salu.log_a.copy_(torch.randn(4) * 0.3), salu.log_b.copy_(torch.randn(4) * 0.3)
+    x0 = torch.randn(6, 4, 3, 5, dtype=torch.float64) * torch.tensor([0.5, 2.0, 1.0, 3.0]).view(1, 4, 1, 1) + 0.3
+    w = torch.randn(6, 4, 3, 5, dtype=torch.float64)
+    recalibrate_salu(salu, [x0], 0.5)
+    rms = x0.square().mean((0, 2, 3)).sqrt()
+    torch.testing.assert_close(torch.exp(0.5 * (salu.log_a + salu.log_b)).detach() * rms,
+                               torch.full((4,), 0.5, dtype=torch.float64))
+    amp = torch.exp(0.5 * (salu.log_a - salu.log_b)).detach().view(1, 4, 1, 1)
+
+    def normalised(x):  # A * t / sqrt(1 + t²), t = K x / rms(x), rms in the graph
+        t = 0.5 * x / x.square().mean((0, 2, 3), keepdim=True).sqrt()
+        return amp * t / (1 + t.square()).sqrt()
+
+    xs = [x0.clone().requires_grad_() for _ in range(3)]
+    y_proj, y_ref, y_plain = salu(project_radial_grad(xs[0], 1)), normalised(xs[1]), salu(xs[2])
+    torch.testing.assert_close(y_proj, y_ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(y_proj, y_plain)
+    for y in (y_proj, y_ref, y_plain):
+        (y * w).sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(xs[2].grad, xs[1].grad, rtol=1e-3)
+    # the projected gradient has no component along x in any channel
+    torch.testing.assert_close((xs[0].grad * x0).sum((0, 2, 3)), torch.zeros(4, dtype=torch.float64), atol=1e-12,
+                               rtol=0)
+
+
+def test_gradient_projection_hooks_act_only_on_training_forwards_with_autograd():
+    """--salu-project-grad's hooks: training forwards get projected input gradients (no component along the input
+    per channel at every site, checked at the first); evaluation and no-grad forwards pass the input untouched;
+    the forward's values never change; remove() restores plain gradients."""
+    from salunet import create_model
+    from salunet.train.recalibrate import GradientProjection, salu_sites
+
+    torch.manual_seed(0)
+    model = create_model("salunet_c18_v2", num_classes=10, width=4).double()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    seen = {}
+    site, salu = next(iter(salu_sites(model).values()))
+    site.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    y_plain = model(x)
+    proj = GradientProjection(model)
+    y = model(x)
+    assert torch.equal(y, y_plain)
+    seen["x"].retain_grad()
+    y.square().sum().backward()
+    g, xin = seen["x"].grad, seen["x"].detach()
+    torch.testing.assert_close((g * xin).sum((0, 2, 3)), torch.zeros(g.shape[1], dtype=torch.float64), atol=1e-9,
+                               rtol=0)
+    model.eval()
+    model(x)
+    assert seen["x"].grad_fn is None or "ProjectRadial" not in type(seen["x"].grad_fn).__name__
+    model.train()
+    proj.remove()
+    y2 = model(x)
+    seen["x"].retain_grad()
+    y2.square().sum().backward()
+    assert (seen["x"].grad * seen["x"].detach()).sum((0, 2, 3)).abs().max() > 1e-3

@@ -71,7 +71,7 @@ from .ema import EMA
 from .evaluate import autocast_for, evaluate
 from .loggers import RunLoggers, check_logger
 from .optim import adaptive_clip_, agc_parameters, lr_at, make_optimizer, set_lr
-from .recalibrate import StepStatistics, recalibrate_salu, salu_sites
+from .recalibrate import GradientProjection, StepStatistics, recalibrate_salu, salu_sites
 from .resume import RESUME_KEYS, RunPlan, claim_run_dir, load_state, plan_run, remove_empty_dirs
 from .rundir import RunDir
 from .sources import data_fingerprint, load_source
@@ -175,6 +175,8 @@ def _prepare_training(run: _Run) -> None:
     cfg, info = run.cfg, run.info
     if cfg.salu_recalibrate_every and cfg.salu_recalibrate_measure == "step":  # hooks before DDP and compile
         run.step_stats = StepStatistics(run.model)
+    if cfg.salu_project_grad:
+        GradientProjection(run.model)  # hooks for the run's life, before DDP and compile
     run.train_model = run.model
     if info.enabled:
         run.train_model = nn.parallel.DistributedDataParallel(
@@ -187,9 +189,10 @@ def _prepare_training(run: _Run) -> None:
 
 def _train(plan: RunPlan, info: D.DistInfo, on_finish: FinishHook | None = None) -> dict:
     run, start_epoch, step = _build(plan, info)
-    if run.cfg.salu_recalibrate > 0 and not salu_sites(run.model):  # before the run directory is claimed
-        raise ValueError(f"--salu-recalibrate: model {run.cfg.model} has no SALU to recalibrate; drop the option "
-                         "or train a SaluNet")
+    if (run.cfg.salu_recalibrate > 0 or run.cfg.salu_project_grad) and not salu_sites(run.model):  # before the
+        # run directory is claimed
+        flag = "--salu-recalibrate" if run.cfg.salu_recalibrate > 0 else "--salu-project-grad"
+        raise ValueError(f"{flag}: model {run.cfg.model} has no SALU to act on; drop the option or train a SaluNet")
     new_run, lock, created, epochs_done, epoch = plan.new_run, None, [], 0, start_epoch
     if info.is_main:  # refuses if another process holds or has written the directory (then nothing there is ours)
         plan.run_dir, lock, created = claim_run_dir(plan)

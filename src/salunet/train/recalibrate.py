@@ -23,6 +23,9 @@ recalibration (on the compiled kernel path, CUDA's default, with the kernels tra
 with momentum r), for batches too small to measure a channel's scale on. ``--salu-recalibrate-measure step`` takes
 the statistics from the training forwards themselves (:class:`StepStatistics`), one step late, instead of one more
 forward.
+``--salu-project-grad`` (:class:`GradientProjection`) adds the other half of a scale normalisation, the backward:
+each SALU input's gradient loses its per-channel component along the input, as the gradient through an in-graph
+batch RMS would remove it; the forward is untouched.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ from torch import Tensor, nn
 
 from ..nn import SALU, SALUAct, kernels
 
-__all__ = ["salu_sites", "salu_input_rms", "recalibrate_salu", "StepStatistics"]
+__all__ = ["salu_sites", "salu_input_rms", "recalibrate_salu", "StepStatistics", "GradientProjection",
+           "project_radial_grad"]
 
 
 def salu_sites(model: nn.Module) -> dict[str, tuple[nn.Module, SALU]]:
@@ -217,6 +221,66 @@ class StepStatistics:
             out[n] = _pin(salu, _rms(salu, packed[i:i + k]), target, rate)
             i += k
         return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class _ProjectRadialGrad(torch.autograd.Function):
+    """Identity forward; the backward removes from the gradient g its component along the input x over ``dims``
+    (per channel): g - x * sum(g x) / sum(x²), summed in at least float32 (channels with sum(x²) = 0 keep g)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dims: tuple[int, ...]) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.dims = dims
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (x,) = ctx.saved_tensors
+        wide = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        xf, gf = x.to(wide), g.to(wide)
+        num = (gf * xf).sum(ctx.dims, keepdim=True)
+        den = xf.square().sum(ctx.dims, keepdim=True)
+        coef = torch.where(den > 0, num / den.clamp_min(torch.finfo(wide).tiny), torch.zeros_like(num))
+        return (gf - xf * coef).to(g.dtype), None
+
+
+def project_radial_grad(x: Tensor, channel_axis: int | None) -> Tensor:
+    """``x`` unchanged in the forward; in the backward, per channel (over every other dim: the batch and the
+    positions; over everything with ``channel_axis=None``), the gradient loses its component along ``x``. This is
+    what the gradient through an uncentred scale normalisation, x / sqrt(mean(x²)), does to the gradient of what
+    follows it, at the point where the forward's scale is pinned (float64 check: tests/test_recalibrate.py)."""
+    dims = tuple(range(x.dim())) if channel_axis is None else \
+        tuple(d for d in range(x.dim()) if d != channel_axis % x.dim())
+    return _ProjectRadialGrad.apply(x, dims)
+
+
+class GradientProjection:
+    """``--salu-project-grad``: the backward half of a per-step scale normalisation, for the SALU inputs. Pinned
+    every step (``--salu-recalibrate-every 1``), every SALU site's forward already sees its input at the target
+    scale of the step's batch, but the statistic is a constant: the gradient that reaches the layers before it
+    keeps its component along the input, which an in-graph normalisation removes (the BatchNorm diagnostics in
+    docs/RESULTS.md "Taking BatchNorm apart" measure that half at 4 points). Forward pre-hooks on every SALU site
+    pass the input through :func:`project_radial_grad` in training forwards (module in train mode, autograd on);
+    evaluation, inference and export never see it, and the forward's values are unchanged. The statistics are
+    the process's own batch (under DDP each rank projects with its shard, as BatchNorm without SyncBatchNorm
+    normalises). Hooks are attached at construction and stay for the run, so a compiled model traces them."""
+
+    def __init__(self, model: nn.Module):
+        self._handles = [m.register_forward_pre_hook(self._hook(salu)) for m, salu in salu_sites(model).values()]
+
+    @staticmethod
+    def _hook(salu: SALU):
+        def hook(module, args):
+            if module.training and torch.is_grad_enabled():
+                x = args[0]
+                return (project_radial_grad(x, salu.channel_axis(x)),) + tuple(args[1:])
+            return None
+        return hook
 
     def remove(self) -> None:
         for h in self._handles:
