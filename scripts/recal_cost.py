@@ -5,7 +5,8 @@ recalibration, interleaved in one process, as a ratio to the step without it.
                                  [--measure forward,step] [--device cpu|cuda]
 
 ``--measure``: ``forward`` is the extra forward per recalibration (settings named ``N``); ``step`` gathers the
-statistics in the training forward (``--salu-recalibrate-measure step``, rate 0.5; settings named ``N:step``).
+statistics in the training forward (``--salu-recalibrate-measure step``, rate 0.5; settings named ``N:step``);
+``project`` is ``forward`` with ``--salu-project-grad`` (settings named ``N:project``).
 
 Each repeat times ``--steps`` optimizer steps (forward, backward, SGD) per setting, the settings in turn, on the
 same random batch; it prints the median time per step of every setting and its ratio to no recalibration, and one
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from salunet.models import create_model
-from salunet.train.recalibrate import StepStatistics, recalibrate_salu
+from salunet.train.recalibrate import GradientProjection, StepStatistics, recalibrate_salu
 
 
 def _sync(device: torch.device) -> None:
@@ -34,6 +35,7 @@ def _steps(model, opt, x, y, n: int, every: int, start: int, measure: str = "for
     stats = StepStatistics(model) if every and measure == "step" else None
     if stats is not None:  # one untimed step gathers: timed steps then pin from statistics, as all but an epoch's
         _steps(model, opt, x, y, 1, 0, 0)  # first do in the trainer (which pins that one with the extra forward)
+    proj = GradientProjection(model) if every and measure == "project" else None
     _sync(x.device)
     t = time.perf_counter()
     for s in range(start, start + n):
@@ -44,8 +46,9 @@ def _steps(model, opt, x, y, n: int, every: int, start: int, measure: str = "for
         loss.backward()
         opt.step()
     _sync(x.device)
-    if stats is not None:
-        stats.remove()
+    for hooks in (stats, proj):
+        if hooks is not None:
+            hooks.remove()
     return (time.perf_counter() - t) / n
 
 
@@ -59,11 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="steps per setting and repeat")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the kernels' default path on that device)")
-    p.add_argument("--measure", default="forward", help="comma-separated: forward (extra forward), step (training's)")
+    p.add_argument("--measure", default="forward",
+                   help="comma-separated: forward (extra forward), step (training's), project (forward + projection)")
     a = p.parse_args(argv)
     measures = a.measure.split(",")
-    if not measures or any(m not in ("forward", "step") for m in measures):
-        p.error(f"--measure: {a.measure!r} is not a comma-separated list of forward, step")
+    if not measures or any(m not in ("forward", "step", "project") for m in measures):
+        p.error(f"--measure: {a.measure!r} is not a comma-separated list of forward, step, project")
     try:
         everies = [int(v) for v in a.every.split(",")]
     except ValueError:
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(a.batch, 3, a.size, a.size, device=device)
     y = torch.randint(0, 10, (a.batch,), device=device)
     settings = [(0, "forward")] + [(e, m) for m in measures for e in everies]
-    names = {st: str(st[0]) if st[1] == "forward" else f"{st[0]}:step" for st in settings}
+    names = {st: str(st[0]) if st[1] == "forward" else f"{st[0]}:{st[1]}" for st in settings}
     times: dict[tuple, list[float]] = {st: [] for st in settings}
     _steps(model, opt, x, y, 2, 1, 0)  # warm-up (and the C++ kernels' first use)
     step = 0

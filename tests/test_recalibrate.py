@@ -309,9 +309,10 @@ def test_recal_cost_script(capsys):
 
     mod = _script("recal_cost")
     assert mod.main(["--width", "2", "--batch", "4", "--size", "8", "--every", "1,3", "--steps", "1",
-                     "--repeats", "1", "--measure", "forward,step"]) == 0
+                     "--repeats", "1", "--measure", "forward,step,project"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(out["ms_per_step"]) == set(out["ratio_to_off"]) == {"0", "1", "3", "1:step", "3:step"}
+    assert set(out["ms_per_step"]) == set(out["ratio_to_off"]) == {"0", "1", "3", "1:step", "3:step",
+                                                                "1:project", "3:project"}
     assert out["ratio_to_off"]["0"] == 1.0 and all(v > 0 for v in out["ms_per_step"].values())
     for bad in (["--every", "x"], ["--every", "0"], ["--device", "nodevice"], ["--measure", "forward,later"]):
         with pytest.raises(SystemExit) as exc:
