@@ -264,11 +264,12 @@ class GradientProjection:
     every step (``--salu-recalibrate-every 1``), every SALU site's forward already sees its input at the target
     scale of the step's batch, but the statistic is a constant: the gradient that reaches the layers before it
     keeps its component along the input, which an in-graph normalisation removes (the BatchNorm diagnostics in
-    docs/RESULTS.md "Taking BatchNorm apart" measure that half at 4 points). Forward pre-hooks on every SALU site
-    pass the input through :func:`project_radial_grad` in training forwards (module in train mode, autograd on);
-    evaluation, inference and export never see it, and the forward's values are unchanged. The statistics are
-    the process's own batch (under DDP each rank projects with its shard, as BatchNorm without SyncBatchNorm
-    normalises). Hooks are attached at construction and stay for the run, so a compiled model traces them."""
+    docs/RESULTS.md "Taking BatchNorm apart" measure that half at 2.5 points to the BN model; this projection
+    gained the pinned SALU nothing there). Forward pre-hooks on every SALU site pass the input through
+    :func:`project_radial_grad` in training forwards (module in train mode, autograd on); evaluation, inference and
+    export never see it, and the forward's values are unchanged. The statistics are the process's own batch (under
+    DDP each rank projects with its shard, as BatchNorm without SyncBatchNorm normalises). Hooks are attached at
+    construction and stay for the run, so a compiled model traces them."""
 
     def __init__(self, model: nn.Module):
         self._handles = [m.register_forward_pre_hook(self._hook(salu)) for m, salu in salu_sites(model).values()]
