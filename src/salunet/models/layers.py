@@ -13,7 +13,8 @@ A *norm layer* and an *act layer* are callables ``(num_features, *, dim) -> nn.M
 :class:`salunet.nn.SALUAct` pass.
 
 Norms: ``salu``, ``batchnorm``, ``layernorm``, ``groupnorm``, ``identity`` (no normalization at all),
-``batchnorm+salu`` (normalization kept and SALU added after it: the referees' ablation), and three diagnostics
+``batchnorm+salu`` (normalization kept and SALU added after it: the referees' ablation), ``salu+shift`` (SALU then
+a learnable per-channel shift, :class:`ChannelShift`: BatchNorm's beta after the curve, unfused), and three diagnostics
 that take BatchNorm apart: ``batchnorm_detached`` (BatchNorm whose batch statistics are constants in the backward,
 :class:`DetachedBatchNorm`), ``batchnorm_uncentred`` (scale only: divides by the batch's root mean square, no mean
 subtracted, :class:`UncentredBatchNorm`) and ``batchnorm_uncentred_detached`` (the same with its statistic a
@@ -33,7 +34,7 @@ from torch import nn
 from ..nn import GALU, SALU, SALUAct, SALUAddAct, SWALU
 
 __all__ = ["NORMS", "ACTS", "get_norm_layer", "get_act_layer", "norm_act", "norm_add_act", "NormAddAct",
-           "LayerNorm2d", "TokenBatchNorm", "DetachedBatchNorm", "UncentredBatchNorm", "LayerFactory"]
+           "LayerNorm2d", "TokenBatchNorm", "DetachedBatchNorm", "UncentredBatchNorm", "ChannelShift", "LayerFactory"]
 
 LayerFactory = Callable[..., nn.Module]
 
@@ -130,6 +131,31 @@ class UncentredBatchNorm(_TrainStatisticsBatchNorm):
         return self._affine(x * (mean_sq + self.eps).rsqrt().to(x.dtype).view(shape))
 
 
+class ChannelShift(nn.Module):
+    """x + beta, one learnable shift per channel along ``dim`` (one scalar without ``num_features``), zero at init.
+
+    After a SALU (norm ``salu+shift``) it is BatchNorm's beta: SALU's curve is odd and has no offset, so without it
+    the gate after a SALU always switches at a zero input, where ReLU after a BatchNorm switches at -beta/gamma,
+    which each channel learns. Not decayed by the trainer (a bias: ``train/optim.py``)."""
+
+    def __init__(self, num_features: int | None = None, *, dim: int = 1) -> None:
+        super().__init__()
+        self.num_features, self.dim = num_features, dim
+        self.bias = nn.Parameter(torch.zeros(() if num_features is None else (num_features,)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_features is None:
+            return x + self.bias.to(x.dtype)
+        d = self.dim % x.dim()
+        if x.shape[d] != self.num_features:
+            raise ValueError(f"ChannelShift: expected {self.num_features} channels along dim {self.dim}, got "
+                             f"input shape {tuple(x.shape)}")
+        return x + self.bias.to(x.dtype).view((-1,) + (1,) * (x.dim() - d - 1))
+
+    def extra_repr(self) -> str:
+        return "scalar" if self.num_features is None else f"{self.num_features}, dim={self.dim}"
+
+
 class _DimPReLU(nn.PReLU):
     """PReLU with one slope per entry of ``dim`` (nn.PReLU's channels are always dim 1)."""
 
@@ -199,6 +225,10 @@ def _bn_salu(c: int | None, *, dim: int = 1) -> nn.Module:
     return nn.Sequential(_batchnorm(c, dim=dim), SALU(c, dim=dim))
 
 
+def _salu_shift(c: int | None, *, dim: int = 1) -> nn.Module:
+    return nn.Sequential(SALU(c, dim=dim), ChannelShift(c, dim=dim))
+
+
 def _prelu(c: int | None, *, dim: int = 1) -> nn.Module:
     if c is None:
         return nn.PReLU()  # one shared slope: what nn.PReLU does without a channel count
@@ -212,6 +242,7 @@ NORMS: dict[str, LayerFactory] = {
     "groupnorm": _groupnorm,
     "identity": lambda c, *, dim=1: nn.Identity(),
     "batchnorm+salu": _bn_salu,
+    "salu+shift": _salu_shift,
     "batchnorm_detached": _batchnorm_detached,
     "batchnorm_uncentred": _batchnorm_uncentred,
     "batchnorm_uncentred_detached": lambda c, *, dim=1: _batchnorm_uncentred(c, dim=dim, detach=True),
