@@ -138,7 +138,7 @@ def _assert_uses(m: nn.Module, norm: str, act: str, *, dim: int, defaults: tuple
         assert not unwanted & present, (name, unwanted & present)
 
 
-@pytest.mark.parametrize("norm", ["salu", "batchnorm", "layernorm", "identity", "batchnorm+salu"])
+@pytest.mark.parametrize("norm", ["salu", "batchnorm", "layernorm", "identity", "batchnorm+salu", "salu+shift"])
 @pytest.mark.parametrize("act", list(ACTS))
 def test_vit_norm_act_pairs(norm, act):
     m = create_model("vit_ln", num_classes=3, width=24, depth=1, norm_layer=norm, act_layer=act)
@@ -279,3 +279,60 @@ def test_uncentred_batchnorm_divides_by_the_batch_rms_and_evaluates_on_its_runni
         assert torch.autograd.gradcheck(m, (x.detach()[:2, :, :2, :2].clone().requires_grad_(),))
     with pytest.raises(ValueError, match="channel-first"):
         get_norm_layer("batchnorm_uncentred")(3, dim=-1)
+
+
+@pytest.mark.parametrize("dim,shape", [(1, (2, 3, 4, 5)), (-1, (2, 5, 3)), (1, (4, 3))])
+def test_salu_shift_is_salu_plus_a_learned_per_channel_shift(dim, shape):
+    """Norm 'salu+shift', float64: SALU(x) + beta per channel along ``dim`` (the reference from F.salu), beta zero
+    at init, its gradient the sum of the output gradient over every other dim, gradcheck through both; one scalar
+    without a width; a wrong channel count refused in one line; beta is not weight-decayed by the trainer."""
+    from salunet.models.layers import ChannelShift, get_norm_layer
+    from salunet.nn import functional as F
+    from salunet.train.optim import param_groups
+
+    torch.manual_seed(0)
+    m = get_norm_layer("salu+shift")(3, dim=dim).double()
+    salu, shift = m
+    assert isinstance(shift, ChannelShift) and torch.equal(shift.bias, torch.zeros(3, dtype=torch.float64))
+    with torch.no_grad():
+        shift.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        salu.log_a.copy_(torch.tensor([0.3, -0.2, 0.1]))
+    x = (torch.randn(shape, dtype=torch.float64) * 2).requires_grad_()
+    view = (3,) + (1,) * (x.dim() - dim % x.dim() - 1)
+    la, lb = salu.log_a.detach().view(view), salu.log_b.detach().view(view)
+    want = F.salu(x.detach(), la.exp(), lb.exp()) + shift.bias.detach().view(view)
+    y = m(x)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    other = tuple(d for d in range(x.dim()) if d != dim % x.dim())
+    torch.testing.assert_close(shift.bias.grad, g.sum(other), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(m, (x.detach()[:2].clone().requires_grad_(),))
+    scalar = get_norm_layer("salu+shift")(None)
+    assert scalar[1].bias.shape == () and scalar(torch.zeros(2, 7)).shape == (2, 7)
+    with pytest.raises(ValueError, match="ChannelShift: expected 3 channels along dim"):
+        shift(torch.zeros(2, 4, 3) if dim == 1 else torch.zeros(2, 3, 4))
+    model = create_model("salunet_c18_v2", num_classes=10, width=4, norm_layer="salu+shift")
+    biases = {id(s.bias) for s in model.modules() if isinstance(s, ChannelShift)}
+    assert len(biases) == 20  # every norm site: stem, 2 per block, 3 downsampling shortcuts
+    no_decay = {id(p) for gr in param_groups(model, 1e-3) if gr["weight_decay"] == 0 for p in gr["params"]}
+    assert biases <= no_decay
+
+
+def test_salu_shift_model_starts_as_the_unshifted_one_and_is_pinned_at_its_salus():
+    """A SaluNet with norm 'salu+shift' is, at init, the same function as without it (the shift is zero; its SALUs
+    get the same init rules, branch ends included), and the per-step pin finds every SALU inside the shift pairs."""
+    from salunet.train.recalibrate import recalibrate_salu, salu_sites
+
+    x = torch.randn(4, 3, 16, 16)
+    torch.manual_seed(0)
+    shifted = create_model("salunet_c18_v2", num_classes=10, width=4, norm_layer="salu+shift")
+    torch.manual_seed(0)
+    plain = create_model("salunet_c18_v2", num_classes=10, width=4)
+    with torch.no_grad():
+        torch.testing.assert_close(shifted(x), plain(x), rtol=1e-5, atol=1e-6)
+    sites = salu_sites(shifted)
+    assert len(sites) == len(salu_sites(plain)) == 20
+    before = {n: s.log_a.detach().clone() for n, (_, s) in sites.items()}
+    recalibrate_salu(shifted, [x], target=0.5)
+    assert all(not torch.equal(before[n], s.log_a) for n, (_, s) in sites.items())

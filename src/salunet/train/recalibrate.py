@@ -167,7 +167,34 @@ def _check(target: float, rate: float) -> None:
         raise ValueError(f"SALU recalibration rate must be in (0, 1] (1 = the measured statistics alone), got {rate}")
 
 
-class StepStatistics:
+class _SiteHooks:
+    """Forward pre-hooks on every SALU site of a model (:func:`salu_sites`) that act on training forwards only
+    (module in train mode, autograd on: evaluation and the calibration forward pass through untouched). They are
+    attached at construction and stay until :meth:`remove`, so a compiled model traces them once. Subclasses define
+    ``_on_input(name, salu, args)``, which returns the site's new positional arguments or None (unchanged)."""
+
+    def __init__(self, model: nn.Module):
+        self._sites = salu_sites(model)
+        self._handles = [m.register_forward_pre_hook(self._hook(name, salu))
+                         for name, (m, salu) in self._sites.items()]
+
+    def _hook(self, name: str, salu: SALU):
+        def hook(module, args):
+            if module.training and torch.is_grad_enabled():
+                return self._on_input(name, salu, args)
+            return None
+        return hook
+
+    def _on_input(self, name: str, salu: SALU, args: tuple) -> tuple | None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class StepStatistics(_SiteHooks):
     """``--salu-recalibrate-measure step``: the statistics the training forwards already compute, instead of one
     more forward. Forward pre-hooks on every SALU site add up the per-channel sums of squares of its input during
     the training forwards (modules in train mode with autograd on: evaluation and the calibration forward are
@@ -182,17 +209,12 @@ class StepStatistics:
     forward. Hooks are attached at construction and stay for the run, so a compiled model traces them once."""
 
     def __init__(self, model: nn.Module):
-        self._sites = salu_sites(model)
         self._sums: dict[str, Tensor] = {}
-        self._handles = [m.register_forward_pre_hook(self._hook(name, salu))
-                         for name, (m, salu) in self._sites.items()]
+        super().__init__(model)
 
-    def _hook(self, name: str, salu: SALU):
-        def hook(module, args):
-            if module.training and torch.is_grad_enabled():
-                packed = _sum_squares(salu, args[0])
-                self._sums[name] = self._sums[name] + packed if name in self._sums else packed
-        return hook
+    def _on_input(self, name: str, salu: SALU, args: tuple) -> None:
+        packed = _sum_squares(salu, args[0])
+        self._sums[name] = self._sums[name] + packed if name in self._sums else packed
 
     def reset(self) -> None:
         """Forget what was gathered (the start of an epoch: a resumed run starts there with nothing gathered)."""
@@ -221,11 +243,6 @@ class StepStatistics:
             out[n] = _pin(salu, _rms(salu, packed[i:i + k]), target, rate)
             i += k
         return out
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 class _ProjectRadialGrad(torch.autograd.Function):
@@ -259,7 +276,7 @@ def project_radial_grad(x: Tensor, channel_axis: int | None) -> Tensor:
     return _ProjectRadialGrad.apply(x, dims)
 
 
-class GradientProjection:
+class GradientProjection(_SiteHooks):
     """``--salu-project-grad``: the backward half of a per-step scale normalisation, for the SALU inputs. Pinned
     every step (``--salu-recalibrate-every 1``), every SALU site's forward already sees its input at the target
     scale of the step's batch, but the statistic is a constant: the gradient that reaches the layers before it
@@ -271,19 +288,6 @@ class GradientProjection:
     DDP each rank projects with its shard, as BatchNorm without SyncBatchNorm normalises). Hooks are attached at
     construction and stay for the run, so a compiled model traces them."""
 
-    def __init__(self, model: nn.Module):
-        self._handles = [m.register_forward_pre_hook(self._hook(salu)) for m, salu in salu_sites(model).values()]
-
-    @staticmethod
-    def _hook(salu: SALU):
-        def hook(module, args):
-            if module.training and torch.is_grad_enabled():
-                x = args[0]
-                return (project_radial_grad(x, salu.channel_axis(x)),) + tuple(args[1:])
-            return None
-        return hook
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def _on_input(self, name: str, salu: SALU, args: tuple) -> tuple:
+        x = args[0]
+        return (project_radial_grad(x, salu.channel_axis(x)),) + tuple(args[1:])
