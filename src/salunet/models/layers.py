@@ -136,7 +136,8 @@ class ChannelShift(nn.Module):
 
     After a SALU (norm ``salu+shift``) it is BatchNorm's beta: SALU's curve is odd and has no offset, so without it
     the gate after a SALU always switches at a zero input, where ReLU after a BatchNorm switches at -beta/gamma,
-    which each channel learns. Not decayed by the trainer (a bias: ``train/optim.py``)."""
+    which each channel learns. Not decayed by the trainer (a bias: ``train/optim.py``). Measured on the pinned v2 at
+    the CPU budget: no gain (docs/RESULTS.md "The layer: SALU's curve")."""
 
     def __init__(self, num_features: int | None = None, *, dim: int = 1) -> None:
         super().__init__()

@@ -206,7 +206,7 @@ class StepStatistics(_SiteHooks):
     epoch with the extra forward (nothing is gathered yet then; at the run's rate), and requires a rate <= 0.5 (at
     rate 1 the per-site corrections grow into an oscillation within ten steps; at 0.5 they stay at the exact pin's
     size: scripts/pin_lag.py). It costs one pass over each SALU input (a square and a sum) per step instead of a
-    forward. Hooks are attached at construction and stay for the run, so a compiled model traces them once."""
+    forward (the hooks: :class:`_SiteHooks`)."""
 
     def __init__(self, model: nn.Module):
         self._sums: dict[str, Tensor] = {}
@@ -283,11 +283,11 @@ class GradientProjection(_SiteHooks):
     keeps its component along the input, which an in-graph normalisation removes (the BatchNorm diagnostics in
     docs/RESULTS.md "Taking BatchNorm apart" measure that half at 2.5 points to the BN model; this projection
     gained the pinned SALU at K 0.5 nothing, with SWALU or with ReLU; with the SALU pinned into its linear range,
-    K 0.05, the model fits and tests as the twin does: "The layer: SALU's curve"). Forward pre-hooks on every SALU site pass the input through
-    :func:`project_radial_grad` in training forwards (module in train mode, autograd on); evaluation, inference and
-    export never see it, and the forward's values are unchanged. The statistics are the process's own batch (under
-    DDP each rank projects with its shard, as BatchNorm without SyncBatchNorm normalises). Hooks are attached at
-    construction and stay for the run, so a compiled model traces them."""
+    K 0.05, the model fits and tests as the twin does: "The layer: SALU's curve").
+    The :class:`_SiteHooks` pass every SALU input through :func:`project_radial_grad` in training forwards;
+    evaluation, inference and export never see it, and the forward's values are unchanged. The statistics are the
+    process's own batch (under DDP each rank projects with its shard, as BatchNorm without SyncBatchNorm
+    normalises)."""
 
     def _on_input(self, name: str, salu: SALU, args: tuple) -> tuple:
         x = args[0]
