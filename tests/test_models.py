@@ -1,5 +1,7 @@
 """Every registered model: shapes, finiteness, gradients, batch size 1, train == eval without norms,
 parameter counts, and the init rule (stage std within [0.5, 2])."""
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -336,3 +338,68 @@ def test_salu_shift_model_starts_as_the_unshifted_one_and_is_pinned_at_its_salus
     before = {n: s.log_a.detach().clone() for n, (_, s) in sites.items()}
     recalibrate_salu(shifted, [x], target=0.5)
     assert all(not torch.equal(before[n], s.log_a) for n, (_, s) in sites.items())
+
+
+_CHANNELS_LAST_CHECK = r"""
+import sys, torch, torch.nn.functional as F
+from salunet.models import create_model
+from salunet.models.channels_last import guarded_convs, to_channels_last
+for name in ("resnet18_bn", "salunet_c18_v2"):  # plain nn.Conv2d shortcuts, and NFConv2d ones
+    grads = []
+    for cl in (False, True):
+        torch.manual_seed(0)
+        m = create_model(name, num_classes=10, width=4).double()
+        x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+        if cl:
+            m, x = to_channels_last(m), x.contiguous(memory_format=torch.channels_last)
+            assert guarded_convs(m) == ["layer2.0.shortcut.0"], guarded_convs(m)
+            assert m.layer2[0].shortcut[0].weight.stride() == (4, 1, 1, 1)
+            assert m.layer3[0].shortcut[0].weight.is_contiguous(memory_format=torch.channels_last)
+            assert m.layer3[0].shortcut[0].weight.stride() != (8, 1, 1, 1)  # the 8-channel one goes channels_last
+        for _ in range(2):  # the crash came at the first or the second backward
+            m.zero_grad()
+            F.cross_entropy(m(x), torch.arange(4)).backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+print("ok")
+"""
+
+
+def test_channels_last_on_cpu_guards_the_crash_prone_shortcut_and_changes_no_gradient():
+    """torch 2.13's CPU backward of a 1x1 stride-2 conv with < 8 input channels in channels_last corrupts memory
+    (segfault). ``to_channels_last`` keeps exactly those convs contiguous: a width-4 ResNet (plain and NF convs)
+    trains in channels_last with the gradients of the contiguous model (float64). Run in a subprocess, so that a
+    regression fails this test instead of killing the test run."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _CHANNELS_LAST_CHECK], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.returncode, proc.stderr[-2000:])
+
+
+def test_onednn_crash_prone_names_only_small_strided_pointwise_convs():
+    from salunet.models.channels_last import onednn_crash_prone
+
+    assert onednn_crash_prone(nn.Conv2d(4, 8, 1, stride=2))
+    assert onednn_crash_prone(nn.Conv2d(7, 8, 1, stride=(2, 2)))
+    assert not onednn_crash_prone(nn.Conv2d(8, 16, 1, stride=2))  # 8 input channels: fine
+    assert not onednn_crash_prone(nn.Conv2d(1, 8, 1, stride=2))  # 1 input channel: fine
+    assert not onednn_crash_prone(nn.Conv2d(4, 8, 3, stride=2))  # 3x3: fine
+    assert not onednn_crash_prone(nn.Conv2d(4, 8, 1, stride=1))  # stride 1: fine
+    assert not onednn_crash_prone(nn.Linear(4, 8))
+
+
+def test_train_channels_last_on_cpu_says_which_convs_stay_contiguous(tmp_path):
+    """``salunet train --channels-last`` at width 4 on CPU (which crashed) trains and names the guarded conv; a
+    subprocess, as above."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "salunet", "train", "--model", "resnet18_bn", "--width", "4",
+                           "--data", "digits", "--channels-last", "true", "--epochs", "1", "--train-subset", "32",
+                           "--test-subset", "16", "--batch-size", "16", "--progress", "false", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "channels_last: all but layer2.0.shortcut.0, which stay contiguous" in proc.stdout

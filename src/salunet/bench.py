@@ -440,6 +440,7 @@ def bench_models(repeats: int = 7, warmup: int = 3, threads: int = 2, full: bool
     ``dtype`` (bf16 / fp16: ``torch.autocast``) / ``channels_last``: where and how the models run; ``batch``
     replaces every pair's own batch size (on a GPU the paper's 128, say)."""
     from .models import create_model
+    from .models.channels_last import to_channels_last
 
     dev, _ = resolve_device(device), _dtype(dtype)
     wanted = None if pairs is None else {p.strip() for p in pairs.split(",") if p.strip()}
@@ -462,7 +463,9 @@ def bench_models(repeats: int = 7, warmup: int = 3, threads: int = 2, full: bool
         torch.manual_seed(0)
         x = torch.randn(batch_n, 3, side, side, device=dev).contiguous(memory_format=fmt)
         y = torch.randint(0, 10, (batch_n,), device=dev)
-        models = {n: create_model(n, num_classes=10, width=width).to(dev, memory_format=fmt) for n in (name, twin)}
+        models = {n: create_model(n, num_classes=10, width=width).to(dev) for n in (name, twin)}
+        if channels_last:
+            models = {n: to_channels_last(m) for n, m in models.items()}
         opts = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in models.items()}
         has_bn = any(isinstance(m, nn.BatchNorm2d) for m in models[twin].modules())
         # separate eval-mode copies: the training models stay in train mode (SaluNets behave the same in both,

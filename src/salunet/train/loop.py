@@ -62,6 +62,7 @@ from torch import nn
 
 from .. import __version__
 from ..data import mixed_cross_entropy
+from ..models.channels_last import guarded_convs, to_channels_last
 from ..nn import kernels
 from . import distributed as D
 from . import faults
@@ -132,7 +133,7 @@ def _build(plan: RunPlan, info: D.DistInfo) -> tuple[_Run, int, int]:
     source = load_source(cfg, info)
     model = build_model(cfg, source.num_classes, source.in_chans, source.image_size).to(info.device)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)
     opt = make_optimizer(model, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
                          weight_decay=cfg.weight_decay, salu_lr_scale=cfg.salu_lr_scale)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -163,6 +164,10 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
     print(f"data: {run.source.note}")
     print(f"kernels: {kernels.kernel_path(run.info.device)}; device {run.info.device}; ranks {run.info.world}; "
           f"{sum(p.numel() for p in run.model.parameters()):,} parameters; {run.source.steps} steps/epoch", flush=True)
+    if cfg.channels_last and guarded_convs(run.model):
+        print(f"channels_last: all but {', '.join(guarded_convs(run.model))}, which stay contiguous on CPU (oneDNN's "
+              "backward of a 1x1 stride-2 conv with < 8 input channels corrupts memory in channels_last; "
+              "salunet.models.channels_last)", flush=True)
     if cfg.salu_recalibrate_every and cfg.salu_recalibrate_rate == 1 and cfg.batch_size // run.info.world < 2:
         print("salunet train: warning: --salu-recalibrate-every with one image per step and rank pins every SALU to "
               "that image's own statistics; at batch size 1 it trained at chance on digits (docs/RESULTS.md "

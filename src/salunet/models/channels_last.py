@@ -1,0 +1,61 @@
+"""Moving a model to the channels_last memory format, with a guard for a torch CPU bug.
+
+On CPU (torch 2.13, oneDNN 3.12), the backward of a 1x1 convolution with stride > 1 and 2-7 input channels
+corrupts memory when its input or its kernel is in channels_last: a segfault, or "double free or corruption", at
+the first backward (measured 2026-11-29 with a plain ``nn.Conv2d``: 1 or >= 8 input channels, 3x3 kernels, stride
+1 and forward-only passes are fine). A ResNet's stage-2 shortcut is such a conv at width < 8, so
+``salunet train --channels-last`` crashed on CPU there, for SaluNets and their BN twins alike.
+
+:func:`to_channels_last` moves a model to channels_last and, for each such conv on a CPU, keeps the kernel and
+the input in the contiguous format (a forward pre-hook copies the input): they are tiny by construction, so the
+copies are small, and the rest of the model stays channels_last. :func:`guarded_convs` names them (``salunet
+train`` prints them). On other devices nothing is guarded (cuDNN has no such bug). ``tests/test_models.py``
+trains the crashing case in a subprocess (and fails there without the guard).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["to_channels_last", "guarded_convs", "onednn_crash_prone"]
+
+
+def onednn_crash_prone(conv: nn.Module) -> bool:
+    """Whether ``conv`` is a 2-d convolution of the shape whose CPU backward crashes in channels_last."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and max(conv.stride) > 1
+            and 2 <= conv.in_channels <= 7)
+
+
+def _contiguous_strides(t: Tensor) -> bool:
+    """Whether ``t`` has the contiguous format's strides. ``is_contiguous()`` is no test: a 1x1 kernel in
+    channels_last passes it, and torch still picks the channels_last kernel from its strides."""
+    expect, strides = 1, []
+    for n in reversed(t.shape):
+        strides.append(expect)
+        expect *= n
+    return t.stride() == tuple(reversed(strides))
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+    x = args[0]
+    if _contiguous_strides(x):
+        return None
+    return (x.clone(memory_format=torch.contiguous_format),) + tuple(args[1:])
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model.to(memory_format=torch.channels_last)``, except for the crash-prone convs of a CPU model (module
+    docstring), which keep their kernels contiguous and get their inputs contiguous. Returns the model."""
+    model = model.to(memory_format=torch.channels_last)
+    for m in model.modules():
+        if onednn_crash_prone(m) and m.weight.device.type == "cpu" and not getattr(m, "_salunet_contiguous", False):
+            with torch.no_grad():
+                m.weight.data = m.weight.data.clone(memory_format=torch.contiguous_format)
+            m.register_forward_pre_hook(_contiguous_input)
+            m._salunet_contiguous = True
+    return model
+
+
+def guarded_convs(model: nn.Module) -> list[str]:
+    """The names of the convs that :func:`to_channels_last` kept contiguous."""
+    return [name for name, m in model.named_modules() if getattr(m, "_salunet_contiguous", False)]
