@@ -1,0 +1,130 @@
+"""How much of the loss gradient at each SALU input lies along the input itself: the part that
+``--salu-project-grad`` removes, and that the gradient through a scale normalisation's statistic removes.
+
+    python scripts/radial_share.py [--data-path ../shared/data/cifar10.npz] [--images 512] [--width 16]
+                                   RUN_OR_MODEL...
+
+RUN_OR_MODEL is a run directory (its last checkpoint, raw weights) or ``init:MODEL`` (a freshly initialised
+registered model at ``--width``, seed 0). On the first ``--images`` training images (normalised per channel, no
+augmentation; batches of 128; the model in train mode, no hooks), for every SALU site and channel c it measures
+the radial share
+
+    r_c = (sum g x)^2 / (sum g^2 * sum x^2)       (sums over the batch and the positions)
+
+of two gradients: ``g_in``, the loss gradient at the SALU input (what the projection sees), and ``g_out = g_in /
+SALU'(x)``, the gradient at the SALU output, i.e. before SALU's derivative a / (1 + ab x^2)^(3/2) weights it. r is
+1 when the gradient only rescales the channel and about 1/n for a direction unrelated to x. It prints, per stage
+(stem, layer1..layer4), the mean over the stage's sites and channels of r(g_in) and r(g_out), and, with ``--json``,
+writes every site's figures. Used in docs/RESULTS.md "The curve as the statistic's gradient".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import salunet
+from salunet.models import create_model
+from salunet.train.recalibrate import salu_sites
+
+
+def _channel_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...]:
+    return tuple(range(x.dim())) if axis is None else tuple(d for d in range(x.dim()) if d != axis % x.dim())
+
+
+def radial_shares(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 128) -> dict[str, dict]:
+    """Per SALU site: per-channel radial shares of g_in and g_out (float64 sums over every batch), in forward
+    order. The gradients are the mean cross-entropy's of each batch."""
+    model.train()
+    sites = salu_sites(model)
+    sums: dict[str, dict[str, torch.Tensor]] = {}
+    for i in range(0, len(x), batch):
+        seen: dict[str, tuple[torch.Tensor, torch.nn.Module]] = {}
+
+        def hook(name, salu):
+            def pre(module, args):
+                if args[0].requires_grad:
+                    args[0].retain_grad()
+                    seen[name] = (args[0], salu)
+            return pre
+
+        handles = [m.register_forward_pre_hook(hook(n, s)) for n, (m, s) in sites.items()]
+        try:
+            F.cross_entropy(model(x[i:i + batch]), y[i:i + batch]).backward()
+        finally:
+            for h in handles:
+                h.remove()
+        model.zero_grad(set_to_none=True)
+        for name, (xin, salu) in seen.items():
+            v, g_in = xin.detach().double(), xin.grad.double()
+            axis = salu.channel_axis(v)
+            dims = _channel_dims(v, axis)
+            shape = [1] * v.dim()
+            if axis is not None:
+                shape[axis % v.dim()] = -1
+            a, b = salu.a.double().reshape(shape), salu.b.double().reshape(shape)
+            g_out = g_in * (1 + a * b * v * v).pow(1.5) / a
+            acc = sums.setdefault(name, defaultdict(lambda: 0))
+            for key, g in (("in", g_in), ("out", g_out)):
+                acc[f"gx_{key}"] = acc[f"gx_{key}"] + (g * v).sum(dims)
+                acc[f"gg_{key}"] = acc[f"gg_{key}"] + (g * g).sum(dims)
+            acc["xx"] = acc["xx"] + (v * v).sum(dims)
+    out = {}
+    for name, acc in sums.items():
+        out[name] = {key: (acc[f"gx_{key}"] ** 2 / (acc[f"gg_{key}"] * acc["xx"]).clamp_min(1e-300)).tolist()
+                     for key in ("in", "out")}
+    return out
+
+
+def stage_of(name: str) -> str:
+    for s in ("layer1", "layer2", "layer3", "layer4"):
+        if name.startswith(s):
+            return s
+    return "stem"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--data-path", default="../shared/data/cifar10.npz")
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--width", type=int, default=16, help="width of the init:MODEL models")
+    ap.add_argument("--json", default=None, help="write every site's per-channel shares here")
+    args = ap.parse_args(argv)
+    try:
+        data = np.load(args.data_path)
+        x_train, y_train = data["x_train"][:args.images], data["y_train"][:args.images]
+    except FileNotFoundError:
+        print(f"{args.data_path}: no such file; pass --data-path to a CIFAR-10 .npz", file=sys.stderr)
+        return 2
+    x = torch.tensor(x_train).permute(0, 3, 1, 2).float().contiguous() / 255  # NCHW in memory too
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    y = torch.tensor(y_train).long()
+    record = {}
+    for spec in args.runs:
+        if spec.startswith("init:"):
+            torch.manual_seed(0)
+            model = create_model(spec[5:], num_classes=10, width=args.width, in_chans=x.shape[1])
+        else:
+            model = salunet.load_model(spec, device="cpu")
+        shares = radial_shares(model, x, y)
+        record[spec] = shares
+        per_stage = defaultdict(lambda: {"in": [], "out": []})
+        for name, r in shares.items():
+            for key in ("in", "out"):
+                per_stage[stage_of(name)][key].extend(r[key])
+        print(f"{spec}: " + "  ".join(f"{s} {np.mean(v['in']):.3f}/{np.mean(v['out']):.3f}"
+                                      for s, v in per_stage.items()) + "   (r(g_in)/r(g_out), stage means)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
