@@ -9,15 +9,22 @@ the first backward (measured 2026-11-29 with a plain ``nn.Conv2d``: 1 or >= 8 in
 :func:`to_channels_last` moves a model to channels_last and, for each such conv on a CPU, keeps the kernel and
 the input in the contiguous format (a forward pre-hook copies the input): they are tiny by construction, so the
 copies are small, and the rest of the model stays channels_last. :func:`guarded_convs` names them (``salunet
-train`` prints them). On other devices nothing is guarded (cuDNN has no such bug). ``tests/test_models.py``
-trains the crashing case in a subprocess (and fails there without the guard).
+train`` prints them). A later ``model.to(memory_format=...)`` undoes the kernel's part: call
+:func:`to_channels_last` again (it is idempotent). On other devices nothing is guarded (cuDNN has no such bug).
+
+``torch.compile`` on CPU hits the same kernel whatever the tensors' layout: inductor's layout optimisation moves
+every conv to channels_last when oneDNN is available (a compiled width-4 ResNet crashed at its first backward,
+contiguous or not). :func:`guard_cpu_compile` turns that optimisation off for the process when a CPU model has
+such a conv (then compiled width-4 ResNets, contiguous or channels_last, train: checked by hand 2026-11-29, a
+compile being too slow for the test suite); ``salunet train --compile`` calls it and says so.
+``tests/test_models.py`` trains the crashing eager case in float32 in a subprocess (and fails without the guard).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["to_channels_last", "guarded_convs", "onednn_crash_prone"]
+__all__ = ["to_channels_last", "guarded_convs", "guard_cpu_compile", "onednn_crash_prone"]
 
 
 def onednn_crash_prone(conv: nn.Module) -> bool:
@@ -45,15 +52,31 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
 
 def to_channels_last(model: nn.Module) -> nn.Module:
     """``model.to(memory_format=torch.channels_last)``, except for the crash-prone convs of a CPU model (module
-    docstring), which keep their kernels contiguous and get their inputs contiguous. Returns the model."""
+    docstring), which keep their kernels contiguous and get their inputs contiguous. Idempotent; returns the
+    model."""
     model = model.to(memory_format=torch.channels_last)
-    for m in model.modules():
-        if onednn_crash_prone(m) and m.weight.device.type == "cpu" and not getattr(m, "_salunet_contiguous", False):
-            with torch.no_grad():
-                m.weight.data = m.weight.data.clone(memory_format=torch.contiguous_format)
+    for m in _crash_prone_cpu_convs(model).values():
+        with torch.no_grad():  # every call: the .to() above has just made the kernel channels_last again
+            m.weight.data = m.weight.data.clone(memory_format=torch.contiguous_format)
+        if not getattr(m, "_salunet_contiguous", False):
             m.register_forward_pre_hook(_contiguous_input)
             m._salunet_contiguous = True
     return model
+
+
+def guard_cpu_compile(model: nn.Module) -> list[str]:
+    """Before ``torch.compile`` of a CPU model: if it has crash-prone convs, turn inductor's layout optimisation off
+    for this process (module docstring) and return their names; otherwise change nothing and return []."""
+    convs = _crash_prone_cpu_convs(model)
+    if convs:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.layout_optimization = False
+    return list(convs)
+
+
+def _crash_prone_cpu_convs(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if onednn_crash_prone(m) and m.weight.device.type == "cpu"}
 
 
 def guarded_convs(model: nn.Module) -> list[str]:

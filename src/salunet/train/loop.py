@@ -62,7 +62,7 @@ from torch import nn
 
 from .. import __version__
 from ..data import mixed_cross_entropy
-from ..models.channels_last import guarded_convs, to_channels_last
+from ..models.channels_last import guard_cpu_compile, guarded_convs, to_channels_last
 from ..nn import kernels
 from . import distributed as D
 from . import faults
@@ -164,10 +164,11 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
     print(f"data: {run.source.note}")
     print(f"kernels: {kernels.kernel_path(run.info.device)}; device {run.info.device}; ranks {run.info.world}; "
           f"{sum(p.numel() for p in run.model.parameters()):,} parameters; {run.source.steps} steps/epoch", flush=True)
-    if cfg.channels_last and guarded_convs(run.model):
-        print(f"channels_last: all but {', '.join(guarded_convs(run.model))}, which stay contiguous on CPU (oneDNN's "
-              "backward of a 1x1 stride-2 conv with < 8 input channels corrupts memory in channels_last; "
-              "salunet.models.channels_last)", flush=True)
+    guarded = guarded_convs(run.model) if cfg.channels_last else []
+    if guarded:
+        print(f"channels_last: except {', '.join(guarded)}, kept contiguous on CPU (torch's oneDNN backward of a 1x1 "
+              "stride-2 conv with 2-7 input channels corrupts memory in channels_last; salunet.models.channels_last)",
+              flush=True)
     if cfg.salu_recalibrate_every and cfg.salu_recalibrate_rate == 1 and cfg.batch_size // run.info.world < 2:
         print("salunet train: warning: --salu-recalibrate-every with one image per step and rank pins every SALU to "
               "that image's own statistics; at batch size 1 it trained at chance on digits (docs/RESULTS.md "
@@ -187,6 +188,10 @@ def _prepare_training(run: _Run) -> None:
         run.train_model = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if cfg.compile:
+        if info.device.type == "cpu" and (guarded := guard_cpu_compile(run.model)):
+            print(f"compile: inductor's layout optimisation off on CPU because of {', '.join(guarded)} (it moves them "
+                  "to channels_last, where torch's oneDNN backward corrupts memory; salunet.models.channels_last)",
+                  flush=True)
         run.train_model = torch.compile(run.train_model)
     run.amp_ctx = autocast_for(cfg, info.device)
     run.agc_params = agc_parameters(run.model) if cfg.agc > 0 else []
