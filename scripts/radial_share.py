@@ -13,9 +13,9 @@ the radial share
 
 of two gradients: ``g_in``, the loss gradient at the SALU input (what the projection sees), and ``g_out = g_in /
 SALU'(x)``, the gradient at the SALU output, i.e. before SALU's derivative a / (1 + ab x^2)^(3/2) weights it. r is
-1 when the gradient only rescales the channel and about 1/n for a direction unrelated to x. It prints, per stage
-(stem, layer1..layer4), the mean over the stage's sites and channels of r(g_in) and r(g_out), and, with ``--json``,
-writes every site's figures. Used in docs/RESULTS.md "The curve as the statistic's gradient".
+1 when the gradient only rescales the channel and 1/n on average for a direction unrelated to x (n values per
+channel). It prints, per stage (stem, layer1..layer4), the mean over the stage's sites and channels of n*r(g_in)
+and n*r(g_out), i.e. in units of a random direction's share, and, with ``--json``, writes every site's r and n. Used in docs/RESULTS.md "The curve as the statistic's gradient".
 """
 from __future__ import annotations
 
@@ -74,10 +74,12 @@ def radial_shares(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batc
                 acc[f"gx_{key}"] = acc[f"gx_{key}"] + (g * v).sum(dims)
                 acc[f"gg_{key}"] = acc[f"gg_{key}"] + (g * g).sum(dims)
             acc["xx"] = acc["xx"] + (v * v).sum(dims)
+            acc["n"] = acc["n"] + v.numel() // (1 if axis is None else v.shape[axis])
     out = {}
     for name, acc in sums.items():
         out[name] = {key: (acc[f"gx_{key}"] ** 2 / (acc[f"gg_{key}"] * acc["xx"]).clamp_min(1e-300)).tolist()
                      for key in ("in", "out")}
+        out[name]["n"] = int(acc["n"])
     return out
 
 
@@ -117,9 +119,9 @@ def main(argv=None) -> int:
         per_stage = defaultdict(lambda: {"in": [], "out": []})
         for name, r in shares.items():
             for key in ("in", "out"):
-                per_stage[stage_of(name)][key].extend(r[key])
-        print(f"{spec}: " + "  ".join(f"{s} {np.mean(v['in']):.3f}/{np.mean(v['out']):.3f}"
-                                      for s, v in per_stage.items()) + "   (r(g_in)/r(g_out), stage means)")
+                per_stage[stage_of(name)][key].extend(v * r["n"] for v in r[key])
+        print(f"{spec}: " + "  ".join(f"{s} {np.mean(v['in']):.1f}/{np.mean(v['out']):.1f}"
+                                      for s, v in per_stage.items()) + "   (n*r(g_in) / n*r(g_out), stage means)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f)

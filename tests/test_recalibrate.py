@@ -448,7 +448,7 @@ def test_radial_share_script_matches_direct_gradients_in_float64(tmp_path, capsy
                           nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).double()
     x, y = torch.randn(10, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (10,))
     shares = mod.radial_shares(model, x, y, batch=4)  # three batches: the sums run over all of them
-    assert list(shares) == ["1"]
+    assert list(shares) == ["1"] and shares["1"]["n"] == 10 * 6 * 6
 
     def direct(site: nn.Module) -> tuple[torch.Tensor, ...]:
         gx, gg, xx = 0, 0, 0
