@@ -1,8 +1,8 @@
 """How much of the loss gradient at each SALU input lies along the input itself: the part that
 ``--salu-project-grad`` removes, and that the gradient through a scale normalisation's statistic removes.
 
-    python scripts/radial_share.py [--data-path ../shared/data/cifar10.npz] [--images 512] [--width 16]
-                                   RUN_OR_MODEL...
+    python scripts/radial_share.py [--data-path ../shared/data/cifar10.npz | digits] [--images 512] [--width 16]
+                                   [--json FILE] RUN_OR_MODEL...
 
 RUN_OR_MODEL is a run directory (its last checkpoint, raw weights) or ``init:MODEL`` (a freshly initialised
 registered model at ``--width``, seed 0). On the first ``--images`` training images (normalised per channel, no
@@ -23,14 +23,16 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import salunet
-from salunet.models import create_model
 from salunet.train.recalibrate import salu_sites
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from salu_operating_point import add_arguments, model_of, training_images  # noqa: E402  (the same runs and data)
 
 
 def _channel_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...]:
@@ -92,29 +94,19 @@ def stage_of(name: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+")
-    ap.add_argument("--data-path", default="../shared/data/cifar10.npz")
-    ap.add_argument("--images", type=int, default=512)
-    ap.add_argument("--width", type=int, default=16, help="width of the init:MODEL models")
+    add_arguments(ap)
     ap.add_argument("--json", default=None, help="write every site's per-channel shares here")
     args = ap.parse_args(argv)
-    try:
-        data = np.load(args.data_path)
-        x_train, y_train = data["x_train"][:args.images], data["y_train"][:args.images]
-    except FileNotFoundError:
-        print(f"{args.data_path}: no such file; pass --data-path to a CIFAR-10 .npz", file=sys.stderr)
+    data = training_images(args.data_path, args.images)
+    if data is None:
         return 2
-    x = torch.tensor(x_train).permute(0, 3, 1, 2).float().contiguous() / 255  # NCHW in memory too
-    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
-    y = torch.tensor(y_train).long()
+    x, y = data
+    if y is None:
+        print(f"{args.data_path}: no y_train; the loss gradient needs the labels", file=sys.stderr)
+        return 2
     record = {}
     for spec in args.runs:
-        if spec.startswith("init:"):
-            torch.manual_seed(0)
-            model = create_model(spec[5:], num_classes=10, width=args.width, in_chans=x.shape[1])
-        else:
-            model = salunet.load_model(spec, device="cpu")
-        shares = radial_shares(model, x, y)
+        shares = radial_shares(model_of(spec, args.width, x.shape[1]), x, y)
         record[spec] = shares
         per_stage = defaultdict(lambda: {"in": [], "out": []})
         for name, r in shares.items():

@@ -31,31 +31,53 @@ def operating_points(model: torch.nn.Module, x: torch.Tensor) -> list[float]:
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """RUN_OR_MODEL... and the data options, shared with scripts/radial_share.py."""
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--data-path", default="../shared/data/cifar10.npz")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--width", type=int, default=16, help="width of the init:MODEL models")
-    args = ap.parse_args(argv)
-    if args.data_path == "digits":
+
+
+def training_images(data_path: str, images: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The first ``images`` training images (NCHW in memory, normalised per channel) and their labels (None if the
+    .npz has none), of the CIFAR-10 .npz or of the embedded digits (``data_path="digits"``); None, with the reason
+    on stderr, if the file is missing."""
+    if data_path == "digits":
         from salunet.data.digits import load_digits
 
-        x_train = load_digits().x_train
+        d = load_digits()
+        x_train, y_train = d.x_train, d.y_train
     else:
         try:
-            x_train = np.load(args.data_path)["x_train"]
+            d = np.load(data_path)
+            x_train, y_train = d["x_train"], (d["y_train"] if "y_train" in d else None)
         except FileNotFoundError:
-            print(f"{args.data_path}: no such file; pass --data-path to a CIFAR-10 .npz (or digits)", file=sys.stderr)
-            return 2
-    x = torch.tensor(x_train[:args.images]).permute(0, 3, 1, 2).float() / 255
+            print(f"{data_path}: no such file; pass --data-path to a CIFAR-10 .npz (or digits)", file=sys.stderr)
+            return None
+    x = torch.tensor(x_train[:images]).permute(0, 3, 1, 2).float().contiguous() / 255  # NCHW in memory too
     x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    return x, (None if y_train is None else torch.tensor(y_train[:images]).long())
+
+
+def model_of(spec: str, width: int, in_chans: int) -> torch.nn.Module:
+    """A run directory's last checkpoint (raw weights), or ``init:MODEL`` freshly initialised (seed 0)."""
+    if spec.startswith("init:"):
+        torch.manual_seed(0)
+        return create_model(spec[5:], num_classes=10, width=width, in_chans=in_chans)
+    return salunet.load_model(spec, device="cpu")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    data = training_images(args.data_path, args.images)
+    if data is None:
+        return 2
+    x = data[0]
     for spec in args.runs:
-        if spec.startswith("init:"):
-            torch.manual_seed(0)
-            model = create_model(spec[5:], num_classes=10, width=args.width, in_chans=x.shape[1])
-        else:
-            model = salunet.load_model(spec, device="cpu")
+        model = model_of(spec, args.width, x.shape[1])
         print(f"{spec}: " + " ".join(f"{v:.2f}" for v in operating_points(model, x)))
     return 0
 
