@@ -283,7 +283,9 @@ class GradientProjection(_SiteHooks):
     keeps its component along the input, which an in-graph normalisation removes (the BatchNorm diagnostics in
     docs/RESULTS.md "Taking BatchNorm apart" measure that half at 2.5 points to the BN model; this projection
     gained the pinned SALU at K 0.5 nothing, with SWALU or with ReLU; with the SALU pinned into its linear range,
-    K 0.05, the model fits and tests as the twin does: "The layer: SALU's curve").
+    K 0.05, the model fits and tests as the twin does: "The layer: SALU's curve"; without it that linear pin is
+    3 points below the curved one, so the curve and this projection stand in for each other: "The curve and the
+    statistic's gradient").
     The :class:`_SiteHooks` pass every SALU input through :func:`project_radial_grad` in training forwards;
     evaluation, inference and export never see it, and the forward's values are unchanged. The statistics are the
     process's own batch (under DDP each rank projects with its shard, as BatchNorm without SyncBatchNorm
