@@ -131,13 +131,16 @@ SALU_INLINE Vectorized<float> fast_rcp(const Vectorized<float>& v_in) {
 }
 SALU_INLINE Vectorized<double> fast_rcp(const Vectorized<double>& v) { return v.reciprocal(); }
 
-// r = rsqrt(1 + t^2), q = t r with t = clamp(x sqrt(ab)); clamp via maximum/minimum, which propagate NaN
+// r = rsqrt(1 + t^2), q = t r with t = clamp(x sqrt(ab)); clamp via maximum/minimum, which propagate NaN.
+// For |t| >= 4096, t / sqrt(1 + t^2) rounds to +-1 in float (the relative gap 1/(2t^2) <= 2^-25 is at most half an
+// ulp), so q is set to exactly +-1 there: the refined hardware rsqrt estimate can land an ulp low (AMD's AVX2
+// rsqrt did at the clamp limit, so SALU(+-inf) gave 1 ulp below +-A); double's exact rsqrt needs no help.
 template <typename T>
 SALU_INLINE void salu_terms(const Vectorized<T>& x, const Stage<T>& s, Vectorized<T>& r, Vectorized<T>& q) {
-  const Vectorized<T> lim(clamp_limit<T>()), one(T(1));
+  const Vectorized<T> lim(clamp_limit<T>()), one(T(1)), zero(T(0)), big(T(4096));
   auto t = at::vec::minimum(at::vec::maximum(x * s.sab, -lim), lim);
   r = fast_rsqrt(one + t * t);
-  q = t * r;
+  q = Vectorized<T>::blendv(t * r, Vectorized<T>::blendv(-one, one, t > zero), t.abs() >= big);
 }
 
 // exp of a non-positive argument, the only kind the gates need (exp(-|s|), exp(-s^2/2)): the result lies in
