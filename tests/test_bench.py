@@ -117,7 +117,7 @@ def test_token_baseline_layernorm_takes_the_input_dtype(dtype):
 
 
 def test_gpu_environment_does_not_build_the_cpu_kernels(monkeypatch):
-    """Asking for the CPU kernel path builds the C++ extension (40-60 s); `bench ops --device cuda` did so at its
+    """Asking for the CPU kernel path builds the C++ extension (~25 s); `bench ops --device cuda` did so at its
     end and ran past its step's time limit on an H200 (issue 13). On a GPU only the GPU's path is reported."""
     from salunet import bench
     from salunet.nn import kernels

@@ -84,6 +84,24 @@ def test_the_cache_name_shows_isa_torch_version_and_abi_and_changes_with_them():
     assert len(names) == 7  # a torch upgrade, another env or another ABI never shares (or thrashes) a build
 
 
+
+def test_the_key_covers_every_source_file_and_the_header(tmp_path, monkeypatch):
+    """Both translation units and the header they share are compiled into the library: an edit to any one of them
+    must give a new build folder (a stale kernel or binding would otherwise load)."""
+    files = [*cpu_ext.SOURCES, *cpu_ext._HEADERS]
+    assert {f.name for f in files} == {"salu_cpu.cpp", "salu_bind.cpp", "salu_cpu.h"} and all(f.is_file() for f in files)
+    copies = {f.name: tmp_path / f.name for f in files}
+    for f in files:
+        copies[f.name].write_bytes(f.read_bytes())
+    monkeypatch.setattr(cpu_ext, "SOURCES", (copies["salu_cpu.cpp"], copies["salu_bind.cpp"]))
+    monkeypatch.setattr(cpu_ext, "_HEADERS", (copies["salu_cpu.h"],))
+    names = {cpu_ext.build_name()}
+    assert names == {cpu_ext.build_name(cpu_ext.build_key())}
+    for path in copies.values():
+        path.write_bytes(path.read_bytes() + b"\n// edited\n")
+        names.add(cpu_ext.build_name())
+    assert len(names) == 4
+
 def test_the_folder_follows_torch_extensions_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert cpu_ext.build_folder() == tmp_path / cpu_ext.build_name()

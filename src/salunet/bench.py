@@ -331,7 +331,7 @@ def environment(device: str | torch.device = "cpu") -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     if dev.type == "cuda":
-        # the CPU path is not asked for here: asking builds the C++ kernels (40-60 s), which a GPU benchmark never
+        # the CPU path is not asked for here: asking builds the C++ kernels (~25 s), which a GPU benchmark never
         # runs; on an H200 that build ran past a step's time limit (issue 13)
         env.update(device=torch.cuda.get_device_name(dev), cuda=torch.version.cuda,
                    kernel_path_cuda=kernels.kernel_path(dev))

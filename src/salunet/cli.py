@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = _debug_flag(sub.add_parser("doctor", help="versions, kernel path, CPU ISA, kernel cache folder and whether "
                                                   "the C++ build is current"))
     d.add_argument("--build", action="store_true", help="build the C++ kernels now if they are not current "
-                   "(about 40 s; exit code 1 if that fails)")
+                   "(about 25 s; exit code 1 if that fails)")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     d.set_defaults(func=_cmd_doctor)
     return p

@@ -4,7 +4,7 @@ Reports salunet, Python, torch (version, git revision, C++ ABI, CUDA), numpy, th
 mode (``SALUNET_KERNELS``), the C++ build (cache folder, build folder, whether it is current for this torch,
 when it was built and how long it took, a stale torch lock), the compiler and ninja that would build it, and the
 optional extras (tensorboard, onnx, onnxruntime, timm). Nothing is built unless asked (``--build``), since a build
-takes about 40 s; a current build is loaded (well under a second) to report the path the kernels take.
+takes about 25 s; a current build is loaded (well under a second) to report the path the kernels take.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def report(build: bool = False) -> dict:
             out["kernel_path_cpu"] = f"none ({exc})"
     else:
         out["kernel_error"] = None
-        out["kernel_path_cpu"] = ("not built yet for this torch: the first use builds it (about 40 s), or run "
+        out["kernel_path_cpu"] = ("not built yet for this torch: the first use builds it (about 25 s), or run "
                                   "`salunet doctor --build`")
     out["optional"] = {name: _version(name) for name in OPTIONAL}
     return out

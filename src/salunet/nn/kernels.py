@@ -243,7 +243,7 @@ _compile_failed: dict[str, str] = {}  # device type -> reason, once compilation 
 _compiled_ran: set[int] = set()  # compiled specialisations that have run once (compiled) successfully
 _compiled: dict[tuple, Callable] = {}
 _reported: set[str] = set()
-_OP_CODE = {op: i for i, op in enumerate(OPS)}  # must match enum Op in csrc/salu_cpu.cpp
+_OP_CODE = {op: i for i, op in enumerate(OPS)}  # must match enum Op in csrc/salu_cpu.h
 
 
 def set_kernel_mode(mode: str) -> None:
@@ -486,7 +486,7 @@ def _backward(path: str, op: str, log_params: bool, g: Tensor, x: Tensor, res: T
 class FusedFn(torch.autograd.Function):
     """Autograd Function of the compiled and eager paths for every op in :data:`OPS`; saves only ``x`` and the
     parameters. The path is fixed at forward time, so backward runs the same math whatever the mode is then.
-    (The C++ path has its own autograd node in C++: ``SaluFunction`` in csrc/salu_cpu.cpp.)"""
+    (The C++ path has its own autograd node in C++: ``SaluFunction`` in csrc/salu_bind.cpp.)"""
 
     @staticmethod
     def forward(ctx, path: str, op: str, log_params: bool, x: Tensor, res: Tensor | None, *params: Tensor) -> Tensor:
@@ -575,7 +575,7 @@ def _broadcastable(params: Sequence[Tensor], x: Tensor, axis) -> Sequence[Tensor
 
 def _cpp_apply(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor], axis: int | None,
                residual: Tensor | None = None) -> Tensor:
-    """The C++ autograd node (csrc/salu_cpu.cpp, SaluFunction)."""
+    """The C++ autograd node (csrc/salu_bind.cpp, SaluFunction)."""
     cdt = _compute_dtype(x, *params)
     xc = x if cdt != torch.float64 else x.to(cdt)
     lay = _layout(tuple(xc.shape), xc.stride(), axis)

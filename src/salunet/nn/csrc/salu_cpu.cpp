@@ -16,11 +16,13 @@
 // chain rule to the logs, so that one call does everything: no small per-parameter tensor ops around it, which
 // matters when batches are tiny. Compute dtype: double for double input, float otherwise.
 // Half / BFloat16 storage is converted to float on load and back on store.
-#include <torch/extension.h>
+#include "salu_cpu.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cfloat>
@@ -28,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+namespace salunet {
 namespace {
 
 using at::vec::Vectorized;
@@ -41,13 +44,6 @@ constexpr int64_t kGrain = 4096;
 // Rows per tile in the channel-vectorised loops (token tensors, channels_last maps); see forward_loop.
 constexpr int64_t kRows = 16;
 
-// SALU_ADD_*: gate(SALU(x) + res), the tail of a residual block (norm closing the branch, sum, gate) in one pass
-enum Op : int64_t { SALU = 0, SWALU = 1, GALU = 2, SALU_SWALU = 3, SALU_GALU = 4, SALU_ADD_SWALU = 5, SALU_ADD_GALU = 6 };
-
-constexpr bool has_residual(int64_t op) { return op == SALU_ADD_SWALU || op == SALU_ADD_GALU; }
-constexpr bool is_pair(int64_t op) { return op == SALU_SWALU || op == SALU_GALU || has_residual(op); }
-constexpr bool is_normal_gate(int64_t op) { return op == GALU || op == SALU_GALU || op == SALU_ADD_GALU; }
-constexpr int64_t n_stages(int64_t op) { return is_pair(op) ? 2 : 1; }
 
 template <typename T>
 constexpr T clamp_limit() { return std::is_same<T, double>::value ? T(1e150) : T(1e18); }
@@ -417,18 +413,18 @@ void dispatch_op(int64_t op, F&& f) {
 // log_limit >= 0, then clamped to [-log_limit, log_limit] before exp exactly as kernels.py `_prepare` does):
 // d[(stage * 5 + k) * C + c] for k = sqrt(ab), A = sqrt(a/b), a, w = 1/sqrt(ab), A/(2b). `ab` keeps a and b.
 template <typename T>
-void derive(const std::vector<torch::Tensor>& params, double log_limit, int64_t C, std::vector<T>& d,
+void derive(const std::vector<at::Tensor>& params, double log_limit, int64_t C, std::vector<T>& d,
             std::vector<double>& ab) {
   const int64_t ns = static_cast<int64_t>(params.size()) / 2;
   d.assign(ns * 5 * C, T(0));
   ab.assign(ns * 2 * C, 0.0);
   // read float / double parameters in place (no tensor op for the common case); anything else converted once
-  auto value = [&](const torch::Tensor& p0, int64_t c) -> double {
+  auto value = [&](const at::Tensor& p0, int64_t c) -> double {
     const int64_t i = p0.numel() > 1 ? c : 0;
     if (p0.scalar_type() == at::kFloat) return p0.const_data_ptr<float>()[i];
     return p0.const_data_ptr<double>()[i];
   };
-  std::vector<torch::Tensor> ps;
+  std::vector<at::Tensor> ps;
   for (const auto& p : params) {
     auto q = p.is_contiguous() ? p : p.contiguous();
     if (q.scalar_type() != at::kFloat && q.scalar_type() != at::kDouble) q = q.to(at::kDouble);
@@ -450,7 +446,7 @@ void derive(const std::vector<torch::Tensor>& params, double log_limit, int64_t 
   }
 }
 
-void check(const torch::Tensor& x, const std::vector<torch::Tensor>& params, int64_t op, int64_t outer, int64_t C,
+void check(const at::Tensor& x, const std::vector<at::Tensor>& params, int64_t op, int64_t outer, int64_t C,
            int64_t inner) {
   TORCH_CHECK(x.device().is_cpu(), "salunet cpu kernel: tensors must be on the CPU");
   TORCH_CHECK(op >= SALU && op <= SALU_ADD_GALU, "salunet cpu kernel: bad op ", op);
@@ -466,7 +462,7 @@ void check(const torch::Tensor& x, const std::vector<torch::Tensor>& params, int
 }  // namespace
 
 // Optional residual of the SALU_ADD_* ops: same dtype, size and memory layout as x.
-const void* res_ptr(const c10::optional<torch::Tensor>& res, const torch::Tensor& x, int64_t op) {
+const void* res_ptr(const c10::optional<at::Tensor>& res, const at::Tensor& x, int64_t op) {
   if (!has_residual(op)) return nullptr;
   TORCH_CHECK(res.has_value() && res->defined(), "salunet cpu kernel: op ", op, " needs a residual tensor");
   TORCH_CHECK(res->scalar_type() == x.scalar_type() && res->sizes() == x.sizes() && res->strides() == x.strides(),
@@ -475,8 +471,8 @@ const void* res_ptr(const c10::optional<torch::Tensor>& res, const torch::Tensor
 }
 
 // y = op(x[, res]) written into `out` (same storage layout as x: dense, in the memory order of the layout)
-void salu_forward(int64_t op, torch::Tensor x, std::vector<torch::Tensor> params, double log_limit,
-                  torch::Tensor out, int64_t outer, int64_t C, int64_t inner, c10::optional<torch::Tensor> res) {
+void salu_forward(int64_t op, at::Tensor x, std::vector<at::Tensor> params, double log_limit,
+                  at::Tensor out, int64_t outer, int64_t C, int64_t inner, c10::optional<at::Tensor> res) {
   check(x, params, op, outer, C, inner);
   const void* rp = res_ptr(res, x, op);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "salu_forward", [&] {
@@ -494,10 +490,10 @@ void salu_forward(int64_t op, torch::Tensor x, std::vector<torch::Tensor> params
 
 // dL/dx written into `gx` (and dL/dres into `gres` for the residual ops); returns the gradients of the parameters
 // as given (d/dlog when log_limit >= 0), each with the parameter's number of values (1 or C) and dtype.
-std::vector<torch::Tensor> salu_backward(int64_t op, torch::Tensor g, torch::Tensor x,
-                                         std::vector<torch::Tensor> params, double log_limit, torch::Tensor gx,
-                                         int64_t outer, int64_t C, int64_t inner, c10::optional<torch::Tensor> res,
-                                         c10::optional<torch::Tensor> gres) {
+std::vector<at::Tensor> salu_backward(int64_t op, at::Tensor g, at::Tensor x,
+                                         std::vector<at::Tensor> params, double log_limit, at::Tensor gx,
+                                         int64_t outer, int64_t C, int64_t inner, c10::optional<at::Tensor> res,
+                                         c10::optional<at::Tensor> gres) {
   check(x, params, op, outer, C, inner);
   TORCH_CHECK(g.scalar_type() == x.scalar_type() && g.numel() == x.numel(),
               "salunet cpu kernel: grad_output must match the input's dtype and size");
@@ -516,7 +512,7 @@ std::vector<torch::Tensor> salu_backward(int64_t op, torch::Tensor g, torch::Ten
     };
     dispatch_op(op, run);
   });
-  std::vector<torch::Tensor> grads;
+  std::vector<at::Tensor> grads;
   for (int64_t k = 0; k < np; ++k) {
     const int64_t n = params[k].numel();
     std::vector<double> o(n, 0.0);
@@ -527,7 +523,7 @@ std::vector<torch::Tensor> salu_backward(int64_t op, torch::Tensor g, torch::Ten
       o[n > 1 ? c : 0] += v;
     }
     const auto dt = params[k].scalar_type();
-    auto gk = torch::empty({n}, torch::TensorOptions().dtype(dt == at::kDouble ? at::kDouble : at::kFloat));
+    auto gk = at::empty({n}, at::TensorOptions().dtype(dt == at::kDouble ? at::kDouble : at::kFloat));
     if (gk.scalar_type() == at::kDouble) {
       std::copy(o.begin(), o.end(), gk.mutable_data_ptr<double>());
     } else {
@@ -538,72 +534,4 @@ std::vector<torch::Tensor> salu_backward(int64_t op, torch::Tensor g, torch::Ten
   return grads;
 }
 
-// The autograd node of the CPU path, in C++: forward and backward never enter Python, which at batch size 1
-// is most of the cost of a call (the Python autograd.Function of kernels.py costs ~0.2 ms per forward+backward).
-// Saves x (the dense tensor the kernel read), the residual for the SALU_ADD_* ops, and the parameters, nothing
-// else. Inputs are x, res, a1, b1, a2, b2 so that autograd tracks each one; ops without a residual pass x again
-// as `res`, single-stage ops repeat (a, b) in the second slots, and those slots get no gradient.
-struct SaluFunction : public torch::autograd::Function<SaluFunction> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor x, torch::Tensor res,
-                               torch::Tensor a1, torch::Tensor b1, torch::Tensor a2, torch::Tensor b2, int64_t op,
-                               double log_limit, int64_t outer, int64_t C, int64_t inner) {
-    std::vector<torch::Tensor> params = {a1.reshape(-1), b1.reshape(-1)};
-    if (is_pair(op)) params.insert(params.end(), {a2.reshape(-1), b2.reshape(-1)});
-    auto out = torch::empty_like(x);
-    salu_forward(op, x, params, log_limit, out, outer, C, inner, res);
-    std::vector<torch::Tensor> keep = {x, a1, b1};
-    if (is_pair(op)) keep.insert(keep.end(), {a2, b2});
-    if (has_residual(op)) keep.push_back(res);
-    ctx->save_for_backward(keep);
-    ctx->saved_data["op"] = op;
-    ctx->saved_data["log_limit"] = log_limit;
-    ctx->saved_data["layout"] = std::vector<int64_t>{outer, C, inner};
-    return out;
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    TORCH_CHECK(!torch::GradMode::is_enabled(),
-                "salunet: the C++ SALU kernels have no double backward (create_graph=True); for higher-order "
-                "gradients use SALUNET_KERNELS=eager");
-    auto saved = ctx->get_saved_variables();
-    const auto& x = saved[0];
-    const int64_t op = ctx->saved_data["op"].toInt();
-    const double log_limit = ctx->saved_data["log_limit"].toDouble();
-    const auto layout = ctx->saved_data["layout"].toIntVector();
-    std::vector<torch::Tensor> params = {saved[1].reshape(-1), saved[2].reshape(-1)};
-    if (is_pair(op)) params.insert(params.end(), {saved[3].reshape(-1), saved[4].reshape(-1)});
-    c10::optional<torch::Tensor> res, gres;
-    if (has_residual(op)) {
-      res = saved[5];
-      gres = torch::empty_like(x);
-    }
-    // the kernel walks x's memory order: give dL/dy the same layout (contiguous or channels_last) and dtype
-    auto g = grads[0].to(x.scalar_type()).contiguous(x.suggest_memory_format());
-    auto gx = torch::empty_like(x);
-    auto gp = salu_backward(op, g, x, params, log_limit, gx, layout[0], layout[1], layout[2], res, gres);
-    torch::autograd::variable_list out = {gx, gres.value_or(torch::Tensor()), gp[0].view(saved[1].sizes()),
-                                          gp[1].view(saved[2].sizes()), torch::Tensor(), torch::Tensor()};
-    if (is_pair(op)) {
-      out[4] = gp[2].view(saved[3].sizes());
-      out[5] = gp[3].view(saved[4].sizes());
-    }
-    out.resize(11);  // op, log_limit and the layout are not differentiable
-    return out;
-  }
-};
-
-torch::Tensor salu_apply(torch::Tensor x, torch::Tensor res, torch::Tensor a1, torch::Tensor b1, torch::Tensor a2,
-                         torch::Tensor b2, int64_t op, double log_limit, int64_t outer, int64_t C, int64_t inner) {
-  return SaluFunction::apply(x, res, a1, b1, a2, b2, op, log_limit, outer, C, inner);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &salu_forward, "fused SALU-family forward (CPU)", py::arg("op"), py::arg("x"), py::arg("params"),
-        py::arg("log_limit"), py::arg("out"), py::arg("outer"), py::arg("C"), py::arg("inner"),
-        py::arg("res") = py::none());
-  m.def("backward", &salu_backward, "fused SALU-family backward (CPU)", py::arg("op"), py::arg("g"), py::arg("x"),
-        py::arg("params"), py::arg("log_limit"), py::arg("gx"), py::arg("outer"), py::arg("C"), py::arg("inner"),
-        py::arg("res") = py::none(), py::arg("gres") = py::none());
-  m.def("apply", &salu_apply, "fused SALU-family op with its autograd node in C++ (CPU)");
-}
+}  // namespace salunet
