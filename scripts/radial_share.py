@@ -15,7 +15,16 @@ of two gradients: ``g_in``, the loss gradient at the SALU input (what the projec
 SALU'(x)``, the gradient at the SALU output, i.e. before SALU's derivative a / (1 + ab x^2)^(3/2) weights it. r is
 1 when the gradient only rescales the channel and 1/n on average for a direction unrelated to x (n values per
 channel). It prints, per stage (stem, layer1..layer4), the mean over the stage's sites and channels of n*r(g_in)
-and n*r(g_out), i.e. in units of a random direction's share, and, with ``--json``, writes every site's r and n. Used in docs/RESULTS.md "The curve as the statistic's gradient".
+and n*r(g_out), i.e. in units of a random direction's share, and, with ``--json``, writes every site's r and n.
+
+Whether the radial part is a steady push or noise: per batch j and channel c, the coefficient
+
+    rho_cj = sum g_in x / sum x^2          (what the projection subtracts: g_in - rho x)
+
+A descent step moves x against g, so rho < 0 asks the channel's scale to grow, rho > 0 to shrink; a per-step pin
+undoes either. Over the batches, per channel, t_c = mean_j rho / (std_j rho / sqrt(J)); the script prints the stage
+means of |t| (0.84 for pure noise over 16 batches, 1.1 over 4; large for a push that keeps its sign from batch to batch) and the share of
+channels pushed to grow (mean rho < 0). Used in docs/RESULTS.md "The curve and the statistic's gradient".
 """
 from __future__ import annotations
 
@@ -75,14 +84,28 @@ def radial_shares(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batc
             for key, g in (("in", g_in), ("out", g_out)):
                 acc[f"gx_{key}"] = acc[f"gx_{key}"] + (g * v).sum(dims)
                 acc[f"gg_{key}"] = acc[f"gg_{key}"] + (g * g).sum(dims)
-            acc["xx"] = acc["xx"] + (v * v).sum(dims)
+            xx = (v * v).sum(dims)
+            acc["xx"] = acc["xx"] + xx
+            acc.setdefault("rho", []).append(((g_in * v).sum(dims) / xx.clamp_min(1e-300)).tolist())
             acc["n"] = acc["n"] + v.numel() // (1 if axis is None else v.shape[axis])
     out = {}
     for name, acc in sums.items():
         out[name] = {key: (acc[f"gx_{key}"] ** 2 / (acc[f"gg_{key}"] * acc["xx"]).clamp_min(1e-300)).tolist()
                      for key in ("in", "out")}
         out[name]["n"] = int(acc["n"])
+        out[name]["rho"] = acc["rho"]  # per batch, per channel
     return out
+
+
+def push_consistency(rho: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, from the per-batch coefficients ``rho`` (batches x channels): the t statistic of the mean
+    coefficient, mean / (std / sqrt(J)) (J >= 2 batches; 0 where every batch gave the same value), and the mean."""
+    r = np.asarray(rho, dtype=np.float64)
+    if r.shape[0] < 2:
+        raise ValueError(f"push consistency needs at least 2 batches, got {r.shape[0]}: raise --images")
+    mean, sd = r.mean(0), r.std(0, ddof=1)
+    t = np.divide(mean, sd / np.sqrt(r.shape[0]), out=np.zeros_like(mean), where=sd > 0)
+    return t, mean
 
 
 def stage_of(name: str) -> str:
@@ -108,12 +131,23 @@ def main(argv=None) -> int:
     for spec in args.runs:
         shares = radial_shares(model_of(spec, args.width, x.shape[1]), x, y)
         record[spec] = shares
-        per_stage = defaultdict(lambda: {"in": [], "out": []})
+        per_stage = defaultdict(lambda: {"in": [], "out": [], "t": [], "grow": []})
         for name, r in shares.items():
             for key in ("in", "out"):
                 per_stage[stage_of(name)][key].extend(v * r["n"] for v in r[key])
+            if len(r["rho"]) >= 2:
+                t, mean = push_consistency(r["rho"])
+                per_stage[stage_of(name)]["t"].extend(np.abs(t))
+                per_stage[stage_of(name)]["grow"].extend(mean < 0)
         print(f"{spec}: " + "  ".join(f"{s} {np.mean(v['in']):.1f}/{np.mean(v['out']):.1f}"
                                       for s, v in per_stage.items()) + "   (n*r(g_in) / n*r(g_out), stage means)")
+        batches = len(next(iter(shares.values()))["rho"])
+        if batches < 2:
+            print(f"{' ' * len(spec)}  (one batch: no radial push statistic; --images above 128 gives more)")
+            continue
+        print(f"{' ' * len(spec)}  " + "  ".join(f"{s} |t| {np.mean(v['t']):.1f}, grow {np.mean(v['grow']):.0%}"
+                                                for s, v in per_stage.items())
+              + f"   (the radial push over {batches} batches, stage means)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f)

@@ -451,7 +451,7 @@ def test_radial_share_script_matches_direct_gradients_in_float64(tmp_path, capsy
     assert list(shares) == ["1"] and shares["1"]["n"] == 10 * 6 * 6
 
     def direct(site: nn.Module) -> tuple[torch.Tensor, ...]:
-        gx, gg, xx = 0, 0, 0
+        gx, gg, xx, rho = 0, 0, 0, []
         for i in range(0, 10, 4):
             held = {}
             h = site.register_forward_pre_hook(lambda m, a: held.update(t=a[0]))
@@ -461,9 +461,17 @@ def test_radial_share_script_matches_direct_gradients_in_float64(tmp_path, capsy
             (g,) = torch.autograd.grad(loss, held["t"])
             v = held["s"].detach()  # the SALU input: both shares are taken against it
             gx, gg, xx = gx + (g * v).sum((0, 2, 3)), gg + (g * g).sum((0, 2, 3)), xx + (v * v).sum((0, 2, 3))
-        return gx ** 2 / (gg * xx)
+            rho.append((g * v).sum((0, 2, 3)) / (v * v).sum((0, 2, 3)))
+        return gx ** 2 / (gg * xx), torch.stack(rho)
 
-    r_in, r_out = direct(model[1]), direct(model[2])
+    (r_in, rho_in), (r_out, _) = direct(model[1]), direct(model[2])  # rho: per batch, against the SALU input
+    torch.testing.assert_close(torch.tensor(shares["1"]["rho"], dtype=torch.float64), rho_in, rtol=1e-9, atol=1e-12)
+    t, mean = mod.push_consistency(shares["1"]["rho"])
+    r = rho_in.numpy()
+    np.testing.assert_allclose(t, r.mean(0) / (r.std(0, ddof=1) / np.sqrt(3)), rtol=1e-12)
+    np.testing.assert_allclose(mean, r.mean(0), rtol=1e-12)
+    with pytest.raises(ValueError, match="at least 2 batches"):
+        mod.push_consistency(shares["1"]["rho"][:1])
     torch.testing.assert_close(torch.tensor(shares["1"]["in"], dtype=torch.float64), r_in, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(torch.tensor(shares["1"]["out"], dtype=torch.float64), r_out, rtol=1e-9, atol=1e-12)
     assert not torch.allclose(r_in, r_out, rtol=1e-3)
@@ -476,5 +484,6 @@ def test_radial_share_script_matches_direct_gradients_in_float64(tmp_path, capsy
                      "--json", str(tmp_path / "r.json"), "init:salunet_c18_v2"]) == 0
     line = capsys.readouterr().out
     assert all(f" {s} " in line for s in ("stem", "layer1", "layer2", "layer3", "layer4"))
+    assert "one batch: no radial push statistic" in line  # 16 images are one batch of 128
     assert len(json.loads((tmp_path / "r.json").read_text())["init:salunet_c18_v2"]) == 20
     assert mod.main(["--data-path", str(tmp_path / "none.npz"), "init:salunet_c18_v2"]) == 2
