@@ -15,7 +15,8 @@ of two gradients: ``g_in``, the loss gradient at the SALU input (what the projec
 SALU'(x)``, the gradient at the SALU output, i.e. before SALU's derivative a / (1 + ab x^2)^(3/2) weights it. r is
 1 when the gradient only rescales the channel and 1/n on average for a direction unrelated to x (n values per
 channel). It prints, per stage (stem, layer1..layer4), the mean over the stage's sites and channels of n*r(g_in)
-and n*r(g_out), i.e. in units of a random direction's share, and, with ``--json``, writes every site's r and n.
+and n*r(g_out), i.e. in units of a random direction's share, and, with ``--json``, writes every site's r and n
+(and, below, t and the mean rho per channel).
 
 Whether the radial part is a steady push or noise: per batch j and channel c, the coefficient
 
@@ -130,7 +131,10 @@ def main(argv=None) -> int:
     record = {}
     for spec in args.runs:
         shares = radial_shares(model_of(spec, args.width, x.shape[1]), x, y)
-        record[spec] = shares
+        record[spec] = {name: {**{k: v for k, v in r.items() if k != "rho"}, "batches": len(r["rho"]),
+                               **(dict(zip(("t", "rho_mean"), (a.tolist() for a in push_consistency(r["rho"]))))
+                                  if len(r["rho"]) >= 2 else {})}
+                        for name, r in shares.items()}  # the push statistic per channel, not every batch's rho
         per_stage = defaultdict(lambda: {"in": [], "out": [], "t": [], "grow": []})
         for name, r in shares.items():
             for key in ("in", "out"):
