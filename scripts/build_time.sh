@@ -13,14 +13,17 @@ git worktree add -q --detach "$TMP/old" "$OLD_REV"
 build() {  # $1: the src folder to import salunet from; prints the seconds
   local ext=$TMP/ext.$RANDOM start
   start=$(date +%s.%N)
-  (cd "$TMP" && TORCH_EXTENSIONS_DIR=$ext PYTHONPATH=$1 python -c \
-    "from salunet.nn import cpu_ext; assert cpu_ext.load() is not None, cpu_ext.load_error()" 2>/dev/null)
+  if ! (cd "$TMP" && TORCH_EXTENSIONS_DIR=$ext PYTHONPATH=$1 python -c \
+      "from salunet.nn import cpu_ext; assert cpu_ext.load() is not None, cpu_ext.load_error()" 2>"$TMP/err"); then
+    echo "the build from $1 failed:" >&2; tail -5 "$TMP/err" >&2; return 1
+  fi
   python -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$start"
   rm -rf "$ext"
 }
 old=() new=()
 for i in $(seq "$REPEATS"); do
-  old+=("$(build "$TMP/old/src")"); new+=("$(build "$PWD/src")")
+  t_old=$(build "$TMP/old/src") && t_new=$(build "$PWD/src") || exit 1  # a failed build is no time
+  old+=("$t_old"); new+=("$t_new")
   echo "repeat $i: $OLD_REV ${old[-1]} s, this tree ${new[-1]} s"
 done
 python - "${#old[@]}" "${old[@]}" "${new[@]}" <<'PY'

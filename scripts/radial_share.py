@@ -23,7 +23,8 @@ Whether the radial part is a steady push or noise: per batch j and channel c, th
     rho_cj = sum g_in x / sum x^2          (what the projection subtracts: g_in - rho x)
 
 A descent step moves x against g, so rho < 0 asks the channel's scale to grow, rho > 0 to shrink; a per-step pin
-undoes either. Over the batches, per channel, t_c = mean_j rho / (std_j rho / sqrt(J)); the script prints the stage
+undoes either. Over the full batches (a short last one is left out: the mean loss's gradient scales as 1/B),
+per channel, t_c = mean_j rho / (std_j rho / sqrt(J)); the script prints the stage
 means of |t| (0.84 for pure noise over 16 batches, 1.1 over 4; large for a push that keeps its sign from batch to batch) and the share of
 channels pushed to grow (mean rho < 0). Used in docs/RESULTS.md "The curve and the statistic's gradient".
 """
@@ -87,7 +88,9 @@ def radial_shares(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batc
                 acc[f"gg_{key}"] = acc[f"gg_{key}"] + (g * g).sum(dims)
             xx = (v * v).sum(dims)
             acc["xx"] = acc["xx"] + xx
-            acc.setdefault("rho", []).append(((g_in * v).sum(dims) / xx.clamp_min(1e-300)).tolist())
+            rho = acc.setdefault("rho", [])
+            if len(x[i:i + batch]) == batch:  # the mean loss's gradient scales as 1/B: a short last batch is left out
+                rho.append(((g_in * v).sum(dims) / xx.clamp_min(1e-300)).tolist())
             acc["n"] = acc["n"] + v.numel() // (1 if axis is None else v.shape[axis])
     out = {}
     for name, acc in sums.items():
@@ -99,14 +102,16 @@ def radial_shares(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batc
 
 
 def push_consistency(rho: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
-    """Per channel, from the per-batch coefficients ``rho`` (batches x channels): the t statistic of the mean
-    coefficient, mean / (std / sqrt(J)) (J >= 2 batches; 0 where every batch gave the same value), and the mean."""
+    """Per channel, from the per-batch coefficients ``rho`` (full batches x channels): the t statistic of the mean
+    coefficient, mean / (std / sqrt(J)) (J >= 2 batches), and the mean. A channel whose every batch gave the same
+    value (a dead channel: rho = 0) gets t = 0; NaN stays NaN."""
     r = np.asarray(rho, dtype=np.float64)
     if r.shape[0] < 2:
-        raise ValueError(f"push consistency needs at least 2 batches, got {r.shape[0]}: raise --images")
+        raise ValueError(f"push consistency needs at least 2 full batches, got {r.shape[0]}: raise --images")
     mean, sd = r.mean(0), r.std(0, ddof=1)
-    t = np.divide(mean, sd / np.sqrt(r.shape[0]), out=np.zeros_like(mean), where=sd > 0)
-    return t, mean
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = mean / (sd / np.sqrt(r.shape[0]))
+    return np.where(sd == 0, 0.0, t), mean
 
 
 def stage_of(name: str) -> str:
@@ -145,9 +150,10 @@ def main(argv=None) -> int:
                 per_stage[stage_of(name)]["grow"].extend(mean < 0)
         print(f"{spec}: " + "  ".join(f"{s} {np.mean(v['in']):.1f}/{np.mean(v['out']):.1f}"
                                       for s, v in per_stage.items()) + "   (n*r(g_in) / n*r(g_out), stage means)")
-        batches = len(next(iter(shares.values()))["rho"])
+        batches = len(next(iter(shares.values()), {"rho": []})["rho"])
         if batches < 2:
-            print(f"{' ' * len(spec)}  (one batch: no radial push statistic; --images above 128 gives more)")
+            print(f"{' ' * len(spec)}  (fewer than 2 full batches or no SALU: no radial push statistic; "
+                  "--images 256 or more gives it)")
             continue
         print(f"{' ' * len(spec)}  " + "  ".join(f"{s} |t| {np.mean(v['t']):.1f}, grow {np.mean(v['grow']):.0%}"
                                                 for s, v in per_stage.items())

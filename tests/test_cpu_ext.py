@@ -84,7 +84,6 @@ def test_the_cache_name_shows_isa_torch_version_and_abi_and_changes_with_them():
     assert len(names) == 7  # a torch upgrade, another env or another ABI never shares (or thrashes) a build
 
 
-
 def test_the_key_covers_every_source_file_and_the_header(tmp_path, monkeypatch):
     """Both translation units and the header they share are compiled into the library: an edit to any one of them
     must give a new build folder (a stale kernel or binding would otherwise load)."""

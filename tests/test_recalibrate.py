@@ -242,6 +242,8 @@ def test_operating_point_script(tmp_path, capsys):
     values = [float(v) for v in capsys.readouterr().out.rsplit(":", 1)[1].split()]
     assert len(values) == 20 and all(0.05 < v < 1.0 for v in values)
     assert mod.main(["--data-path", str(tmp_path / "none.npz"), "init:salunet_c18_v2"]) == 2
+    assert mod.main(["--data-path", str(tmp_path / "c.npz"), "--images", "16", "--width", "4", "init:resnet18_bn"]) == 0
+    assert "no SALU" in capsys.readouterr().out  # a model without SALU sites is reported, not a crash
     assert mod.main(["--data-path", "digits", "--width", "2", "--images", "32", "init:salunet_c18_v2"]) == 0
     assert len(capsys.readouterr().out.rsplit(":", 1)[1].split()) == 20  # the embedded digits: 1 channel, 8x8
 
@@ -461,17 +463,21 @@ def test_radial_share_script_matches_direct_gradients_in_float64(tmp_path, capsy
             (g,) = torch.autograd.grad(loss, held["t"])
             v = held["s"].detach()  # the SALU input: both shares are taken against it
             gx, gg, xx = gx + (g * v).sum((0, 2, 3)), gg + (g * g).sum((0, 2, 3)), xx + (v * v).sum((0, 2, 3))
-            rho.append((g * v).sum((0, 2, 3)) / (v * v).sum((0, 2, 3)))
+            if len(v) == 4:  # full batches only
+                rho.append((g * v).sum((0, 2, 3)) / (v * v).sum((0, 2, 3)))
         return gx ** 2 / (gg * xx), torch.stack(rho)
 
     (r_in, rho_in), (r_out, _) = direct(model[1]), direct(model[2])  # rho: per batch, against the SALU input
     torch.testing.assert_close(torch.tensor(shares["1"]["rho"], dtype=torch.float64), rho_in, rtol=1e-9, atol=1e-12)
     t, mean = mod.push_consistency(shares["1"]["rho"])
     r = rho_in.numpy()
-    np.testing.assert_allclose(t, r.mean(0) / (r.std(0, ddof=1) / np.sqrt(3)), rtol=1e-12)
+    assert r.shape[0] == 2  # batches of 4, 4 and 2: the short one is left out
+    np.testing.assert_allclose(t, r.mean(0) / (r.std(0, ddof=1) / np.sqrt(2)), rtol=1e-12)
     np.testing.assert_allclose(mean, r.mean(0), rtol=1e-12)
-    with pytest.raises(ValueError, match="at least 2 batches"):
+    with pytest.raises(ValueError, match="at least 2 full batches"):
         mod.push_consistency(shares["1"]["rho"][:1])
+    t0, _ = mod.push_consistency([[0.0, 1.0, float("nan")], [0.0, 2.0, 1.0]])  # dead channel: 0; NaN stays NaN
+    assert t0[0] == 0 and t0[1] == 3.0 and np.isnan(t0[2])
     torch.testing.assert_close(torch.tensor(shares["1"]["in"], dtype=torch.float64), r_in, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(torch.tensor(shares["1"]["out"], dtype=torch.float64), r_out, rtol=1e-9, atol=1e-12)
     assert not torch.allclose(r_in, r_out, rtol=1e-3)
@@ -484,6 +490,8 @@ def test_radial_share_script_matches_direct_gradients_in_float64(tmp_path, capsy
                      "--json", str(tmp_path / "r.json"), "init:salunet_c18_v2"]) == 0
     line = capsys.readouterr().out
     assert all(f" {s} " in line for s in ("stem", "layer1", "layer2", "layer3", "layer4"))
-    assert "one batch: no radial push statistic" in line  # 16 images are one batch of 128
+    assert "fewer than 2 full batches or no SALU: no radial push statistic" in line  # 16 images: one short batch
     assert len(json.loads((tmp_path / "r.json").read_text())["init:salunet_c18_v2"]) == 20
     assert mod.main(["--data-path", str(tmp_path / "none.npz"), "init:salunet_c18_v2"]) == 2
+    assert mod.main(["--data-path", str(tmp_path / "c.npz"), "--images", "16", "--width", "4", "init:resnet18_bn"]) == 0
+    assert "no SALU" in capsys.readouterr().out  # a model without SALU sites is reported, not a crash

@@ -1,10 +1,11 @@
-"""Build (once per torch install) and load the fused C++ CPU kernels of ``csrc/salu_cpu.cpp``.
+"""Build (once per torch install) and load the fused C++ CPU kernels of ``csrc/`` (salu_cpu.cpp and salu_bind.cpp).
 
 Sources (``SOURCES``): ``salu_cpu.cpp`` holds the kernels and needs only ATen's headers; ``salu_bind.cpp`` holds the
-pybind11 module and the C++ autograd node and alone includes ``<torch/extension.h>``, whose parsing is most of a
-build; ``salu_cpu.h`` is their interface. Two translation units let ninja compile them in parallel.
+pybind11 module and the C++ autograd node, with only the autograd API and torch's pybind11 casters (not
+``<torch/extension.h>``, the whole C++ frontend, whose parsing was most of the old one-file build); ``salu_cpu.h``
+is their interface. Two translation units let ninja compile them in parallel.
 
-The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (about 25 s on 2 free cores, 45 s on one) into a
+The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (about 25-30 s on 2 free cores) into a
 folder of ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); later processes import the cached
 library directly (no ninja run, no lock) in well under a second. It is compiled for the vector ISA that this
 PyTorch build reports for the running CPU (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, or portable
@@ -74,7 +75,7 @@ _HEADERS = (SOURCE.with_name("salu_cpu.h"),)
 MARKER = "salunet_build.json"  # written into the build folder after a successful build: the key it was built for
 LOCK = "salunet.lock"  # the flock that serialises builders of one folder
 _TORCH_LOCK = "lock"  # torch.utils.cpp_extension's FileBaton file (deleted by its holder when done)
-_BUILD_SECONDS = "~25 s on 2 free cores"
+_BUILD_SECONDS = "~25-30 s on 2 free cores"
 
 _ISA_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512dq", "-mavx512vl",
@@ -107,11 +108,21 @@ def capability() -> str:
 # ----------------------------------------------------------------------------------------------------------
 # the cache key and where the build lives
 
+def _sources_sha1() -> str:
+    """One digest of every compiled file, each framed by its name and length (bytes moved between files count)."""
+    h = hashlib.sha1()
+    for p in (*SOURCES, *_HEADERS):
+        data = p.read_bytes()
+        h.update(f"{p.name}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
 def build_key() -> dict:
     """Everything the compiled library depends on (see the module docstring); equal keys share a build."""
     cap = capability()
     return {"isa": cap, "flags": [*_CFLAGS, *_ISA_FLAGS.get(cap, [])], "ldflags": _LDFLAGS,
-            "source_sha1": hashlib.sha1(b"".join(p.read_bytes() for p in (*SOURCES, *_HEADERS))).hexdigest(),
+            "source_sha1": _sources_sha1(),
             "torch": torch.__version__, "torch_git": getattr(torch.version, "git_version", None) or "",
             "cxx11_abi": int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))),
             "python": sys.implementation.cache_tag, "torch_dir": str(Path(torch.__file__).resolve().parent)}

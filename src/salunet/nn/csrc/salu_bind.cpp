@@ -2,6 +2,8 @@
 // A translation unit of its own, so that the two compile in parallel (ninja). It includes only what it uses (the
 // autograd Function API and torch's pybind11 casters): <torch/extension.h>, the whole C++ frontend, would triple
 // its compile time.
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
 

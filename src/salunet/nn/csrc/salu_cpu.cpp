@@ -459,8 +459,6 @@ void check(const at::Tensor& x, const std::vector<at::Tensor>& params, int64_t o
                 "salunet cpu kernel: each parameter must hold 1 or ", C, " values on the CPU");
 }
 
-}  // namespace
-
 // Optional residual of the SALU_ADD_* ops: same dtype, size and memory layout as x.
 const void* res_ptr(const c10::optional<at::Tensor>& res, const at::Tensor& x, int64_t op) {
   if (!has_residual(op)) return nullptr;
@@ -469,6 +467,8 @@ const void* res_ptr(const c10::optional<at::Tensor>& res, const at::Tensor& x, i
               "salunet cpu kernel: the residual must have the input's dtype, shape and strides");
   return res->const_data_ptr();
 }
+
+}  // namespace
 
 // y = op(x[, res]) written into `out` (same storage layout as x: dense, in the memory order of the layout)
 void salu_forward(int64_t op, at::Tensor x, std::vector<at::Tensor> params, double log_limit,

@@ -1,5 +1,5 @@
-// The interface between the fused CPU kernels (salu_cpu.cpp, ATen only) and their bindings (salu_bind.cpp, which
-// alone includes <torch/extension.h>): the op codes and the two entry points.
+// The interface between the fused CPU kernels (salu_cpu.cpp, ATen headers only) and their bindings (salu_bind.cpp,
+// pybind11 and the autograd API): the op codes and the two entry points.
 #pragma once
 
 #include <ATen/core/Tensor.h>
