@@ -23,10 +23,10 @@ Whether the radial part is a steady push or noise: per batch j and channel c, th
     rho_cj = sum g_in x / sum x^2          (what the projection subtracts: g_in - rho x)
 
 A descent step moves x against g, so rho < 0 asks the channel's scale to grow, rho > 0 to shrink; a per-step pin
-undoes either. Over the full batches (a short last one is left out: the mean loss's gradient scales as 1/B),
-per channel, t_c = mean_j rho / (std_j rho / sqrt(J)); the script prints the stage
-means of |t| (0.84 for pure noise over 16 batches, 1.1 over 4; large for a push that keeps its sign from batch to batch) and the share of
-channels pushed to grow (mean rho < 0). Used in docs/RESULTS.md "The curve and the statistic's gradient".
+undoes either. Over the full batches (a short last one is left out: the mean loss's gradient scales as 1/B), per
+channel, t_c = mean_j rho / (std_j rho / sqrt(J)); the script prints the stage means of |t| (0.84 for pure noise
+over 16 batches, 1.1 over 4; large for a push that keeps its sign from batch to batch) and the share of channels
+pushed to grow (mean rho < 0). Used in docs/RESULTS.md "The curve and the statistic's gradient".
 """
 from __future__ import annotations
 
@@ -114,6 +114,17 @@ def push_consistency(rho: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
     return np.where(sd == 0, 0.0, t), mean
 
 
+def _record(site: dict) -> dict:
+    """A site's entry in the --json file: r and n, and the push statistic per channel (t, the mean rho and the
+    number of batches) instead of every batch's rho."""
+    out = {k: v for k, v in site.items() if k != "rho"}
+    out["batches"] = len(site["rho"])
+    if out["batches"] >= 2:
+        t, mean = push_consistency(site["rho"])
+        out["t"], out["rho_mean"] = t.tolist(), mean.tolist()
+    return out
+
+
 def stage_of(name: str) -> str:
     for s in ("layer1", "layer2", "layer3", "layer4"):
         if name.startswith(s):
@@ -136,10 +147,7 @@ def main(argv=None) -> int:
     record = {}
     for spec in args.runs:
         shares = radial_shares(model_of(spec, args.width, x.shape[1]), x, y)
-        record[spec] = {name: {**{k: v for k, v in r.items() if k != "rho"}, "batches": len(r["rho"]),
-                               **(dict(zip(("t", "rho_mean"), (a.tolist() for a in push_consistency(r["rho"]))))
-                                  if len(r["rho"]) >= 2 else {})}
-                        for name, r in shares.items()}  # the push statistic per channel, not every batch's rho
+        record[spec] = {name: _record(r) for name, r in shares.items()}
         per_stage = defaultdict(lambda: {"in": [], "out": [], "t": [], "grow": []})
         for name, r in shares.items():
             for key in ("in", "out"):
