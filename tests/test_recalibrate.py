@@ -474,6 +474,8 @@ def test_radial_share_script_matches_direct_gradients_in_float64(tmp_path, capsy
     assert r.shape[0] == 2  # batches of 4, 4 and 2: the short one is left out
     np.testing.assert_allclose(t, r.mean(0) / (r.std(0, ddof=1) / np.sqrt(2)), rtol=1e-12)
     np.testing.assert_allclose(mean, r.mean(0), rtol=1e-12)
+    entry = mod._record(shares["1"])  # what --json writes: the statistic, not every batch's rho
+    assert "rho" not in entry and entry["batches"] == 2 and entry["t"] == t.tolist() and entry["n"] == 10 * 6 * 6
     with pytest.raises(ValueError, match="at least 2 full batches"):
         mod.push_consistency(shares["1"]["rho"][:1])
     t0, _ = mod.push_consistency([[0.0, 1.0, float("nan")], [0.0, 2.0, 1.0]])  # dead channel: 0; NaN stays NaN
