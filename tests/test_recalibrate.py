@@ -242,8 +242,6 @@ def test_operating_point_script(tmp_path, capsys):
     values = [float(v) for v in capsys.readouterr().out.rsplit(":", 1)[1].split()]
     assert len(values) == 20 and all(0.05 < v < 1.0 for v in values)
     assert mod.main(["--data-path", str(tmp_path / "none.npz"), "init:salunet_c18_v2"]) == 2
-    assert mod.main(["--data-path", str(tmp_path / "c.npz"), "--images", "16", "--width", "4", "init:resnet18_bn"]) == 0
-    assert "no SALU" in capsys.readouterr().out  # a model without SALU sites is reported, not a crash
     assert mod.main(["--data-path", "digits", "--width", "2", "--images", "32", "init:salunet_c18_v2"]) == 0
     assert len(capsys.readouterr().out.rsplit(":", 1)[1].split()) == 20  # the embedded digits: 1 channel, 8x8
 
