@@ -18,8 +18,8 @@ using namespace salunet;
 // as `res`, single-stage ops repeat (a, b) in the second slots, and those slots get no gradient.
 struct SaluFunction : public torch::autograd::Function<SaluFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor x, at::Tensor res,
-                               at::Tensor a1, at::Tensor b1, at::Tensor a2, at::Tensor b2, int64_t op,
-                               double log_limit, int64_t outer, int64_t C, int64_t inner) {
+                            at::Tensor a1, at::Tensor b1, at::Tensor a2, at::Tensor b2, int64_t op,
+                            double log_limit, int64_t outer, int64_t C, int64_t inner) {
     std::vector<at::Tensor> params = {a1.reshape(-1), b1.reshape(-1)};
     if (is_pair(op)) params.insert(params.end(), {a2.reshape(-1), b2.reshape(-1)});
     auto out = at::empty_like(x);
@@ -67,7 +67,7 @@ struct SaluFunction : public torch::autograd::Function<SaluFunction> {
 };
 
 at::Tensor salu_apply(at::Tensor x, at::Tensor res, at::Tensor a1, at::Tensor b1, at::Tensor a2,
-                         at::Tensor b2, int64_t op, double log_limit, int64_t outer, int64_t C, int64_t inner) {
+                      at::Tensor b2, int64_t op, double log_limit, int64_t outer, int64_t C, int64_t inner) {
   return SaluFunction::apply(x, res, a1, b1, a2, b2, op, log_limit, outer, C, inner);
 }
 

@@ -491,9 +491,9 @@ void salu_forward(int64_t op, at::Tensor x, std::vector<at::Tensor> params, doub
 // dL/dx written into `gx` (and dL/dres into `gres` for the residual ops); returns the gradients of the parameters
 // as given (d/dlog when log_limit >= 0), each with the parameter's number of values (1 or C) and dtype.
 std::vector<at::Tensor> salu_backward(int64_t op, at::Tensor g, at::Tensor x,
-                                         std::vector<at::Tensor> params, double log_limit, at::Tensor gx,
-                                         int64_t outer, int64_t C, int64_t inner, c10::optional<at::Tensor> res,
-                                         c10::optional<at::Tensor> gres) {
+                                      std::vector<at::Tensor> params, double log_limit, at::Tensor gx,
+                                      int64_t outer, int64_t C, int64_t inner, c10::optional<at::Tensor> res,
+                                      c10::optional<at::Tensor> gres) {
   check(x, params, op, outer, C, inner);
   TORCH_CHECK(g.scalar_type() == x.scalar_type() && g.numel() == x.numel(),
               "salunet cpu kernel: grad_output must match the input's dtype and size");
