@@ -5,7 +5,7 @@ from torch import nn
 
 from salunet import SALU, SWALU, SALUAct
 from salunet.nn import SALUAddAct
-from salunet.train.recalibrate import StepStatistics, recalibrate_salu, salu_input_rms, salu_sites
+from salunet.train.recalibrate import StepStatistics, pin_to_average, recalibrate_salu, salu_input_rms, salu_sites
 
 
 class _Net(nn.Module):
@@ -99,6 +99,39 @@ def test_a_partial_rate_pins_a_running_mean_square_and_repeated_converges():
     for bad in (0.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="rate must be in"):
             recalibrate_salu(net, batches, 0.5, rate=bad)
+
+
+def test_pin_to_average_pins_the_mean_of_the_batches_mean_squares():
+    """pin_to_average over equal batches: the first site (whose input no SALU moves) ends at sqrt(ab) * rms = K on
+    the batches pooled, exactly (float64), where pinning on the last batch alone misses it; A = sqrt(a/b) kept;
+    the later sites come close on batches of one distribution; one batch is recalibrate_salu's pin; the factors
+    are the total ones; no batch is refused."""
+    torch.manual_seed(0)
+    net = _Net().double()
+    batches = [(x.double(), y) for x, y in _batches(4)]
+    amp = {n: s.amplitude.clone() for n, (_, s) in salu_sites(net).items()}
+    log_a = {n: s.log_a.detach().clone() for n, (_, s) in salu_sites(net).items()}
+
+    def args():
+        return {n: torch.exp(0.5 * (salu_sites(net)[n][1].log_a + salu_sites(net)[n][1].log_b)).detach() * rms
+                for n, rms in salu_input_rms(net, batches).items()}
+
+    factors = pin_to_average(net, batches, 0.5)
+    torch.testing.assert_close(args()["salu"], torch.full((4,), 0.5, dtype=torch.float64), rtol=1e-9, atol=0)
+    for name, arg in args().items():  # the later sites: each batch measured after the earlier sites moved
+        torch.testing.assert_close(arg, torch.full_like(arg, 0.5), rtol=0.03, atol=0, msg=name)
+    for n, (_, s) in salu_sites(net).items():
+        torch.testing.assert_close(s.amplitude, amp[n], rtol=1e-12, atol=0)
+        assert factors[n] == pytest.approx(float(torch.exp(s.log_a.detach() - log_a[n]).median()), rel=1e-12)
+    recalibrate_salu(net, batches[-1:], 0.5)  # the last batch alone is another pin
+    assert not torch.allclose(args()["salu"], torch.full((4,), 0.5, dtype=torch.float64), rtol=0.05)
+    twin = _Net().double()
+    twin.load_state_dict(net.state_dict())
+    pin_to_average(net, batches[:1], 0.5)
+    recalibrate_salu(twin, batches[:1], 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), twin.state_dict().values()))
+    with pytest.raises(ValueError, match="at least one batch"):
+        pin_to_average(net, [], 0.5)
 
 
 def test_step_statistics_gather_training_forwards_only_and_pin_from_them():
@@ -284,6 +317,43 @@ def test_per_step_pinning_from_the_training_forward_resumes_bit_for_bit(tmp_path
     _assert_resume_repeats_the_last_epoch(tmp_path / "step")
 
 
+def test_eval_pin_holds_the_average_pin_leaves_training_and_resumes_bit_for_bit(tmp_path):
+    """--salu-eval-pin 3 with a pin every step: each epoch records the factors of the raw and EMA weights; the
+    checkpoint holds the pin on the average of the epoch's first 3 batches (pinning it again on them moves
+    nothing, where the run without it moves); training is the run's without it up to rounding (the next step's
+    pin overrides sqrt(ab)); a resumed run repeats it exactly."""
+    import itertools
+    import json
+
+    from salunet.train import train
+    from salunet.train.checkpoint import list_checkpoints
+    from salunet.train.distributed import DistInfo
+    from salunet.train.evaluate import model_from_checkpoint
+    from salunet.train.resume import checkpoint_config
+    from salunet.train.sources import load_source
+
+    cfg = dict(model="salunet_c18_v2", width=4, data="digits", train_subset=192, test_subset=50, batch_size=32,
+               epochs=2, ema_decay=0.9, progress=False, salu_recalibrate=0.5, salu_recalibrate_every=1,
+               out=str(tmp_path))
+    train(cfg, name="pin", salu_eval_pin=3)
+    train(cfg, name="last")
+    rows = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("pin", "last")}
+    assert all(r["salu_eval_pin_factor"] > 0 and r["ema_salu_eval_pin_factor"] > 0 for r in rows["pin"])
+    assert all("salu_eval_pin_factor" not in r for r in rows["last"])
+    for a, b in zip(rows["pin"], rows["last"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    for name, moved in (("pin", False), ("last", True)):
+        ckpt = list_checkpoints(tmp_path / name)[-1]
+        model, meta, _ = model_from_checkpoint(ckpt)
+        run_cfg = checkpoint_config(ckpt, meta)
+        source = load_source(run_cfg, DistInfo(device=torch.device("cpu")))
+        factors = pin_to_average(model, [b[0] for b in itertools.islice(source.train_batches(1), 3)], 0.5)
+        worst = max(abs(f - 1) for f in factors.values())
+        assert (worst > 1e-3) if moved else (worst < 1e-5), (name, worst)
+    _assert_resume_repeats_the_last_epoch(tmp_path / "pin")
+
+
 @pytest.mark.parametrize("over, match", [({"salu_recalibrate_every": 5}, "needs a target"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": -1}, "whole number"),
                                          ({"salu_recalibrate_rate": 0.1}, "rate needs a target"),
@@ -294,7 +364,10 @@ def test_per_step_pinning_from_the_training_forward_resumes_bit_for_bit(tmp_path
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
                                            "salu_recalibrate_measure": "step"}, "needs --salu-recalibrate-rate <= 0.5"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
-                                           "salu_recalibrate_measure": "batch"}, "not one of forward, step")])
+                                           "salu_recalibrate_measure": "batch"}, "not one of forward, step"),
+                                         ({"salu_recalibrate": 0.5, "salu_eval_pin": 4}, "applies to per-step"),
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
+                                           "salu_eval_pin": -1}, "whole number of batches")])
 def test_recalibration_every_is_checked(over, match):
     from salunet.train.config import resolve_config
 
@@ -495,3 +568,31 @@ def test_radial_share_script_matches_direct_gradients_in_float64(tmp_path, capsy
     assert mod.main(["--data-path", str(tmp_path / "none.npz"), "init:salunet_c18_v2"]) == 2
     assert mod.main(["--data-path", str(tmp_path / "c.npz"), "--images", "16", "--width", "4", "init:resnet18_bn"]) == 0
     assert "no SALU" in capsys.readouterr().out  # a model without SALU sites is reported, not a crash
+
+
+def test_eval_pin_script(tmp_path, capsys):
+    """scripts/eval_pin.py on a per-step pinned run: 'as saved' is the run's last test accuracy (the data rebuilt
+    as trained), the average of one batch is that batch's own pin, JSON lines written; a run pinned once an
+    epoch and a folder without checkpoints: exit 2 with the reason."""
+    import json
+
+    from salunet.train import train
+
+    cfg = dict(model="salunet_c18_v2", width=4, data="digits", train_subset=128, test_subset=60, batch_size=32,
+               epochs=1, ema_decay=0.0, progress=False, salu_recalibrate=0.5, out=str(tmp_path))
+    train(cfg, name="step", salu_recalibrate_every=1)
+    train(cfg, name="epoch")
+    mod = _script("eval_pin")
+    out = tmp_path / "pins.jsonl"
+    assert mod.main([str(tmp_path / "step"), "--batches", "1,3", "--singles", "2", "--json", str(out)]) == 0
+    assert "as saved" in capsys.readouterr().out
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    last = json.loads((tmp_path / "step" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["as_saved"] == last["test_acc"]
+    assert len(row["single_batches"]) == 2 and row["average_1"] == row["single_batches"][0]
+    assert 0 <= row["average_3"] <= 1
+    assert mod.main([str(tmp_path / "epoch")]) == 2
+    assert "without a pin every step" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert mod.main([str(tmp_path / "empty")]) == 2
+    assert "no checkpoints" in capsys.readouterr().err

@@ -70,6 +70,7 @@ class TrainConfig:
     salu_recalibrate_every: int = 0  # > 0: pin it every this many steps on the step's own batch instead; 0 = per epoch
     salu_recalibrate_rate: float = 1.0  # momentum of the running mean square pinned (as BN's running var); 1 = batch
     salu_recalibrate_measure: str = "forward"  # per-step pinning measures in one more forward, or in the step's own
+    salu_eval_pin: int = 0  # > 0: before each evaluation, pin on the average of this many training batches
     salu_project_grad: bool = False  # SALU inputs' gradients lose their per-channel radial part (a normaliser's backward)
     # regularisation and augmentation
     label_smoothing: float = 0.0
@@ -135,6 +136,9 @@ FIELD_HELP: dict[str, str] = {
                              "is pinned (1 = this batch only)",
     "salu_recalibrate_measure": "per-step pinning's statistics: forward = one more forward (exact); step = the "
                                 "training forward's, a step late (rate <= 0.5)",
+    "salu_eval_pin": "with per-step pinning: before each evaluation (so in every checkpoint), pin every SALU on "
+                     "the average of this many of the epoch's training batches, as BatchNorm evaluates with running "
+                     "statistics (0 = the last step's own batch)",
     "salu_project_grad": "drop each SALU input gradient's per-channel part along the input: a scale "
                          "normaliser's backward, forward unchanged",
     "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",
@@ -308,6 +312,11 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
                          "oscillate (docs/RESULTS.md \"Pinning from the training forward\")")
     if cfg.salu_recalibrate_rate != 1 and cfg.salu_recalibrate == 0:
         raise ValueError("salu_recalibrate_rate needs a target: add --salu-recalibrate K (0.5 measured best)")
+    if cfg.salu_eval_pin < 0:
+        raise ValueError(f"salu_eval_pin must be a whole number of batches >= 0 (0 = off), got {cfg.salu_eval_pin}")
+    if cfg.salu_eval_pin > 0 and cfg.salu_recalibrate_every == 0:
+        raise ValueError("salu_eval_pin applies to per-step pinning: add --salu-recalibrate K --salu-recalibrate-every "
+                         "N (pinning once an epoch already pins on 4 batches before each evaluation but the last)")
     if not (cfg.salu_lr_scale > 0 and math.isfinite(cfg.salu_lr_scale)):
         raise ValueError(f"salu_lr_scale must be a finite positive number (1 = no scaling), got {cfg.salu_lr_scale}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):

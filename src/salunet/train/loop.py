@@ -29,7 +29,8 @@ blocked at each step's finiteness check until the device has finished the step, 
 a GPU a share near 0 means the host, issuing work, is the bottleneck, a large one that the device is; ~0 on CPU,
 where nothing runs ahead), ``elapsed_s`` (since this process started training), ``salu_recal_factor`` (with
 ``salu_recalibrate``: the median factor applied to SALU's a and b after the epoch; with ``salu_recalibrate_every``
-the median over the epoch's recalibrations, and their count ``salu_recalibrations``). Per-step JSON lines
+the median over the epoch's recalibrations, and their count ``salu_recalibrations``), ``salu_eval_pin_factor``
+(with ``salu_eval_pin``: the median factor of the pin before evaluation; ``ema_salu_eval_pin_factor`` the EMA's). Per-step JSON lines
 (``log_steps``) and TensorBoard events (``logger``) come from :mod:`.loggers`, called once per step and once per
 epoch on rank 0.
 
@@ -72,7 +73,7 @@ from .ema import EMA
 from .evaluate import autocast_for, evaluate
 from .loggers import RunLoggers, check_logger
 from .optim import adaptive_clip_, agc_parameters, lr_at, make_optimizer, set_lr
-from .recalibrate import GradientProjection, StepStatistics, recalibrate_salu, salu_sites
+from .recalibrate import GradientProjection, StepStatistics, pin_to_average, recalibrate_salu, salu_sites
 from .resume import RESUME_KEYS, RunPlan, claim_run_dir, load_state, plan_run, remove_empty_dirs
 from .rundir import RunDir
 from .sources import data_fingerprint, load_source
@@ -409,6 +410,8 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
     elif cfg.salu_recalibrate > 0 and not cfg.salu_recalibrate_every and epoch + 1 < cfg.epochs:
         row["salu_recal_factor"] = _median_factor(_recalibrate_on(
             run, itertools.islice(run.source.train_batches(epoch + 1), 4)))  # the next epoch's first 4 (seeded)
+    if cfg.salu_eval_pin:
+        row.update(_pin_for_evaluation(run, epoch))
     row.update(_evaluate_epoch(run, epoch))
     row["eval_s"] = round(time.perf_counter() - t1, 3)
     return row
@@ -421,6 +424,27 @@ def _recalibrate_on(run: _Run, batches, training_shape: bool = False) -> dict[st
     return recalibrate_salu(run.model, batches, run.cfg.salu_recalibrate,
                             reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=training_shape,
                             rate=run.cfg.salu_recalibrate_rate)
+
+
+def _pin_for_evaluation(run: _Run, epoch: int) -> dict:
+    """--salu-eval-pin N: pin the raw weights' (and the EMA's) SALUs on the average of the epoch's first N seeded
+    training batches, each rank on its share, one forward per batch (:func:`pin_to_average`), so that what is
+    evaluated and saved does not depend on which batch the last step pinned on. Per-step pinning sets sqrt(ab)
+    again before the next step, so training itself is unchanged when it pins every step; a resumed run loads the
+    pinned weights that the run which did not stop went on from. Returns the metrics' median factors."""
+    cfg = run.cfg
+    out = {}
+    for key, model in (("salu_eval_pin_factor", run.model),
+                       ("ema_salu_eval_pin_factor", None if run.ema is None else run.ema.module)):
+        if model is None:
+            continue
+        batches = (b[0].contiguous(memory_format=torch.channels_last) if cfg.channels_last else b[0]
+                   for b in itertools.islice(run.source.train_batches(epoch), cfg.salu_eval_pin))
+        with run.amp_ctx:
+            factors = pin_to_average(model, batches, cfg.salu_recalibrate,
+                                     reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=True)
+        out[key] = _median_factor(factors)
+    return out
 
 
 def _median_factor(factors: dict[str, float]) -> float:

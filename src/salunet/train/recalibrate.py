@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from ..nn import SALU, SALUAct, kernels
 
-__all__ = ["salu_sites", "salu_input_rms", "recalibrate_salu", "StepStatistics", "GradientProjection",
-           "project_radial_grad"]
+__all__ = ["salu_sites", "salu_input_rms", "recalibrate_salu", "pin_to_average", "StepStatistics",
+           "GradientProjection", "project_radial_grad"]
 
 
 def salu_sites(model: nn.Module) -> dict[str, tuple[nn.Module, SALU]]:
@@ -158,6 +158,26 @@ def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
     with torch.no_grad():
         _forward_with_hooks(model, batches, make_hook, training_shape)
     return factors
+
+
+def pin_to_average(model: nn.Module, batches: Iterable, target: float,
+                   reduce: Callable[[Tensor], Tensor] | None = None, training_shape: bool = False) -> dict[str, float]:
+    """Pin every SALU on the average of ``batches``, one forward per batch (``--salu-eval-pin``): batch j (from 0)
+    is pinned with rate 1 / (j + 1), so that after it each site's argument has mean square ``target**2`` on the
+    cumulative average of the mean squares measured so far (BatchNorm's running statistics with momentum None).
+    At the first site this is exactly the pooled mean square of all the batches; at a later one each batch's is
+    measured after the sites before it moved for the batches before, a small difference once they have settled.
+    Memory is one batch's forward, where :func:`recalibrate_salu` of the list would forward all of them at once.
+    Returns, per site, the median over channels of the total factor applied to a and b (1 = no change)."""
+    sites = salu_sites(model)
+    before = {name: salu.log_a.detach().clone() for name, (_, salu) in sites.items()}
+    n = 0
+    for n, batch in enumerate(batches, 1):
+        recalibrate_salu(model, [batch], target, reduce=reduce, training_shape=training_shape, rate=1.0 / n)
+    if n == 0:
+        raise ValueError("SALU calibration needs at least one batch")
+    return {name: float(torch.exp(sites[name][1].log_a.detach().double() - before[name].double()).median())
+            for name in sites}
 
 
 def _check(target: float, rate: float) -> None:
