@@ -2,14 +2,18 @@
 
     python scripts/eval_pin.py [--data-path PATH] [--batches 4,16,32] [--singles 8] [--json FILE] RUN...
 
-RUN is the directory of a run trained with ``--salu-recalibrate K --salu-recalibrate-every 1``. Its last
-checkpoint (raw weights) is evaluated on the run's own test images (its subsets, its normalisation) as saved,
-i.e. pinned on the last step's batch, then pinned again (target K) in two ways, each from the saved weights:
+RUN is the directory of a run trained with ``--salu-recalibrate K --salu-recalibrate-every 1``, or of a
+BatchNorm model (for comparison). Its last checkpoint (raw weights) is evaluated on the run's own test images
+(its subsets, its normalisation) as saved, i.e. pinned on the last step's batch (BatchNorm: on its running
+statistics, an exponential average over batches), then pinned again in two ways, each from the saved weights:
 
 - on each one of the first ``--singles`` training batches of the run's last epoch (the seeded, augmented batches
   the run drew), one at a time: the spread that the choice of the last batch alone puts on the figure;
 - on the average of the first N of those batches, for each N in ``--batches`` (``pin_to_average``, what
   ``--salu-eval-pin N`` does before every evaluation), as BatchNorm evaluates with running statistics.
+
+For BatchNorm "pinned" means its running statistics recomputed in training mode, without gradient, with momentum
+1 / (j + 1) for batch j (one batch: that batch's statistics; N: their plain average).
 
 It prints one line per run and, with ``--json``, writes them as JSON lines (docs/RESULTS.md "The last batch's
 pin"). ``--data-path`` replaces the data path the run recorded (relative paths are the run's working folder's).
@@ -24,11 +28,12 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from salunet.train import distributed as D
 from salunet.train.checkpoint import list_checkpoints
 from salunet.train.evaluate import evaluate, model_from_checkpoint
-from salunet.train.recalibrate import pin_to_average, recalibrate_salu
+from salunet.train.recalibrate import pin_to_average, salu_sites
 from salunet.train.resume import checkpoint_config
 from salunet.train.sources import MemorySource, load_source
 
@@ -41,9 +46,12 @@ def pin_spread(run: str | Path, batches: list[int], singles: int, data_path: str
         raise FileNotFoundError(f"{run}: no checkpoints; pass the directory of a finished run")
     model, meta, _ = model_from_checkpoint(ckpts[-1])
     cfg = checkpoint_config(ckpts[-1], meta, {"data_path": data_path} if data_path else None)
-    if not (cfg.salu_recalibrate > 0 and cfg.salu_recalibrate_every == 1):
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms and salu_sites(model):
+        raise ValueError(f"{run}: has both BatchNorm and SALU layers; this measures one kind of pin at a time")
+    if not norms and not (cfg.salu_recalibrate > 0 and cfg.salu_recalibrate_every == 1):
         raise ValueError(f"{run}: trained without a pin every step (--salu-recalibrate K --salu-recalibrate-every 1)"
-                         "; this measures per-step pinned runs only")
+                         " and without BatchNorm; this measures per-step pinned runs (or BatchNorm ones) only")
     source = load_source(cfg, D.DistInfo(device=torch.device("cpu")))
     if not isinstance(source, MemorySource):
         raise ValueError(f"{run}: {cfg.data} is read from folders; this script rebuilds in-memory data sets only")
@@ -58,18 +66,41 @@ def pin_spread(run: str | Path, batches: list[int], singles: int, data_path: str
     def acc() -> float:
         return evaluate(model, source.eval_batches())["acc"]
 
-    out = {"run": str(run), "epoch": meta["epoch"], "target": cfg.salu_recalibrate, "as_saved": acc()}
+    def pin(xs: list[torch.Tensor]) -> None:
+        model.load_state_dict(saved)
+        if norms:
+            _batchnorm_average(model, norms, xs)
+        else:
+            pin_to_average(model, xs, cfg.salu_recalibrate)  # (one batch: recalibrate_salu's pin)
+
+    out = {"run": str(run), "epoch": meta["epoch"], "kind": "batchnorm" if norms else "salu",
+           "target": cfg.salu_recalibrate, "as_saved": acc()}
     single = []
     for b in last_epoch[:singles]:
-        model.load_state_dict(saved)
-        recalibrate_salu(model, [b], cfg.salu_recalibrate)
+        pin([b])
         single.append(acc())
     out["single_batches"] = single
     for n in batches:
-        model.load_state_dict(saved)
-        pin_to_average(model, last_epoch[:n], cfg.salu_recalibrate)
+        pin(last_epoch[:n])
         out[f"average_{n}"] = acc()
     return out
+
+
+@torch.no_grad()
+def _batchnorm_average(model: nn.Module, norms: list[nn.Module], xs: list[torch.Tensor]) -> None:
+    """Every BatchNorm's running statistics set to the plain average of those of ``xs`` (training-mode forwards,
+    momentum 1 / (j + 1) for batch j); the model is left in eval mode with its momenta as they were."""
+    momenta = [m.momentum for m in norms]
+    model.train()
+    try:
+        for j, x in enumerate(xs):
+            for m in norms:
+                m.momentum = 1.0 / (j + 1)
+            model(x)
+    finally:
+        for m, mom in zip(norms, momenta):
+            m.momentum = mom
+        model.eval()
 
 
 def main(argv=None) -> int:

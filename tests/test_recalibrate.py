@@ -582,17 +582,35 @@ def test_eval_pin_script(tmp_path, capsys):
                epochs=1, ema_decay=0.0, progress=False, salu_recalibrate=0.5, out=str(tmp_path))
     train(cfg, name="step", salu_recalibrate_every=1)
     train(cfg, name="epoch")
+    train(cfg, name="bn", model="resnet18_bn", salu_recalibrate=0.0)
     mod = _script("eval_pin")
     out = tmp_path / "pins.jsonl"
-    assert mod.main([str(tmp_path / "step"), "--batches", "1,3", "--singles", "2", "--json", str(out)]) == 0
+    assert mod.main([str(tmp_path / "step"), str(tmp_path / "bn"), "--batches", "1,3", "--singles", "2",
+                     "--json", str(out)]) == 0
     assert "as saved" in capsys.readouterr().out
-    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
-    last = json.loads((tmp_path / "step" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert row["as_saved"] == last["test_acc"]
-    assert len(row["single_batches"]) == 2 and row["average_1"] == row["single_batches"][0]
-    assert 0 <= row["average_3"] <= 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["salu", "batchnorm"]
+    for row, name in zip(rows, ("step", "bn")):
+        last = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+        assert row["as_saved"] == last["test_acc"]
+        assert len(row["single_batches"]) == 2 and row["average_1"] == row["single_batches"][0]
+        assert 0 <= row["average_3"] <= 1
     assert mod.main([str(tmp_path / "epoch")]) == 2
     assert "without a pin every step" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert mod.main([str(tmp_path / "empty")]) == 2
     assert "no checkpoints" in capsys.readouterr().err
+
+
+def test_eval_pin_batchnorm_average_is_the_plain_mean_of_the_batches():
+    """scripts/eval_pin.py's BatchNorm pin: running mean and variance = the plain average of the batches' (float64),
+    momentum restored, the model left in eval mode."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.3)).double()
+    xs = [torch.randn(5, 3, 6, 6, dtype=torch.float64) * s for s in (1.0, 2.0, 0.5)]
+    _script("eval_pin")._batchnorm_average(net, [net[1]], xs)
+    with torch.no_grad():
+        hs = [net[0](x) for x in xs]
+    torch.testing.assert_close(net[1].running_mean, torch.stack([h.mean((0, 2, 3)) for h in hs]).mean(0))
+    torch.testing.assert_close(net[1].running_var, torch.stack([h.var((0, 2, 3)) for h in hs]).mean(0))
+    assert net[1].momentum == 0.3 and not net.training
