@@ -1,6 +1,7 @@
 """How much a per-step pinned SALU model's test accuracy depends on the batch its last pin was taken on.
 
-    python scripts/eval_pin.py [--data-path PATH] [--batches 4,16,32] [--singles 8] [--json FILE] RUN...
+    python scripts/eval_pin.py [--data-path PATH] [--batches 4,16,32] [--singles 8] [--json FILE] [--plot PNG] RUN...
+    python scripts/eval_pin.py --replot --json FILE --plot PNG LABEL...     # redraw from the JSON lines ("-": names)
 
 RUN is the directory of a run trained with ``--salu-recalibrate K --salu-recalibrate-every 1``, or of a
 BatchNorm model (for comparison). Its last checkpoint (raw weights) is evaluated on the run's own test images
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from salunet.analysis.plots import plot_eval_pins
 from salunet.train import distributed as D
 from salunet.train.checkpoint import list_checkpoints
 from salunet.train.evaluate import evaluate, model_from_checkpoint
@@ -110,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="4,16,32", help="comma-separated batch counts of the average pins")
     ap.add_argument("--singles", type=int, default=8, help="how many single batches to pin on, one at a time")
     ap.add_argument("--json", default=None, help="write the results as JSON lines to this file")
+    ap.add_argument("--plot", default=None, help="draw them as a PNG (one column per run)")
+    ap.add_argument("--replot", action="store_true", help="redraw --plot from the --json file, measuring nothing")
     args = ap.parse_args(argv)
     try:
         batches = [int(v) for v in args.batches.split(",") if v.strip()]
@@ -117,6 +121,12 @@ def main(argv=None) -> int:
         ap.error(f"--batches must be comma-separated whole numbers, got {args.batches!r}")
     if any(n < 1 for n in batches) or args.singles < 0:
         ap.error("--batches must be >= 1 each and --singles >= 0")
+    if args.replot:
+        if not (args.json and args.plot):
+            ap.error("--replot redraws --plot from --json: pass both")
+        rows = [json.loads(line) for line in Path(args.json).read_text().splitlines() if line.strip()]
+        plot_eval_pins(rows, Path(args.plot), labels=args.runs if args.runs != ["-"] else None)
+        return 0
     torch.manual_seed(0)
     rows = []
     for run in args.runs:
@@ -133,6 +143,8 @@ def main(argv=None) -> int:
         print(f"{run}: as saved {100 * r['as_saved']:.2f}{spread}  {avg}", flush=True)
     if args.json:
         Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if args.plot:
+        plot_eval_pins(rows, Path(args.plot))
     return 0
 
 

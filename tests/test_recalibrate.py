@@ -586,7 +586,10 @@ def test_eval_pin_script(tmp_path, capsys):
     mod = _script("eval_pin")
     out = tmp_path / "pins.jsonl"
     assert mod.main([str(tmp_path / "step"), str(tmp_path / "bn"), "--batches", "1,3", "--singles", "2",
-                     "--json", str(out)]) == 0
+                     "--json", str(out), "--plot", str(tmp_path / "pins.png")]) == 0
+    assert (tmp_path / "pins.png").read_bytes()[:4] == b"\x89PNG"
+    assert mod.main(["salu", "bn", "--replot", "--json", str(out), "--plot", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").stat().st_size > 1000
     assert "as saved" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["salu", "batchnorm"]

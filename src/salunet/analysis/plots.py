@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 __all__ = ["plot_curves", "plot_plasticity", "plot_batch_sweep", "plot_grid_bars", "plot_geometry", "plot_representation",
-           "plot_variance", "plot_signal", "plot_dynamics", "draw_run_curves"]
+           "plot_variance", "plot_signal", "plot_dynamics", "plot_eval_pins", "draw_run_curves"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
@@ -132,6 +132,31 @@ def plot_grid_bars(rows: list[dict], path: Path, *, title: str, key: str = "labe
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def plot_eval_pins(rows: list[dict], path: Path, labels: list[str] | None = None) -> Path:
+    """scripts/eval_pin.py: per run, the test accuracy pinned on each single batch (dots), as saved (a cross) and
+    on the average of N batches (a bar per N, the largest N darkest)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows) + 2), 4))
+    averages = sorted({int(k.split("_")[1]) for r in rows for k in r if k.startswith("average_")})
+    for i, r in enumerate(rows):
+        s = r["single_batches"]
+        ax.scatter([i] * len(s), [100 * v for v in s], s=14, color="#7f7f7f", alpha=0.7,
+                   label="one batch" if i == 0 else None)
+        ax.scatter([i], [100 * r["as_saved"]], marker="x", s=60, color="#d62728", zorder=3,
+                   label="as saved" if i == 0 else None)
+        for j, n in enumerate(averages):
+            if f"average_{n}" in r:
+                shade = 0.35 + 0.65 * (j + 1) / len(averages)
+                ax.hlines(100 * r[f"average_{n}"], i - 0.3, i + 0.3, colors=[(0.12, 0.47, 0.71, shade)], lw=2,
+                          label=f"average of {n}" if i == 0 else None)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels or [Path(r["run"]).name for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("pinned on one batch (dots), as saved (x), on an average of N (bars)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return _save_with_legend(fig, ax, path)
 
 
 def plot_geometry(result: dict, path: Path) -> Path:
