@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ import torch.nn.functional as F
 
 from salunet.models import create_model
 from salunet.train.recalibrate import StepStatistics, recalibrate_salu
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from salu_operating_point import training_images  # noqa: E402  (the same images, NCHW in memory)
 
 
 def _series(setting: str, args, x: torch.Tensor, y: torch.Tensor, overrides: dict) -> tuple[list[float], float]:
@@ -64,15 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--rates / --overrides: {exc}")
     if any(not 0 < r <= 1 for r in rates) or a.steps <= 0 or a.batch <= 0:
         p.error("--rates must be in (0, 1]; --steps and --batch positive")
-    try:
-        d = np.load(a.data_path)
-    except FileNotFoundError:
-        print(f"{a.data_path}: no such file; pass --data-path to a CIFAR-10 .npz", file=sys.stderr)
+    # NCHW in memory (the permuted .npz array would be channels_last, which at width < 8 meets torch's CPU
+    # bug in 1x1 stride-2 convs: models/channels_last.py); None: the file is missing, said on stderr
+    data = training_images(a.data_path, a.steps * a.batch)
+    if data is None:
         return 2
-    n = a.steps * a.batch
-    x = torch.tensor(d["x_train"][:n]).permute(0, 3, 1, 2).float() / 255
-    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
-    y = torch.tensor(d["y_train"][:n]).long()
+    x, y = data
+    if y is None:
+        print(f"{a.data_path}: has no y_train labels; pass a CIFAR-10 .npz with labels", file=sys.stderr)
+        return 2
     result = {}
     for setting in ["exact"] + [str(r) for r in rates]:
         series, loss = _series(setting, a, x, y, overrides)

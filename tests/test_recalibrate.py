@@ -425,6 +425,9 @@ def test_pin_lag_script(tmp_path, capsys):
     np.savez(tmp_path / "c.npz", x_train=g.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8),
              y_train=g.integers(0, 10, 12))
     mod = _script("pin_lag")
+    # NCHW in memory: channels_last images reach torch's CPU bug in the width-2 model's 1x1 stride-2 shortcut
+    # (a crash with one thread, wrong gradients with two: models/channels_last.py)
+    assert mod.training_images(str(tmp_path / "c.npz"), 12)[0].is_contiguous()
     assert mod.main(["--data-path", str(tmp_path / "c.npz"), "--width", "2", "--steps", "3", "--batch", "4",
                      "--rates", "1,0.5"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
