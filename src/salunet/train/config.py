@@ -136,9 +136,8 @@ FIELD_HELP: dict[str, str] = {
                              "is pinned (1 = this batch only)",
     "salu_recalibrate_measure": "per-step pinning's statistics: forward = one more forward (exact); step = the "
                                 "training forward's, a step late (rate <= 0.5)",
-    "salu_eval_pin": "with per-step pinning: before each evaluation (so in every checkpoint), pin every SALU on "
-                     "the average of this many of the epoch's training batches, as BatchNorm evaluates with running "
-                     "statistics (0 = the last step's own batch)",
+    "salu_eval_pin": "per-step pinning: before each evaluation, pin every SALU on the average of this many "
+                     "training batches (0 = off)",
     "salu_project_grad": "drop each SALU input gradient's per-channel part along the input: a scale "
                          "normaliser's backward, forward unchanged",
     "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",
