@@ -4,7 +4,13 @@ On CPU (torch 2.13, oneDNN 3.12), the backward of a 1x1 convolution with stride 
 corrupts memory when its input or its kernel is in channels_last: a segfault, or "double free or corruption", at
 the first backward (measured 2026-11-29 with a plain ``nn.Conv2d``: 1 or >= 8 input channels, 3x3 kernels, stride
 1 and forward-only passes are fine). A ResNet's stage-2 shortcut is such a conv at width < 8, so
-``salunet train --channels-last`` crashed on CPU there, for SaluNets and their BN twins alike.
+``salunet train --channels-last`` crashed on CPU there, for SaluNets and their BN twins alike. On an AVX2 machine
+(re-measured 2026-11-29, torch 2.13.0, against the same conv with oneDNN off) the failure depends on the threads:
+with one thread 1-6 input channels corrupt memory, with two the weight gradient of 1-4 input channels comes out
+wrong without any error; the guarded layout (both contiguous) gives the right gradient for 2-7 channels. A single
+input channel fails in every layout (its tensors are channels_last and contiguous at once), so no layout guards
+it: it is left alone (no registered model has such a conv; a 1x1 stride-1 conv on ``x[..., ::2, ::2]`` computes
+the same and is right).
 
 :func:`to_channels_last` moves a model to channels_last and, for each such conv on a CPU, keeps the kernel and
 the input in the contiguous format (a forward pre-hook copies the input): they are tiny by construction, so the
