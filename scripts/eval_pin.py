@@ -5,8 +5,10 @@
 
 RUN is the directory of a run trained with ``--salu-recalibrate K --salu-recalibrate-every 1``, or of a
 BatchNorm model (for comparison). Its last checkpoint (raw weights) is evaluated on the run's own test images
-(its subsets, its normalisation) as saved, i.e. pinned on the last step's batch (BatchNorm: on its running
-statistics, an exponential average over batches), then pinned again in two ways, each from the saved weights:
+(its subsets, its normalisation) as saved: pinned on the last step's batch (at ``--salu-recalibrate-rate`` 1 and
+the extra-forward measure; otherwise on a running mean square, and with ``--salu-eval-pin N`` on an average:
+each row records the run's rate, measure and eval pin), BatchNorm on its running statistics (an exponential
+average over batches); then pinned again in two ways, each from the saved weights:
 
 - on each one of the first ``--singles`` training batches of the run's last epoch (the seeded, augmented batches
   the run drew), one at a time: the spread that the choice of the last batch alone puts on the figure;
@@ -76,7 +78,8 @@ def pin_spread(run: str | Path, batches: list[int], singles: int, data_path: str
             pin_to_average(model, xs, cfg.salu_recalibrate)  # (one batch: recalibrate_salu's pin)
 
     out = {"run": str(run), "epoch": meta["epoch"], "kind": "batchnorm" if norms else "salu",
-           "target": cfg.salu_recalibrate, "as_saved": acc()}
+           "target": cfg.salu_recalibrate, "rate": cfg.salu_recalibrate_rate,
+           "measure": cfg.salu_recalibrate_measure, "eval_pin": cfg.salu_eval_pin, "as_saved": acc()}
     single = []
     for b in last_epoch[:singles]:
         pin([b])
@@ -124,8 +127,18 @@ def main(argv=None) -> int:
     if args.replot:
         if not (args.json and args.plot):
             ap.error("--replot redraws --plot from --json: pass both")
-        rows = [json.loads(line) for line in Path(args.json).read_text().splitlines() if line.strip()]
-        plot_eval_pins(rows, Path(args.plot), labels=args.runs if args.runs != ["-"] else None)
+        try:
+            rows = [json.loads(line) for line in Path(args.json).read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as exc:
+            print(f"eval_pin: cannot read {args.json} ({exc}); pass the JSON lines file an earlier run wrote",
+                  file=sys.stderr)
+            return 2
+        labels = None if args.runs == ["-"] else args.runs
+        if not rows or (labels is not None and len(labels) != len(rows)):
+            print(f"eval_pin: {args.json} holds {len(rows)} rows and {len(args.runs)} labels were given; pass one "
+                  "label per row, or - for the run names", file=sys.stderr)
+            return 2
+        plot_eval_pins(rows, Path(args.plot), labels=labels)
         return 0
     torch.manual_seed(0)
     rows = []

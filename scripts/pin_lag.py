@@ -33,7 +33,7 @@ from salu_operating_point import training_images  # noqa: E402  (the same images
 
 def _series(setting: str, args, x: torch.Tensor, y: torch.Tensor, overrides: dict) -> tuple[list[float], float]:
     torch.manual_seed(0)
-    model = create_model(args.model, num_classes=10, width=args.width, **overrides)
+    model = create_model(args.model, num_classes=10, in_chans=x.shape[1], width=args.width, **overrides)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     stats = None if setting == "exact" else StepStatistics(model)
     out, loss = [], float("nan")
@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     x, y = data
     if y is None:
         print(f"{a.data_path}: has no y_train labels; pass a CIFAR-10 .npz with labels", file=sys.stderr)
+        return 2
+    if len(x) < a.steps * a.batch:
+        print(f"{a.data_path}: {len(x)} training images, {a.steps} steps of {a.batch} need {a.steps * a.batch}; "
+              "lower --steps or --batch", file=sys.stderr)
         return 2
     result = {}
     for setting in ["exact"] + [str(r) for r in rates]:

@@ -55,7 +55,9 @@ def training_images(data_path: str, images: int) -> tuple[torch.Tensor, torch.Te
         except FileNotFoundError:
             print(f"{data_path}: no such file; pass --data-path to a CIFAR-10 .npz (or digits)", file=sys.stderr)
             return None
-    x = torch.tensor(x_train[:images]).permute(0, 3, 1, 2).float().contiguous() / 255  # NCHW in memory too
+    # NCHW in memory, with NCHW's strides: a 1-channel permuted array passes is_contiguous() with channels_last
+    # strides, and convs then run channels_last (torch's CPU 1x1 stride-2 conv bug: models/channels_last.py)
+    x = torch.tensor(x_train[:images]).permute(0, 3, 1, 2).float().clone(memory_format=torch.contiguous_format) / 255
     x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
     return x, (None if y_train is None else torch.tensor(y_train[:images]).long())
 

@@ -35,7 +35,9 @@ ARGS = ["--model", "salunet_c18", "--width", "4", "--data", "digits", "--train-s
         # sees half the batch); the extra-forward measure shares that all-reduce (train/recalibrate.py). lr 0.005:
         # pinned at lr 0.05 this model does not learn digits and the runs' float noise grows to O(1) (measured)
         "--salu-recalibrate", "0.5", "--salu-recalibrate-every", "2", "--salu-recalibrate-measure", "step",
-        "--salu-recalibrate-rate", "0.5"]
+        "--salu-recalibrate-rate", "0.5",
+        # and before each evaluation on the average of 2 batches, raw and EMA weights: all-reduced the same way
+        "--salu-eval-pin", "2"]
 
 
 def _env():

@@ -388,10 +388,21 @@ def test_onednn_crash_prone_names_only_small_strided_pointwise_convs():
     assert onednn_crash_prone(nn.Conv2d(4, 8, 1, stride=2))
     assert onednn_crash_prone(nn.Conv2d(7, 8, 1, stride=(2, 2)))
     assert not onednn_crash_prone(nn.Conv2d(8, 16, 1, stride=2))  # 8 input channels: fine
-    assert not onednn_crash_prone(nn.Conv2d(1, 8, 1, stride=2))  # 1 input channel: fine
+    assert not onednn_crash_prone(nn.Conv2d(1, 8, 1, stride=2))  # 1 input channel: no layout guards it (below)
     assert not onednn_crash_prone(nn.Conv2d(4, 8, 3, stride=2))  # 3x3: fine
     assert not onednn_crash_prone(nn.Conv2d(4, 8, 1, stride=1))  # stride 1: fine
     assert not onednn_crash_prone(nn.Linear(4, 8))
+
+
+def test_unguardable_cpu_convs_names_one_channel_strided_pointwise_convs():
+    """The one-input-channel 1x1 strided convs, wrong in every layout on CPU: a width-1 ResNet's stage-2 shortcut,
+    not a width-2 one, not a stride-1 or 3x3 conv."""
+    from salunet.models.channels_last import unguardable_cpu_convs
+
+    assert unguardable_cpu_convs(create_model("resnet18_bn", num_classes=10, width=1)) == ["layer2.0.shortcut.0"]
+    assert unguardable_cpu_convs(create_model("salunet_c18_v2", num_classes=10, width=1)) == ["layer2.0.shortcut.0"]
+    assert unguardable_cpu_convs(create_model("resnet18_bn", num_classes=10, width=2)) == []
+    assert unguardable_cpu_convs(nn.Sequential(nn.Conv2d(1, 4, 1), nn.Conv2d(1, 4, 3, stride=2))) == []
 
 
 def test_train_channels_last_on_cpu_says_which_convs_stay_contiguous(tmp_path):

@@ -134,6 +134,23 @@ def test_pin_to_average_pins_the_mean_of_the_batches_mean_squares():
         pin_to_average(net, [], 0.5)
 
 
+def test_pin_to_average_weights_batches_by_size_and_pins_several_models():
+    """Batches of 2, 8 and 5 samples: the first site ends at K on the samples pooled (the mean square weighted by
+    count, not the mean of the three); a list of models: each pinned as alone, one dict of factors each."""
+    torch.manual_seed(0)
+    net = _Net().double()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(n, 3, 6, 6, generator=g, dtype=torch.float64) * s for n, s in ((2, 3.0), (8, 1.0), (5, 0.5))]
+    twin = _Net().double()
+    twin.load_state_dict(net.state_dict())
+    factors = pin_to_average([net, twin], batches, 0.5)
+    assert len(factors) == 2 and factors[0] == factors[1]
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), twin.state_dict().values()))
+    s = net.salu
+    arg = torch.exp(0.5 * (s.log_a + s.log_b)).detach() * salu_input_rms(net, [torch.cat(batches)])["salu"]
+    torch.testing.assert_close(arg, torch.full((4,), 0.5, dtype=torch.float64), rtol=1e-9, atol=0)
+
+
 def test_step_statistics_gather_training_forwards_only_and_pin_from_them():
     """--salu-recalibrate-measure step: the hooks add up every site's input squares over the training forwards
     (train mode, autograd on; two batches = their concatenation), eval and no-grad forwards add nothing, and pin()
@@ -339,18 +356,19 @@ def test_eval_pin_holds_the_average_pin_leaves_training_and_resumes_bit_for_bit(
     train(cfg, name="last")
     rows = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
             for n in ("pin", "last")}
-    assert all(r["salu_eval_pin_factor"] > 0 and r["ema_salu_eval_pin_factor"] > 0 for r in rows["pin"])
+    assert all({"salu_eval_pin_factor", "ema_salu_eval_pin_factor"} <= set(r) for r in rows["pin"])
     assert all("salu_eval_pin_factor" not in r for r in rows["last"])
     for a, b in zip(rows["pin"], rows["last"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
     for name, moved in (("pin", False), ("last", True)):
         ckpt = list_checkpoints(tmp_path / name)[-1]
-        model, meta, _ = model_from_checkpoint(ckpt)
-        run_cfg = checkpoint_config(ckpt, meta)
-        source = load_source(run_cfg, DistInfo(device=torch.device("cpu")))
-        factors = pin_to_average(model, [b[0] for b in itertools.islice(source.train_batches(1), 3)], 0.5)
-        worst = max(abs(f - 1) for f in factors.values())
-        assert (worst > 1e-3) if moved else (worst < 1e-5), (name, worst)
+        for ema in (False, True):  # the EMA weights are pinned on the same batches, as the raw ones
+            model, meta, _ = model_from_checkpoint(ckpt, ema=ema)
+            run_cfg = checkpoint_config(ckpt, meta)
+            source = load_source(run_cfg, DistInfo(device=torch.device("cpu")))
+            factors = pin_to_average(model, [b[0] for b in itertools.islice(source.train_batches(1), 3)], 0.5)
+            worst = max(abs(f - 1) for f in factors.values())
+            assert (worst > 1e-3) if moved else (worst < 1e-5), (name, ema, worst)
     _assert_resume_repeats_the_last_epoch(tmp_path / "pin")
 
 
@@ -427,7 +445,9 @@ def test_pin_lag_script(tmp_path, capsys):
     mod = _script("pin_lag")
     # NCHW in memory: channels_last images reach torch's CPU bug in the width-2 model's 1x1 stride-2 shortcut
     # (a crash with one thread, wrong gradients with two: models/channels_last.py)
-    assert mod.training_images(str(tmp_path / "c.npz"), 12)[0].is_contiguous()
+    for x in (mod.training_images(str(tmp_path / "c.npz"), 12)[0], mod.training_images("digits", 4)[0]):
+        n, c, h, w = x.shape  # NCHW strides; one channel passes is_contiguous() with channels_last's too
+        assert x.stride() == (c * h * w, h * w, w, 1), x.stride()
     assert mod.main(["--data-path", str(tmp_path / "c.npz"), "--width", "2", "--steps", "3", "--batch", "4",
                      "--rates", "1,0.5"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

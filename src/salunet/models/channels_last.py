@@ -9,8 +9,9 @@ the first backward (measured 2026-11-29 with a plain ``nn.Conv2d``: 1 or >= 8 in
 with one thread 1-6 input channels corrupt memory, with two the weight gradient of 1-4 input channels comes out
 wrong without any error; the guarded layout (both contiguous) gives the right gradient for 2-7 channels. A single
 input channel fails in every layout (its tensors are channels_last and contiguous at once), so no layout guards
-it: it is left alone (no registered model has such a conv; a 1x1 stride-1 conv on ``x[..., ::2, ::2]`` computes
-the same and is right).
+it: :func:`unguardable_cpu_convs` names such convs and ``salunet train`` warns (the registered ResNets have one
+at ``--width 1``: the stage-2 shortcut; a 1x1 stride-1 conv on ``x[..., ::2, ::2]`` computes the same and is
+right, a rewrite left for when it matters).
 
 :func:`to_channels_last` moves a model to channels_last and, for each such conv on a CPU, keeps the kernel and
 the input in the contiguous format (a forward pre-hook copies the input): they are tiny by construction, so the
@@ -30,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["to_channels_last", "guarded_convs", "guard_cpu_compile", "onednn_crash_prone"]
+__all__ = ["to_channels_last", "guarded_convs", "guard_cpu_compile", "onednn_crash_prone", "unguardable_cpu_convs"]
 
 
 def onednn_crash_prone(conv: nn.Module) -> bool:
@@ -88,3 +89,11 @@ def _crash_prone_cpu_convs(model: nn.Module) -> dict[str, nn.Module]:
 def guarded_convs(model: nn.Module) -> list[str]:
     """The names of the convs that :func:`to_channels_last` kept contiguous."""
     return [name for name, m in model.named_modules() if getattr(m, "_salunet_contiguous", False)]
+
+
+def unguardable_cpu_convs(model: nn.Module) -> list[str]:
+    """The names of the CPU model's 1x1 convs with stride > 1 and one input channel: torch's oneDNN backward of
+    them is wrong or corrupts memory whatever the layout (module docstring), so nothing here can guard them."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels == 1
+            and m.weight.device.type == "cpu"]

@@ -70,7 +70,7 @@ class TrainConfig:
     salu_recalibrate_every: int = 0  # > 0: pin it every this many steps on the step's own batch instead; 0 = per epoch
     salu_recalibrate_rate: float = 1.0  # momentum of the running mean square pinned (as BN's running var); 1 = batch
     salu_recalibrate_measure: str = "forward"  # per-step pinning measures in one more forward, or in the step's own
-    salu_eval_pin: int = 0  # > 0: before each evaluation, pin on the average of this many training batches
+    salu_eval_pin: int = 0  # > 0: before each evaluation, pin on the average of the epoch's first N batches
     salu_project_grad: bool = False  # SALU inputs' gradients lose their per-channel radial part (a normaliser's backward)
     # regularisation and augmentation
     label_smoothing: float = 0.0
@@ -136,8 +136,8 @@ FIELD_HELP: dict[str, str] = {
                              "is pinned (1 = this batch only)",
     "salu_recalibrate_measure": "per-step pinning's statistics: forward = one more forward (exact); step = the "
                                 "training forward's, a step late (rate <= 0.5)",
-    "salu_eval_pin": "per-step pinning: before each evaluation, pin every SALU on the average of this many "
-                     "training batches (0 = off)",
+    "salu_eval_pin": "per-step pinning: before each evaluation, pin every SALU on the average of the epoch's "
+                     "first N training batches (0 = off)",
     "salu_project_grad": "drop each SALU input gradient's per-channel part along the input: a scale "
                          "normaliser's backward, forward unchanged",
     "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",

@@ -63,7 +63,7 @@ from torch import nn
 
 from .. import __version__
 from ..data import mixed_cross_entropy
-from ..models.channels_last import guard_cpu_compile, guarded_convs, to_channels_last
+from ..models.channels_last import guard_cpu_compile, guarded_convs, to_channels_last, unguardable_cpu_convs
 from ..nn import kernels
 from . import distributed as D
 from . import faults
@@ -170,6 +170,10 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
         print(f"channels_last: except {', '.join(guarded)}, kept contiguous on CPU (torch's oneDNN backward of a 1x1 "
               "stride-2 conv with 2-7 input channels corrupts memory in channels_last; salunet.models.channels_last)",
               flush=True)
+    if bad := unguardable_cpu_convs(run.model):
+        print(f"salunet train: warning: {', '.join(bad)}: a 1x1 stride-2 conv with one input channel, whose CPU "
+              "backward in torch 2.13 came out wrong (two threads) or corrupted memory (one) on an AVX2 machine, in "
+              "every layout (salunet.models.channels_last); use --width 2 or more", file=sys.stderr, flush=True)
     if cfg.salu_recalibrate_every and cfg.salu_recalibrate_rate == 1 and cfg.batch_size // run.info.world < 2:
         print("salunet train: warning: --salu-recalibrate-every with one image per step and rank pins every SALU to "
               "that image's own statistics; at batch size 1 it trained at chance on digits (docs/RESULTS.md "
@@ -428,22 +432,25 @@ def _recalibrate_on(run: _Run, batches, training_shape: bool = False) -> dict[st
 
 def _pin_for_evaluation(run: _Run, epoch: int) -> dict:
     """--salu-eval-pin N: pin the raw weights' (and the EMA's) SALUs on the average of the epoch's first N seeded
-    training batches, each rank on its share, one forward per batch (:func:`pin_to_average`), so that what is
-    evaluated and saved does not depend on which batch the last step pinned on. Per-step pinning sets sqrt(ab)
-    again before the next step, so training itself is unchanged when it pins every step; a resumed run loads the
-    pinned weights that the run which did not stop went on from. Returns the metrics' median factors."""
+    training batches (at most the epoch's), each rank on its share, one forward per batch and model
+    (:func:`pin_to_average`; each batch drawn once), so that what is evaluated and saved does not depend on which
+    batch the last step pinned on. Pinned every step at rate 1, training goes on as without it up to float
+    rounding (the next step's pin sets sqrt(ab) again from its own batch); at a rate < 1 the running mean square
+    restarts from this average, and with --salu-recalibrate-every N > 1 the steps until the next pin use it. A
+    resumed run loads the weights the run which did not stop went on from. Drawing the batches leaves the global
+    random state as it was (an image-folder loader under DDP seeds its iterator from it). Returns the metrics'
+    median factors."""
     cfg = run.cfg
-    out = {}
-    for key, model in (("salu_eval_pin_factor", run.model),
-                       ("ema_salu_eval_pin_factor", None if run.ema is None else run.ema.module)):
-        if model is None:
-            continue
+    models = [run.model] + ([] if run.ema is None else [run.ema.module])
+    with torch.random.fork_rng(devices=[]):
         batches = (b[0].contiguous(memory_format=torch.channels_last) if cfg.channels_last else b[0]
                    for b in itertools.islice(run.source.train_batches(epoch), cfg.salu_eval_pin))
         with run.amp_ctx:
-            factors = pin_to_average(model, batches, cfg.salu_recalibrate,
+            factors = pin_to_average(models, batches, cfg.salu_recalibrate,
                                      reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=True)
-        out[key] = _median_factor(factors)
+    out = {"salu_eval_pin_factor": _median_factor(factors[0])}
+    if run.ema is not None:
+        out["ema_salu_eval_pin_factor"] = _median_factor(factors[1])
     return out
 
 

@@ -23,6 +23,8 @@ recalibration (on the compiled kernel path, CUDA's default, with the kernels tra
 with momentum r), for batches too small to measure a channel's scale on. ``--salu-recalibrate-measure step`` takes
 the statistics from the training forwards themselves (:class:`StepStatistics`), one step late, instead of one more
 forward.
+``--salu-eval-pin N`` (:func:`pin_to_average`) pins, before each evaluation, on the average of N batches instead
+of the last step's one, as BatchNorm evaluates with running statistics.
 ``--salu-project-grad`` (:class:`GradientProjection`) adds the other half of a scale normalisation, the backward:
 each SALU input's gradient loses its per-channel component along the input, as the gradient through an in-graph
 batch RMS would remove it; the forward is untouched.
@@ -30,7 +32,7 @@ batch RMS would remove it; the forward is untouched.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -160,24 +162,37 @@ def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
     return factors
 
 
-def pin_to_average(model: nn.Module, batches: Iterable, target: float,
-                   reduce: Callable[[Tensor], Tensor] | None = None, training_shape: bool = False) -> dict[str, float]:
-    """Pin every SALU on the average of ``batches``, one forward per batch (``--salu-eval-pin``): batch j (from 0)
-    is pinned with rate 1 / (j + 1), so that after it each site's argument has mean square ``target**2`` on the
-    cumulative average of the mean squares measured so far (BatchNorm's running statistics with momentum None).
-    At the first site this is exactly the pooled mean square of all the batches; at a later one each batch's is
-    measured after the sites before it moved for the batches before, a small difference once they have settled.
-    Memory is one batch's forward, where :func:`recalibrate_salu` of the list would forward all of them at once.
-    Returns, per site, the median over channels of the total factor applied to a and b (1 = no change)."""
-    sites = salu_sites(model)
-    before = {name: salu.log_a.detach().clone() for name, (_, salu) in sites.items()}
-    n = 0
-    for n, batch in enumerate(batches, 1):
-        recalibrate_salu(model, [batch], target, reduce=reduce, training_shape=training_shape, rate=1.0 / n)
-    if n == 0:
+def pin_to_average(model: nn.Module | Sequence[nn.Module], batches: Iterable, target: float,
+                   reduce: Callable[[Tensor], Tensor] | None = None, training_shape: bool = False):
+    """Pin every SALU on the average of ``batches``, one forward per batch (``--salu-eval-pin``): batch j is pinned
+    with rate n_j / (n_0 + ... + n_j) (n: its number of samples; 1 / (j + 1) for batches of one size), so that
+    after it each site's argument has mean square ``target**2`` on the running average of the mean squares measured
+    so far, weighted by sample count (BatchNorm's running statistics with momentum None). At the first site this
+    is exactly the mean square of all the batches pooled; at a later one each batch's is measured after the sites
+    before it moved for the batches before, a small difference once they have settled. Memory is one batch's
+    forward, where :func:`recalibrate_salu` of the list would forward all of them at once. Under DDP every rank
+    passes its share of each batch (shares of one size across ranks, as the trainer's are).
+
+    ``model`` may be a list of models (the trainer's raw and EMA weights): each batch is drawn once and pins each
+    model in turn. Returns, per site, the median over channels of the total factor applied to a and b (1 = no
+    change); for a list, one such dict per model."""
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    sites = [salu_sites(m) for m in models]
+    before = [{name: salu.log_a.detach().clone() for name, (_, salu) in ss.items()} for ss in sites]
+    seen = 0
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        n = len(x)
+        if n == 0:
+            raise ValueError("SALU calibration got an empty batch")
+        seen += n
+        for m in models:
+            recalibrate_salu(m, [x], target, reduce=reduce, training_shape=training_shape, rate=n / seen)
+    if seen == 0:
         raise ValueError("SALU calibration needs at least one batch")
-    return {name: float(torch.exp(sites[name][1].log_a.detach().double() - before[name].double()).median())
-            for name in sites}
+    out = [{name: float(torch.exp(ss[name][1].log_a.detach().double() - b[name].double()).median()) for name in ss}
+           for ss, b in zip(sites, before)]
+    return out[0] if isinstance(model, nn.Module) else out
 
 
 def _check(target: float, rate: float) -> None:
