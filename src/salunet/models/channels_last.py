@@ -2,8 +2,8 @@
 
 On CPU (torch 2.13, oneDNN 3.12), the backward of a 1x1 convolution with stride > 1 and 2-7 input channels
 corrupts memory when its input or its kernel is in channels_last: a segfault, or "double free or corruption", at
-the first backward (measured 2026-11-29 with a plain ``nn.Conv2d``: 1 or >= 8 input channels, 3x3 kernels, stride
-1 and forward-only passes are fine). A ResNet's stage-2 shortcut is such a conv at width < 8, so
+the first backward (first measured 2026-11-29, on an earlier session's machine, with a plain ``nn.Conv2d``: 1 or
+>= 8 input channels, 3x3 kernels, stride 1 and forward-only passes were fine). A ResNet's stage-2 shortcut is such a conv at width < 8, so
 ``salunet train --channels-last`` crashed on CPU there, for SaluNets and their BN twins alike. On an AVX2 machine
 (re-measured 2026-11-29, torch 2.13.0, against the same conv with oneDNN off) the failure depends on the threads:
 with one thread 1-6 input channels corrupt memory, with two the weight gradient of 1-4 input channels comes out
