@@ -28,7 +28,7 @@ from salunet.models import create_model
 from salunet.train.recalibrate import StepStatistics, recalibrate_salu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from salu_operating_point import training_images  # noqa: E402  (the same images, NCHW in memory)
+from salu_operating_point import labelled_training_images, training_images  # noqa: E402  (NCHW in memory)
 
 
 def _series(setting: str, args, x: torch.Tensor, y: torch.Tensor, overrides: dict) -> tuple[list[float], float]:
@@ -70,13 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rates must be in (0, 1]; --steps and --batch positive")
     # NCHW in memory (the permuted .npz array would be channels_last, which at width < 8 meets torch's CPU
     # bug in 1x1 stride-2 convs: models/channels_last.py); None: the file is missing, said on stderr
-    data = training_images(a.data_path, a.steps * a.batch)
+    data = labelled_training_images(a.data_path, a.steps * a.batch, "the training steps need the labels")
     if data is None:
         return 2
     x, y = data
-    if y is None:
-        print(f"{a.data_path}: has no y_train labels; pass a CIFAR-10 .npz with labels", file=sys.stderr)
-        return 2
     if len(x) < a.steps * a.batch:
         print(f"{a.data_path}: {len(x)} training images, {a.steps} steps of {a.batch} need {a.steps * a.batch}; "
               "lower --steps or --batch", file=sys.stderr)

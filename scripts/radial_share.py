@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from salunet.train.recalibrate import salu_sites
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from salu_operating_point import add_arguments, model_of, training_images  # noqa: E402  (the same runs and data)
+from salu_operating_point import add_arguments, labelled_training_images, model_of  # noqa: E402  (same runs, data)
 
 
 def _channel_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...]:
@@ -137,13 +137,10 @@ def main(argv=None) -> int:
     add_arguments(ap)
     ap.add_argument("--json", default=None, help="write every site's per-channel shares here")
     args = ap.parse_args(argv)
-    data = training_images(args.data_path, args.images)
+    data = labelled_training_images(args.data_path, args.images, "the loss gradient needs the labels")
     if data is None:
         return 2
     x, y = data
-    if y is None:
-        print(f"{args.data_path}: no y_train; the loss gradient needs the labels", file=sys.stderr)
-        return 2
     record = {}
     for spec in args.runs:
         shares = radial_shares(model_of(spec, args.width, x.shape[1]), x, y)

@@ -62,6 +62,16 @@ def training_images(data_path: str, images: int) -> tuple[torch.Tensor, torch.Te
     return x, (None if y_train is None else torch.tensor(y_train[:images]).long())
 
 
+def labelled_training_images(data_path: str, images: int, why: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`training_images` for the scripts that need labels (``why`` says what for, in the message): None, with
+    the reason on stderr, when the file is missing or has no ``y_train``."""
+    data = training_images(data_path, images)
+    if data is not None and data[1] is None:
+        print(f"{data_path}: no y_train; {why}", file=sys.stderr)
+        return None
+    return data
+
+
 def model_of(spec: str, width: int, in_chans: int) -> torch.nn.Module:
     """A run directory's last checkpoint (raw weights), or ``init:MODEL`` freshly initialised (seed 0)."""
     if spec.startswith("init:"):
