@@ -313,8 +313,7 @@ def _step(run: _Run, batch, where: str) -> tuple[float, float, float]:
     finite (``where`` names the step in the message)."""
     cfg, info, opt, scaler = run.cfg, run.info, run.opt, run.scaler
     x, ya, yb, lam = batch
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = _training_layout(cfg, x)
     micro = cfg.accum_steps
     xs, yas, ybs = x.chunk(micro), ya.chunk(micro), yb.chunk(micro)
     step_loss = torch.zeros((), device=info.device)
@@ -382,7 +381,7 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
                     cfg.salu_recalibrate, cfg.salu_recalibrate_rate, reduce=lambda t: D.all_reduce_sum(run.info, t))
                 if factors is None:  # on the step's own batch, before its forward, as _step feeds it (with
                     # --salu-recalibrate-measure step: when nothing is gathered yet this epoch)
-                    x = batch[0].contiguous(memory_format=torch.channels_last) if cfg.channels_last else batch[0]
+                    x = _training_layout(cfg, batch[0])
                     with run.amp_ctx:
                         factors = _recalibrate_on(run, [x], training_shape=True)
                 recal_factors.append(_median_factor(factors))
@@ -421,6 +420,12 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
     return row
 
 
+def _training_layout(cfg: TrainConfig, x: torch.Tensor) -> torch.Tensor:
+    """A batch in the memory format the model trains in (``--channels-last``): the step, and the pins that must
+    meet the shapes and layouts the step compiled for."""
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+
 def _recalibrate_on(run: _Run, batches, training_shape: bool = False) -> dict[str, float]:
     """--salu-recalibrate: pin every SALU's operating point on ``batches`` (after an epoch: the next epoch's first 4
     seeded batches; with --salu-recalibrate-every: the step's own batch), so that a resumed run repeats it exactly;
@@ -443,8 +448,8 @@ def _pin_for_evaluation(run: _Run, epoch: int) -> dict:
     cfg = run.cfg
     models = [run.model] + ([] if run.ema is None else [run.ema.module])
     with torch.random.fork_rng(devices=[]):
-        batches = (b[0].contiguous(memory_format=torch.channels_last) if cfg.channels_last else b[0]
-                   for b in itertools.islice(run.source.train_batches(epoch), cfg.salu_eval_pin))
+        batches = (_training_layout(cfg, b[0]) for b in itertools.islice(run.source.train_batches(epoch),
+                                                                            cfg.salu_eval_pin))
         with run.amp_ctx:
             factors = pin_to_average(models, batches, cfg.salu_recalibrate,
                                      reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=True)
