@@ -372,6 +372,67 @@ def test_eval_pin_holds_the_average_pin_leaves_training_and_resumes_bit_for_bit(
     _assert_resume_repeats_the_last_epoch(tmp_path / "pin")
 
 
+def _reference(run_dir, n):
+    """The reference images a run with --salu-recalibrate-measure reference pinned on: its epoch-1 batches' first n."""
+    import itertools
+
+    from salunet.train.checkpoint import list_checkpoints
+    from salunet.train.distributed import DistInfo
+    from salunet.train.evaluate import model_from_checkpoint
+    from salunet.train.resume import checkpoint_config
+    from salunet.train.sources import load_source
+
+    ckpt = list_checkpoints(run_dir)[-1]
+    _, meta, _ = model_from_checkpoint(ckpt)
+    source = load_source(checkpoint_config(ckpt, meta), DistInfo(device=torch.device("cpu")))
+    return ckpt, torch.cat([b[0] for b in itertools.islice(source.train_batches(0), n)])
+
+
+def test_reference_pinning_pins_every_step_on_fixed_images_and_resumes_bit_for_bit(tmp_path):
+    """--salu-recalibrate-measure reference: every step is pinned on the same images (the first 128 of epoch 1,
+    here 4 batches of 32), and the raw and EMA weights again before each evaluation, so the checkpoint holds that
+    pin (pinning it again on those images moves nothing; the run pinned on each step's own batch moves); the
+    trained weights differ from that run's; a resumed run repeats it exactly."""
+    import json
+
+    from salunet.train import train
+    from salunet.train.evaluate import model_from_checkpoint
+
+    cfg = dict(model="salunet_c18_v2", width=4, data="digits", train_subset=192, test_subset=50, batch_size=32,
+               epochs=2, ema_decay=0.9, progress=False, salu_recalibrate=0.5, salu_recalibrate_every=1,
+               out=str(tmp_path))
+    train(cfg, name="ref", salu_recalibrate_measure="reference")
+    train(cfg, name="own")
+    rows = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["salu_recalibrations"] for r in rows] == [6, 6]
+    assert all({"salu_eval_pin_factor", "ema_salu_eval_pin_factor"} <= set(r) for r in rows)
+    for name, moved in (("ref", False), ("own", True)):
+        ckpt, reference = _reference(tmp_path / name, 4)
+        assert reference.shape == (128, 1, 8, 8)
+        for ema in (False, True):
+            model, _, _ = model_from_checkpoint(ckpt, ema=ema)
+            worst = max(abs(f - 1) for f in recalibrate_salu(model, [reference], 0.5).values())
+            assert (worst > 1e-3) if moved else (worst < 1e-5), (name, ema, worst)
+    _assert_resume_repeats_the_last_epoch(tmp_path / "ref")
+
+
+def test_reference_pinning_at_batch_size_one_pins_on_many_images_and_does_not_warn(tmp_path, capsys):
+    """At batch size 1 the reference is the first 128 images (here all 6 the epoch has), not the step's one: no
+    warning, and the checkpoint is pinned on all of them."""
+    from salunet.train import train
+    from salunet.train.evaluate import model_from_checkpoint
+
+    train(dict(model="salunet_c18_v2", width=2, data="digits", train_subset=6, test_subset=10, batch_size=1, epochs=1,
+               progress=False, salu_recalibrate=0.5, salu_recalibrate_every=1, salu_recalibrate_measure="reference",
+               out=str(tmp_path), name="b1"))
+    assert "warning" not in capsys.readouterr().err
+    ckpt, reference = _reference(tmp_path / "b1", 128)
+    assert len(reference) == 6
+    model, _, _ = model_from_checkpoint(ckpt)
+    assert max(abs(f - 1) for f in recalibrate_salu(model, [reference], 0.5).values()) < 1e-5
+    assert max(abs(f - 1) for f in recalibrate_salu(model, [reference[:1]], 0.5).values()) > 1e-3  # not one image's
+
+
 @pytest.mark.parametrize("over, match", [({"salu_recalibrate_every": 5}, "needs a target"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": -1}, "whole number"),
                                          ({"salu_recalibrate_rate": 0.1}, "rate needs a target"),
@@ -384,6 +445,12 @@ def test_eval_pin_holds_the_average_pin_leaves_training_and_resumes_bit_for_bit(
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
                                            "salu_recalibrate_measure": "batch"}, "not one of forward, step"),
                                          ({"salu_recalibrate": 0.5, "salu_eval_pin": 4}, "applies to per-step"),
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_measure": "reference"},
+                                          "per-step recalibration's"),
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1, "salu_recalibrate_rate":
+                                           0.1, "salu_recalibrate_measure": "reference"}, "no batch noise to average"),
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1, "salu_eval_pin": 2,
+                                           "salu_recalibrate_measure": "reference"}, "drop --salu-eval-pin"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
                                            "salu_eval_pin": -1}, "whole number of batches")])
 def test_recalibration_every_is_checked(over, match):

@@ -70,6 +70,7 @@ class TrainConfig:
     salu_recalibrate_every: int = 0  # > 0: pin it every this many steps on the step's own batch instead; 0 = per epoch
     salu_recalibrate_rate: float = 1.0  # momentum of the running mean square pinned (as BN's running var); 1 = batch
     salu_recalibrate_measure: str = "forward"  # per-step pinning measures in one more forward, or in the step's own
+    # (step), or pins on fixed reference images (reference)
     salu_eval_pin: int = 0  # > 0: before each evaluation, pin on the average of the epoch's first N batches
     salu_project_grad: bool = False  # SALU inputs' gradients lose their per-channel radial part (a normaliser's backward)
     # regularisation and augmentation
@@ -135,7 +136,8 @@ FIELD_HELP: dict[str, str] = {
     "salu_recalibrate_rate": "with --salu-recalibrate: the momentum of the SALU inputs' running mean square that "
                              "is pinned (1 = this batch only)",
     "salu_recalibrate_measure": "per-step pinning's statistics: forward = one more forward (exact); step = the "
-                                "training forward's, a step late (rate <= 0.5)",
+                                "training forward's, a step late (rate <= 0.5); reference = one more forward of "
+                                "fixed training images (no batch statistics)",
     "salu_eval_pin": "per-step pinning: before each evaluation, pin every SALU on the average of the epoch's "
                      "first N training batches (0 = off)",
     "salu_project_grad": "drop each SALU input gradient's per-channel part along the input: a scale "
@@ -187,7 +189,7 @@ RECIPES: dict[str, dict] = {
 
 _CHOICES = {"optimizer": ("sgd", "adamw", "adam"), "amp": ("none", "bf16", "fp16"), "crop": ("auto", "pad", "resized"),
             "data": ("digits", "cifar10", "cifar100", "npz", "imagefolder"), "logger": ("none", "tensorboard"),
-            "salu_recalibrate_measure": ("forward", "step")}
+            "salu_recalibrate_measure": ("forward", "step", "reference")}
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -302,9 +304,15 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError("salu_recalibrate_every needs a target: add --salu-recalibrate K (0.5 measured best)")
     if not (0 < cfg.salu_recalibrate_rate <= 1):
         raise ValueError(f"salu_recalibrate_rate must be in (0, 1] (1 = pin exactly), got {cfg.salu_recalibrate_rate}")
-    if cfg.salu_recalibrate_measure == "step" and cfg.salu_recalibrate_every == 0:
-        raise ValueError("salu_recalibrate_measure step is the per-step recalibration's: add --salu-recalibrate K "
-                         "--salu-recalibrate-every N")
+    if cfg.salu_recalibrate_measure != "forward" and cfg.salu_recalibrate_every == 0:
+        raise ValueError(f"salu_recalibrate_measure {cfg.salu_recalibrate_measure} is the per-step recalibration's: "
+                         "add --salu-recalibrate K --salu-recalibrate-every N")
+    if cfg.salu_recalibrate_measure == "reference" and cfg.salu_recalibrate_rate != 1:
+        raise ValueError(f"salu_recalibrate_measure reference pins on the same images at every step: there is no "
+                         f"batch noise to average, drop --salu-recalibrate-rate {cfg.salu_recalibrate_rate}")
+    if cfg.salu_recalibrate_measure == "reference" and cfg.salu_eval_pin > 0:
+        raise ValueError("salu_recalibrate_measure reference already pins on the reference images before each "
+                         "evaluation: drop --salu-eval-pin")
     if cfg.salu_recalibrate_measure == "step" and cfg.salu_recalibrate_rate > 0.5:
         raise ValueError(f"salu_recalibrate_measure step needs --salu-recalibrate-rate <= 0.5, got "
                          f"{cfg.salu_recalibrate_rate}: pinned a step late at full rate, the sites overshoot and "

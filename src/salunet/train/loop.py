@@ -30,7 +30,7 @@ a GPU a share near 0 means the host, issuing work, is the bottleneck, a large on
 where nothing runs ahead), ``elapsed_s`` (since this process started training), ``salu_recal_factor`` (with
 ``salu_recalibrate``: the median factor applied to SALU's a and b after the epoch; with ``salu_recalibrate_every``
 the median over the epoch's recalibrations, and their count ``salu_recalibrations``), ``salu_eval_pin_factor``
-(with ``salu_eval_pin``: the median factor of the pin before evaluation; ``ema_salu_eval_pin_factor`` the
+(with ``salu_eval_pin`` or ``salu_recalibrate_measure`` reference: the median factor of the pin before evaluation; ``ema_salu_eval_pin_factor`` the
 EMA's). Per-step JSON lines (``log_steps``) and TensorBoard events (``logger``) come from :mod:`.loggers`, called
 once per step and once per epoch on rank 0.
 
@@ -105,6 +105,7 @@ class _Run:
     loggers: RunLoggers | None = None  # rank 0: steps.jsonl and TensorBoard, if asked for (train/loggers.py)
     wait_s: float = 0.0  # this epoch's host time blocked on the device at the per-step check (metrics: wait_s)
     step_stats: StepStatistics | None = None  # --salu-recalibrate-measure step: the training forward's statistics
+    reference: torch.Tensor | None = None  # --salu-recalibrate-measure reference: this rank's fixed pinning images
 
 
 def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None = None,
@@ -174,7 +175,8 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
         print(f"salunet train: warning: {', '.join(bad)}: a 1x1 stride-2 conv with one input channel, whose CPU "
               "backward in torch 2.13 came out wrong (two threads) or corrupted memory (one) on an AVX2 machine, in "
               "every layout (salunet.models.channels_last); use --width 2 or more", file=sys.stderr, flush=True)
-    if cfg.salu_recalibrate_every and cfg.salu_recalibrate_rate == 1 and cfg.batch_size // run.info.world < 2:
+    if (cfg.salu_recalibrate_every and cfg.salu_recalibrate_rate == 1 and cfg.salu_recalibrate_measure != "reference"
+            and cfg.batch_size // run.info.world < 2):
         print("salunet train: warning: --salu-recalibrate-every with one image per step and rank pins every SALU to "
               "that image's own statistics; at batch size 1 it trained at chance on digits (docs/RESULTS.md "
               "\"Pinning on small batches\"); a running mean square (--salu-recalibrate-rate 0.01) recovered most "
@@ -186,6 +188,8 @@ def _prepare_training(run: _Run) -> None:
     cfg, info = run.cfg, run.info
     if cfg.salu_recalibrate_every and cfg.salu_recalibrate_measure == "step":  # hooks before DDP and compile
         run.step_stats = StepStatistics(run.model)
+    if cfg.salu_recalibrate_every and cfg.salu_recalibrate_measure == "reference":
+        run.reference = _reference_images(run)
     if cfg.salu_project_grad:
         GradientProjection(run.model)  # hooks for the run's life, before DDP and compile
     run.train_model = run.model
@@ -380,10 +384,11 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
                 factors = None if run.step_stats is None else run.step_stats.pin(  # from the steps since the last
                     cfg.salu_recalibrate, cfg.salu_recalibrate_rate, reduce=lambda t: D.all_reduce_sum(run.info, t))
                 if factors is None:  # on the step's own batch, before its forward, as _step feeds it (with
-                    # --salu-recalibrate-measure step: when nothing is gathered yet this epoch)
-                    x = _training_layout(cfg, batch[0])
+                    # --salu-recalibrate-measure step: when nothing is gathered yet this epoch; with reference:
+                    # on the fixed reference images instead)
+                    x = _training_layout(cfg, batch[0]) if run.reference is None else run.reference
                     with run.amp_ctx:
-                        factors = _recalibrate_on(run, [x], training_shape=True)
+                        factors = _recalibrate_on(run, [x], training_shape=x.shape == batch[0].shape)
                 recal_factors.append(_median_factor(factors))
             loss_g, correct_g, gnorm_g = _step(run, batch, f"epoch {epoch + 1}, step {s + 1}")
             if run.loggers is not None:
@@ -415,6 +420,8 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
             run, itertools.islice(run.source.train_batches(epoch + 1), 4)))  # the next epoch's first 4 (seeded)
     if cfg.salu_eval_pin:
         row.update(_pin_for_evaluation(run, epoch))
+    elif run.reference is not None:
+        row.update(_pin_reference_for_evaluation(run))
     row.update(_evaluate_epoch(run, epoch))
     row["eval_s"] = round(time.perf_counter() - t1, 3)
     return row
@@ -456,6 +463,39 @@ def _pin_for_evaluation(run: _Run, epoch: int) -> dict:
     out = {"salu_eval_pin_factor": _median_factor(factors[0])}
     if run.ema is not None:
         out["ema_salu_eval_pin_factor"] = _median_factor(factors[1])
+    return out
+
+
+REFERENCE_IMAGES = 128  # --salu-recalibrate-measure reference: at least this many images, all ranks together
+
+
+def _reference_images(run: _Run) -> torch.Tensor:
+    """--salu-recalibrate-measure reference: the images every step pins on, fixed for the whole run: the first
+    ceil(128 / batch size) seeded training batches of epoch 1 (augmented as training draws them; at batch 128 the
+    first batch), this rank's share of each, concatenated in the training layout. They are drawn from the epoch's
+    seeded generator, so a resumed run draws the same ones, and with the global random state forked (as
+    :func:`_pin_for_evaluation`). Each step is then pinned on the same images at the current weights: no lag and no
+    batch statistics; the network trains as the fixed function it is evaluated as, at any batch size."""
+    cfg = run.cfg
+    n = min(-(-REFERENCE_IMAGES // cfg.batch_size), run.source.steps)
+    with torch.random.fork_rng(devices=[]):
+        xs = [b[0] for b in itertools.islice(run.source.train_batches(0), n)]
+    return _training_layout(cfg, torch.cat(xs) if len(xs) > 1 else xs[0])
+
+
+def _pin_reference_for_evaluation(run: _Run) -> dict:
+    """--salu-recalibrate-measure reference: before each evaluation pin the raw weights (and the EMA's) on the
+    reference images, as every training step was: what is evaluated and saved is the function training saw, and
+    does not depend on a batch. Returns the metrics' median factors, as :func:`_pin_for_evaluation`."""
+    out = {}
+    for key, model in (("salu_eval_pin_factor", run.model),
+                       ("ema_salu_eval_pin_factor", None if run.ema is None else run.ema.module)):
+        if model is not None:
+            with run.amp_ctx:
+                factors = recalibrate_salu(model, [run.reference], run.cfg.salu_recalibrate,
+                                           reduce=lambda t: D.all_reduce_sum(run.info, t),
+                                           training_shape=len(run.reference) == run.cfg.batch_size // run.info.world)
+            out[key] = _median_factor(factors)
     return out
 
 
