@@ -447,8 +447,9 @@ def test_reference_pinning_at_batch_size_one_pins_on_many_images_and_does_not_wa
                                          ({"salu_recalibrate": 0.5, "salu_eval_pin": 4}, "applies to per-step"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_measure": "reference"},
                                           "per-step recalibration's"),
-                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1, "salu_recalibrate_rate":
-                                           0.1, "salu_recalibrate_measure": "reference"}, "no batch noise to average"),
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
+                                           "salu_recalibrate_rate": 0.1, "salu_recalibrate_measure": "reference"},
+                                          "no batch noise to average"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1, "salu_eval_pin": 2,
                                            "salu_recalibrate_measure": "reference"}, "drop --salu-eval-pin"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,

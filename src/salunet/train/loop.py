@@ -30,9 +30,9 @@ a GPU a share near 0 means the host, issuing work, is the bottleneck, a large on
 where nothing runs ahead), ``elapsed_s`` (since this process started training), ``salu_recal_factor`` (with
 ``salu_recalibrate``: the median factor applied to SALU's a and b after the epoch; with ``salu_recalibrate_every``
 the median over the epoch's recalibrations, and their count ``salu_recalibrations``), ``salu_eval_pin_factor``
-(with ``salu_eval_pin`` or ``salu_recalibrate_measure`` reference: the median factor of the pin before evaluation; ``ema_salu_eval_pin_factor`` the
-EMA's). Per-step JSON lines (``log_steps``) and TensorBoard events (``logger``) come from :mod:`.loggers`, called
-once per step and once per epoch on rank 0.
+(with ``salu_eval_pin`` or ``salu_recalibrate_measure`` reference: the median factor of the pin before
+evaluation; ``ema_salu_eval_pin_factor`` the EMA's). Per-step JSON lines (``log_steps``) and TensorBoard events
+(``logger``) come from :mod:`.loggers`, called once per step and once per epoch on rank 0.
 
 Failure behaviour: bad input is rejected before anything is written, and a new run that fails before it
 finishes its first epoch removes what it wrote (``config.json``, the run directory it created). A
