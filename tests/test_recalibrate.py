@@ -445,6 +445,10 @@ def test_reference_pinning_at_batch_size_one_pins_on_many_images_and_does_not_wa
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
                                            "salu_recalibrate_measure": "batch"}, "not one of forward, step"),
                                          ({"salu_recalibrate": 0.5, "salu_eval_pin": 4}, "applies to per-step"),
+                                         ({"salu_project_grad_rate": 0.5}, "needs the projection"),
+                                         ({"salu_project_grad": True, "salu_project_grad_rate": 1.5}, r"in \(0, 1\]"),
+                                         ({"salu_project_grad": True, "salu_project_grad_rate": 0.5, "compile": True},
+                                          "torch.compile does not trace"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_measure": "reference"},
                                           "per-step recalibration's"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
@@ -594,6 +598,51 @@ def test_gradient_projection_hooks_act_only_on_training_forwards_with_autograd()
     seen["x"].retain_grad()
     y2.square().sum().backward()
     assert (seen["x"].grad * seen["x"].detach()).sum((0, 2, 3)).abs().max() > 1e-3
+
+
+def test_running_projection_subtracts_the_bias_corrected_average_of_the_coefficients():
+    """float64, --salu-project-grad-rate r: step 1 projects with its own batch's coefficient (bias correction), step 2
+    with ((1 - r) r c1 + r c2) / (1 - (1 - r)^2), c = sum(g x) / sum(x²) per channel; reset() starts again; a batch
+    of one image is projected (per channel, over its positions) without zeroing its gradient."""
+    from salunet.train.recalibrate import RunningCoefficient, project_radial_grad
+
+    g0 = torch.Generator().manual_seed(0)
+    r, running = 0.25, RunningCoefficient(0.25)
+    xs = [torch.randn(3, 4, 2, 5, dtype=torch.float64, generator=g0) for _ in range(3)]
+    ws = [torch.randn(3, 4, 2, 5, dtype=torch.float64, generator=g0) for _ in range(3)]
+    cs = [(w * x).sum((0, 2, 3), keepdim=True) / x.square().sum((0, 2, 3), keepdim=True) for x, w in zip(xs, ws)]
+    expect = [cs[0], ((1 - r) * r * cs[0] + r * cs[1]) / (1 - (1 - r) ** 2), cs[2]]
+    for i, (x, w) in enumerate(zip(xs, ws)):
+        if i == 2:
+            running.reset()
+        x = x.clone().requires_grad_()
+        (project_radial_grad(x, 1, running) * w).sum().backward()
+        torch.testing.assert_close(x.grad, w - x.detach() * expect[i], rtol=1e-12, atol=1e-12)
+    one = torch.randn(1, 4, 2, 5, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(1, 4, 2, 5, dtype=torch.float64)
+    running.reset()
+    (project_radial_grad(one, 1, running) * w1).sum().backward()  # warm: the first step is its own batch's
+    (project_radial_grad(one, 1, running) * (w1 + 1)).sum().backward()
+    assert one.grad.abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        from salunet.train.recalibrate import GradientProjection
+        GradientProjection(nn.Identity(), rate=0.0)
+
+
+def test_training_with_a_running_projection_differs_and_resumes_bit_for_bit(tmp_path):
+    """--salu-project-grad-rate 0.1 reaches the trainer (weights differ from the batch's own coefficient's) and a
+    resumed run repeats the last epoch exactly (the running coefficients restart at every epoch)."""
+    from salunet.train import train
+    from salunet.train.checkpoint import list_checkpoints, load_checkpoint
+
+    cfg = dict(model="salunet_c18_v2", width=4, data="digits", train_subset=128, test_subset=50, batch_size=32,
+               epochs=2, ema_decay=0.0, progress=False, salu_recalibrate=0.5, salu_recalibrate_every=1,
+               salu_recalibrate_measure="reference", salu_project_grad=True, out=str(tmp_path))
+    train(cfg, name="run", salu_project_grad_rate=0.1)
+    train(cfg, name="own")
+    a, b = (load_checkpoint(list_checkpoints(tmp_path / n)[-1])[0]["model"] for n in ("run", "own"))
+    assert not all(torch.equal(a[k], b[k]) for k in a if k.endswith("weight"))
+    _assert_resume_repeats_the_last_epoch(tmp_path / "run")
 
 
 def test_radial_share_script_matches_direct_gradients_in_float64(tmp_path, capsys):

@@ -73,6 +73,7 @@ class TrainConfig:
     # (step), or pins on fixed reference images (reference)
     salu_eval_pin: int = 0  # > 0: before each evaluation, pin on the average of the epoch's first N batches
     salu_project_grad: bool = False  # SALU inputs' gradients lose their per-channel radial part (a normaliser's backward)
+    salu_project_grad_rate: float = 1.0  # < 1: ... the part along a running average of the coefficient; 1 = the batch's
     # regularisation and augmentation
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
@@ -142,6 +143,8 @@ FIELD_HELP: dict[str, str] = {
                      "first N training batches (0 = off)",
     "salu_project_grad": "drop each SALU input gradient's per-channel part along the input: a scale "
                          "normaliser's backward, forward unchanged",
+    "salu_project_grad_rate": "with --salu-project-grad: the momentum of a running average over steps of the "
+                              "coefficient removed (restarted each epoch); 1 = the step's batch alone",
     "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",
     "mixup": "mixup: alpha of Beta(alpha, alpha) (0 = off)",
     "cutmix": "cutmix: alpha of Beta(alpha, alpha) (0 = off)",
@@ -319,6 +322,14 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
                          "oscillate (docs/RESULTS.md \"Pinning from the training forward\")")
     if cfg.salu_recalibrate_rate != 1 and cfg.salu_recalibrate == 0:
         raise ValueError("salu_recalibrate_rate needs a target: add --salu-recalibrate K (0.5 measured best)")
+    if not (0 < cfg.salu_project_grad_rate <= 1):
+        raise ValueError(f"salu_project_grad_rate must be in (0, 1] (1 = the batch's own), got "
+                         f"{cfg.salu_project_grad_rate}")
+    if cfg.salu_project_grad_rate != 1 and not cfg.salu_project_grad:
+        raise ValueError("salu_project_grad_rate needs the projection: add --salu-project-grad")
+    if cfg.salu_project_grad_rate != 1 and cfg.compile:
+        raise ValueError("salu_project_grad_rate < 1 updates Python state in the backward, which torch.compile does "
+                         "not trace: drop --compile, or use the batch's own coefficient (rate 1)")
     if cfg.salu_eval_pin < 0:
         raise ValueError(f"salu_eval_pin must be a whole number of batches >= 0 (0 = off), got {cfg.salu_eval_pin}")
     if cfg.salu_eval_pin > 0 and cfg.salu_recalibrate_every == 0:

@@ -106,6 +106,7 @@ class _Run:
     wait_s: float = 0.0  # this epoch's host time blocked on the device at the per-step check (metrics: wait_s)
     step_stats: StepStatistics | None = None  # --salu-recalibrate-measure step: the training forward's statistics
     reference: torch.Tensor | None = None  # --salu-recalibrate-measure reference: this rank's fixed pinning images
+    projection: GradientProjection | None = None  # --salu-project-grad
 
 
 def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None = None,
@@ -190,8 +191,8 @@ def _prepare_training(run: _Run) -> None:
         run.step_stats = StepStatistics(run.model)
     if cfg.salu_recalibrate_every and cfg.salu_recalibrate_measure == "reference":
         run.reference = _reference_images(run)
-    if cfg.salu_project_grad:
-        GradientProjection(run.model)  # hooks for the run's life, before DDP and compile
+    if cfg.salu_project_grad:  # hooks for the run's life, before DDP and compile
+        run.projection = GradientProjection(run.model, cfg.salu_project_grad_rate)
     run.train_model = run.model
     if info.enabled:
         run.train_model = nn.parallel.DistributedDataParallel(
@@ -376,6 +377,8 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
     every = cfg.salu_recalibrate_every  # > 0 only with a target (config validation)
     if run.step_stats is not None:
         run.step_stats.reset()  # statistics never cross an epoch: a run resumed here has none gathered either
+    if run.projection is not None:
+        run.projection.reset()  # --salu-project-grad-rate: the running coefficients, likewise
     try:
         for s, batch in enumerate(_timed(source.train_batches(epoch), data_s)):
             lr = lr_at(step + s, run.total, run.warmup, cfg.lr, cfg.min_lr)

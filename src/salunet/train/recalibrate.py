@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..nn import SALU, SALUAct, kernels
 
 __all__ = ["salu_sites", "salu_input_rms", "recalibrate_salu", "pin_to_average", "StepStatistics",
-           "GradientProjection", "project_radial_grad"]
+           "GradientProjection", "RunningCoefficient", "project_radial_grad"]
 
 
 def salu_sites(model: nn.Module) -> dict[str, tuple[nn.Module, SALU]]:
@@ -282,14 +282,33 @@ class StepStatistics(_SiteHooks):
         return out
 
 
+class RunningCoefficient:
+    """``--salu-project-grad-rate r`` < 1: one site's projection coefficient as a running average over steps,
+    m <- (1 - r) m + r c (c: the batch's sum(g x) / sum(x²) per channel), bias-corrected as Adam's moments
+    (m / (1 - (1 - r)^t), so the first step uses its own batch's), and restarted by :meth:`reset`."""
+
+    def __init__(self, rate: float):
+        self.rate, self.m, self.t = float(rate), None, 0
+
+    def update(self, coef: Tensor) -> Tensor:
+        self.t += 1
+        coef = coef.detach()
+        self.m = coef * self.rate if self.m is None else self.m * (1 - self.rate) + coef * self.rate
+        return self.m / (1 - (1 - self.rate) ** self.t)
+
+    def reset(self) -> None:
+        self.m, self.t = None, 0
+
+
 class _ProjectRadialGrad(torch.autograd.Function):
     """Identity forward; the backward removes from the gradient g its component along the input x over ``dims``
-    (per channel): g - x * sum(g x) / sum(x²), summed in at least float32 (channels with sum(x²) = 0 keep g)."""
+    (per channel): g - x * sum(g x) / sum(x²), summed in at least float32 (channels with sum(x²) = 0 keep g).
+    With ``running`` (a :class:`RunningCoefficient`) the coefficient subtracted is its running average instead."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    def forward(ctx, x: Tensor, dims: tuple[int, ...], running: RunningCoefficient | None = None) -> Tensor:
         ctx.save_for_backward(x)
-        ctx.dims = dims
+        ctx.dims, ctx.running = dims, running
         return x.view_as(x)
 
     @staticmethod
@@ -300,17 +319,21 @@ class _ProjectRadialGrad(torch.autograd.Function):
         num = (gf * xf).sum(ctx.dims, keepdim=True)
         den = xf.square().sum(ctx.dims, keepdim=True)
         coef = torch.where(den > 0, num / den.clamp_min(torch.finfo(wide).tiny), torch.zeros_like(num))
-        return (gf - xf * coef).to(g.dtype), None
+        if ctx.running is not None:
+            coef = ctx.running.update(coef)
+        return (gf - xf * coef).to(g.dtype), None, None
 
 
-def project_radial_grad(x: Tensor, channel_axis: int | None) -> Tensor:
+def project_radial_grad(x: Tensor, channel_axis: int | None, running: RunningCoefficient | None = None) -> Tensor:
     """``x`` unchanged in the forward; in the backward, per channel (over every other dim: the batch and the
     positions; over everything with ``channel_axis=None``), the gradient loses its component along ``x``. This is
     what the gradient through an uncentred scale normalisation, x / sqrt(mean(x²)), does to the gradient of what
-    follows it, at the point where the forward's scale is pinned (float64 check: tests/test_recalibrate.py)."""
+    follows it, at the point where the forward's scale is pinned (float64 check: tests/test_recalibrate.py).
+    ``running``: subtract x times the running average of the per-channel coefficient over steps instead of this
+    batch's own (``--salu-project-grad-rate``: no statistic of the batch beyond its share of the average)."""
     dims = tuple(range(x.dim())) if channel_axis is None else \
         tuple(d for d in range(x.dim()) if d != channel_axis % x.dim())
-    return _ProjectRadialGrad.apply(x, dims)
+    return _ProjectRadialGrad.apply(x, dims, running)
 
 
 class GradientProjection(_SiteHooks):
@@ -326,8 +349,21 @@ class GradientProjection(_SiteHooks):
     The :class:`_SiteHooks` pass every SALU input through :func:`project_radial_grad` in training forwards;
     evaluation, inference and export never see it, and the forward's values are unchanged. The statistics are the
     process's own batch (under DDP each rank projects with its shard, as BatchNorm without SyncBatchNorm
-    normalises)."""
+    normalises). ``rate`` < 1 (``--salu-project-grad-rate``): each site subtracts a running average of its
+    coefficient over the steps since :meth:`reset` (:class:`RunningCoefficient`; the trainer resets at every epoch's
+    start, so a resumed run repeats it), which a batch of one image can also use."""
+
+    def __init__(self, model: nn.Module, rate: float = 1.0):
+        if not 0 < rate <= 1:
+            raise ValueError(f"gradient projection rate must be in (0, 1] (1 = the batch's own), got {rate}")
+        self._running = {name: RunningCoefficient(rate) for name in salu_sites(model)} if rate < 1 else {}
+        super().__init__(model)
 
     def _on_input(self, name: str, salu: SALU, args: tuple) -> tuple:
         x = args[0]
-        return (project_radial_grad(x, salu.channel_axis(x)),) + tuple(args[1:])
+        return (project_radial_grad(x, salu.channel_axis(x), self._running.get(name)),) + tuple(args[1:])
+
+    def reset(self) -> None:
+        """Restart every site's running coefficient (the start of an epoch)."""
+        for r in self._running.values():
+            r.reset()
