@@ -396,6 +396,7 @@ def test_reference_pinning_pins_every_step_on_fixed_images_and_resumes_bit_for_b
     import json
 
     from salunet.train import train
+    from salunet.train.checkpoint import list_checkpoints, load_checkpoint
     from salunet.train.evaluate import model_from_checkpoint
 
     cfg = dict(model="salunet_c18_v2", width=4, data="digits", train_subset=192, test_subset=50, batch_size=32,
@@ -406,6 +407,10 @@ def test_reference_pinning_pins_every_step_on_fixed_images_and_resumes_bit_for_b
     rows = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     assert [r["salu_recalibrations"] for r in rows] == [6, 6]
     assert all({"salu_eval_pin_factor", "ema_salu_eval_pin_factor"} <= set(r) for r in rows)
+    a, b = (load_checkpoint(list_checkpoints(tmp_path / n)[-1])[0]["model"] for n in ("ref", "own"))
+    convs = [k for k in a if k.endswith("conv1.weight")]
+    assert convs and max((a[k] - b[k]).abs().max().item() for k in convs) > 1e-4  # the steps pinned on the
+    # reference (the evaluation's pin alone would leave the kernels as the own-batch run's, up to rounding)
     for name, moved in (("ref", False), ("own", True)):
         ckpt, reference = _reference(tmp_path / name, 4)
         assert reference.shape == (128, 1, 8, 8)
@@ -449,6 +454,8 @@ def test_reference_pinning_at_batch_size_one_pins_on_many_images_and_does_not_wa
                                          ({"salu_project_grad": True, "salu_project_grad_rate": 1.5}, r"in \(0, 1\]"),
                                          ({"salu_project_grad": True, "salu_project_grad_rate": 0.5, "compile": True},
                                           "torch.compile does not trace"),
+                                         ({"salu_project_grad": True, "salu_project_grad_rate": 0.5, "amp": "fp16"},
+                                          "fp16's loss scaling"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_measure": "reference"},
                                           "per-step recalibration's"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
@@ -602,8 +609,9 @@ def test_gradient_projection_hooks_act_only_on_training_forwards_with_autograd()
 
 def test_running_projection_subtracts_the_bias_corrected_average_of_the_coefficients():
     """float64, --salu-project-grad-rate r: step 1 projects with its own batch's coefficient (bias correction), step 2
-    with ((1 - r) r c1 + r c2) / (1 - (1 - r)^2), c = sum(g x) / sum(x²) per channel; reset() starts again; a batch
-    of one image is projected (per channel, over its positions) without zeroing its gradient."""
+    with ((1 - r) r c1 + r c2) / (1 - (1 - r)^2), c = sum(g x) / sum(x²) per channel; reset() starts again; a
+    channel silent in a batch keeps its average; a batch of one image is projected (per channel, over its
+    positions) without zeroing its gradient."""
     from salunet.train.recalibrate import RunningCoefficient, project_radial_grad
 
     g0 = torch.Generator().manual_seed(0)
@@ -611,6 +619,7 @@ def test_running_projection_subtracts_the_bias_corrected_average_of_the_coeffici
     xs = [torch.randn(3, 4, 2, 5, dtype=torch.float64, generator=g0) for _ in range(3)]
     ws = [torch.randn(3, 4, 2, 5, dtype=torch.float64, generator=g0) for _ in range(3)]
     cs = [(w * x).sum((0, 2, 3), keepdim=True) / x.square().sum((0, 2, 3), keepdim=True) for x, w in zip(xs, ws)]
+    assert all(torch.isfinite(c).all() for c in cs)
     expect = [cs[0], ((1 - r) * r * cs[0] + r * cs[1]) / (1 - (1 - r) ** 2), cs[2]]
     for i, (x, w) in enumerate(zip(xs, ws)):
         if i == 2:
@@ -618,6 +627,16 @@ def test_running_projection_subtracts_the_bias_corrected_average_of_the_coeffici
         x = x.clone().requires_grad_()
         (project_radial_grad(x, 1, running) * w).sum().backward()
         torch.testing.assert_close(x.grad, w - x.detach() * expect[i], rtol=1e-12, atol=1e-12)
+    x = xs[0].clone()
+    x[:, 2] = 0  # a silent channel in the next batch keeps its average; the others move on
+    running.reset()
+    (project_radial_grad(xs[1].clone().requires_grad_(), 1, running) * ws[1]).sum().backward()
+    x.requires_grad_()
+    (project_radial_grad(x, 1, running) * ws[0]).sum().backward()
+    c0 = (ws[0] * x.detach()).sum((0, 2, 3), keepdim=True) / x.detach().square().sum((0, 2, 3), keepdim=True)
+    both = ((1 - r) * r * cs[1] + r * c0) / (1 - (1 - r) ** 2)
+    torch.testing.assert_close(running.update(torch.zeros_like(c0), torch.zeros_like(c0, dtype=torch.bool)),
+                               torch.where(torch.arange(4).view(1, 4, 1, 1) == 2, cs[1], both))
     one = torch.randn(1, 4, 2, 5, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(1, 4, 2, 5, dtype=torch.float64)
     running.reset()

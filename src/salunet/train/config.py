@@ -144,7 +144,8 @@ FIELD_HELP: dict[str, str] = {
     "salu_project_grad": "drop each SALU input gradient's per-channel part along the input: a scale "
                          "normaliser's backward, forward unchanged",
     "salu_project_grad_rate": "with --salu-project-grad: the momentum of a running average over steps of the "
-                              "coefficient removed (restarted each epoch); 1 = the step's batch alone",
+                              "coefficient removed (one update per backward, restarted each epoch); 1 = the step's "
+                              "batch alone",
     "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",
     "mixup": "mixup: alpha of Beta(alpha, alpha) (0 = off)",
     "cutmix": "cutmix: alpha of Beta(alpha, alpha) (0 = off)",
@@ -327,6 +328,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
                          f"{cfg.salu_project_grad_rate}")
     if cfg.salu_project_grad_rate != 1 and not cfg.salu_project_grad:
         raise ValueError("salu_project_grad_rate needs the projection: add --salu-project-grad")
+    if cfg.salu_project_grad_rate != 1 and cfg.amp == "fp16":
+        raise ValueError("salu_project_grad_rate < 1 averages gradients that fp16's loss scaling rescales (and makes "
+                         "non-finite on skipped steps): use --amp bf16 or none, or the batch's own coefficient (rate 1)")
     if cfg.salu_project_grad_rate != 1 and cfg.compile:
         raise ValueError("salu_project_grad_rate < 1 updates Python state in the backward, which torch.compile does "
                          "not trace: drop --compile, or use the batch's own coefficient (rate 1)")

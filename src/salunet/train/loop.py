@@ -242,6 +242,8 @@ def _train(plan: RunPlan, info: D.DistInfo, on_finish: FinishHook | None = None)
     finally:
         if run.step_stats is not None:
             run.step_stats.remove()  # the model outlives the run (a caller's); its hooks do not
+        if run.projection is not None:
+            run.projection.remove()
         if info.is_main:
             if run.loggers is not None:
                 try:
@@ -391,7 +393,8 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
                     # on the fixed reference images instead)
                     x = _training_layout(cfg, batch[0]) if run.reference is None else run.reference
                     with run.amp_ctx:
-                        factors = _recalibrate_on(run, [x], training_shape=x.shape == batch[0].shape)
+                        factors = _recalibrate_on(run, [x], training_shape=True)  # the reference's shape
+                        # recurs at every step too: compiled once (the compiled kernel path) and reused
                 recal_factors.append(_median_factor(factors))
             loss_g, correct_g, gnorm_g = _step(run, batch, f"epoch {epoch + 1}, step {s + 1}")
             if run.loggers is not None:
@@ -496,8 +499,7 @@ def _pin_reference_for_evaluation(run: _Run) -> dict:
         if model is not None:
             with run.amp_ctx:
                 factors = recalibrate_salu(model, [run.reference], run.cfg.salu_recalibrate,
-                                           reduce=lambda t: D.all_reduce_sum(run.info, t),
-                                           training_shape=len(run.reference) == run.cfg.batch_size // run.info.world)
+                                           reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=True)
             out[key] = _median_factor(factors)
     return out
 

@@ -283,21 +283,27 @@ class StepStatistics(_SiteHooks):
 
 
 class RunningCoefficient:
-    """``--salu-project-grad-rate r`` < 1: one site's projection coefficient as a running average over steps,
-    m <- (1 - r) m + r c (c: the batch's sum(g x) / sum(x²) per channel), bias-corrected as Adam's moments
-    (m / (1 - (1 - r)^t), so the first step uses its own batch's), and restarted by :meth:`reset`."""
+    """``--salu-project-grad-rate r`` < 1: one site's projection coefficient as a running average over backward
+    passes (optimizer steps; micro-batches under ``--accum-steps``), m <- (1 - r) m + r c (c: the batch's
+    sum(g x) / sum(x²) per channel), bias-corrected as Adam's moments (m / (1 - (1 - r)^t), so the first step uses
+    its own batch's), and restarted by :meth:`reset`. A channel whose input is all zero in a batch has no
+    coefficient there and keeps its average (and its count t). The gradients must not carry a loss scale (fp16's
+    GradScaler changes it, and its skipped steps are not finite): the trainer refuses ``--amp fp16`` with it."""
 
     def __init__(self, rate: float):
-        self.rate, self.m, self.t = float(rate), None, 0
+        self.rate, self.m, self.t = float(rate), None, None
 
-    def update(self, coef: Tensor) -> Tensor:
-        self.t += 1
-        coef = coef.detach()
-        self.m = coef * self.rate if self.m is None else self.m * (1 - self.rate) + coef * self.rate
-        return self.m / (1 - (1 - self.rate) ** self.t)
+    def update(self, coef: Tensor, valid: Tensor) -> Tensor:
+        coef, valid = coef.detach(), valid.detach()
+        if self.m is None:
+            self.m, self.t = torch.zeros_like(coef), torch.zeros_like(coef)
+        self.m = torch.where(valid, self.m * (1 - self.rate) + coef * self.rate, self.m)
+        self.t = self.t + valid.to(self.t.dtype)
+        norm = 1 - (1 - self.rate) ** self.t
+        return torch.where(self.t > 0, self.m / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
 
     def reset(self) -> None:
-        self.m, self.t = None, 0
+        self.m, self.t = None, None
 
 
 class _ProjectRadialGrad(torch.autograd.Function):
@@ -320,7 +326,7 @@ class _ProjectRadialGrad(torch.autograd.Function):
         den = xf.square().sum(ctx.dims, keepdim=True)
         coef = torch.where(den > 0, num / den.clamp_min(torch.finfo(wide).tiny), torch.zeros_like(num))
         if ctx.running is not None:
-            coef = ctx.running.update(coef)
+            coef = ctx.running.update(coef, den > 0)
         return (gf - xf * coef).to(g.dtype), None, None
 
 
