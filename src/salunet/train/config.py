@@ -73,7 +73,7 @@ class TrainConfig:
     # (step), or pins on fixed reference images (reference)
     salu_eval_pin: int = 0  # > 0: before each evaluation, pin on the average of the epoch's first N batches
     salu_project_grad: bool = False  # SALU inputs' gradients lose their per-channel radial part (a normaliser's backward)
-    salu_project_grad_rate: float = 1.0  # < 1: ... the part along a running average of the coefficient; 1 = the batch's
+    salu_project_grad_rate: float = 1.0  # < 1: ... with the coefficient of running sums over steps; 1 = the batch's
     # regularisation and augmentation
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
@@ -143,9 +143,9 @@ FIELD_HELP: dict[str, str] = {
                      "first N training batches (0 = off)",
     "salu_project_grad": "drop each SALU input gradient's per-channel part along the input: a scale "
                          "normaliser's backward, forward unchanged",
-    "salu_project_grad_rate": "with --salu-project-grad: the momentum of a running average over steps of the "
-                              "coefficient removed (one update per backward, restarted each epoch); 1 = the step's "
-                              "batch alone",
+    "salu_project_grad_rate": "with --salu-project-grad: the momentum of running sums over steps (sum(g x), "
+                              "sum(x^2); one update per backward, restarted each epoch) whose ratio is removed; 1 = "
+                              "the step's batch alone",
     "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",
     "mixup": "mixup: alpha of Beta(alpha, alpha) (0 = off)",
     "cutmix": "cutmix: alpha of Beta(alpha, alpha) (0 = off)",
@@ -329,7 +329,7 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.salu_project_grad_rate != 1 and not cfg.salu_project_grad:
         raise ValueError("salu_project_grad_rate needs the projection: add --salu-project-grad")
     if cfg.salu_project_grad_rate != 1 and cfg.amp == "fp16":
-        raise ValueError("salu_project_grad_rate < 1 averages gradients that fp16's loss scaling rescales (and makes "
+        raise ValueError("salu_project_grad_rate < 1 sums gradients that fp16's loss scaling rescales (and makes "
                          "non-finite on skipped steps): use --amp bf16 or none, or the batch's own coefficient (rate 1)")
     if cfg.salu_project_grad_rate != 1 and cfg.compile:
         raise ValueError("salu_project_grad_rate < 1 updates Python state in the backward, which torch.compile does "
