@@ -136,16 +136,14 @@ FIELD_HELP: dict[str, str] = {
                               "instead of once an epoch (0 = once an epoch)",
     "salu_recalibrate_rate": "with --salu-recalibrate: the momentum of the SALU inputs' running mean square that "
                              "is pinned (1 = this batch only)",
-    "salu_recalibrate_measure": "per-step pinning's statistics: forward = one more forward (exact); step = the "
-                                "training forward's, a step late (rate <= 0.5); reference = one more forward of "
-                                "fixed training images (no batch statistics)",
+    "salu_recalibrate_measure": "per-step pins from: forward = one more forward; step = the training forward, a "
+                                "step late (rate <= 0.5); reference = 128 fixed training images",
     "salu_eval_pin": "per-step pinning: before each evaluation, pin every SALU on the average of the epoch's "
                      "first N training batches (0 = off)",
     "salu_project_grad": "drop each SALU input gradient's per-channel part along the input: a scale "
                          "normaliser's backward, forward unchanged",
-    "salu_project_grad_rate": "with --salu-project-grad: the momentum of running sums over steps (sum(g x), "
-                              "sum(x^2); one update per backward, restarted each epoch) whose ratio is removed; 1 = "
-                              "the step's batch alone",
+    "salu_project_grad_rate": "with --salu-project-grad: momentum of the running sums (over steps, restarted "
+                              "each epoch) whose ratio is removed; 1 = the step's batch alone",
     "label_smoothing": "label smoothing of the cross-entropy, in [0, 1)",
     "mixup": "mixup: alpha of Beta(alpha, alpha) (0 = off)",
     "cutmix": "cutmix: alpha of Beta(alpha, alpha) (0 = off)",
