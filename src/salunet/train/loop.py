@@ -424,10 +424,8 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
     elif cfg.salu_recalibrate > 0 and not cfg.salu_recalibrate_every and epoch + 1 < cfg.epochs:
         row["salu_recal_factor"] = _median_factor(_recalibrate_on(
             run, itertools.islice(run.source.train_batches(epoch + 1), 4)))  # the next epoch's first 4 (seeded)
-    if cfg.salu_eval_pin:
+    if cfg.salu_eval_pin or run.reference is not None:
         row.update(_pin_for_evaluation(run, epoch))
-    elif run.reference is not None:
-        row.update(_pin_reference_for_evaluation(run))
     row.update(_evaluate_epoch(run, epoch))
     row["eval_s"] = round(time.perf_counter() - t1, 3)
     return row
@@ -456,13 +454,14 @@ def _pin_for_evaluation(run: _Run, epoch: int) -> dict:
     rounding (the next step's pin sets sqrt(ab) again from its own batch); at a rate < 1 the running mean square
     restarts from this average, and with --salu-recalibrate-every N > 1 the steps until the next pin use it. A
     resumed run loads the weights the run which did not stop went on from. Drawing the batches leaves the global
-    random state as it was (an image-folder loader under DDP seeds its iterator from it). Returns the metrics'
-    median factors."""
+    random state as it was (an image-folder loader under DDP seeds its iterator from it). With
+    --salu-recalibrate-measure reference the one batch is the reference images, as every training step was pinned:
+    what is evaluated and saved is the function training saw. Returns the metrics' median factors."""
     cfg = run.cfg
     models = [run.model] + ([] if run.ema is None else [run.ema.module])
     with torch.random.fork_rng(devices=[]):
-        batches = (_training_layout(cfg, b[0]) for b in itertools.islice(run.source.train_batches(epoch),
-                                                                            cfg.salu_eval_pin))
+        batches = [run.reference] if run.reference is not None else (
+            _training_layout(cfg, b[0]) for b in itertools.islice(run.source.train_batches(epoch), cfg.salu_eval_pin))
         with run.amp_ctx:
             factors = pin_to_average(models, batches, cfg.salu_recalibrate,
                                      reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=True)
@@ -487,21 +486,6 @@ def _reference_images(run: _Run) -> torch.Tensor:
     with torch.random.fork_rng(devices=[]):
         xs = [b[0] for b in itertools.islice(run.source.train_batches(0), n)]
     return _training_layout(cfg, torch.cat(xs) if len(xs) > 1 else xs[0])
-
-
-def _pin_reference_for_evaluation(run: _Run) -> dict:
-    """--salu-recalibrate-measure reference: before each evaluation pin the raw weights (and the EMA's) on the
-    reference images, as every training step was: what is evaluated and saved is the function training saw, and
-    does not depend on a batch. Returns the metrics' median factors, as :func:`_pin_for_evaluation`."""
-    out = {}
-    for key, model in (("salu_eval_pin_factor", run.model),
-                       ("ema_salu_eval_pin_factor", None if run.ema is None else run.ema.module)):
-        if model is not None:
-            with run.amp_ctx:
-                factors = recalibrate_salu(model, [run.reference], run.cfg.salu_recalibrate,
-                                           reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=True)
-            out[key] = _median_factor(factors)
-    return out
 
 
 def _median_factor(factors: dict[str, float]) -> float:
