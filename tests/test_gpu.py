@@ -199,6 +199,46 @@ def test_compile_whole_salunet_fullgraph(dev):
                                    msg=name)
 
 
+@pytest.mark.slow
+def test_running_projection_compiles_in_one_graph_and_matches_eager(dev):
+    """--salu-project-grad-rate under torch.compile: the backward changes no Python state (the batch's sums leave as
+    the probe's gradient, folded by its accumulation hook), so a model with the hooks compiles in one graph
+    (fullgraph: inductor on CUDA; the cpu twin uses aot_eager, which traces forward and backward as inductor does
+    without compiling C++) and, over three steps, gives eager's gradients and running sums; the probe's gradient
+    is cleared after every fold, and reset() zeroes the sums."""
+    from torch._dynamo.utils import counters
+
+    from salunet.train.recalibrate import GradientProjection
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), SALU(4, a_init=1.5, b_init=2.0), SWALU(4), nn.Flatten(),
+                             nn.Linear(4 * 6 * 6, 5)).to(dev)
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = make(), make()
+    projections = GradientProjection(eager, rate=0.5), GradientProjection(compiled, rate=0.5)
+    run = torch.compile(compiled, fullgraph=True, backend="inductor" if dev.type == "cuda" else "aot_eager")
+    g = torch.Generator(device=dev).manual_seed(1)
+    sums = []
+    for _ in range(3):
+        x = torch.randn(8, 3, 6, 6, generator=g, device=dev)
+        for m, fwd in ((eager, eager), (compiled, run)):
+            m.zero_grad(set_to_none=True)
+            fwd(x).square().sum().backward()
+        torch.testing.assert_close(compiled[0].weight.grad, eager[0].weight.grad, rtol=1e-4, atol=1e-5)
+        a, b = (p._running["1"] for p in projections)
+        torch.testing.assert_close(b.num, a.num, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b.den, a.den, rtol=1e-5, atol=1e-6)
+        assert a.probe.grad is None and b.probe.grad is None
+        sums.append(a.num.clone())
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not torch.equal(sums[1], sums[2]) and (sums[0] != 0).all()
+    projections[0].reset()
+    assert not projections[0]._running["1"].num.any()
+
+
 # ---- a training step of every registered model --------------------------------------------------------------
 
 AMPS = ["fp32", "bf16"]

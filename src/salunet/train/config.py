@@ -329,9 +329,6 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.salu_project_grad_rate != 1 and cfg.amp == "fp16":
         raise ValueError("salu_project_grad_rate < 1 sums gradients that fp16's loss scaling rescales (and makes "
                          "non-finite on skipped steps): use --amp bf16 or none, or the batch's own coefficient (rate 1)")
-    if cfg.salu_project_grad_rate != 1 and cfg.compile:
-        raise ValueError("salu_project_grad_rate < 1 updates Python state in the backward, which torch.compile does "
-                         "not trace: drop --compile, or use the batch's own coefficient (rate 1)")
     if cfg.salu_eval_pin < 0:
         raise ValueError(f"salu_eval_pin must be a whole number of batches >= 0 (0 = off), got {cfg.salu_eval_pin}")
     if cfg.salu_eval_pin > 0 and cfg.salu_recalibrate_every == 0:

@@ -290,49 +290,74 @@ class RunningCoefficient:
     A ratio of averages, not an average of ratios: a batch in which a channel is nearly silent (sum(x²) tiny, its
     own ratio huge) weighs in by its sum(x²), so it cannot throw the coefficient of the next batches (an average of
     the ratios did: non-finite gradients within 7 epochs on CIFAR-10); a channel silent so far gets 0.
-    :meth:`reset` restarts the sums. The gradients must not carry a loss scale (fp16's GradScaler changes it, and
-    its skipped steps are not finite): the trainer refuses ``--amp fp16`` with it."""
 
-    def __init__(self, rate: float):
-        self.rate, self.num, self.den = float(rate), None, None
+    No Python state changes inside the backward, so a compiled model (``torch.compile``) carries it: N and D are
+    tensors read by the backward as inputs, and the backward hands its batch's raw sums out as the gradient of
+    ``probe``, a zero leaf tensor passed through the forward; a hook on the probe's gradient accumulation folds
+    them into N and D (the same expression the backward used) and clears it. A site called twice in one forward
+    has the two calls' sums pooled. :meth:`reset` restarts the sums. The gradients must not carry a loss scale
+    (fp16's GradScaler changes it, and its skipped steps are not finite): the trainer refuses ``--amp fp16``."""
 
-    def update(self, num: Tensor, den: Tensor) -> Tensor:
-        num, den = num.detach(), den.detach()
-        if self.num is None:
-            self.num, self.den = num * self.rate, den * self.rate
-        else:
-            self.num = self.num * (1 - self.rate) + num * self.rate
-            self.den = self.den * (1 - self.rate) + den * self.rate
-        return torch.where(self.den > 0, self.num / self.den.clamp_min(torch.finfo(self.den.dtype).tiny),
-                           torch.zeros_like(self.num))
+    def __init__(self, rate: float, channels: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        self.rate = float(rate)
+        self.num = torch.zeros(channels, dtype=dtype, device=device)
+        self.den = torch.zeros(channels, dtype=dtype, device=device)
+        self.probe = torch.zeros(2, channels, dtype=dtype, device=device, requires_grad=True)
+        self.probe.register_post_accumulate_grad_hook(self._fold)
+
+    def _fold(self, probe: Tensor) -> None:
+        sums = probe.grad
+        probe.grad = None
+        with torch.no_grad():
+            self.num.copy_(_running_update(self.num, sums[0], self.rate))
+            self.den.copy_(_running_update(self.den, sums[1], self.rate))
+
+    def coefficient(self) -> Tensor:
+        """The per-channel coefficient of the sums as they stand (0 for a channel silent so far)."""
+        return _ratio(self.num, self.den)
 
     def reset(self) -> None:
-        self.num, self.den = None, None
+        with torch.no_grad():
+            self.num.zero_()
+            self.den.zero_()
+
+
+def _running_update(old: Tensor, new: Tensor, rate: float) -> Tensor:
+    return old * (1 - rate) + new * rate
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
 
 
 class _ProjectRadialGrad(torch.autograd.Function):
     """Identity forward; the backward removes from the gradient g its component along the input x over ``dims``
     (per channel): g - x * sum(g x) / sum(x²), summed in at least float32 (channels with sum(x²) = 0 keep g).
-    With ``running`` (a :class:`RunningCoefficient`) the coefficient subtracted is that of its running sums."""
+    With the running sums ``num``, ``den`` and ``probe`` of a :class:`RunningCoefficient` (rate ``rate``), the
+    coefficient is that of the sums updated with this batch's, whose raw sums are the probe's gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, dims: tuple[int, ...], running: RunningCoefficient | None = None) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.dims, ctx.running = dims, running
+    def forward(ctx, x: Tensor, dims: tuple[int, ...], rate: float = 1.0, num: Tensor | None = None,
+                den: Tensor | None = None, probe: Tensor | None = None) -> Tensor:
+        ctx.save_for_backward(x, num, den)
+        ctx.dims, ctx.rate, ctx.running = dims, rate, num is not None
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        (x,) = ctx.saved_tensors
+        x, num_old, den_old = ctx.saved_tensors
         wide = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         xf, gf = x.to(wide), g.to(wide)
         num = (gf * xf).sum(ctx.dims, keepdim=True)
         den = xf.square().sum(ctx.dims, keepdim=True)
-        if ctx.running is not None:
-            coef = ctx.running.update(num, den)
-        else:
-            coef = torch.where(den > 0, num / den.clamp_min(torch.finfo(wide).tiny), torch.zeros_like(num))
-        return (gf - xf * coef).to(g.dtype), None, None
+        if not ctx.running:
+            return (gf - xf * _ratio(num, den)).to(g.dtype), None, None, None, None, None
+        shape = num.shape
+        num_old, den_old = num_old.to(wide).view(shape), den_old.to(wide).view(shape)
+        coef = _ratio(_running_update(num_old, num, ctx.rate), _running_update(den_old, den, ctx.rate))
+        sums = torch.stack([num.flatten(), den.flatten()]).to(num_old.dtype)
+        return (gf - xf * coef).to(g.dtype), None, None, None, None, sums
 
 
 def project_radial_grad(x: Tensor, channel_axis: int | None, running: RunningCoefficient | None = None) -> Tensor:
@@ -344,7 +369,14 @@ def project_radial_grad(x: Tensor, channel_axis: int | None, running: RunningCoe
     (``--salu-project-grad-rate``: no statistic of the batch beyond its share of the sums)."""
     dims = tuple(range(x.dim())) if channel_axis is None else \
         tuple(d for d in range(x.dim()) if d != channel_axis % x.dim())
-    return _ProjectRadialGrad.apply(x, dims, running)
+    if running is None:
+        return _ProjectRadialGrad.apply(x, dims)
+    return _ProjectRadialGrad.apply(x, dims, running.rate, running.num, running.den, running.probe)
+
+
+def _running_for(salu: SALU, rate: float) -> RunningCoefficient:
+    dtype = salu.log_a.dtype if salu.log_a.dtype in (torch.float32, torch.float64) else torch.float32
+    return RunningCoefficient(rate, salu.num_features or 1, dtype, salu.log_a.device)
 
 
 class GradientProjection(_SiteHooks):
@@ -367,12 +399,16 @@ class GradientProjection(_SiteHooks):
     def __init__(self, model: nn.Module, rate: float = 1.0):
         if not 0 < rate <= 1:
             raise ValueError(f"gradient projection rate must be in (0, 1] (1 = the batch's own), got {rate}")
-        self._running = {name: RunningCoefficient(rate) for name in salu_sites(model)} if rate < 1 else {}
+        self._running = {name: _running_for(salu, rate) for name, (_, salu) in salu_sites(model).items()} \
+            if rate < 1 else {}
         super().__init__(model)
 
     def _on_input(self, name: str, salu: SALU, args: tuple) -> tuple:
-        x = args[0]
-        return (project_radial_grad(x, salu.channel_axis(x), self._running.get(name)),) + tuple(args[1:])
+        x, running = args[0], self._running.get(name)
+        if running is not None and running.num.device != x.device:
+            raise ValueError(f"gradient projection of {name}: its running sums are on {running.num.device}, the input "
+                             f"on {x.device}; build GradientProjection after moving the model to its device")
+        return (project_radial_grad(x, salu.channel_axis(x), running),) + tuple(args[1:])
 
     def reset(self) -> None:
         """Restart every site's running coefficient (the start of an epoch)."""
