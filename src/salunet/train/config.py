@@ -67,7 +67,7 @@ class TrainConfig:
     agc: float = 0.0  # adaptive gradient clipping factor (unit-wise, NFNets); 0 = off (train/optim.py)
     salu_lr_scale: float = 1.0  # learning-rate multiplier for SALU/SWALU/GALU parameters (log a, log b)
     salu_recalibrate: float = 0.0  # after each epoch but the last, pin sqrt(ab)*rms(SALU input) to this; 0 = off
-    salu_recalibrate_every: int = 0  # > 0: pin it every this many steps on the step's own batch instead; 0 = per epoch
+    salu_recalibrate_every: int = 0  # > 0: pin it every this many steps instead (on --salu-recalibrate-measure's images); 0 = per epoch
     salu_recalibrate_rate: float = 1.0  # momentum of the running mean square pinned (as BN's running var); 1 = batch
     salu_recalibrate_measure: str = "forward"  # per-step pinning measures in one more forward, or in the step's own
     # (step), or pins on fixed reference images (reference)
@@ -132,12 +132,12 @@ FIELD_HELP: dict[str, str] = {
     "salu_lr_scale": "learning-rate multiplier of the SALU/SWALU/GALU parameters (log a, log b)",
     "salu_recalibrate": "after each epoch but the last, scale each SALU's a and b so that sqrt(ab) * rms(input) is "
                         "this (0 = off)",
-    "salu_recalibrate_every": "with --salu-recalibrate: recalibrate every this many steps, on the step's own batch, "
-                              "instead of once an epoch (0 = once an epoch)",
+    "salu_recalibrate_every": "with --salu-recalibrate: recalibrate every this many steps (measured as "
+                              "--salu-recalibrate-measure says) instead of once an epoch (0 = once an epoch)",
     "salu_recalibrate_rate": "with --salu-recalibrate: the momentum of the SALU inputs' running mean square that "
                              "is pinned (1 = this batch only)",
     "salu_recalibrate_measure": "per-step pins from: forward = one more forward; step = the training forward, a "
-                                "step late (rate <= 0.5); reference = 128 fixed training images",
+                                "step late (rate <= 0.5); reference = epoch 1's first 128+ training images",
     "salu_eval_pin": "per-step pinning: before each evaluation, pin every SALU on the average of the epoch's "
                      "first N training batches (0 = off)",
     "salu_project_grad": "drop each SALU input gradient's per-channel part along the input: a scale "

@@ -23,7 +23,7 @@ recalibration (on the compiled kernel path, CUDA's default, with the kernels tra
 with momentum r), for batches too small to measure a channel's scale on. ``--salu-recalibrate-measure step`` takes
 the statistics from the training forwards themselves (:class:`StepStatistics`), one step late, instead of one more
 forward. ``--salu-recalibrate-measure reference`` pins every step on the same fixed training images (the
-first 128 of epoch 1, ``train/loop.py``) at the current weights: one more forward, but no batch statistics and no
+first ceil(128 / B) batches of epoch 1 at batch size B, ``train/loop.py``) at the current weights: one more forward, but no batch statistics and no
 lag, so the network trains as the fixed function it is evaluated as, at any batch size.
 ``--salu-eval-pin N`` (:func:`pin_to_average`) pins, before each evaluation, on the average of N batches instead
 of the last step's one, as BatchNorm evaluates with running statistics.
