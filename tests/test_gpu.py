@@ -204,8 +204,9 @@ def test_running_projection_compiles_in_one_graph_and_matches_eager(dev):
     """--salu-project-grad-rate under torch.compile: the backward changes no Python state (the batch's sums leave as
     the probe's gradient, folded by its accumulation hook), so a model with the hooks compiles in one graph
     (fullgraph: inductor on CUDA; the cpu twin uses aot_eager, which traces forward and backward as inductor does
-    without compiling C++) and, over three steps, gives eager's gradients and running sums; the probe's gradient
-    is cleared after every fold, and reset() zeroes the sums."""
+    without compiling C++) once, with no recompilation as the sums are replaced every step, and, over three steps,
+    gives eager's gradients and running sums; the probe's gradient is cleared after every fold, and reset() zeroes
+    the sums."""
     from torch._dynamo.utils import counters
 
     from salunet.train.recalibrate import GradientProjection
@@ -226,7 +227,8 @@ def test_running_projection_compiles_in_one_graph_and_matches_eager(dev):
         x = torch.randn(8, 3, 6, 6, generator=g, device=dev)
         for m, fwd in ((eager, eager), (compiled, run)):
             m.zero_grad(set_to_none=True)
-            fwd(x).square().sum().backward()
+            with torch._dynamo.config.patch(error_on_recompile=True):  # new sums each step: same graph
+                fwd(x).square().sum().backward()
         torch.testing.assert_close(compiled[0].weight.grad, eager[0].weight.grad, rtol=1e-4, atol=1e-5)
         a, b = (p._running["1"] for p in projections)
         torch.testing.assert_close(b.num, a.num, rtol=1e-4, atol=1e-6)

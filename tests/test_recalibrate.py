@@ -649,6 +649,48 @@ def test_running_projection_subtracts_the_coefficient_of_running_sums():
         GradientProjection(nn.Identity(), rate=0.0)
 
 
+def test_running_projection_outside_the_trainer():
+    """GradientProjection(rate < 1) as a library user calls it: two forwards before their backwards, and a second
+    backward of a retained graph, each fold their sums (the folds replace the sums rather than overwrite what a
+    pending backward saved); torch.autograd.grad leaves the sums alone unless the probe is among its inputs and
+    folded; an input that needs no gradient is left as it is (no projection node)."""
+    from salunet.train.recalibrate import GradientProjection
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), SALU(4, a_init=1.5, b_init=2.0)).double()
+    proj = GradientProjection(model, rate=0.5)
+    run = proj._running["1"]
+    x1, x2 = torch.randn(5, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+
+    def sums(x):  # this batch's raw sums at the SALU input, sum(g x) and sum(x²), for the loss y.square().sum()
+        h = model[0](x).detach().requires_grad_()
+        (g,) = torch.autograd.grad(model[1].eval()(h).square().sum(), h)  # eval: the hooks pass it through
+        model.train()
+        return (g * h).sum(0), h.detach().square().sum(0)
+
+    l1, l2 = model(x1).square().sum(), model(x2).square().sum()
+    l1.backward()
+    l2.backward()
+    (n1, d1), (n2, d2) = sums(x1), sums(x2)
+    torch.testing.assert_close(run.num, 0.5 * (0.5 * n1) + 0.5 * n2)
+    torch.testing.assert_close(run.den, 0.5 * (0.5 * d1) + 0.5 * d2)
+    proj.reset()
+    loss = model(x1).square().sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(run.num, 0.5 * (0.5 * n1) + 0.5 * n1)
+    before = run.num.clone()
+    torch.autograd.grad(model(x2).square().sum(), list(model.parameters()))
+    assert torch.equal(run.num, before) and run.probe.grad is None
+    _, g_probe = torch.autograd.grad(model(x2).square().sum(), [model[0].weight, run.probe])
+    run.fold(g_probe)
+    torch.testing.assert_close(run.num, 0.5 * before + 0.5 * n2)
+    seen = {}
+    model[1].register_forward_hook(lambda m, a, out: seen.update(x=a[0]))
+    model[1](torch.randn(2, 4, dtype=torch.float64))
+    assert seen["x"].grad_fn is None
+
+
 def test_training_with_a_running_projection_under_compile(tmp_path, monkeypatch):
     """--compile true with --salu-project-grad-rate (refused before the sums left the backward as a gradient):
     the run trains (aot_eager standing in for inductor, as in test_train.py) and its weights match the eager run's

@@ -294,8 +294,11 @@ class RunningCoefficient:
     No Python state changes inside the backward, so a compiled model (``torch.compile``) carries it: N and D are
     tensors read by the backward as inputs, and the backward hands its batch's raw sums out as the gradient of
     ``probe``, a zero leaf tensor passed through the forward; a hook on the probe's gradient accumulation folds
-    them into N and D (the same expression the backward used) and clears it. A site called twice in one forward
-    has the two calls' sums pooled. :meth:`reset` restarts the sums. The gradients must not carry a loss scale
+    them into N and D (the same expression the backward used) and clears it. So the sums move with ``.backward()``
+    (which accumulates into every leaf); ``torch.autograd.grad`` and ``backward(inputs=...)`` without the probes
+    leave them as they were (pass the probes among the inputs and :meth:`fold` their gradients to keep them
+    running). A site called twice in one forward has the two calls' sums pooled (each call's backward subtracts
+    the old sums' coefficient updated with its own). :meth:`reset` restarts the sums. The gradients must not carry a loss scale
     (fp16's GradScaler changes it, and its skipped steps are not finite): the trainer refuses ``--amp fp16``."""
 
     def __init__(self, rate: float, channels: int, dtype: torch.dtype = torch.float32,
@@ -309,18 +312,21 @@ class RunningCoefficient:
     def _fold(self, probe: Tensor) -> None:
         sums = probe.grad
         probe.grad = None
+        self.fold(sums)
+
+    def fold(self, sums: Tensor) -> None:
+        """Fold one backward's raw sums (the probe's gradient: sum(g x) and sum(x²) per channel) into N and D. New
+        tensors, not in-place updates: a forward not yet backpropagated has saved the old ones."""
         with torch.no_grad():
-            self.num.copy_(_running_update(self.num, sums[0], self.rate))
-            self.den.copy_(_running_update(self.den, sums[1], self.rate))
+            self.num = _running_update(self.num, sums[0], self.rate)
+            self.den = _running_update(self.den, sums[1], self.rate)
 
     def coefficient(self) -> Tensor:
         """The per-channel coefficient of the sums as they stand (0 for a channel silent so far)."""
         return _ratio(self.num, self.den)
 
     def reset(self) -> None:
-        with torch.no_grad():
-            self.num.zero_()
-            self.den.zero_()
+        self.num, self.den = torch.zeros_like(self.num), torch.zeros_like(self.den)
 
 
 def _running_update(old: Tensor, new: Tensor, rate: float) -> Tensor:
@@ -403,8 +409,10 @@ class GradientProjection(_SiteHooks):
             if rate < 1 else {}
         super().__init__(model)
 
-    def _on_input(self, name: str, salu: SALU, args: tuple) -> tuple:
+    def _on_input(self, name: str, salu: SALU, args: tuple) -> tuple | None:
         x, running = args[0], self._running.get(name)
+        if not x.requires_grad:  # no gradient reaches this input: nothing to project (nor to sum)
+            return None
         if running is not None and running.num.device != x.device:
             raise ValueError(f"gradient projection of {name}: its running sums are on {running.num.device}, the input "
                              f"on {x.device}; build GradientProjection after moving the model to its device")
