@@ -181,3 +181,34 @@ def test_wd_sweep_script_groups_runs_by_prefix_and_weight_decay(tmp_path):
     assert [(r["weight_decay"], r["per_seed"]) for r in rc] == [(8e-3, [0.7])]
     assert (tmp_path / "out" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert mod.main([str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
+
+
+def test_seed_bars_script_reads_the_last_epoch_of_each_run(tmp_path, capsys):
+    """scripts/seed_bars.py: each cell is the runs its glob matches, the last metrics row of each (mean, sample std,
+    per run in folder order, mean training loss); panels keep the order given; JSON lines and a PNG are written;
+    a glob matching nothing, a run without metrics and a cell without '=' exit 2."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("seed_bars", Path(__file__).parents[1] / "scripts" / "seed_bars.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, accs in {"a-s0": [0.1, 0.5], "a-s1": [0.2, 0.7], "b-s0": [0.3, 0.9]}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"test_acc": a, "train_loss": 1 - a}) + "\n" for a in accs))
+    out = tmp_path / "o"
+    assert mod.main([f"p1::A={tmp_path}/a-s*", f"p2::B={tmp_path}/b-s*",
+                     "--json", f"{out}.json", "--plot", f"{out}.png"]) == 0
+    rows = [json.loads(r) for r in Path(f"{out}.json").read_text().splitlines()]
+    assert [(r["panel"], r["label"]) for r in rows] == [("p1", "A"), ("p2", "B")]
+    assert rows[0]["acc"] == pytest.approx([50.0, 70.0]) and rows[0]["mean"] == pytest.approx(60.0)
+    assert rows[0]["std"] == pytest.approx(14.1421, abs=1e-3) and rows[0]["mean_train_loss"] == pytest.approx(0.4)
+    assert rows[1]["std"] == 0.0 and rows[1]["acc"] == pytest.approx([90.0])
+    assert "| p1 | A | 60.0 ± 14.1 | 50.0, 70.0 | 0.400 |" in capsys.readouterr().out
+    assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "c-s0").mkdir()
+    for bad in ([f"A={tmp_path}/nothing*"], [f"C={tmp_path}/c-s*"], [f"{tmp_path}/a-s*"]):
+        assert mod.main(bad) == 2
+    assert "seed_bars: error:" in capsys.readouterr().err
