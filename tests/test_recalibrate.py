@@ -490,7 +490,8 @@ def test_recal_cost_script(capsys):
 
 def test_per_step_recalibration_at_batch_size_one_warns(tmp_path, capsys):
     """Pinned to one image's statistics every step, training stayed at chance at batch size 1 (RESULTS.md): the run
-    says so, and not with a batch of 2 or a running mean square (--salu-recalibrate-rate < 1)."""
+    says so, and not with a batch of 2 or a running mean square (--salu-recalibrate-rate < 1); likewise the
+    projected gradient with one image's statistics (not with running sums)."""
     from salunet.train import train
 
     train(dict(model="salunet_c18_v2", width=2, data="digits", train_subset=4, test_subset=10, batch_size=1, epochs=1,
@@ -508,6 +509,15 @@ def test_per_step_recalibration_at_batch_size_one_warns(tmp_path, capsys):
     states = [load_checkpoint(list_checkpoints(tmp_path / n)[-1])[0]["model"] for n in ("b1", "b1rate")]
     keys = [k for k in states[0] if k.endswith("log_b")]
     assert keys and not all(torch.equal(states[0][k], states[1][k]) for k in keys)  # the rate reached the trainer
+    # the projection with one image's own statistics trained near chance at batch size 1: warned, and not with
+    # running sums or two images per backward
+    common = dict(model="salunet_c18_v2", width=2, data="digits", train_subset=4, test_subset=10, epochs=1,
+                  progress=False, salu_project_grad=True, out=str(tmp_path))
+    train(dict(common, batch_size=1, name="p1"))
+    assert "warning: --salu-project-grad with one image per backward" in capsys.readouterr().err
+    train(dict(common, batch_size=2, name="p2"))
+    train(dict(common, batch_size=1, salu_project_grad_rate=0.1, name="p1rate"))
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_pin_lag_script(tmp_path, capsys):

@@ -180,8 +180,15 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
             and cfg.batch_size // run.info.world < 2):
         print("salunet train: warning: --salu-recalibrate-every with one image per step and rank pins every SALU to "
               "that image's own statistics; at batch size 1 it trained at chance on digits (docs/RESULTS.md "
-              "\"Pinning on small batches\"); a running mean square (--salu-recalibrate-rate 0.01) recovered most "
-              "of it, no pinning did best", file=sys.stderr, flush=True)
+              "\"Pinning on small batches\"); pinning on fixed images with the projection's running sums did best "
+              "there (--salu-recalibrate-measure reference --salu-project-grad --salu-project-grad-rate 0.1: \"The "
+              "whole recipe at small batches\")", file=sys.stderr, flush=True)
+    if (cfg.salu_project_grad and cfg.salu_project_grad_rate == 1
+            and cfg.batch_size // run.info.world // cfg.accum_steps < 2):
+        print("salunet train: warning: --salu-project-grad with one image per backward projects every SALU input's "
+              "gradient with that image's own statistics; at batch size 1 it trained near chance on digits "
+              "(docs/RESULTS.md \"The whole recipe at small batches\"); --salu-project-grad-rate 0.1 (running sums) "
+              "did best there", file=sys.stderr, flush=True)
 
 
 def _prepare_training(run: _Run) -> None:
