@@ -18,7 +18,15 @@
 # Parts: GPU_CHECK_STEPS, a comma-separated subset of tests,bench,train,kernels (default all): the first H200 call
 # (2026-11-28) showed that all four do not fit one call with useful training, so a session can spend one call on
 # training (GPU_CHECK_STEPS=train GPU_CHECK_EPOCHS=30) and another on the rest (docs/GPU.md).
-# GPU_CHECK_PYTEST_S (default 240): the GPU tests' limit (they compile every model's kernels; 240 s was too short).
+# GPU_CHECK_PYTEST_S (default 240): the GPU tests' limit (they compile every model's kernels; 240 s was too short);
+# GPU_CHECK_PYTEST_K: a pytest -k expression that picks which GPU tests run (default all); GPU_CHECK_PYTEST_FIRST:
+# one that picks those among them to run first (e.g. the ones that have never run on a GPU).
+# GPU_CHECK_PINNED=1 adds a fourth training run, v2_pinned: salunet_c18_v2 with scaled WS and every step pinned on
+# 128 fixed images with the projected gradient (RESULTS.md "Pinning on fixed images", the cell nearest the twin).
+# GPU_CHECK_PARALLEL=1 starts the training runs together, and with the tests part the GPU tests beside them: on the
+# first H200 a compiled step left the device idle most of the time (host-bound, ~8,000 images/s), so runs that
+# share the device finish sooner than one after another; their images/s are then shared-device figures, not
+# solo throughput (the solo ratio was measured on 2026-11-28). Each run's limit is the time left.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +39,10 @@ for part in ${STEPS_WANTED//,/ }; do
 done
 if [[ -n "${GPU_CHECK_EPOCHS:-}" && ! "${GPU_CHECK_EPOCHS}" =~ ^[1-9][0-9]*$ ]]; then
   echo "GPU_CHECK_EPOCHS=${GPU_CHECK_EPOCHS}: give a whole number of epochs >= 1, or leave it unset for the probe" >&2
+  exit 2
+fi
+if [[ "${GPU_CHECK_PARALLEL:-0}" == 1 && -z "${GPU_CHECK_EPOCHS:-}" ]]; then
+  echo "GPU_CHECK_PARALLEL=1 needs GPU_CHECK_EPOCHS: the probe's epoch time is a solo figure, not a shared one" >&2
   exit 2
 fi
 T0=$SECONDS
@@ -47,6 +59,7 @@ mkdir -p "$RESULTS" "$WORK/logs" "$WORK/bench" "$WORK/train" "$WORK/data"
 export PYTHONUNBUFFERED=1 SALUNET_COMMIT=${SALUNET_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 
 want() { [[ "$STEPS_WANTED" == *",$1,"* ]]; }
+PARALLEL=${GPU_CHECK_PARALLEL:-0}
 left() { echo $((BUDGET - (SECONDS - T0))); }
 
 refresh() {
@@ -69,6 +82,27 @@ step() {
   tail -n 4 "$WORK/logs/$name.log" | sed 's/^/    /'
   refresh
   return 0
+}
+
+# step_bg NAME SECONDS CMD...: step in the background (GPU_CHECK_PARALLEL=1); wait_bg waits for all of them,
+# refreshing the results every 20 s, so that a call cut short still returns the runs' epochs so far
+BG=()
+step_bg() {
+  local name=$1
+  BG+=("$name")
+  ( step "$@" >"$WORK/logs/$name.console" ) &
+  PIDS+=($!)
+  echo "[$((SECONDS - T0))s] $name: started in the background (limit ${2}s)"
+}
+wait_bg() {
+  while [[ -n "$(jobs -rp)" ]]; do
+    sleep $(( DRY ? 2 : 20 ))
+    refresh
+  done
+  wait
+  for name in "${BG[@]}"; do cat "$WORK/logs/$name.console"; done
+  BG=()
+  refresh
 }
 
 skip() {
@@ -124,8 +158,22 @@ fi
 
 # 3. the GPU tests (the kernel tests, CPU-only, come last, if time is left)
 if want tests; then
-  step pytest_gpu "${GPU_CHECK_PYTEST_S:-240}" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-    "${PYTEST_GPU[@]}" -rs --junitxml="$WORK/logs/pytest_gpu.xml"
+  [[ -n "${GPU_CHECK_PYTEST_K:-}" ]] && PYTEST_GPU=(-k "$GPU_CHECK_PYTEST_K")
+  PYTEST_CMD=("$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py "${PYTEST_GPU[@]}" -rA
+              --junitxml="$WORK/logs/pytest_gpu.xml")
+  if [[ -n "${GPU_CHECK_PYTEST_FIRST:-}" ]]; then  # the tests it picks first (own JUnit XML), then the others
+    K=${GPU_CHECK_PYTEST_K:-${PYTEST_GPU[1]:-}}
+    A=$(printf '%q ' "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -rA)
+    PYTEST_CMD=(bash -c "$A --junitxml=$(printf %q "$WORK/logs/pytest_gpu_first.xml") \
+-k $(printf %q "${K:+($K) and }(${GPU_CHECK_PYTEST_FIRST})"); a=\$?; \
+$A --junitxml=$(printf %q "$WORK/logs/pytest_gpu.xml") -k $(printf %q "${K:+($K) and }not (${GPU_CHECK_PYTEST_FIRST})"); \
+b=\$?; exit \$((a | b))")
+  fi
+  if ((PARALLEL)) && want train; then
+    echo "[$((SECONDS - T0))s] pytest_gpu: runs beside the training (GPU_CHECK_PARALLEL=1)"
+  else
+    step pytest_gpu "${GPU_CHECK_PYTEST_S:-240}" "${PYTEST_CMD[@]}"
+  fi
 fi
 
 # 4. benchmarks, bf16 and fp32: ratios to the normalised baselines of the same run, GB/s, peak memory
@@ -162,15 +210,30 @@ if want train; then
   fi
   echo "[$((SECONDS - T0))s] training: $EPOCHS epochs per model, $(left)s left"
   echo "{\"epochs_per_model\": ${EPOCHS:-0}}" >"$WORK/train_plan.json"
-  MODELS_LEFT=3
-  for m in resnet18_bn salunet_c18 salunet_c18_v2; do
-    EMA=()
-    [[ $m == resnet18_bn ]] && EMA=(--ema-decay 0.997)  # the paper's decay for the BN ResNet (README)
-    LIMIT=$(( ($(left) - RESERVE) / MODELS_LEFT ))
-    ((LIMIT < 60)) && LIMIT=60
-    step "train_$m" "$LIMIT" "$PY" -m salunet train "${COMMON[@]}" --model "$m" "${EMA[@]}" --epochs "${EPOCHS:-1}" --name "$m"
+  RUNS=(resnet18_bn salunet_c18 salunet_c18_v2)
+  [[ "${GPU_CHECK_PINNED:-0}" == 1 ]] && RUNS+=(v2_pinned)
+  MODELS_LEFT=${#RUNS[@]}
+  PIDS=()
+  if ((PARALLEL)) && want tests; then
+    step_bg pytest_gpu $(( $(left) - RESERVE )) "${PYTEST_CMD[@]}"
+  fi
+  for name in "${RUNS[@]}"; do
+    ARGS=(--model "$name")
+    # the paper's decay for the BN ResNet (README); the SaluNets keep the recipe's
+    [[ $name == resnet18_bn ]] && ARGS+=(--ema-decay 0.997)
+    [[ $name == v2_pinned ]] && ARGS=(--model salunet_c18_v2 --model-overrides '{"conv_ws": "scaled", "salu_b0": 0.012}'
+        --salu-recalibrate 0.15 --salu-recalibrate-every 1 --salu-recalibrate-measure reference --salu-project-grad)
+    CMD=("$PY" -m salunet train "${COMMON[@]}" "${ARGS[@]}" --epochs "${EPOCHS:-1}" --name "$name")
+    if ((PARALLEL)); then
+      step_bg "train_$name" $(( $(left) - RESERVE )) "${CMD[@]}"
+    else
+      LIMIT=$(( ($(left) - RESERVE) / MODELS_LEFT ))
+      ((LIMIT < 60)) && LIMIT=60
+      step "train_$name" "$LIMIT" "${CMD[@]}"
+    fi
     MODELS_LEFT=$((MODELS_LEFT - 1))
   done
+  wait_bg
 fi
 
 # 6. the kernel tests (CPU: the C++ kernels and the eager path) if time is left; CI runs them anyway

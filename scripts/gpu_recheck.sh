@@ -12,6 +12,8 @@
 #   ops_bf16  salunet bench ops --dtype bf16 (failed in call 1: LayerNorm weights vs bf16 input; fixed)
 #   ops_fp32  salunet bench ops --dtype fp32, re-measured after the host-time fix (d0db3ce)
 #   edge      tests/test_gpu.py's edge cases on CUDA (failed in call 1, passed in call 2)
+# GPU_RECHECK_STEPS picks a subset (comma-separated; default all), e.g. profile,ops_bf16,ops_fp32 when the GPU tests
+# ran beside the training (gpu_check.sh with GPU_CHECK_PARALLEL=1).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -21,8 +23,10 @@ R=${OUT:-gpu_recheck_out}
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
+WANT=",${GPU_RECHECK_STEPS:-rest,profile,ops_bf16,ops_fp32,edge},"  # a subset, in this file's order
 run() {  # run NAME LIMIT CMD...
   local name=$1 limit=$2; shift 2
+  [[ "$WANT" == *",$name,"* ]] || { echo "[$((SECONDS - T0))s] $name: skipped (not in GPU_RECHECK_STEPS)"; return; }
   echo "[$((SECONDS - T0))s] $name (limit ${limit}s)"
   timeout --kill-after=5 "$limit" "$@" >"$R/$name.log" 2>&1
   echo "[$((SECONDS - T0))s] $name: rc=$?"
