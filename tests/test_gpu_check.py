@@ -116,8 +116,38 @@ def test_gpu_check_runs_only_the_parts_asked_for(tmp_path):
     assert not (work / "data" / "cifar10.npz").exists() and not (work / "train_plan.json").exists()
 
 
+@pytest.mark.slow
+def test_gpu_check_parallel_runs_every_seed_with_the_tests_beside(tmp_path):
+    """GPU_CHECK_PARALLEL=1 with GPU_CHECK_RUNS / GPU_CHECK_SEEDS (the 2026-11-30 call's mode): every run of every
+    seed starts at once beside the GPU tests (those GPU_CHECK_PYTEST_FIRST picks first, own JUnit XML; an empty
+    second selection is not a failure), each run trains with its own seed and name, and all are summarised."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable,
+           "OMP_NUM_THREADS": "1", "GPU_CHECK_STEPS": "tests,train", "GPU_CHECK_PARALLEL": "1",
+           "GPU_CHECK_EPOCHS": "1", "GPU_CHECK_RUNS": "v2_pinned", "GPU_CHECK_SEEDS": "0 1",
+           "GPU_CHECK_PYTEST_K": "cpu and compiled_path", "GPU_CHECK_PYTEST_FIRST": "compiled_path"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == [], summary["steps"]
+    assert sorted(s["step"] for s in summary["steps"]) == ["env", "install", "pack", "pytest_gpu", "train_v2_pinned",
+                                                           "train_v2_pinned-s1", "unpack"]
+    started = [line for line in proc.stdout.splitlines() if "started in the background" in line]
+    assert len(started) == 3 and proc.stdout.index(started[-1]) < proc.stdout.index("train_v2_pinned: rc=0")
+    assert set(summary["training"]) == {"v2_pinned", "v2_pinned-s1"}
+    for name, seed in (("v2_pinned", 0), ("v2_pinned-s1", 1)):
+        cfg = json.loads((work / "train" / name / "config.json").read_text())
+        assert (cfg["seed"], cfg["model"], cfg["salu_recalibrate_measure"]) == (seed, "salunet_c18_v2", "reference")
+    first = (work / "logs" / "pytest_gpu_first.xml").read_text()
+    assert "test_compiled_path_issues_one_call_per_direction" in first
+
+
 @pytest.mark.parametrize("var, value, message", [("GPU_CHECK_STEPS", "train,bogus", "unknown part 'bogus'"),
-                                                 ("GPU_CHECK_EPOCHS", "0", "whole number of epochs")])
+                                                 ("GPU_CHECK_EPOCHS", "0", "whole number of epochs"),
+                                                 ("GPU_CHECK_RUNS", "resnet18_bn bogus", "unknown run 'bogus'"),
+                                                 ("GPU_CHECK_SEEDS", "1 x", "'x' is not a seed"),
+                                                 ("GPU_CHECK_PARALLEL", "1", "needs GPU_CHECK_EPOCHS")])
 def test_gpu_check_refuses_a_bad_setting_before_doing_anything(tmp_path, var, value, message):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"), var: value}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
