@@ -8,7 +8,8 @@
 # Steps, in priority order (a call cut short still returns the logs of those that ran; the 2026-11-28 session ran
 # an earlier order, edge first, and found edge passing and rest too slow for its 90 s):
 #   rest      the GPU tests that call 1's 240 s limit cut off (checkpoints, bitwise resume, convert)
-#   profile   scripts/profile_op.py: host vs device time of fused SALU+SWALU and BN+ReLU (the 3.5x of bench ops)
+#   profile   scripts/profile_op.py --forms: host vs device time of fused SALU+SWALU (derived quantities stored, and
+#             inlined as before 2026-11-30) and BN+ReLU
 #   ops_bf16  salunet bench ops --dtype bf16 (failed in call 1: LayerNorm weights vs bf16 input; fixed)
 #   ops_fp32  salunet bench ops --dtype fp32, re-measured after the host-time fix (d0db3ce)
 #   edge      tests/test_gpu.py's edge cases on CUDA (failed in call 1, passed in call 2)
@@ -43,7 +44,7 @@ if ((DRY)); then skipped rest; else
   run rest 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py --tb=short -rA \
     -k "$K and (checkpoint or resume or convert)"
 fi
-run profile 45 "$PY" scripts/profile_op.py --device "$DEV" --shape "$SHAPE" --iters 20
+run profile 60 "$PY" scripts/profile_op.py --device "$DEV" --shape "$SHAPE" --iters 20 --forms
 run ops_bf16 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype bf16 --out "$R"
 run ops_fp32 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype fp32 --out "$R"
 if ((DRY)); then skipped edge; else

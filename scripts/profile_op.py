@@ -1,6 +1,6 @@
 """Where the time of one fused op's forward + backward goes: host (Python, dispatch, launches) or device kernels.
 
-    python scripts/profile_op.py [--device cuda] [--shape 256,64,32,32] [--dtype fp32] [--iters 20]
+    python scripts/profile_op.py [--device cuda] [--shape 256,64,32,32] [--dtype fp32] [--iters 20] [--forms]
 
 For the fused SALU -> SWALU pair (SALUAct) on the default kernel path and for BatchNorm2d + ReLU, it prints per
 call: the host's wall time to issue forward + backward without waiting (``host_ms``), the device's time between
@@ -13,6 +13,7 @@ an H200 measured the fused pair at 3.5x BatchNorm2d + ReLU at a size where bandw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -67,6 +68,16 @@ def profile(fn, x, grad, iters: int, rows: int) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
+@contextlib.contextmanager
+def _realize(flag: bool):
+    """kernels.REALIZE_DERIVED set to ``flag`` (each setting compiles its own specialisations)."""
+    old, kernels.REALIZE_DERIVED = kernels.REALIZE_DERIVED, flag
+    try:
+        yield
+    finally:
+        kernels.REALIZE_DERIVED = old
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -78,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default="auto", help="kernel mode (auto, cpp, compiled, eager); `compiled` on a "
                     "CPU at a tiny --shape measures the compiled path's host overhead without a GPU")
     ap.add_argument("--no-profile", action="store_true", help="only the timings, no profiler tables")
+    ap.add_argument("--forms", action="store_true", help="also the fused pair with the derived parameter quantities "
+                    "left inside the compiled kernels (kernels.REALIZE_DERIVED off), to compare on one device")
     args = ap.parse_args(argv)
     kernels.set_kernel_mode(args.kernels)
     dev, dt = torch.device(args.device), DTYPES[args.dtype]
@@ -88,12 +101,16 @@ def main(argv=None) -> int:
     grad = torch.randn(shape, device=dev).to(dt)
     bn, relu = nn.BatchNorm2d(c).to(dev), nn.ReLU()
     pair = SALUAct(SALU(c), SWALU(c)).to(dev)
-    variants = {"batchnorm2d+relu": lambda t: relu(bn(t)), "salu+swalu (fused SALUAct)": pair}
+    # name -> (function, kernels.REALIZE_DERIVED while it runs forward and backward)
+    variants = {"batchnorm2d+relu": (lambda t: relu(bn(t)), True), "salu+swalu (fused SALUAct)": (pair, True)}
+    if args.forms:
+        variants["salu+swalu (fused SALUAct, derived inlined)"] = (pair, False)
     print(f"profile_op: {shape} {args.dtype} on {dev}; kernels: {kernels.kernel_path(dev)}")
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(args.repeats):  # interleaved, so that machine noise hits both alike
-        for name, fn in variants.items():
-            runs[name].append(measure(fn, x, grad, args.iters))
+        for name, (fn, realize) in variants.items():
+            with _realize(realize):
+                runs[name].append(measure(fn, x, grad, args.iters))
     base = None
     for name, rs in runs.items():
         med = {k: (statistics.median(r[k] for r in rs) if rs[0][k] is not None else None) for k in rs[0]}
@@ -102,9 +119,10 @@ def main(argv=None) -> int:
         print(json.dumps({"variant": name, "repeats": args.repeats, **med, **ratio}))
     if args.no_profile:
         return 0
-    for name, fn in variants.items():
+    for name, (fn, realize) in variants.items():
         print(f"\n== {name}: torch.profiler, {args.iters} calls ==")
-        print(profile(fn, x, grad, args.iters, args.rows))
+        with _realize(realize):
+            print(profile(fn, x, grad, args.iters, args.rows))
     return 0
 
 

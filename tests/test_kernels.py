@@ -498,6 +498,65 @@ def check_one_compiled_call(device="cpu", memory_format=torch.contiguous_format)
     assert x.grad is not None and all(p.grad is not None for p in pair.parameters())
 
 
+def test_compiled_regions_return_the_derived_quantities_for_inductor_to_store():
+    """The compiled regions return the parameters' prepared and derived quantities as one extra output (so inductor
+    stores them once in per-channel buffers; left inside, it recomputed them for every element, which made the
+    fused forward compute-bound on an H200), equal to what the eager math derives: exp of the clamped logs, then
+    sqrt(ab), sqrt(a/b), a, 1/sqrt(ab), sqrt(a/b)/2b, each from one exp of the logs (float64 references)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    c = 8
+    la = torch.randn(4, c, 1, 1, dtype=torch.float64) * 3
+    la[0, 0] = 99.0  # clamped to LOG_LIMIT
+    x = torch.randn(2, c, 4, 4, dtype=torch.float64)
+    fn = torch.compile(kernels._forward_region, backend=record, fullgraph=True, dynamic=False)
+    y, stored = fn("salu_swalu", True, x, None, *la)
+    assert len(graphs) == 1 and len(graphs[0].graph.find_nodes(op="output")[0].args[0]) == 2
+    torch.testing.assert_close(y, kernels._forward_math("salu_swalu", True, x, None, *la), rtol=0, atol=0)
+    lc = la.clamp(-kernels.LOG_LIMIT, kernels.LOG_LIMIT)
+    want = [lc[i].exp() for i in range(4)]  # a1, b1, a2, b2, then each stage's five derived quantities
+    for i in (0, 2):
+        a, b = want[i], want[i + 1]
+        want += [torch.sqrt(a * b), torch.sqrt(a / b), a, 1 / torch.sqrt(a * b), torch.sqrt(a / b) / (2 * b)]
+    torch.testing.assert_close(stored, torch.cat([t.reshape(-1) for t in want]), rtol=1e-14, atol=0)
+    gx, gres, *gp, stored_b = kernels._backward_region("salu_swalu", True, torch.ones_like(x), x, None, *la)
+    assert gres is None and len(gp) == 4 and torch.equal(stored_b, stored)
+
+
+@pytest.mark.parametrize("realize", [True, False], ids=["stored", "inlined"])
+def test_compiled_path_gives_the_same_results_whether_derived_quantities_are_stored(monkeypatch, realize):
+    """kernels.REALIZE_DERIVED picks what the compiled path compiles (scripts/profile_op.py --forms compares both
+    on a device); either way the caller gets the op's output and gradients alone, equal to the eager path's."""
+    monkeypatch.setattr(kernels, "REALIZE_DERIVED", realize)
+    torch.manual_seed(3)
+    pair = SALUAct(SALU(8), SWALU(8))
+    with torch.no_grad():
+        for p in pair.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, g = torch.randn(PAIR_SHAPE), torch.randn(PAIR_SHAPE)
+    out = {}
+    try:
+        for mode in ("eager", "compiled"):
+            kernels.set_kernel_mode(mode)
+            xi = x.clone().requires_grad_()
+            pair.zero_grad()
+            y = pair(xi)
+            y.backward(g)
+            out[mode] = [y.detach(), xi.grad, *[p.grad.clone() for p in pair.parameters()]]
+    finally:
+        kernels.set_kernel_mode("auto")
+    for e, c in zip(out["eager"], out["compiled"]):
+        assert e.shape == c.shape
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+    keys = [k for k in kernels._compiled if k[1] == "salu_swalu" and k[4][0][1] == PAIR_SHAPE]  # x's / g's shape
+    assert {k[0] for k in keys if k[3] == realize} == {"fwd", "bwd"}
+    assert all(getattr(kernels._compiled[k], "keeps_derived", False) == k[3] for k in keys)
+
+
 def test_only_a_failed_compilation_switches_to_eager(monkeypatch):
     """auto mode: a specialisation whose first (compiling) call fails -> warn once, eager on that device type;
     out-of-memory, or an error of a kernel that has already run, is raised (never a silent, lasting fallback)."""

@@ -31,7 +31,8 @@ of three paths, chosen by ``set_kernel_mode`` / ``SALUNET_KERNELS``:
   the precision of ATen's vectorised GELU); float64 uses exact operations (gradcheck runs on this path).
 - ``compiled`` (``auto`` on CUDA): ``torch.compile``/inductor of the whole forward and the whole backward
   (:func:`_forward_math`, :func:`_backward_math`: parameter preparation and gradient reduction included), one
-  compiled call per direction, so that the host issues little besides the kernels.
+  compiled call per direction, so that the host issues little besides the kernels; the per-channel derived
+  quantities are returned beside the result so that inductor stores them once (:data:`REALIZE_DERIVED`).
 - ``eager``: the functions below op by op.
 If the chosen path cannot be built on this machine, ``auto`` warns once, says why and how to fix it, and takes the
 eager path.
@@ -80,6 +81,16 @@ def _derive(a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
     sab = torch.sqrt(a * b)
     amp = torch.sqrt(a / b)
     return sab, amp, a, 1.0 / sab, 0.5 * amp / b
+
+
+def _derive_log(la: Tensor, lb: Tensor, a: Tensor) -> tuple[Tensor, ...]:
+    """:func:`_derive` from the (clamped) log-parameters, one exp each: the same quantities, without square roots
+    or divisions. Where inductor recomputes them inside the elementwise kernel (it inlines a small broadcast
+    producer into each reader) an exp costs a few instructions, a float32 IEEE square root or division about
+    ten: on an H200 that work made the fused SALU -> SWALU forward kernel compute-bound (issue 13). ``a`` is
+    exp(la), already computed. With |log| <= LOG_LIMIT (30) every exponent stays below 60: finite in float32."""
+    return (torch.exp(0.5 * (la + lb)), torch.exp(0.5 * (la - lb)), a, torch.exp(-0.5 * (la + lb)),
+            0.5 * torch.exp(0.5 * la - 1.5 * lb))
 
 
 def _saturation(dtype: torch.dtype) -> float:
@@ -218,12 +229,16 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 def _prepare(log_params: bool, cdt: torch.dtype, params: Sequence[Tensor]):
     """Parameters in the compute dtype (exponentiated if log-parametrised) and their derived quantities."""
     ps = [p.to(cdt) for p in params]
+    derived = []
     if log_params:
         # clamped so that a and b stay positive and finite whatever an optimizer does to log_a / log_b;
         # backward multiplies by this clamped value (straight-through), so a parameter pushed out of range
         # still receives gradient and can come back
-        ps = [torch.exp(torch.clamp(p, -LOG_LIMIT, LOG_LIMIT)) for p in ps]
-    derived = []
+        logs = [torch.clamp(p, -LOG_LIMIT, LOG_LIMIT) for p in ps]
+        ps = [torch.exp(lp) for lp in logs]
+        for i in range(0, len(ps), 2):
+            derived += _derive_log(logs[i], logs[i + 1], ps[i])
+        return ps, derived
     for i in range(0, len(ps), 2):
         derived += _derive(ps[i], ps[i + 1])
     return ps, derived
@@ -325,16 +340,27 @@ def _fresh_copy(fn: Callable, tag: int) -> Callable:
     return copy
 
 
+REALIZE_DERIVED = True
+"""The compiled path's regions return the parameters' prepared and derived quantities (per channel, a few bytes)
+beside their result, which makes inductor store them once in small buffers that the elementwise kernels read:
+left inside, inductor recomputes them for every element (it inlines a small broadcast producer into each
+reader). Read when a specialisation is compiled (part of its cache key); ``scripts/profile_op.py --forms``
+measures both settings on one device."""
+
+
 def _get_compiled(direction: str, op: str, log_params: bool, args: Sequence[Tensor | None]):
-    """The compiled whole forward or backward (:func:`_forward_math` / :func:`_backward_math`) for these inputs."""
-    key = (direction, op, log_params,
+    """The compiled whole forward or backward (:func:`_forward_math` / :func:`_backward_math`, or with
+    :data:`REALIZE_DERIVED` their regions that also return the derived quantities) for these inputs."""
+    key = (direction, op, log_params, REALIZE_DERIVED,
            tuple(None if t is None else (t.dtype, tuple(t.shape), t.stride(), t.device) for t in args))
     fn = _compiled.get(key)
     if fn is None:
         # One static-shape kernel per (op, dtypes, shapes, layouts, device): inductor turns static shapes into
         # loops about 1.6x faster than dynamic-shape ones for the per-channel reductions of backward. Each
         # costs one compilation (seconds, cached on disk by inductor across runs).
-        fn = torch.compile(_fresh_copy(_MATH[direction], len(_compiled)), dynamic=False, fullgraph=True)
+        math_fn = (_REGIONS if REALIZE_DERIVED else _MATH)[direction]
+        fn = torch.compile(_fresh_copy(math_fn, len(_compiled)), dynamic=False, fullgraph=True)
+        fn.keeps_derived = REALIZE_DERIVED
         _compiled[key] = fn
         if len(_compiled) in (64, 256, 1024):
             log.warning("salunet kernels: %d compiled specialisations so far; inputs of ever-changing "
@@ -362,6 +388,8 @@ def _call_core(path: str, direction: str, op: str, log_params: bool, *args: Tens
     fn = _get_compiled(direction, op, log_params, args)
     try:
         out = fn(op, log_params, *args)
+        if getattr(fn, "keeps_derived", False):  # drop the derived quantities (returned only so that inductor stores them once)
+            out = out[0] if direction == "fwd" else out[:len(args) - 1]  # (g, x, res, *p) -> (gx, gres, *gp)
     except Exception as exc:  # noqa: BLE001 - compiler failures have many types (inductor, triton, the C compiler)
         if _mode == "compiled" or id(fn) in _compiled_ran or isinstance(exc, torch.OutOfMemoryError):
             raise
@@ -443,17 +471,22 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _forward_math(op: str, log_params: bool, x: Tensor, res: Tensor | None, *params: Tensor) -> Tensor:
+def _forward_math(op: str, log_params: bool, x: Tensor, res: Tensor | None, *params: Tensor,
+                  keep_derived: bool = False):
     """The whole forward in plain tensor ops: parameters prepared, the math in the compute dtype, the output in
-    ``x``'s dtype (the eager path runs it op by op, the compiled path compiles it whole)."""
+    ``x``'s dtype (the eager path runs it op by op, the compiled path compiles it whole). ``keep_derived``: return
+    (output, *derived quantities) instead (see :data:`REALIZE_DERIVED`)."""
     cdt = _compute_dtype(x, *params)
-    _, derived = _prepare(log_params, cdt, params)
+    ps, derived = _prepare(log_params, cdt, params)
     r = None if res is None else res.to(cdt)
-    return _fwd_core(op, x.to(cdt), r, *derived).to(x.dtype)
+    y = _fwd_core(op, x.to(cdt), r, *derived).to(x.dtype)
+    return (y, _stored(ps, derived)) if keep_derived else y
 
 
-def _backward_math(op: str, log_params: bool, g: Tensor, x: Tensor, res: Tensor | None, *params: Tensor):
-    """Gradients (x, res, *params) of the whole op; res's is None for ops without a residual."""
+def _backward_math(op: str, log_params: bool, g: Tensor, x: Tensor, res: Tensor | None, *params: Tensor,
+                   keep_derived: bool = False):
+    """Gradients (x, res, *params) of the whole op; res's is None for ops without a residual. ``keep_derived``:
+    the derived quantities follow the gradients (see :data:`REALIZE_DERIVED`)."""
     cdt = _compute_dtype(x, *params)
     ps, derived = _prepare(log_params, cdt, params)
     r = None if res is None else res.to(cdt)
@@ -464,10 +497,27 @@ def _backward_math(op: str, log_params: bool, g: Tensor, x: Tensor, res: Tensor 
         if log_params:  # d/dlog_a = a * d/da
             gp = gp * p
         out.append(gp.to(raw.dtype))
-    return tuple(out)
+    return (*out, _stored(ps, derived)) if keep_derived else tuple(out)
+
+
+def _stored(ps: Sequence[Tensor], derived: Sequence[Tensor]) -> Tensor:
+    """The prepared and derived quantities as one flat tensor: one extra output of a compiled region (each output
+    is an allocation on the host), and a concatenation, which inductor lowers by storing each piece."""
+    return torch.cat([t.reshape(-1) for t in (*ps, *derived)])
+
+
+def _forward_region(op: str, log_params: bool, *args: Tensor | None):
+    return _forward_math(op, log_params, *args, keep_derived=True)
+
+
+def _backward_region(op: str, log_params: bool, *args: Tensor | None):
+    return _backward_math(op, log_params, *args, keep_derived=True)
 
 
 _MATH = {"fwd": _forward_math, "bwd": _backward_math}
+# What the compiled path compiles when REALIZE_DERIVED is on: the same math, the parameters' prepared and derived
+# quantities returned beside the result (and dropped by the caller)
+_REGIONS = {"fwd": _forward_region, "bwd": _backward_region}
 
 
 def _forward(path: str, op: str, log_params: bool, x: Tensor, res: Tensor | None,
