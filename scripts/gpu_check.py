@@ -29,6 +29,13 @@ def _rows(path: Path) -> list[dict]:
     return out
 
 
+def _write(path: Path, text: str) -> None:
+    """Whole or not at all: a call cut short while this runs still returns the previous complete file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def env(out: Path) -> None:
     import torch
 
@@ -89,7 +96,7 @@ def summary(work: Path) -> dict:
         if ref and m in training:
             out.setdefault("targets", {})[f"{m} images/s vs resnet18_bn"] = round(
                 training[m]["images_per_s"] / ref["images_per_s"], 3)
-    (work / "summary.json").write_text(json.dumps(out, indent=1))
+    _write(work / "summary.json", json.dumps(out, indent=1))
     lines = [f"# GPU check: {out['env'].get('device', 'no GPU')} (torch {out['env'].get('torch')}, commit "
              f"{out['env'].get('commit')})", "", "| step | rc | seconds |", "|---|---|---:|"]
     lines += [f"| {s['step']} | {s['rc']} | {s['seconds']} |" for s in steps]
@@ -97,7 +104,7 @@ def summary(work: Path) -> dict:
     lines += ["", "| model | epochs | test acc | EMA test acc | images/s (median epoch) |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {m} | {t['epochs']} | {t['test_acc']} | {t['ema_test_acc']} | {t['images_per_s']:.0f} |"
               for m, t in training.items()]
-    (work / "summary.md").write_text("\n".join(lines) + "\n")
+    _write(work / "summary.md", "\n".join(lines) + "\n")
     return out
 
 

@@ -43,6 +43,10 @@ if [[ -n "${GPU_CHECK_EPOCHS:-}" && ! "${GPU_CHECK_EPOCHS}" =~ ^[1-9][0-9]*$ ]];
   echo "GPU_CHECK_EPOCHS=${GPU_CHECK_EPOCHS}: give a whole number of epochs >= 1, or leave it unset for the probe" >&2
   exit 2
 fi
+if [[ ! "${GPU_CHECK_PARALLEL:-0}" =~ ^[01]$ ]]; then
+  echo "GPU_CHECK_PARALLEL=${GPU_CHECK_PARALLEL}: give 1 (runs share the device) or 0 (one after another)" >&2
+  exit 2
+fi
 RUNS=(resnet18_bn salunet_c18 salunet_c18_v2)
 [[ "${GPU_CHECK_PINNED:-0}" == 1 ]] && RUNS+=(v2_pinned)
 [[ -n "${GPU_CHECK_RUNS:-}" ]] && read -r -a RUNS <<<"$GPU_CHECK_RUNS"
@@ -51,6 +55,14 @@ for run in "${RUNS[@]}"; do
     echo "GPU_CHECK_RUNS: unknown run '$run'; use resnet18_bn, salunet_c18, salunet_c18_v2, v2_pinned" >&2; exit 2; }
 done
 read -r -a SEEDS <<<"${GPU_CHECK_SEEDS:-0}"
+if ((${#RUNS[@]} == 0 || ${#SEEDS[@]} == 0)); then
+  echo "GPU_CHECK_RUNS / GPU_CHECK_SEEDS: empty; name at least one run and one seed" >&2
+  exit 2
+fi
+if [[ $(printf '%s\n' "${RUNS[@]}" | sort | uniq -d) || $(printf '%s\n' "${SEEDS[@]}" | sort | uniq -d) ]]; then
+  echo "GPU_CHECK_RUNS / GPU_CHECK_SEEDS: a run or seed named twice would train twice into one folder; name each once" >&2
+  exit 2
+fi
 for seed in "${SEEDS[@]}"; do
   [[ "$seed" =~ ^[0-9]+$ ]] || { echo "GPU_CHECK_SEEDS: '$seed' is not a seed; give whole numbers, e.g. '1 2'" >&2; exit 2; }
 done
@@ -73,13 +85,15 @@ export PYTHONUNBUFFERED=1 SALUNET_COMMIT=${SALUNET_COMMIT:-$(git rev-parse HEAD 
 
 want() { [[ "$STEPS_WANTED" == *",$1,"* ]]; }
 PARALLEL=${GPU_CHECK_PARALLEL:-0}
+IN_BG=0
 left() { echo $((BUDGET - (SECONDS - T0))); }
 
 refresh() {
   "$PY" scripts/gpu_check.py summary "$WORK" >/dev/null 2>>"$WORK/logs/summary.err"
   if [[ "$RESULTS" != "$WORK" ]]; then
     cp -f "$WORK/summary.json" "$WORK/summary.md" "$RESULTS/" 2>/dev/null
-    tar czf "$RESULTS/gpu_check_results.tar.gz" --exclude='./data' --exclude='*.safetensors' -C "$WORK" . 2>/dev/null
+    tar czf "$RESULTS/results.tmp" --exclude='./data' --exclude='*.safetensors' --exclude='*.tmp' -C "$WORK" . \
+      2>/dev/null && mv -f "$RESULTS/results.tmp" "$RESULTS/gpu_check_results.tar.gz"
   fi
 }
 
@@ -90,10 +104,11 @@ step() {
   echo "[$((SECONDS - T0))s] $name (limit ${limit}s): $*"
   timeout --kill-after=10 "$limit" "$@" >"$WORK/logs/$name.log" 2>&1
   rc=$?
-  printf '{"step": "%s", "rc": %d, "seconds": %d}\n' "$name" "$rc" $((SECONDS - start)) >>"$WORK/steps.jsonl"
+  printf '{"step": "%s", "rc": %d, "seconds": %d, "start": %d}\n' "$name" "$rc" $((SECONDS - start)) \
+    $((start - T0)) >>"$WORK/steps.jsonl"
   echo "[$((SECONDS - T0))s] $name: rc=$rc"
   tail -n 4 "$WORK/logs/$name.log" | sed 's/^/    /'
-  refresh
+  ((IN_BG)) || refresh  # background steps leave it to wait_bg: one writer of the summary and the tarball
   return 0
 }
 
@@ -103,9 +118,12 @@ BG=()
 step_bg() {
   local name=$1
   BG+=("$name")
-  ( step "$@" >"$WORK/logs/$name.console" ) &
-  PIDS+=($!)
+  ( IN_BG=1 step "$@" >"$WORK/logs/$name.console" ) &
   echo "[$((SECONDS - T0))s] $name: started in the background (limit ${2}s)"
+}
+bg_limit() {  # what is left of the budget, at least 60 s (timeout 0 would mean no limit at all)
+  local l=$(( $(left) - RESERVE ))
+  echo $(( l < 60 ? 60 : l ))
 }
 wait_bg() {
   while [[ -n "$(jobs -rp)" ]]; do
@@ -180,7 +198,7 @@ if want tests; then
     PYTEST_CMD=(bash -c "$A --junitxml=$(printf %q "$WORK/logs/pytest_gpu_first.xml") \
 -k $(printf %q "${K:+($K) and }(${GPU_CHECK_PYTEST_FIRST})"); a=\$?; \
 $A --junitxml=$(printf %q "$WORK/logs/pytest_gpu.xml") -k $(printf %q "${K:+($K) and }not (${GPU_CHECK_PYTEST_FIRST})"); \
-b=\$?; ((a == 5)) && a=0; ((b == 5)) && b=0; exit \$((a | b))")  # 5: pytest found no test to run
+b=\$?; ((a == 5)) && a=0; ((b == 5)) && b=0; exit \$((a > b ? a : b))")  # 5: pytest found no test to run
   fi
   if ((PARALLEL)) && want train; then
     echo "[$((SECONDS - T0))s] pytest_gpu: runs beside the training (GPU_CHECK_PARALLEL=1)"
@@ -225,9 +243,8 @@ if want train; then
   echo "[$((SECONDS - T0))s] training: $EPOCHS epochs per model, $(left)s left"
   echo "{\"epochs_per_model\": ${EPOCHS:-0}}" >"$WORK/train_plan.json"
   MODELS_LEFT=$(( ${#RUNS[@]} * ${#SEEDS[@]} ))
-  PIDS=()
   if ((PARALLEL)) && want tests; then
-    step_bg pytest_gpu $(( $(left) - RESERVE )) "${PYTEST_CMD[@]}"
+    step_bg pytest_gpu "$(bg_limit)" "${PYTEST_CMD[@]}"
   fi
   for seed in "${SEEDS[@]}"; do for run in "${RUNS[@]}"; do
     ARGS=(--model "$run")
@@ -239,7 +256,7 @@ if want train; then
     [[ $seed != 0 ]] && name=$run-s$seed  # seed 0 keeps the plain name (the records of 2026-11-28/30)
     CMD=("$PY" -m salunet train "${COMMON[@]}" "${ARGS[@]}" --epochs "${EPOCHS:-1}" --seed "$seed" --name "$name")
     if ((PARALLEL)); then
-      step_bg "train_$name" $(( $(left) - RESERVE )) "${CMD[@]}"
+      step_bg "train_$name" "$(bg_limit)" "${CMD[@]}"
     else
       LIMIT=$(( ($(left) - RESERVE) / MODELS_LEFT ))
       ((LIMIT < 60)) && LIMIT=60

@@ -25,6 +25,10 @@ mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
 WANT=",${GPU_RECHECK_STEPS:-rest,profile,ops_bf16,ops_fp32,edge},"  # a subset, in this file's order
+for s in ${WANT//,/ }; do
+  [[ ",rest,profile,ops_bf16,ops_fp32,edge," == *",$s,"* ]] || {
+    echo "GPU_RECHECK_STEPS: unknown step '$s'; use rest, profile, ops_bf16, ops_fp32, edge" >&2; exit 2; }
+done
 run() {  # run NAME LIMIT CMD...
   local name=$1 limit=$2; shift 2
   [[ "$WANT" == *",$name,"* ]] || { echo "[$((SECONDS - T0))s] $name: skipped (not in GPU_RECHECK_STEPS)"; return; }

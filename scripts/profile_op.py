@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     variants = {"batchnorm2d+relu": (lambda t: relu(bn(t)), True), "salu+swalu (fused SALUAct)": (pair, True)}
     if args.forms:
         variants["salu+swalu (fused SALUAct, derived inlined)"] = (pair, False)
+        if not kernels.kernel_path(dev).startswith("compiled"):
+            print(f"profile_op: --forms compares two forms of the compiled path; {dev} runs "
+                  f"{kernels.kernel_path(dev)}, so both rows run the same code (add --kernels compiled)")
     print(f"profile_op: {shape} {args.dtype} on {dev}; kernels: {kernels.kernel_path(dev)}")
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(args.repeats):  # interleaved, so that machine noise hits both alike

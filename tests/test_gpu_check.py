@@ -20,6 +20,11 @@ STEPS = ["install", "env", "pack", "unpack", "pytest_gpu", "bench_ops_bf16", "be
          "pytest_kernels"]
 
 
+def _clean_env() -> dict:
+    """os.environ without the scripts' own settings, so that one set in the shell cannot change a test."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK_", "GPU_RECHECK_"))}
+
+
 def _fake_cifar(path, n_train=60, n_test=30):
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8)
@@ -75,7 +80,7 @@ def test_gpu_check_dry_run_writes_every_promised_file(tmp_path):
     """The whole script on CPU (toy sizes): every step runs and succeeds (install is skipped), $OUT gets what the
     device tool brings back (<= 8 files), and the tarball holds every log, benchmark and training record."""
     out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable,
+    env = {**_clean_env(), "OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -105,7 +110,7 @@ def test_gpu_check_runs_only_the_parts_asked_for(tmp_path):
     """GPU_CHECK_STEPS=kernels: install, env and the kernel tests only; no data, GPU tests, benchmarks or training
     (a session spends one call on training, another on the rest: docs/GPU.md)."""
     out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable,
+    env = {**_clean_env(), "OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "1", "GPU_CHECK_STEPS": "kernels", "GPU_CHECK_EPOCHS": "2"}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -122,7 +127,7 @@ def test_gpu_check_parallel_runs_every_seed_with_the_tests_beside(tmp_path):
     seed starts at once beside the GPU tests (those GPU_CHECK_PYTEST_FIRST picks first, own JUnit XML; an empty
     second selection is not a failure), each run trains with its own seed and name, and all are summarised."""
     out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable,
+    env = {**_clean_env(), "OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "1", "GPU_CHECK_STEPS": "tests,train", "GPU_CHECK_PARALLEL": "1",
            "GPU_CHECK_EPOCHS": "1", "GPU_CHECK_RUNS": "v2_pinned", "GPU_CHECK_SEEDS": "0 1",
            "GPU_CHECK_PYTEST_K": "cpu and compiled_path", "GPU_CHECK_PYTEST_FIRST": "compiled_path"}
@@ -133,32 +138,45 @@ def test_gpu_check_parallel_runs_every_seed_with_the_tests_beside(tmp_path):
     assert summary["failed"] == [], summary["steps"]
     assert sorted(s["step"] for s in summary["steps"]) == ["env", "install", "pack", "pytest_gpu", "train_v2_pinned",
                                                            "train_v2_pinned-s1", "unpack"]
-    started = [line for line in proc.stdout.splitlines() if "started in the background" in line]
-    assert len(started) == 3 and proc.stdout.index(started[-1]) < proc.stdout.index("train_v2_pinned: rc=0")
+    steps = {s["step"]: s for s in summary["steps"]}
+    runs = [steps[n] for n in ("pytest_gpu", "train_v2_pinned", "train_v2_pinned-s1")]
+    assert max(r["start"] for r in runs) < min(r["start"] + r["seconds"] for r in runs)  # all three at once
     assert set(summary["training"]) == {"v2_pinned", "v2_pinned-s1"}
     for name, seed in (("v2_pinned", 0), ("v2_pinned-s1", 1)):
         cfg = json.loads((work / "train" / name / "config.json").read_text())
         assert (cfg["seed"], cfg["model"], cfg["salu_recalibrate_measure"]) == (seed, "salunet_c18_v2", "reference")
     first = (work / "logs" / "pytest_gpu_first.xml").read_text()
     assert "test_compiled_path_issues_one_call_per_direction" in first
+    assert "test_compiled_path_issues_one_call_per_direction" not in (work / "logs" / "pytest_gpu.xml").read_text()
 
 
 @pytest.mark.parametrize("var, value, message", [("GPU_CHECK_STEPS", "train,bogus", "unknown part 'bogus'"),
                                                  ("GPU_CHECK_EPOCHS", "0", "whole number of epochs"),
                                                  ("GPU_CHECK_RUNS", "resnet18_bn bogus", "unknown run 'bogus'"),
                                                  ("GPU_CHECK_SEEDS", "1 x", "'x' is not a seed"),
-                                                 ("GPU_CHECK_PARALLEL", "1", "needs GPU_CHECK_EPOCHS")])
+                                                 ("GPU_CHECK_PARALLEL", "1", "needs GPU_CHECK_EPOCHS"),
+                                                 ("GPU_CHECK_PARALLEL", "true", "give 1"),
+                                                 ("GPU_CHECK_RUNS", "salunet_c18 salunet_c18", "named twice"),
+                                                 ("GPU_CHECK_SEEDS", "0 0", "named twice"),
+                                                 ("GPU_CHECK_RUNS", "   ", "empty")])
 def test_gpu_check_refuses_a_bad_setting_before_doing_anything(tmp_path, var, value, message):
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"), var: value}
+    env = {**_clean_env(), "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"), var: value}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "work").exists()
 
 
+def test_gpu_recheck_refuses_an_unknown_step(tmp_path):
+    env = {**_clean_env(), "OUT": str(tmp_path), "GPU_RECHECK_STEPS": "profile,bogus"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_recheck.sh"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown step 'bogus'" in proc.stderr and not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_gpu_recheck_dry_run_runs_every_step(tmp_path):
     """scripts/gpu_recheck.sh (the second GPU call's script) on CPU at toy sizes: every step runs and succeeds."""
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env = {**_clean_env(), "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_recheck.sh"), "--dry-run"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -525,6 +525,29 @@ def test_compiled_regions_return_the_derived_quantities_for_inductor_to_store():
     torch.testing.assert_close(stored, torch.cat([t.reshape(-1) for t in want]), rtol=1e-14, atol=0)
     gx, gres, *gp, stored_b = kernels._backward_region("salu_swalu", True, torch.ones_like(x), x, None, *la)
     assert gres is None and len(gp) == 4 and torch.equal(stored_b, stored)
+    # float32 at the clamp's ends: finite, within the exp form's precision of the float64 values
+    ends = torch.tensor([-30.0, 30.0, 30.0, -30.0, 0.5, -2.0]).reshape(-1, 1, 1)
+    for lo, hi in ((0, 1), (2, 3), (4, 5)):
+        _, d32 = kernels._prepare(True, torch.float32, [ends[lo], ends[hi]])
+        want = kernels._derive(ends[lo].double().exp(), ends[hi].double().exp())
+        for got, ref in zip(d32, want):
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=0)
+
+
+def test_compiled_path_stores_no_derived_quantities_of_full_size_parameters():
+    """Parameters as large as x (the functional API allows any broadcastable shape) are not stored beside the
+    result: that would write 7x x's size only to drop it."""
+    kernels.set_kernel_mode("compiled")
+    try:
+        x = torch.randn(2, 3, 4, 5)
+        a, b = torch.rand(2, 3, 4, 5) + 0.5, torch.rand(2, 3, 4, 5) + 0.5
+        y = F.salu(x, a, b)
+    finally:
+        kernels.set_kernel_mode("auto")
+    torch.testing.assert_close(y, a * x / torch.sqrt(1 + a * b * x * x))
+    keys = [k for k in kernels._compiled if k[0] == "fwd" and k[1] == "salu" and k[4][2][1] == (2, 3, 4, 5)]
+    assert keys and not any(k[3] for k in keys)
 
 
 @pytest.mark.parametrize("realize", [True, False], ids=["stored", "inlined"])

@@ -88,7 +88,10 @@ def _derive_log(la: Tensor, lb: Tensor, a: Tensor) -> tuple[Tensor, ...]:
     or divisions. Where inductor recomputes them inside the elementwise kernel (it inlines a small broadcast
     producer into each reader) an exp costs a few instructions, a float32 IEEE square root or division about
     ten: on an H200 that work made the fused SALU -> SWALU forward kernel compute-bound (issue 13). ``a`` is
-    exp(la), already computed. With |log| <= LOG_LIMIT (30) every exponent stays below 60: finite in float32."""
+    exp(la), already computed. With |log| <= LOG_LIMIT (30) every exponent stays below 60: finite in float32.
+    The price is precision: exp multiplies the rounding of its argument by the argument's size, so in float32
+    these are within ~1.5e-6 (relative) of exact at |log| = 30 where the square roots were within ~1e-7 (1e-15
+    in float64); the C++ path keeps its own derivation."""
     return (torch.exp(0.5 * (la + lb)), torch.exp(0.5 * (la - lb)), a, torch.exp(-0.5 * (la + lb)),
             0.5 * torch.exp(0.5 * la - 1.5 * lb))
 
@@ -345,22 +348,28 @@ REALIZE_DERIVED = True
 beside their result, which makes inductor store them once in small buffers that the elementwise kernels read:
 left inside, inductor recomputes them for every element (it inlines a small broadcast producer into each
 reader). Read when a specialisation is compiled (part of its cache key); ``scripts/profile_op.py --forms``
-measures both settings on one device."""
+measures both settings on one device. Only parameters at most an eighth of x's size are stored. Checked on torch
+2.13 (the generated loop reads the stored values); another torch may lower the concatenation differently and
+recompute them again: the same results, without the gain."""
 
 
 def _get_compiled(direction: str, op: str, log_params: bool, args: Sequence[Tensor | None]):
     """The compiled whole forward or backward (:func:`_forward_math` / :func:`_backward_math`, or with
     :data:`REALIZE_DERIVED` their regions that also return the derived quantities) for these inputs."""
-    key = (direction, op, log_params, REALIZE_DERIVED,
+    x, params = (args[0], args[2:]) if direction == "fwd" else (args[1], args[3:])
+    # only per-channel-sized parameters: the functional API takes parameters of any broadcastable shape, up to
+    # x's own, whose derived quantities would be stored (7-14x x's size) only to be dropped
+    realize = REALIZE_DERIVED and all(p.numel() * 8 <= x.numel() for p in params)
+    key = (direction, op, log_params, realize,
            tuple(None if t is None else (t.dtype, tuple(t.shape), t.stride(), t.device) for t in args))
     fn = _compiled.get(key)
     if fn is None:
         # One static-shape kernel per (op, dtypes, shapes, layouts, device): inductor turns static shapes into
         # loops about 1.6x faster than dynamic-shape ones for the per-channel reductions of backward. Each
         # costs one compilation (seconds, cached on disk by inductor across runs).
-        math_fn = (_REGIONS if REALIZE_DERIVED else _MATH)[direction]
-        fn = torch.compile(_fresh_copy(math_fn, len(_compiled)), dynamic=False, fullgraph=True)
-        fn.keeps_derived = REALIZE_DERIVED
+        fn = torch.compile(_fresh_copy((_REGIONS if key[3] else _MATH)[direction], len(_compiled)), dynamic=False,
+                           fullgraph=True)
+        fn.keeps_derived = key[3]
         _compiled[key] = fn
         if len(_compiled) in (64, 256, 1024):
             log.warning("salunet kernels: %d compiled specialisations so far; inputs of ever-changing "
