@@ -1,4 +1,6 @@
 """--salu-recalibrate (train/recalibrate.py): SALU's operating point pinned between epochs."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -849,3 +851,22 @@ def test_eval_pin_batchnorm_average_is_the_plain_mean_of_the_batches():
     torch.testing.assert_close(net[1].running_mean, torch.stack([h.mean((0, 2, 3)) for h in hs]).mean(0))
     torch.testing.assert_close(net[1].running_var, torch.stack([h.var((0, 2, 3)) for h in hs]).mean(0))
     assert net[1].momentum == 0.3 and not net.training
+
+
+def test_factors_stay_on_the_device_without_sync_and_equal_the_synchronised_ones():
+    """recalibrate_salu / StepStatistics.pin with sync=False (the trainer's per-step pin) return 0-d tensors, read
+    once per epoch instead of once per site and step; the values are those sync=True returns as floats."""
+    from salunet.models import create_model
+    from salunet.train.recalibrate import recalibrate_salu
+
+    torch.manual_seed(0)
+    model = create_model("salunet_c18_v2", num_classes=10, width=4)
+    x = torch.randn(8, 3, 16, 16)
+    clone = copy.deepcopy(model)
+    lazy = recalibrate_salu(model, [x], 0.5, sync=False)
+    eager = recalibrate_salu(clone, [x], 0.5)
+    assert lazy.keys() == eager.keys() and len(lazy) > 5
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in lazy.values())
+    assert all(isinstance(v, float) for v in eager.values())
+    assert [float(v) for v in lazy.values()] == list(eager.values())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), clone.state_dict().values()))

@@ -382,7 +382,8 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
     t0 = time.perf_counter()
     data_s = [0.0]  # time spent producing batches (loading, augmentation): the data pipeline's share
     run.wait_s = 0.0
-    recal_factors: list[float] = []  # --salu-recalibrate-every: each recalibration's median factor
+    recal_factors: list[torch.Tensor] = []  # --salu-recalibrate-every: each recalibration's factors per site (on
+    # the device, read once at the epoch's end: a read per step would make the host wait for the device)
     every = cfg.salu_recalibrate_every  # > 0 only with a target (config validation)
     if run.step_stats is not None:
         run.step_stats.reset()  # statistics never cross an epoch: a run resumed here has none gathered either
@@ -394,15 +395,16 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
             set_lr(run.opt, lr)
             if every and (step + s) % every == 0:
                 factors = None if run.step_stats is None else run.step_stats.pin(  # from the steps since the last
-                    cfg.salu_recalibrate, cfg.salu_recalibrate_rate, reduce=lambda t: D.all_reduce_sum(run.info, t))
+                    cfg.salu_recalibrate, cfg.salu_recalibrate_rate, reduce=lambda t: D.all_reduce_sum(run.info, t),
+                    sync=False)
                 if factors is None:  # on the step's own batch, before its forward, as _step feeds it (with
                     # --salu-recalibrate-measure step: when nothing is gathered yet this epoch; with reference:
                     # on the fixed reference images instead)
                     x = _training_layout(cfg, batch[0]) if run.reference is None else run.reference
                     with run.amp_ctx:
-                        factors = _recalibrate_on(run, [x], training_shape=True)  # the reference's shape
-                        # recurs at every step too: compiled once (the compiled kernel path) and reused
-                recal_factors.append(_median_factor(factors))
+                        factors = _recalibrate_on(run, [x], training_shape=True, sync=False)  # the reference's
+                        # shape recurs at every step too: compiled once (the compiled kernel path) and reused
+                recal_factors.append(torch.stack(list(factors.values())))
             loss_g, correct_g, gnorm_g = _step(run, batch, f"epoch {epoch + 1}, step {s + 1}")
             if run.loggers is not None:
                 run.loggers.step(step + s + 1, epoch + 1, loss=loss_g, acc=correct_g / cfg.batch_size, lr=lr,
@@ -426,7 +428,8 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
            "data_s": round(data_s[0], 3), "data_share": data_s[0] / (t1 - t0),
            "wait_s": round(run.wait_s, 3), "wait_share": run.wait_s / (t1 - t0)}
     if recal_factors:
-        row["salu_recal_factor"] = round(statistics.median(recal_factors), 4)
+        per_step = [_median_factor(dict(enumerate(f))) for f in torch.stack(recal_factors).tolist()]
+        row["salu_recal_factor"] = round(statistics.median(per_step), 4)
         row["salu_recalibrations"] = len(recal_factors)
     elif cfg.salu_recalibrate > 0 and not cfg.salu_recalibrate_every and epoch + 1 < cfg.epochs:
         row["salu_recal_factor"] = _median_factor(_recalibrate_on(
@@ -444,13 +447,13 @@ def _training_layout(cfg: TrainConfig, x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
-def _recalibrate_on(run: _Run, batches, training_shape: bool = False) -> dict[str, float]:
+def _recalibrate_on(run: _Run, batches, training_shape: bool = False, sync: bool = True) -> dict[str, float]:
     """--salu-recalibrate: pin every SALU's operating point on ``batches`` (after an epoch: the next epoch's first 4
     seeded batches; with --salu-recalibrate-every: the step's own batch), so that a resumed run repeats it exactly;
     returns the factor applied to a and b per site."""
     return recalibrate_salu(run.model, batches, run.cfg.salu_recalibrate,
                             reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=training_shape,
-                            rate=run.cfg.salu_recalibrate_rate)
+                            rate=run.cfg.salu_recalibrate_rate, sync=sync)
 
 
 def _pin_for_evaluation(run: _Run, epoch: int) -> dict:

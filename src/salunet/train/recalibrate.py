@@ -89,17 +89,26 @@ def _rms_hook(salu: SALU, reduce: Callable[[Tensor], Tensor] | None, then: Calla
 
 
 @torch.no_grad()
-def _pin(salu: SALU, rms: Tensor, target: float, rate: float) -> float:
+def _pin(salu: SALU, rms: Tensor, target: float, rate: float) -> Tensor:
     """Scale one site's a and b by c per channel so that its argument's mean square, taken as
     ``(1 - rate) * target**2 + rate * (sqrt(ab) * rms)**2``, becomes ``target**2`` (channels with rms 0 kept);
-    returns the median c."""
+    returns the median c as a 0-d float64 tensor on the parameters' device (a Python float here would make the host
+    wait for the device at every site of every pinned step)."""
     la, lb = salu.log_a, salu.log_b
     arg = torch.exp(0.5 * (la.double() + lb.double())).reshape(rms.shape) * rms
     mean_sq = (1 - rate) * target ** 2 + rate * arg.square()  # rate 1: arg^2, this batch alone
     log_c = torch.where(arg > 0, 0.5 * torch.log(target ** 2 / mean_sq.clamp_min(1e-300)), torch.zeros_like(arg))
     la.add_(log_c.reshape(la.shape).to(la.dtype))
     lb.add_(log_c.reshape(lb.shape).to(lb.dtype))
-    return float(torch.exp(log_c).median())
+    return torch.exp(log_c).median()
+
+
+def _floats(factors: dict[str, Tensor], sync: bool) -> dict[str, float] | dict[str, Tensor]:
+    """The per-site factors as Python floats, with one host-device synchronisation for all of them (``sync``), or
+    as they are (0-d tensors)."""
+    if not sync or not factors:
+        return factors
+    return dict(zip(factors, torch.stack(list(factors.values())).tolist()))
 
 
 @torch.no_grad()
@@ -138,7 +147,7 @@ def salu_input_rms(model: nn.Module, batches: Iterable, reduce: Callable[[Tensor
 
 def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
                      reduce: Callable[[Tensor], Tensor] | None = None, training_shape: bool = False,
-                     rate: float = 1.0) -> dict[str, float]:
+                     rate: float = 1.0, sync: bool = True) -> dict[str, float]:
     """Set every SALU channel's log a and log b so that sqrt(ab) * rms(input) = ``target`` (module docstring).
     ``rate`` in (0, 1] (``--salu-recalibrate-rate``, for small per-step batches): the argument's mean square is
     taken as an exponential moving average, ``(1 - rate) * target**2 + rate * ab * mean(x**2)``, of this batch and
@@ -152,16 +161,17 @@ def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
     One forward of ``batches`` concatenated: each site is set in its pre-hook, from its input as the sites before
     it (already set) produce it, before it runs; so every site meets the target exactly on these inputs (with
     ``rate`` 1), however the earlier sites' changes moved them. Channels whose input is exactly 0 are left as they
-    are. Returns, per site, the median factor c applied to a and b (1 = no change)."""
+    are. Returns, per site, the median factor c applied to a and b (1 = no change); ``sync`` False: as 0-d tensors
+    on the model's device, so that the host need not wait for the device (the trainer's per-step pin)."""
     _check(target, rate)
-    factors: dict[str, float] = {}
+    factors: dict[str, Tensor] = {}
 
     def make_hook(name, salu):
         return _rms_hook(salu, reduce, lambda rms: factors.__setitem__(name, _pin(salu, rms, target, rate)))
 
     with torch.no_grad():
         _forward_with_hooks(model, batches, make_hook, training_shape)
-    return factors
+    return _floats(factors, sync)
 
 
 def pin_to_average(model: nn.Module | Sequence[nn.Module], batches: Iterable, target: float,
@@ -257,11 +267,12 @@ class StepStatistics(_SiteHooks):
         """Forget what was gathered (the start of an epoch: a resumed run starts there with nothing gathered)."""
         self._sums = {}
 
-    def pin(self, target: float, rate: float = 1.0, reduce: Callable[[Tensor], Tensor] | None = None
-            ) -> dict[str, float] | None:
+    def pin(self, target: float, rate: float = 1.0, reduce: Callable[[Tensor], Tensor] | None = None,
+            sync: bool = True) -> dict[str, float] | None:
         """Set every site from the statistics gathered since the last call (``reduce``: one all-reduce of them
         all, so every process sets the same parameters) and start again; None if nothing was gathered (the
-        first step of an epoch). Returns, per site, the median factor applied to a and b."""
+        first step of an epoch). Returns, per site, the median factor applied to a and b (``sync`` False: 0-d
+        tensors, as :func:`recalibrate_salu`)."""
         _check(target, rate)
         if not self._sums:
             return None
@@ -279,7 +290,7 @@ class StepStatistics(_SiteHooks):
             k = (1 if salu.num_features is None else salu.num_features) + 1
             out[n] = _pin(salu, _rms(salu, packed[i:i + k]), target, rate)
             i += k
-        return out
+        return _floats(out, sync)
 
 
 class RunningCoefficient:
