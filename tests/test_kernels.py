@@ -502,7 +502,7 @@ def test_compiled_regions_return_the_derived_quantities_for_inductor_to_store():
     """The compiled regions return the parameters' prepared and derived quantities as one extra output (so inductor
     stores them once in per-channel buffers; left inside, it recomputed them for every element, which made the
     fused forward compute-bound on an H200), equal to what the eager math derives: exp of the clamped logs, then
-    sqrt(ab), sqrt(a/b), a, 1/sqrt(ab), sqrt(a/b)/2b, each from one exp of the logs (float64 references)."""
+    sqrt(ab), sqrt(a/b), a, 1/sqrt(ab), sqrt(a/b)/2b (float64 references)."""
     graphs = []
 
     def record(gm, example_inputs):
@@ -525,14 +525,14 @@ def test_compiled_regions_return_the_derived_quantities_for_inductor_to_store():
     torch.testing.assert_close(stored, torch.cat([t.reshape(-1) for t in want]), rtol=1e-14, atol=0)
     gx, gres, *gp, stored_b = kernels._backward_region("salu_swalu", True, torch.ones_like(x), x, None, *la)
     assert gres is None and len(gp) == 4 and torch.equal(stored_b, stored)
-    # float32 at the clamp's ends: finite, within the exp form's precision of the float64 values
+    # float32 at the clamp's ends: finite, within float32 rounding of the float64 values
     ends = torch.tensor([-30.0, 30.0, 30.0, -30.0, 0.5, -2.0]).reshape(-1, 1, 1)
     for lo, hi in ((0, 1), (2, 3), (4, 5)):
         _, d32 = kernels._prepare(True, torch.float32, [ends[lo], ends[hi]])
         want = kernels._derive(ends[lo].double().exp(), ends[hi].double().exp())
         for got, ref in zip(d32, want):
             assert torch.isfinite(got).all()
-            torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=0)
+            torch.testing.assert_close(got.double(), ref, rtol=5e-7, atol=0)
 
 
 def test_compiled_path_stores_no_derived_quantities_of_full_size_parameters():

@@ -83,19 +83,6 @@ def _derive(a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
     return sab, amp, a, 1.0 / sab, 0.5 * amp / b
 
 
-def _derive_log(la: Tensor, lb: Tensor, a: Tensor) -> tuple[Tensor, ...]:
-    """:func:`_derive` from the (clamped) log-parameters, one exp each: the same quantities, without square roots
-    or divisions. Where inductor recomputes them inside the elementwise kernel (it inlines a small broadcast
-    producer into each reader) an exp costs a few instructions, a float32 IEEE square root or division about
-    ten: on an H200 that work made the fused SALU -> SWALU forward kernel compute-bound (issue 13). ``a`` is
-    exp(la), already computed. With |log| <= LOG_LIMIT (30) every exponent stays below 60: finite in float32.
-    The price is precision: exp multiplies the rounding of its argument by the argument's size, so in float32
-    these are within ~1.5e-6 (relative) of exact at |log| = 30 where the square roots were within ~1e-7 (1e-15
-    in float64); the C++ path keeps its own derivation."""
-    return (torch.exp(0.5 * (la + lb)), torch.exp(0.5 * (la - lb)), a, torch.exp(-0.5 * (la + lb)),
-            0.5 * torch.exp(0.5 * la - 1.5 * lb))
-
-
 def _saturation(dtype: torch.dtype) -> float:
     """|t| from which the exact q = t / sqrt(1 + t^2) rounds to +-1 in ``dtype``'s compute precision: 1 - q is
     about 1 / (2 t^2), under half an ulp below 1 once t^2 > 2^24 (float32) or 2^53 (float64); a power of two
@@ -232,16 +219,12 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 def _prepare(log_params: bool, cdt: torch.dtype, params: Sequence[Tensor]):
     """Parameters in the compute dtype (exponentiated if log-parametrised) and their derived quantities."""
     ps = [p.to(cdt) for p in params]
-    derived = []
     if log_params:
         # clamped so that a and b stay positive and finite whatever an optimizer does to log_a / log_b;
         # backward multiplies by this clamped value (straight-through), so a parameter pushed out of range
         # still receives gradient and can come back
-        logs = [torch.clamp(p, -LOG_LIMIT, LOG_LIMIT) for p in ps]
-        ps = [torch.exp(lp) for lp in logs]
-        for i in range(0, len(ps), 2):
-            derived += _derive_log(logs[i], logs[i + 1], ps[i])
-        return ps, derived
+        ps = [torch.exp(torch.clamp(p, -LOG_LIMIT, LOG_LIMIT)) for p in ps]
+    derived = []
     for i in range(0, len(ps), 2):
         derived += _derive(ps[i], ps[i + 1])
     return ps, derived
