@@ -193,7 +193,7 @@ if want tests; then
   PYTEST_CMD=("$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py "${PYTEST_GPU[@]}" -rA
               --junitxml="$WORK/logs/pytest_gpu.xml")
   if [[ -n "${GPU_CHECK_PYTEST_FIRST:-}" ]]; then  # the tests it picks first (own JUnit XML), then the others
-    K=${GPU_CHECK_PYTEST_K:-${PYTEST_GPU[1]:-}}
+    K=${PYTEST_GPU[1]:-}  # the -k expression above, if any
     A=$(printf '%q ' "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -rA)
     PYTEST_CMD=(bash -c "$A --junitxml=$(printf %q "$WORK/logs/pytest_gpu_first.xml") \
 -k $(printf %q "${K:+($K) and }(${GPU_CHECK_PYTEST_FIRST})"); a=\$?; \

@@ -380,7 +380,7 @@ def _call_core(path: str, direction: str, op: str, log_params: bool, *args: Tens
     fn = _get_compiled(direction, op, log_params, args)
     try:
         out = fn(op, log_params, *args)
-        if getattr(fn, "keeps_derived", False):  # drop the derived quantities (returned only so that inductor stores them once)
+        if getattr(fn, "keeps_derived", False):  # drop the derived quantities (returned for inductor to store)
             out = out[0] if direction == "fwd" else out[:len(args) - 1]  # (g, x, res, *p) -> (gx, gres, *gp)
     except Exception as exc:  # noqa: BLE001 - compiler failures have many types (inductor, triton, the C compiler)
         if _mode == "compiled" or id(fn) in _compiled_ran or isinstance(exc, torch.OutOfMemoryError):

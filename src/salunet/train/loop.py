@@ -447,10 +447,10 @@ def _training_layout(cfg: TrainConfig, x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
-def _recalibrate_on(run: _Run, batches, training_shape: bool = False, sync: bool = True) -> dict[str, float]:
+def _recalibrate_on(run: _Run, batches, training_shape: bool = False, sync: bool = True) -> dict:
     """--salu-recalibrate: pin every SALU's operating point on ``batches`` (after an epoch: the next epoch's first 4
     seeded batches; with --salu-recalibrate-every: the step's own batch), so that a resumed run repeats it exactly;
-    returns the factor applied to a and b per site."""
+    returns the factor applied to a and b per site (floats; 0-d tensors on the device with ``sync`` False)."""
     return recalibrate_salu(run.model, batches, run.cfg.salu_recalibrate,
                             reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=training_shape,
                             rate=run.cfg.salu_recalibrate_rate, sync=sync)
