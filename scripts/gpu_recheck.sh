@@ -10,6 +10,9 @@
 #   rest      the GPU tests that call 1's 240 s limit cut off (checkpoints, bitwise resume, convert)
 #   profile   scripts/profile_op.py --forms: host vs device time of fused SALU+SWALU (derived quantities stored, and
 #             inlined as before 2026-11-30) and BN+ReLU
+#   pin       the per-step pin inside the compiled model (pin_in_forward, added after the 2026-11-30 session): its
+#             CUDA test, then scripts/recal_cost.py --compile, the step's cost with the pin as the trainer now does
+#             it (module) against the hooks' uncompiled forward it did before (forward)
 #   ops_bf16  salunet bench ops --dtype bf16 (failed in call 1: LayerNorm weights vs bf16 input; fixed)
 #   ops_fp32  salunet bench ops --dtype fp32, re-measured after the host-time fix (d0db3ce)
 #   edge      tests/test_gpu.py's edge cases on CUDA (failed in call 1, passed in call 2)
@@ -24,10 +27,10 @@ R=${OUT:-gpu_recheck_out}
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
-WANT=",${GPU_RECHECK_STEPS:-rest,profile,ops_bf16,ops_fp32,edge},"  # a subset, in this file's order
+WANT=",${GPU_RECHECK_STEPS:-rest,profile,pin,ops_bf16,ops_fp32,edge},"  # a subset, in this file's order
 for s in ${WANT//,/ }; do
-  [[ ",rest,profile,ops_bf16,ops_fp32,edge," == *",$s,"* ]] || {
-    echo "GPU_RECHECK_STEPS: unknown step '$s'; use rest, profile, ops_bf16, ops_fp32, edge" >&2; exit 2; }
+  [[ ",rest,profile,pin,ops_bf16,ops_fp32,edge," == *",$s,"* ]] || {
+    echo "GPU_RECHECK_STEPS: unknown step '$s'; use rest, profile, pin, ops_bf16, ops_fp32, edge" >&2; exit 2; }
 done
 run() {  # run NAME LIMIT CMD...
   local name=$1 limit=$2; shift 2
@@ -39,8 +42,10 @@ run() {  # run NAME LIMIT CMD...
 }
 if ((DRY)); then
   DEV=cpu; K="cpu"; SHAPE=8,64,16,16; OPS=(--device cpu --batch 2 --cases tokens --repeats 1 --warmup 1)
+  PIN=(--device cpu --width 2 --batch 4 --size 8 --steps 1 --repeats 1)  # uncompiled: inductor on CPU takes minutes
 else
   DEV=cuda; K="cuda"; SHAPE=256,64,32,32; OPS=(--device cuda --repeats 10)
+  PIN=(--device cuda --width 64 --batch 128 --steps 10 --repeats 5 --compile)
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$R/install.log" 2>&1
 fi
 skipped() { echo "[$((SECONDS - T0))s] $1: skipped (dry run: tests/test_gpu.py's cpu twins run in the test suite)"; }
@@ -49,6 +54,13 @@ if ((DRY)); then skipped rest; else
     -k "$K and (checkpoint or resume or convert)"
 fi
 run profile 60 "$PY" scripts/profile_op.py --device "$DEV" --shape "$SHAPE" --iters 20 --forms
+if ((DRY)); then
+  run pin 120 "$PY" scripts/recal_cost.py "${PIN[@]}" --every 1 --measure forward,module
+else
+  run pin 240 bash -c "$(printf %q "$PY") -m pytest -q -p no:cacheprovider tests/test_gpu.py -k pin_in_forward \
+--tb=short -rA; t=\$?; $(printf %q "$PY") scripts/recal_cost.py ${PIN[*]} --every 1 --measure forward,module; \
+c=\$?; exit \$(( t ? t : c ))"  # both, whatever the test says
+fi
 run ops_bf16 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype bf16 --out "$R"
 run ops_fp32 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype fp32 --out "$R"
 if ((DRY)); then skipped edge; else

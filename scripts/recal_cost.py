@@ -2,11 +2,16 @@
 recalibration, interleaved in one process, as a ratio to the step without it.
 
     python scripts/recal_cost.py [--model salunet_c18_v2] [--width 16] [--batch 128] [--every 1,10] [--repeats 7]
-                                 [--measure forward,step] [--device cpu|cuda]
+                                 [--measure forward,step,module] [--device cpu|cuda] [--compile]
 
-``--measure``: ``forward`` is the extra forward per recalibration (settings named ``N``); ``step`` gathers the
+``--measure``: ``forward`` is the extra forward per recalibration with a forward pre-hook per SALU site on the
+uncompiled model (``recalibrate_salu``, the trainer's path under DDP; settings named ``N``); ``module`` is that
+forward with the sites pinning themselves, through the model as it trains (``pin_in_forward``, the trainer's path
+in one process: with ``--compile`` one more compiled graph; settings named ``N:module``); ``step`` gathers the
 statistics in the training forward (``--salu-recalibrate-measure step``, rate 0.5; settings named ``N:step``);
-``project`` is ``forward`` with ``--salu-project-grad`` (settings named ``N:project``).
+``project`` is ``forward`` with ``--salu-project-grad`` (settings named ``N:project``). ``--compile``: the training
+steps run the ``torch.compile`` of the model (``forward`` and ``module`` only: the others' hooks would have to be
+traced from the start); the warm-up compiles both graphs before anything is timed.
 
 Each repeat times ``--steps`` optimizer steps (forward, backward, SGD) per setting, the settings in turn, on the
 same random batch; it prints the median time per step of every setting and its ratio to no recalibration, and one
@@ -23,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from salunet.models import create_model
-from salunet.train.recalibrate import GradientProjection, StepStatistics, recalibrate_salu
+from salunet.train.recalibrate import GradientProjection, StepStatistics, pin_in_forward, recalibrate_salu
 
 
 def _sync(device: torch.device) -> None:
@@ -31,7 +36,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _steps(model, opt, x, y, n: int, every: int, start: int, measure: str = "forward") -> float:
+def _steps(model, opt, x, y, n: int, every: int, start: int, measure: str = "forward", train=None) -> float:
+    train = model if train is None else train
     stats = StepStatistics(model) if every and measure == "step" else None
     if stats is not None:  # one untimed step gathers: timed steps then pin from statistics, as all but an epoch's
         _steps(model, opt, x, y, 1, 0, 0)  # first do in the trainer (which pins that one with the extra forward)
@@ -39,9 +45,12 @@ def _steps(model, opt, x, y, n: int, every: int, start: int, measure: str = "for
     _sync(x.device)
     t = time.perf_counter()
     for s in range(start, start + n):
-        if every and s % every == 0 and (stats is None or stats.pin(0.5, 0.5) is None):  # as the trainer does
-            recalibrate_salu(model, [x], 0.5)
-        loss = F.cross_entropy(model(x), y)
+        if every and measure == "module":
+            if s % every == 0:
+                pin_in_forward(model, x, 0.5, forward=train)
+        elif every and s % every == 0 and (stats is None or stats.pin(0.5, 0.5) is None):  # as the trainer does
+            recalibrate_salu(model, [x], 0.5, training_shape=True)
+        loss = F.cross_entropy(train(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -63,11 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the kernels' default path on that device)")
     p.add_argument("--measure", default="forward",
-                   help="comma-separated: forward (extra forward), step (training's), project (forward + projection)")
+                   help="comma-separated: forward (extra forward, hooks), module (extra forward, the sites pin), step "
+                   "(training's), project (forward + projection)")
+    p.add_argument("--compile", action="store_true", help="train through torch.compile of the model")
     a = p.parse_args(argv)
     measures = a.measure.split(",")
-    if not measures or any(m not in ("forward", "step", "project") for m in measures):
-        p.error(f"--measure: {a.measure!r} is not a comma-separated list of forward, step, project")
+    if not measures or any(m not in ("forward", "module", "step", "project") for m in measures):
+        p.error(f"--measure: {a.measure!r} is not a comma-separated list of forward, module, step, project")
+    if a.compile and any(m in ("step", "project") for m in measures):
+        p.error("--compile: --measure step and project attach hooks the compiled graph would have to trace from the "
+                "start; use --measure forward,module")
     try:
         everies = [int(v) for v in a.every.split(",")]
     except ValueError:
@@ -85,17 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(a.batch, 3, a.size, a.size, device=device)
     y = torch.randint(0, 10, (a.batch,), device=device)
+    train = torch.compile(model) if a.compile else model
     settings = [(0, "forward")] + [(e, m) for m in measures for e in everies]
     names = {st: str(st[0]) if st[1] == "forward" else f"{st[0]}:{st[1]}" for st in settings}
     times: dict[tuple, list[float]] = {st: [] for st in settings}
-    _steps(model, opt, x, y, 2, 1, 0)  # warm-up (and the C++ kernels' first use)
+    for m in sorted({"forward", *measures}):  # warm-up (the C++ kernels' first use, the compiled graphs)
+        _steps(model, opt, x, y, 2, 1, 0, m, train)
     step = 0
     for _ in range(a.repeats):
         for st in settings:
-            times[st].append(_steps(model, opt, x, y, a.steps, st[0], step, st[1]))
+            times[st].append(_steps(model, opt, x, y, a.steps, st[0], step, st[1], train))
             step += a.steps
     base = statistics.median(times[settings[0]])
     out = {"model": a.model, "device": str(device), "width": a.width, "batch": a.batch, "threads": torch.get_num_threads(),
+           "compile": a.compile,
            "ms_per_step": {names[st]: round(1e3 * statistics.median(times[st]), 2) for st in settings},
            "ratio_to_off": {names[st]: round(statistics.median(times[st]) / base, 3) for st in settings}}
     for st in settings:

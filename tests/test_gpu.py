@@ -200,6 +200,42 @@ def test_compile_whole_salunet_fullgraph(dev):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA.split(";")[0] + "; its CPU logic runs in tests/test_recalibrate.py "
+                    "(test_pin_in_forward_compiles_into_one_graph, aot_eager on a small model: a cpu twin here took 36 s)")
+def test_pin_in_forward_compiles_in_one_graph_cuda():
+    """The trainer's per-step pin with --compile (``pin_in_forward`` through the compiled model), inductor on CUDA:
+    with bf16 autocast and channels_last, the pinning forward is one graph beside the training step's (fullgraph,
+    no graph break), compiled once and reused; the parameters it sets are those of the hooks' pin on an eager copy
+    (bf16 rounding apart)."""
+    from torch._dynamo.utils import counters
+
+    from salunet.train.recalibrate import pin_in_forward, recalibrate_salu, salu_sites
+
+    torch._dynamo.reset()
+    counters.clear()
+    dev = torch.device("cuda")
+    kernels.set_kernel_mode(DEFAULT_PATH["cuda"])
+    torch.manual_seed(0)
+    model = create_model("salunet_c18_v2", num_classes=10, width=16).to(dev, memory_format=torch.channels_last)
+    eager = create_model("salunet_c18_v2", num_classes=10, width=16).to(dev, memory_format=torch.channels_last)
+    eager.load_state_dict(model.state_dict())
+    x = torch.randn(8, 3, 32, 32, device=dev).to(memory_format=torch.channels_last)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    with amp:
+        compiled(x)  # the training graph (its backward traced with it)
+        for _ in range(2):
+            factors = pin_in_forward(model, x, 0.4, forward=compiled)
+            recalibrate_salu(eager, [x], 0.4, training_shape=True)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["graph_break"])
+    assert len(factors) == len(salu_sites(model)) and all(f.device.type == "cuda" for f in factors.values())
+    for (name, (_, s)), (_, (_, e)) in zip(salu_sites(model).items(), salu_sites(eager).items()):
+        torch.testing.assert_close(s.log_a, e.log_a, rtol=0, atol=2e-2, msg=name)
+        torch.testing.assert_close(s.log_b, e.log_b, rtol=0, atol=2e-2, msg=name)
+    assert model.training
+
+
+@pytest.mark.slow
 def test_running_projection_compiles_in_one_graph_and_matches_eager(dev):
     """--salu-project-grad-rate under torch.compile: the backward changes no Python state (the batch's sums leave as
     the probe's gradient, folded by its accumulation hook), so a model with the hooks compiles in one graph

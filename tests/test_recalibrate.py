@@ -7,7 +7,9 @@ from torch import nn
 
 from salunet import SALU, SWALU, SALUAct
 from salunet.nn import SALUAddAct
-from salunet.train.recalibrate import StepStatistics, pin_to_average, recalibrate_salu, salu_input_rms, salu_sites
+from salunet.nn import modules
+from salunet.train.recalibrate import (StepStatistics, pin_in_forward, pin_to_average, recalibrate_salu, salu_input_rms,
+                                       salu_sites)
 
 
 class _Net(nn.Module):
@@ -315,6 +317,32 @@ def test_recalibration_every_n_steps_counts_and_resumes_bit_for_bit(tmp_path):
     _assert_resume_repeats_the_last_epoch(tmp_path / "r")
 
 
+def test_the_trainers_pin_in_forward_trains_as_the_hooks_pin(tmp_path, monkeypatch, capsys):
+    """In one process the trainer's per-step pin is pin_in_forward (and says so); the run's weights are bitwise
+    those of the same run pinned by the hooks' forward (recalibrate_salu), the path it keeps under DDP."""
+    from safetensors.torch import load_file
+
+    from salunet.train import loop, train
+    from salunet.train.checkpoint import list_checkpoints
+
+    cfg = dict(model="salunet_c18_v2", width=4, data="digits", train_subset=96, test_subset=50, batch_size=32,
+               epochs=1, ema_decay=0.0, progress=False, salu_recalibrate=0.4, salu_recalibrate_every=1,
+               out=str(tmp_path))
+    train({**cfg, "name": "inner"})
+    assert "pin: every 1 step(s), by the SALU sites in the model's own forward" in capsys.readouterr().out
+    calls = []
+
+    def hooks(model, x, target, rate, forward):
+        calls.append(forward is model)  # uncompiled: the model itself
+        return recalibrate_salu(model, [x], target, rate=rate, training_shape=True, sync=False)
+
+    monkeypatch.setattr(loop, "pin_in_forward", hooks)
+    train({**cfg, "name": "hooks"})
+    assert calls == [True] * 3
+    a, b = (load_file(str(list_checkpoints(tmp_path / n)[-1])) for n in ("inner", "hooks"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_per_step_pinning_from_the_training_forward_resumes_bit_for_bit(tmp_path):
     """--salu-recalibrate-measure step, every 2 steps: the first due step of an epoch has nothing gathered (the
     statistics never cross an epoch) and pins with the extra forward; the others pin from the steps since
@@ -479,12 +507,14 @@ def test_recal_cost_script(capsys):
 
     mod = _script("recal_cost")
     assert mod.main(["--width", "2", "--batch", "4", "--size", "8", "--every", "1,3", "--steps", "1",
-                     "--repeats", "1", "--measure", "forward,step,project"]) == 0
+                     "--repeats", "1", "--measure", "forward,step,project,module"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["ms_per_step"]) == set(out["ratio_to_off"]) == {"0", "1", "3", "1:step", "3:step",
-                                                                "1:project", "3:project"}
+                                                                "1:project", "3:project", "1:module", "3:module"}
     assert out["ratio_to_off"]["0"] == 1.0 and all(v > 0 for v in out["ms_per_step"].values())
-    for bad in (["--every", "x"], ["--every", "0"], ["--device", "nodevice"], ["--measure", "forward,later"]):
+    assert out["compile"] is False
+    for bad in (["--every", "x"], ["--every", "0"], ["--device", "nodevice"], ["--measure", "forward,later"],
+                ["--compile", "--measure", "forward,step"]):
         with pytest.raises(SystemExit) as exc:
             mod.main(bad)
         assert exc.value.code == 2
@@ -870,3 +900,73 @@ def test_factors_stay_on_the_device_without_sync_and_equal_the_synchronised_ones
     assert all(isinstance(v, float) for v in eager.values())
     assert [float(v) for v in lazy.values()] == list(eager.values())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), clone.state_dict().values()))
+
+
+def _logs(net):
+    return [(s.log_a.detach().clone(), s.log_b.detach().clone()) for _, s in salu_sites(net).values()]
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.25])
+def test_pin_in_forward_is_the_hooks_pin_bitwise(rate):
+    """pin_in_forward (the sites pin themselves in the model's forward) sets the parameters recalibrate_salu's hooks
+    set, bitwise (the same functions in the same order), for a standalone SALU, a fused pair and a residual tail;
+    the factors agree to the parameters' rounding; the model's mode and the module slot are restored."""
+    torch.manual_seed(0)
+    hooks, inner = _Net(), _Net()
+    inner.load_state_dict(hooks.state_dict())
+    inner.train()
+    x = _batches(1)[0][0]
+    f_hooks = recalibrate_salu(hooks, [x], 0.3, rate=rate, training_shape=True)
+    f_inner = pin_in_forward(inner, x, 0.3, rate=rate)
+    for (a1, b1), (a2, b2) in zip(_logs(hooks), _logs(inner)):
+        assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    assert list(f_inner) == list(f_hooks) and all(v.dtype == torch.float64 and v.dim() == 0 for v in f_inner.values())
+    for name in f_hooks:
+        assert float(f_inner[name]) == pytest.approx(f_hooks[name], rel=1e-6)
+    assert any(abs(v - 1) > 0.1 for v in f_hooks.values())  # the pin moved something
+    assert inner.training and modules.pin_site is None
+    torch.testing.assert_close(inner(x), hooks(x), rtol=0, atol=0)
+
+
+def test_pin_in_forward_refuses_and_cleans_up():
+    net = _Net()
+    x = _batches(1)[0][0]
+    with pytest.raises(ValueError, match="no SALU"):
+        pin_in_forward(nn.Conv2d(3, 4, 3), x, 0.5)
+    with pytest.raises(ValueError, match="target"):
+        pin_in_forward(net, x, 0.0)
+    before = _logs(net)
+    with pytest.raises(RuntimeError, match="3 channels"):  # a failing forward leaves no pin behind
+        pin_in_forward(net, torch.randn(2, 5, 6, 6), 0.5)
+    assert modules.pin_site is None and net.training
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(before, _logs(net)))
+
+    def nested(_x):
+        return pin_in_forward(net, x, 0.5)
+    with pytest.raises(RuntimeError, match="does not nest"):
+        pin_in_forward(net, x, 0.5, forward=nested)
+    assert modules.pin_site is None
+
+
+def test_pin_in_forward_compiles_into_one_graph():
+    """Through torch.compile (aot_eager: the functionalisation that carries the in-place parameter updates out of
+    the graph), fullgraph: the pin is traced whole, its updates reach the model's parameters (as eager's, to float32
+    reduction order), and a second pin reuses the graph. The trainer's --compile path (CUDA inductor:
+    tests/test_gpu.py)."""
+    torch.manual_seed(0)
+    eager, comp = _Net(), _Net()
+    comp.load_state_dict(eager.state_dict())
+    compiled = torch.compile(comp, backend="aot_eager", fullgraph=True)
+    x = _batches(1)[0][0]
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    for _ in range(2):
+        pin_in_forward(eager, x, 0.3)
+        pin_in_forward(comp, x, 0.3, forward=compiled)
+        for (a1, b1), (a2, b2) in zip(_logs(eager), _logs(comp)):
+            torch.testing.assert_close(a2, a1, rtol=0, atol=1e-5)
+            torch.testing.assert_close(b2, b1, rtol=0, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not any(abs(float(v) - 1) > 1e-4 for v in pin_in_forward(comp, x, 0.3, forward=compiled).values())
+    assert counters["stats"]["unique_graphs"] == 1

@@ -10,6 +10,7 @@ There is no bias, no running buffer and no batch statistic: train and eval behav
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,13 @@ from torch import Tensor, nn
 from . import kernels
 
 __all__ = ["SALU", "SWALU", "GALU", "SALUAct", "SALUAddAct", "SaluFamily"]
+
+pin_site: Callable[["SALU", Tensor], None] | None = None
+"""None, except while :func:`salunet.train.recalibrate.pin_in_forward` runs a model: then every SALU site (a
+standalone SALU, the SALU of a fused :class:`SALUAct` / :class:`SALUAddAct`) calls it with its input before it
+applies its parameters, and it sets them in place. One module-level slot rather than a hook per module, so that a
+compiled model traces the pin inside its own graph (dynamo guards on the slot: the pinning forward is one more
+graph, compiled once, with no hooks)."""
 
 
 def _positive(name: str, value: float) -> float:
@@ -127,6 +135,11 @@ class SALU(SaluFamily):
 
     op = "salu"
 
+    def forward(self, x: Tensor) -> Tensor:
+        if pin_site is not None:
+            pin_site(self, x)
+        return super().forward(x)
+
 
 class SWALU(SaluFamily):
     """SWALU(x; a, b) = x * sigmoid(SALU(x; a, b)): learnable gate replacing ReLU / SiLU."""
@@ -166,6 +179,8 @@ class SALUAct(nn.Module):
         d = self.norm.channel_axis(x)
         if self.act.channel_axis(x) != d:
             raise ValueError(f"SALUAct: norm and act see different channel dims ({d} and {self.act.channel_axis(x)})")
+        if pin_site is not None:
+            pin_site(self.norm, x)
         return kernels.fused(self.op, x, self.norm.log_a, self.norm.log_b, self.act.log_a, self.act.log_b,
                              log_params=True, axis=d)
 
@@ -185,5 +200,7 @@ class SALUAddAct(SALUAct):
         d = self.norm.channel_axis(x)
         if self.act.channel_axis(x) != d:
             raise ValueError(f"SALUAddAct: norm and act see different channel dims ({d} and {self.act.channel_axis(x)})")
+        if pin_site is not None:
+            pin_site(self.norm, x)
         return kernels.fused(self.op, x, self.norm.log_a, self.norm.log_b, self.act.log_a, self.act.log_b,
                              log_params=True, axis=d, residual=residual)

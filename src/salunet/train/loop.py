@@ -73,7 +73,8 @@ from .ema import EMA
 from .evaluate import autocast_for, evaluate
 from .loggers import RunLoggers, check_logger
 from .optim import adaptive_clip_, agc_parameters, lr_at, make_optimizer, set_lr
-from .recalibrate import GradientProjection, StepStatistics, pin_to_average, recalibrate_salu, salu_sites
+from .recalibrate import (GradientProjection, StepStatistics, pin_in_forward, pin_to_average, recalibrate_salu,
+                          salu_sites)
 from .resume import RESUME_KEYS, RunPlan, claim_run_dir, load_state, plan_run, remove_empty_dirs
 from .rundir import RunDir
 from .sources import data_fingerprint, load_source
@@ -167,6 +168,11 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
     print(f"data: {run.source.note}")
     print(f"kernels: {kernels.kernel_path(run.info.device)}; device {run.info.device}; ranks {run.info.world}; "
           f"{sum(p.numel() for p in run.model.parameters()):,} parameters; {run.source.steps} steps/epoch", flush=True)
+    if cfg.salu_recalibrate_every:
+        print(f"pin: every {cfg.salu_recalibrate_every} step(s), " + (
+            "forward pre-hooks on the uncompiled model, each site's sums all-reduced over the ranks" if run.info.enabled
+            else "by the SALU sites in the model's own forward" + (" (one more compiled graph)" if cfg.compile else "")),
+            flush=True)
     guarded = guarded_convs(run.model) if cfg.channels_last else []
     if guarded:
         print(f"channels_last: except {', '.join(guarded)}, kept contiguous on CPU (torch's oneDNN backward of a 1x1 "
@@ -402,8 +408,8 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
                     # on the fixed reference images instead)
                     x = _training_layout(cfg, batch[0]) if run.reference is None else run.reference
                     with run.amp_ctx:
-                        factors = _recalibrate_on(run, [x], training_shape=True, sync=False)  # the reference's
-                        # shape recurs at every step too: compiled once (the compiled kernel path) and reused
+                        factors = _pin_step(run, x)  # the reference's shape recurs at every step too: compiled once
+                        # (the compiled kernel path, or the compiled model's pinning graph) and reused
                 recal_factors.append(torch.stack(list(factors.values())))
             loss_g, correct_g, gnorm_g = _step(run, batch, f"epoch {epoch + 1}, step {s + 1}")
             if run.loggers is not None:
@@ -454,6 +460,18 @@ def _recalibrate_on(run: _Run, batches, training_shape: bool = False, sync: bool
     return recalibrate_salu(run.model, batches, run.cfg.salu_recalibrate,
                             reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=training_shape,
                             rate=run.cfg.salu_recalibrate_rate, sync=sync)
+
+
+def _pin_step(run: _Run, x: torch.Tensor) -> dict:
+    """--salu-recalibrate-every: pin every SALU on ``x`` before a step; returns the factors per site as 0-d tensors on
+    the device. In a single process the SALU sites pin themselves in the model's own forward
+    (:func:`pin_in_forward`), through the model as it trains, so with --compile the pin is one compiled graph;
+    under DDP the forward pre-hooks' path, whose per-site sums are all-reduced (the same parameters bitwise in eager
+    mode: tests/test_recalibrate.py)."""
+    if run.info.enabled:
+        return _recalibrate_on(run, [x], training_shape=True, sync=False)
+    return pin_in_forward(run.model, x, run.cfg.salu_recalibrate, run.cfg.salu_recalibrate_rate,
+                          forward=run.train_model)
 
 
 def _pin_for_evaluation(run: _Run, epoch: int) -> dict:

@@ -19,6 +19,9 @@ step count), on that step's own batch, so that the step's forward sees every SAL
 BatchNorm's scale pinning with the statistics as constants, applied through SALU's parameters; the gradient
 still moves A = sqrt(a/b), and sqrt(ab) until the next recalibration). It costs one more forward per
 recalibration (on the compiled kernel path, CUDA's default, with the kernels training compiled for that shape).
+In one process the trainer has the SALU sites pin themselves in that forward (:func:`pin_in_forward`: the same
+parameters bitwise as the hooks' pin, and with ``--compile`` one compiled graph instead of an uncompiled forward
+with a hook per site); under DDP it keeps the hooks, whose per-site sums are all-reduced.
 ``--salu-recalibrate-rate r`` pins a running mean square instead of the batch's own (BatchNorm's running variance
 with momentum r), for batches too small to measure a channel's scale on. ``--salu-recalibrate-measure step`` takes
 the statistics from the training forwards themselves (:class:`StepStatistics`), one step late, instead of one more
@@ -39,9 +42,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..nn import SALU, SALUAct, kernels
+from ..nn import SALU, SALUAct, kernels, modules
 
-__all__ = ["salu_sites", "salu_input_rms", "recalibrate_salu", "pin_to_average", "StepStatistics",
+__all__ = ["salu_sites", "salu_input_rms", "recalibrate_salu", "pin_in_forward", "pin_to_average", "StepStatistics",
            "GradientProjection", "RunningCoefficient", "project_radial_grad"]
 
 
@@ -89,18 +92,23 @@ def _rms_hook(salu: SALU, reduce: Callable[[Tensor], Tensor] | None, then: Calla
 
 
 @torch.no_grad()
-def _pin(salu: SALU, rms: Tensor, target: float, rate: float) -> Tensor:
+def _set_logs(salu: SALU, rms: Tensor, target: float, rate: float) -> Tensor:
     """Scale one site's a and b by c per channel so that its argument's mean square, taken as
     ``(1 - rate) * target**2 + rate * (sqrt(ab) * rms)**2``, becomes ``target**2`` (channels with rms 0 kept);
-    returns the median c as a 0-d float64 tensor on the parameters' device (a Python float here would make the host
-    wait for the device at every site of every pinned step)."""
+    returns log c per channel (float64)."""
     la, lb = salu.log_a, salu.log_b
     arg = torch.exp(0.5 * (la.double() + lb.double())).reshape(rms.shape) * rms
     mean_sq = (1 - rate) * target ** 2 + rate * arg.square()  # rate 1: arg^2, this batch alone
     log_c = torch.where(arg > 0, 0.5 * torch.log(target ** 2 / mean_sq.clamp_min(1e-300)), torch.zeros_like(arg))
     la.add_(log_c.reshape(la.shape).to(la.dtype))
     lb.add_(log_c.reshape(lb.shape).to(lb.dtype))
-    return torch.exp(log_c).median()
+    return log_c
+
+
+def _pin(salu: SALU, rms: Tensor, target: float, rate: float) -> Tensor:
+    """:func:`_set_logs`, returning the median c as a 0-d float64 tensor on the parameters' device (a Python float
+    here would make the host wait for the device at every site of every pinned step)."""
+    return torch.exp(_set_logs(salu, rms, target, rate)).median()
 
 
 def _floats(factors: dict[str, Tensor], sync: bool) -> dict[str, float] | dict[str, Tensor]:
@@ -172,6 +180,48 @@ def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
     with torch.no_grad():
         _forward_with_hooks(model, batches, make_hook, training_shape)
     return _floats(factors, sync)
+
+
+_IN_FORWARD: tuple[float, float] | None = None  # (target, rate) of the running pin_in_forward
+
+
+def _pin_site(salu: SALU, x: Tensor) -> None:
+    """``salunet.nn.modules.pin_site`` while :func:`pin_in_forward` runs: the pre-hook's work, done by the site."""
+    target, rate = _IN_FORWARD
+    _set_logs(salu, _rms(salu, _sum_squares(salu, x)), target, rate)
+
+
+def pin_in_forward(model: nn.Module, x: Tensor, target: float, rate: float = 1.0,
+                   forward: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """:func:`recalibrate_salu` of one batch ``x`` of the shape training compiled for, with the pin done by the SALU
+    modules themselves (``salunet.nn.modules.pin_site``) instead of a forward pre-hook per site: the same functions
+    in the same order (so the same parameters bitwise, op by op), but a compiled model (``forward``: the
+    ``torch.compile`` of ``model``; default ``model``) runs it as one graph of its own, compiled once, where the
+    hooks' forward runs ``model`` uncompiled, each site a call of its own. No ``reduce``: a single process's pin
+    (under DDP the trainer keeps :func:`recalibrate_salu`, which all-reduces each site's sums).
+
+    Returns, per site, the median factor applied to a and b as a 0-d float64 tensor on the model's device (taken
+    from the parameters before and after, so within the parameters' rounding of :func:`recalibrate_salu`'s)."""
+    global _IN_FORWARD
+    _check(target, rate)
+    if modules.pin_site is not None:
+        raise RuntimeError("pin_in_forward: another pinning forward is running (it does not nest)")
+    sites = {name: salu for name, (_, salu) in salu_sites(model).items()}
+    if not sites:
+        raise ValueError("pin_in_forward: the model has no SALU to pin")
+    before = torch.cat([s.log_a.detach().reshape(-1) for s in sites.values()]).double()
+    was_training = model.training
+    _IN_FORWARD, modules.pin_site = (float(target), float(rate)), _pin_site
+    model.eval()
+    try:
+        with torch.no_grad():
+            (model if forward is None else forward)(x)
+    finally:
+        _IN_FORWARD, modules.pin_site = None, None
+        model.train(was_training)
+    log_c = torch.cat([s.log_a.detach().reshape(-1) for s in sites.values()]).double() - before
+    sizes = [s.log_a.numel() for s in sites.values()]
+    return {name: torch.exp(c).median() for name, c in zip(sites, log_c.split(sizes))}
 
 
 def pin_to_average(model: nn.Module | Sequence[nn.Module], batches: Iterable, target: float,
