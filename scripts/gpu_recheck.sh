@@ -10,9 +10,11 @@
 #   rest      the GPU tests that call 1's 240 s limit cut off (checkpoints, bitwise resume, convert)
 #   profile   scripts/profile_op.py --forms: host vs device time of fused SALU+SWALU (derived quantities stored, and
 #             inlined as before 2026-11-30) and BN+ReLU
-#   pin       the per-step pin inside the compiled model (pin_in_forward, added after the 2026-11-30 session): its
-#             CUDA test, then scripts/recal_cost.py --compile, the step's cost with the pin as the trainer now does
-#             it (module) against the hooks' uncompiled forward it did before (forward)
+#   pin_cost  the per-step pin inside the compiled model (pin_in_forward, added after the 2026-11-30 session):
+#             scripts/recal_cost.py --compile, the step's cost with the pin as the trainer now does it (module)
+#             against the hooks' uncompiled forward it did before (forward)
+#   pin_test  its CUDA test (inductor, bf16, channels_last), a compilation of its own: a step apart, so that a
+#             slow compile cannot cost the measurement
 #   ops_bf16  salunet bench ops --dtype bf16 (failed in call 1: LayerNorm weights vs bf16 input; fixed)
 #   ops_fp32  salunet bench ops --dtype fp32, re-measured after the host-time fix (d0db3ce)
 #   edge      tests/test_gpu.py's edge cases on CUDA (failed in call 1, passed in call 2)
@@ -27,10 +29,10 @@ R=${OUT:-gpu_recheck_out}
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
-WANT=",${GPU_RECHECK_STEPS:-rest,profile,pin,ops_bf16,ops_fp32,edge},"  # a subset, in this file's order
+WANT=",${GPU_RECHECK_STEPS:-rest,profile,pin_cost,pin_test,ops_bf16,ops_fp32,edge},"  # a subset, in this file's order
 for s in ${WANT//,/ }; do
-  [[ ",rest,profile,pin,ops_bf16,ops_fp32,edge," == *",$s,"* ]] || {
-    echo "GPU_RECHECK_STEPS: unknown step '$s'; use rest, profile, pin, ops_bf16, ops_fp32, edge" >&2; exit 2; }
+  [[ ",rest,profile,pin_cost,pin_test,ops_bf16,ops_fp32,edge," == *",$s,"* ]] || {
+    echo "GPU_RECHECK_STEPS: unknown step '$s'; use rest, profile, pin_cost, pin_test, ops_bf16, ops_fp32, edge" >&2; exit 2; }
 done
 run() {  # run NAME LIMIT CMD...
   local name=$1 limit=$2; shift 2
@@ -54,12 +56,9 @@ if ((DRY)); then skipped rest; else
     -k "$K and (checkpoint or resume or convert)"
 fi
 run profile 60 "$PY" scripts/profile_op.py --device "$DEV" --shape "$SHAPE" --iters 20 --forms
-if ((DRY)); then
-  run pin 120 "$PY" scripts/recal_cost.py "${PIN[@]}" --every 1 --measure forward,module
-else
-  run pin 240 bash -c "$(printf %q "$PY") -m pytest -q -p no:cacheprovider tests/test_gpu.py -k pin_in_forward \
---tb=short -rA; t=\$?; $(printf %q "$PY") scripts/recal_cost.py ${PIN[*]} --every 1 --measure forward,module; \
-c=\$?; exit \$(( t ? t : c ))"  # both, whatever the test says
+run pin_cost $(( DRY ? 120 : 200 )) "$PY" scripts/recal_cost.py "${PIN[@]}" --every 1 --measure forward,module
+if ((DRY)); then skipped pin_test; else
+  run pin_test 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k pin_in_forward --tb=short -rA
 fi
 run ops_bf16 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype bf16 --out "$R"
 run ops_fp32 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype fp32 --out "$R"

@@ -970,3 +970,10 @@ def test_pin_in_forward_compiles_into_one_graph():
     assert counters["stats"]["unique_graphs"] == 1
     assert not any(abs(float(v) - 1) > 1e-4 for v in pin_in_forward(comp, x, 0.3, forward=compiled).values())
     assert counters["stats"]["unique_graphs"] == 1
+    before = _logs(comp)  # the compiled model's other forwards never reuse the pinning graph (dynamo guards on the
+    compiled(x).sum().backward()  # slot): training and evaluation leave the parameters as they were
+    comp.eval()
+    with torch.no_grad():
+        compiled(x)
+    assert counters["stats"]["unique_graphs"] == 3
+    assert all(torch.equal(a1, a2) and torch.equal(b1, b2) for (a1, b1), (a2, b2) in zip(before, _logs(comp)))

@@ -200,8 +200,13 @@ def pin_in_forward(model: nn.Module, x: Tensor, target: float, rate: float = 1.0
     hooks' forward runs ``model`` uncompiled, each site a call of its own. No ``reduce``: a single process's pin
     (under DDP the trainer keeps :func:`recalibrate_salu`, which all-reduces each site's sums).
 
-    Returns, per site, the median factor applied to a and b as a 0-d float64 tensor on the model's device (taken
-    from the parameters before and after, so within the parameters' rounding of :func:`recalibrate_salu`'s)."""
+    Returns, per site (in :func:`salu_sites`' order), the median factor applied to a and b as a 0-d float64 tensor
+    on the model's device, taken from the parameters before and after: within the parameters' rounding of
+    :func:`recalibrate_salu`'s; 1 for a site the forward did not reach, the product for one called twice.
+
+    ``forward`` must run ``model`` (its ``torch.compile``, not another model). ``target`` and ``rate`` are constants
+    of the compiled graph (a new value compiles it again: the trainer's are fixed for a run). The slot is
+    process-wide: a SALU forward in another thread during the pin would be pinned too."""
     global _IN_FORWARD
     _check(target, rate)
     if modules.pin_site is not None:
