@@ -170,9 +170,9 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
           f"{sum(p.numel() for p in run.model.parameters()):,} parameters; {run.source.steps} steps/epoch", flush=True)
     if cfg.salu_recalibrate_every:
         print(f"pin: every {cfg.salu_recalibrate_every} step(s), " + (
-            "forward pre-hooks on the uncompiled model, each site's sums all-reduced over the ranks" if run.info.enabled
-            else "by the SALU sites in the model's own forward" + (" (one more compiled graph)" if cfg.compile else "")),
-            flush=True)
+            "by the SALU sites in the model's own forward" + (" (one more compiled graph)" if cfg.compile else "")
+            if _pins_in_forward(run) else
+            "forward pre-hooks on the uncompiled model, each site's sums all-reduced over the ranks"), flush=True)
     guarded = guarded_convs(run.model) if cfg.channels_last else []
     if guarded:
         print(f"channels_last: except {', '.join(guarded)}, kept contiguous on CPU (torch's oneDNN backward of a 1x1 "
@@ -468,10 +468,16 @@ def _pin_step(run: _Run, x: torch.Tensor) -> dict:
     (:func:`pin_in_forward`), through the model as it trains, so with --compile the pin is one compiled graph;
     under DDP the forward pre-hooks' path, whose per-site sums are all-reduced (the same parameters bitwise in eager
     mode: tests/test_recalibrate.py)."""
-    if run.info.enabled:
+    if not _pins_in_forward(run):
         return _recalibrate_on(run, [x], training_shape=True, sync=False)
     return pin_in_forward(run.model, x, run.cfg.salu_recalibrate, run.cfg.salu_recalibrate_rate,
                           forward=run.train_model)
+
+
+def _pins_in_forward(run: _Run) -> bool:
+    """Which path :func:`_pin_step` takes (and the run's header says): the sites' own pin in one process, the
+    hooks' (whose sums are all-reduced) under DDP."""
+    return not run.info.enabled
 
 
 def _pin_for_evaluation(run: _Run, epoch: int) -> dict:
