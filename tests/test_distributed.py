@@ -14,6 +14,7 @@ image exactly once), and a non-finite loss on one rank only (both ranks stop at 
 """
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -156,3 +157,85 @@ def test_one_fixed_gpu_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="names one GPU, but torchrun runs 2 processes; use --device cuda"):
         D.setup("cuda:0")
+
+
+PIN_SCRIPT = """
+import copy, json, sys
+import torch, torch.distributed as dist
+from torch._dynamo.utils import counters
+from salunet.models import create_model
+from salunet.train import train
+from salunet.train.recalibrate import pin_in_forward, recalibrate_salu, salu_sites
+
+out = sys.argv[1]
+dist.init_process_group("gloo")
+rank, res = dist.get_rank(), {}
+
+def reduce(t):
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+def logs(m):
+    return torch.cat([torch.cat([s.log_a.detach().reshape(-1), s.log_b.detach().reshape(-1)])
+                      for _, s in salu_sites(m).values()])
+
+torch.manual_seed(0)
+base = create_model("salunet_c18_v2", num_classes=10, width=4)
+xs = [torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(r)) for r in range(2)]  # each rank's own
+hooks, inner, alone, whole, comp = (copy.deepcopy(base) for _ in range(5))
+recalibrate_salu(hooks, [xs[rank]], 0.4, reduce=reduce, training_shape=True, sync=False)
+pin_in_forward(inner, xs[rank], 0.4, reduce=reduce)
+pin_in_forward(alone, xs[rank], 0.4)  # without the all-reduce: this rank's half alone
+pin_in_forward(whole, torch.cat(xs), 0.4)  # one process, both halves
+res["bitwise_hooks"] = bool(torch.equal(logs(hooks), logs(inner)))
+res["vs_whole"] = (logs(inner) - logs(whole)).abs().max().item()
+res["vs_alone"] = (logs(inner) - logs(alone)).abs().max().item()
+torch._dynamo.reset()
+counters.clear()
+compiled = torch.compile(comp, backend="aot_eager", fullgraph=True)
+for _ in range(2):
+    pin_in_forward(comp, xs[rank], 0.4, forward=compiled, reduce=reduce)
+pin_in_forward(inner, xs[rank], 0.4, reduce=reduce)
+res["compiled_vs_eager"] = (logs(comp) - logs(inner)).abs().max().item()
+res["graphs"] = counters["stats"]["unique_graphs"]
+
+calls, torch_compile = [], torch.compile
+def compile_aot_eager(model, **kw):
+    calls.append(type(model).__name__)
+    return torch_compile(model, **{**kw, "backend": "aot_eager"})
+torch.compile = compile_aot_eager
+torch._dynamo.reset()
+s = train(dict(model="salunet_c18_v2", width=4, data="digits", train_subset=64, test_subset=32, batch_size=16,
+               epochs=1, ema_decay=0.0, progress=False, device="cpu", out=out, name="ddpc", compile=True,
+               salu_recalibrate=0.5, salu_recalibrate_every=1))
+torch.compile = torch_compile
+res["compiled"] = calls
+res["final"] = s.get("final")  # rank 0's summary
+dist.barrier()
+dist.destroy_process_group()
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump(res, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_pin_in_their_forward_with_all_reduced_sums(tmp_path):
+    """Under DDP the SALU sites pin themselves in the model's forward, each site's sums all-reduced there: in eager
+    mode the hooks' all-reduced pin bitwise, the one-process pin of both ranks' halves to rounding (and not the
+    pin of a rank's half alone); through torch.compile (aot_eager, fullgraph) the all-reduce is traced into one
+    reused graph. The trainer under torchrun with --compile pins through the bare model compiled on its own (DDP's
+    wrapper and the bare model: two torch.compile calls), says so, and trains."""
+    script = tmp_path / "pin.py"
+    script.write_text(textwrap.dedent(PIN_SCRIPT))
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "by the SALU sites in the model's own forward (one more compiled graph), each site's sums all-reduced" \
+        in job.stdout
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert all(math.isfinite(r0["final"][k]) for k in ("train_loss", "test_loss"))
+    for r in (r0, r1):
+        assert r["bitwise_hooks"]
+        assert r["vs_whole"] < 1e-5 < 1e-2 < r["vs_alone"]
+        assert r["compiled_vs_eager"] < 1e-5 and r["graphs"] == 1
+        assert r["compiled"] == ["DistributedDataParallel", "ResNet"]

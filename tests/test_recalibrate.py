@@ -318,8 +318,9 @@ def test_recalibration_every_n_steps_counts_and_resumes_bit_for_bit(tmp_path):
 
 
 def test_the_trainers_pin_in_forward_trains_as_the_hooks_pin(tmp_path, monkeypatch, capsys):
-    """In one process the trainer's per-step pin is pin_in_forward (and says so); the run's weights are bitwise
-    those of the same run pinned by the hooks' forward (recalibrate_salu), the path it keeps under DDP."""
+    """The trainer's per-step pin is pin_in_forward (and says so); the run's weights are bitwise those of the same
+    run pinned by the hooks' forward (recalibrate_salu, the path before the sites pinned themselves), with the
+    same ``reduce`` (one process: the identity)."""
     from safetensors.torch import load_file
 
     from salunet.train import loop, train
@@ -332,9 +333,9 @@ def test_the_trainers_pin_in_forward_trains_as_the_hooks_pin(tmp_path, monkeypat
     assert "pin: every 1 step(s), by the SALU sites in the model's own forward" in capsys.readouterr().out
     calls = []
 
-    def hooks(model, x, target, rate, forward):
+    def hooks(model, x, target, rate, forward, reduce):
         calls.append(forward is model)  # uncompiled: the model itself
-        return recalibrate_salu(model, [x], target, rate=rate, training_shape=True, sync=False)
+        return recalibrate_salu(model, [x], target, rate=rate, training_shape=True, sync=False, reduce=reduce)
 
     monkeypatch.setattr(loop, "pin_in_forward", hooks)
     train({**cfg, "name": "hooks"})

@@ -99,6 +99,7 @@ class _Run:
     ema: EMA | None
     scaler: torch.amp.GradScaler | None
     train_model: nn.Module | None = None  # the model wrapped for training (DDP, torch.compile)
+    pin_model: nn.Module | None = None  # what --salu-recalibrate-every's per-step pin runs (_prepare_training)
     amp_ctx: object = None
     agc_params: list | None = None
     total: int = 0  # optimizer steps of the whole run
@@ -169,10 +170,9 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
     print(f"kernels: {kernels.kernel_path(run.info.device)}; device {run.info.device}; ranks {run.info.world}; "
           f"{sum(p.numel() for p in run.model.parameters()):,} parameters; {run.source.steps} steps/epoch", flush=True)
     if cfg.salu_recalibrate_every:
-        print(f"pin: every {cfg.salu_recalibrate_every} step(s), " + (
-            "by the SALU sites in the model's own forward" + (" (one more compiled graph)" if cfg.compile else "")
-            if _pins_in_forward(run) else
-            "forward pre-hooks on the uncompiled model, each site's sums all-reduced over the ranks"), flush=True)
+        print(f"pin: every {cfg.salu_recalibrate_every} step(s), by the SALU sites in the model's own forward"
+              + (" (one more compiled graph)" if cfg.compile else "")
+              + (", each site's sums all-reduced over the ranks" if run.info.enabled else ""), flush=True)
     guarded = guarded_convs(run.model) if cfg.channels_last else []
     if guarded:
         print(f"channels_last: except {', '.join(guarded)}, kept contiguous on CPU (torch's oneDNN backward of a 1x1 "
@@ -216,6 +216,10 @@ def _prepare_training(run: _Run) -> None:
                   "to channels_last, where torch's oneDNN backward corrupts memory; salunet.models.channels_last)",
                   flush=True)
         run.train_model = torch.compile(run.train_model)
+    # the per-step pin runs the model as it trains, without DDP's wrapper (an inference forward of the bare module:
+    # its sites all-reduce their own sums, _pin_step): one process's training model, or under DDP the bare model,
+    # compiled on its own with --compile (its pinning graph carries the all-reduces)
+    run.pin_model = run.train_model if not info.enabled else torch.compile(run.model) if cfg.compile else run.model
     run.amp_ctx = autocast_for(cfg, info.device)
     run.agc_params = agc_parameters(run.model) if cfg.agc > 0 else []
 
@@ -453,31 +457,22 @@ def _training_layout(cfg: TrainConfig, x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
-def _recalibrate_on(run: _Run, batches, training_shape: bool = False, sync: bool = True) -> dict:
-    """--salu-recalibrate: pin every SALU's operating point on ``batches`` (after an epoch: the next epoch's first 4
-    seeded batches; with --salu-recalibrate-every: the step's own batch), so that a resumed run repeats it exactly;
-    returns the factor applied to a and b per site (floats; 0-d tensors on the device with ``sync`` False)."""
+def _recalibrate_on(run: _Run, batches) -> dict:
+    """--salu-recalibrate without --salu-recalibrate-every: pin every SALU's operating point on ``batches`` (after an
+    epoch: the next epoch's first 4 seeded batches), so that a resumed run repeats it exactly; returns the factor
+    applied to a and b per site (floats)."""
     return recalibrate_salu(run.model, batches, run.cfg.salu_recalibrate,
-                            reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=training_shape,
-                            rate=run.cfg.salu_recalibrate_rate, sync=sync)
+                            reduce=lambda t: D.all_reduce_sum(run.info, t), rate=run.cfg.salu_recalibrate_rate)
 
 
 def _pin_step(run: _Run, x: torch.Tensor) -> dict:
     """--salu-recalibrate-every: pin every SALU on ``x`` before a step; returns the factors per site as 0-d tensors on
-    the device. In a single process the SALU sites pin themselves in the model's own forward
-    (:func:`pin_in_forward`), through the model as it trains, so with --compile the pin is one compiled graph;
-    under DDP the forward pre-hooks' path, whose per-site sums are all-reduced (the same parameters bitwise in eager
-    mode: tests/test_recalibrate.py)."""
-    if not _pins_in_forward(run):
-        return _recalibrate_on(run, [x], training_shape=True, sync=False)
+    the device. The SALU sites pin themselves in the model's own forward (:func:`pin_in_forward`, ``run.pin_model``),
+    so with --compile the pin is one compiled graph; under DDP each site's sums are all-reduced inside it (the
+    forward pre-hooks' parameters bitwise in eager mode, with or without the all-reduce: tests/test_recalibrate.py,
+    tests/test_distributed.py)."""
     return pin_in_forward(run.model, x, run.cfg.salu_recalibrate, run.cfg.salu_recalibrate_rate,
-                          forward=run.train_model)
-
-
-def _pins_in_forward(run: _Run) -> bool:
-    """Which path :func:`_pin_step` takes (and the run's header says): the sites' own pin in one process, the
-    hooks' (whose sums are all-reduced) under DDP."""
-    return not run.info.enabled
+                          forward=run.pin_model, reduce=lambda t: D.all_reduce_sum(run.info, t))
 
 
 def _pin_for_evaluation(run: _Run, epoch: int) -> dict:

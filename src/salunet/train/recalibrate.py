@@ -19,9 +19,9 @@ step count), on that step's own batch, so that the step's forward sees every SAL
 BatchNorm's scale pinning with the statistics as constants, applied through SALU's parameters; the gradient
 still moves A = sqrt(a/b), and sqrt(ab) until the next recalibration). It costs one more forward per
 recalibration (on the compiled kernel path, CUDA's default, with the kernels training compiled for that shape).
-In one process the trainer has the SALU sites pin themselves in that forward (:func:`pin_in_forward`: the same
-parameters bitwise as the hooks' pin, and with ``--compile`` one compiled graph instead of an uncompiled forward
-with a hook per site); under DDP it keeps the hooks, whose per-site sums are all-reduced.
+The trainer has the SALU sites pin themselves in that forward (:func:`pin_in_forward`: the same parameters bitwise
+as the hooks' pin, and with ``--compile`` one compiled graph instead of an uncompiled forward with a hook per site);
+under DDP each site's sums are all-reduced inside that forward (traced into the compiled graph).
 ``--salu-recalibrate-rate r`` pins a running mean square instead of the batch's own (BatchNorm's running variance
 with momentum r), for batches too small to measure a channel's scale on. ``--salu-recalibrate-measure step`` takes
 the statistics from the training forwards themselves (:class:`StepStatistics`), one step late, instead of one more
@@ -182,23 +182,28 @@ def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
     return _floats(factors, sync)
 
 
-_IN_FORWARD: tuple[float, float] | None = None  # (target, rate) of the running pin_in_forward
+_IN_FORWARD: tuple[float, float, Callable[[Tensor], Tensor] | None] | None = None  # (target, rate, reduce) of the
+# running pin_in_forward
 
 
 def _pin_site(salu: SALU, x: Tensor) -> None:
     """``salunet.nn.modules.pin_site`` while :func:`pin_in_forward` runs: the pre-hook's work, done by the site."""
-    target, rate = _IN_FORWARD
-    _set_logs(salu, _rms(salu, _sum_squares(salu, x)), target, rate)
+    target, rate, reduce = _IN_FORWARD
+    packed = _sum_squares(salu, x)
+    _set_logs(salu, _rms(salu, reduce(packed) if reduce is not None else packed), target, rate)
 
 
 def pin_in_forward(model: nn.Module, x: Tensor, target: float, rate: float = 1.0,
-                   forward: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+                   forward: Callable[[Tensor], Tensor] | None = None,
+                   reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
     """:func:`recalibrate_salu` of one batch ``x`` of the shape training compiled for, with the pin done by the SALU
     modules themselves (``salunet.nn.modules.pin_site``) instead of a forward pre-hook per site: the same functions
     in the same order (so the same parameters bitwise, op by op), but a compiled model (``forward``: the
     ``torch.compile`` of ``model``; default ``model``) runs it as one graph of its own, compiled once, where the
-    hooks' forward runs ``model`` uncompiled, each site a call of its own. No ``reduce``: a single process's pin
-    (under DDP the trainer keeps :func:`recalibrate_salu`, which all-reduces each site's sums).
+    hooks' forward runs ``model`` uncompiled, each site a call of its own. ``reduce`` (as :func:`recalibrate_salu`'s:
+    under DDP a sum over the processes, ``torch.distributed.all_reduce``, which ``torch.compile`` traces into the
+    graph) is applied to each site's packed sums before its pin, in the forward's order, so every process must run
+    the same sites in the same order, as a DDP model's forward does.
 
     Returns, per site (in :func:`salu_sites`' order), the median factor applied to a and b as a 0-d float64 tensor
     on the model's device, taken from the parameters before and after: within the parameters' rounding of
@@ -216,7 +221,7 @@ def pin_in_forward(model: nn.Module, x: Tensor, target: float, rate: float = 1.0
         raise ValueError("pin_in_forward: the model has no SALU to pin")
     before = torch.cat([s.log_a.detach().reshape(-1) for s in sites.values()]).double()
     was_training = model.training
-    _IN_FORWARD, modules.pin_site = (float(target), float(rate)), _pin_site
+    _IN_FORWARD, modules.pin_site = (float(target), float(rate), reduce), _pin_site
     model.eval()
     try:
         with torch.no_grad():
