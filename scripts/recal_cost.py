@@ -5,9 +5,9 @@ recalibration, interleaved in one process, as a ratio to the step without it.
                                  [--measure forward,step,module] [--device cpu|cuda] [--compile]
 
 ``--measure``: ``forward`` is the extra forward per recalibration with a forward pre-hook per SALU site on the
-uncompiled model (``recalibrate_salu``, the trainer's path under DDP; settings named ``N``); ``module`` is that
-forward with the sites pinning themselves, through the model as it trains (``pin_in_forward``, the trainer's path
-in one process: with ``--compile`` one more compiled graph; settings named ``N:module``); ``step`` gathers the
+uncompiled model (``recalibrate_salu``, the trainer's path before ``pin_in_forward``; settings named ``N``);
+``module`` is that forward with the sites pinning themselves, through the model as it trains (``pin_in_forward``,
+the trainer's path: with ``--compile`` one more compiled graph; settings named ``N:module``); ``step`` gathers the
 statistics in the training forward (``--salu-recalibrate-measure step``, rate 0.5; settings named ``N:step``);
 ``project`` is ``forward`` with ``--salu-project-grad`` (settings named ``N:project``). ``--compile``: the training
 steps run the ``torch.compile`` of the model (``forward`` and ``module`` only: the others' hooks would have to be

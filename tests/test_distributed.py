@@ -11,6 +11,9 @@ within the same tolerance.
 The second test runs one torchrun job through the other multi-process paths: ``--download`` (rank 0 fetches
 from a 127.0.0.1 server, the other rank waits and then reads), folder evaluation (sharded, every validation
 image exactly once), and a non-finite loss on one rank only (both ranks stop at the same step, same message).
+
+The third runs the per-step SALU pin under DDP: each site's sums all-reduced inside the model's forward, eager and
+compiled (aot_eager standing in for inductor), on its own and in the trainer.
 """
 import hashlib
 import json
@@ -160,11 +163,12 @@ def test_one_fixed_gpu_under_torchrun_is_refused(monkeypatch):
 
 
 PIN_SCRIPT = """
-import copy, json, sys
+import copy, hashlib, json, sys
 import torch, torch.distributed as dist
+from torch._dynamo.backends.registry import lookup_backend
 from torch._dynamo.utils import counters
 from salunet.models import create_model
-from salunet.train import train
+from salunet.train import loop, train
 from salunet.train.recalibrate import pin_in_forward, recalibrate_salu, salu_sites
 
 out = sys.argv[1]
@@ -178,6 +182,9 @@ def reduce(t):
 def logs(m):
     return torch.cat([torch.cat([s.log_a.detach().reshape(-1), s.log_b.detach().reshape(-1)])
                       for _, s in salu_sites(m).values()])
+
+def digest(m):  # DDP never broadcasts parameters again: the ranks' pins must agree bit for bit
+    return hashlib.sha256(logs(m).numpy().tobytes()).hexdigest()
 
 torch.manual_seed(0)
 base = create_model("salunet_c18_v2", num_classes=10, width=4)
@@ -198,18 +205,27 @@ for _ in range(2):
 pin_in_forward(inner, xs[rank], 0.4, reduce=reduce)
 res["compiled_vs_eager"] = (logs(comp) - logs(inner)).abs().max().item()
 res["graphs"] = counters["stats"]["unique_graphs"]
+res["digests"] = [digest(inner), digest(comp)]
 
-calls, torch_compile = [], torch.compile
-def compile_aot_eager(model, **kw):
-    calls.append(type(model).__name__)
-    return torch_compile(model, **{**kw, "backend": "aot_eager"})
-torch.compile = compile_aot_eager
+calls, graphs, pins, torch_compile, real_pin = [], {}, [], torch.compile, loop.pin_in_forward
+def compile_aot_eager(model, **kw):  # aot_eager for inductor, counting each compiled object's graphs
+    name = type(model).__name__
+    calls.append(name)
+    def backend(gm, example_inputs):
+        graphs[name] = graphs.get(name, 0) + 1
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    return torch_compile(model, **{**kw, "backend": backend})
+def pin(model, *args, **kw):  # the trainer's pin (its own reduce: a new closure every step), then the parameters
+    out = real_pin(model, *args, **kw)
+    pins.append(digest(model))
+    return out
+torch.compile, loop.pin_in_forward = compile_aot_eager, pin
 torch._dynamo.reset()
 s = train(dict(model="salunet_c18_v2", width=4, data="digits", train_subset=64, test_subset=32, batch_size=16,
                epochs=1, ema_decay=0.0, progress=False, device="cpu", out=out, name="ddpc", compile=True,
                salu_recalibrate=0.5, salu_recalibrate_every=1))
-torch.compile = torch_compile
-res["compiled"] = calls
+torch.compile, loop.pin_in_forward = torch_compile, real_pin
+res["compiled"], res["pin_graphs"], res["pins"] = calls, graphs.get("ResNet", 0), pins
 res["final"] = s.get("final")  # rank 0's summary
 dist.barrier()
 dist.destroy_process_group()
@@ -223,8 +239,10 @@ def test_two_ranks_pin_in_their_forward_with_all_reduced_sums(tmp_path):
     """Under DDP the SALU sites pin themselves in the model's forward, each site's sums all-reduced there: in eager
     mode the hooks' all-reduced pin bitwise, the one-process pin of both ranks' halves to rounding (and not the
     pin of a rank's half alone); through torch.compile (aot_eager, fullgraph) the all-reduce is traced into one
-    reused graph. The trainer under torchrun with --compile pins through the bare model compiled on its own (DDP's
-    wrapper and the bare model: two torch.compile calls), says so, and trains."""
+    reused graph; the ranks' pinned parameters are bitwise equal. The trainer under torchrun with --compile pins
+    through the bare model compiled on its own (DDP's wrapper and the bare model: two torch.compile calls), in one
+    graph for all its steps (a new reduce closure each step recompiles nothing), the ranks bitwise equal after every
+    pin; it says so, and trains."""
     script = tmp_path / "pin.py"
     script.write_text(textwrap.dedent(PIN_SCRIPT))
     job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -239,3 +257,6 @@ def test_two_ranks_pin_in_their_forward_with_all_reduced_sums(tmp_path):
         assert r["vs_whole"] < 1e-5 < 1e-2 < r["vs_alone"]
         assert r["compiled_vs_eager"] < 1e-5 and r["graphs"] == 1
         assert r["compiled"] == ["DistributedDataParallel", "ResNet"]
+        assert r["pin_graphs"] == 1 and len(r["pins"]) == 4  # 64 images, batch 16: 4 steps, each pinned
+    assert r0["digests"] == r1["digests"] and r0["pins"] == r1["pins"]
+    assert len(set(r0["pins"])) == 4  # and each pin moved the parameters

@@ -202,11 +202,34 @@ def test_compile_whole_salunet_fullgraph(dev):
 @pytest.mark.slow
 @pytest.mark.skipif(not CUDA, reason=NO_CUDA.split(";")[0] + "; its CPU logic runs in tests/test_recalibrate.py "
                     "(test_pin_in_forward_compiles_into_one_graph, aot_eager on a small model: a cpu twin here took 36 s)")
-def test_pin_in_forward_compiles_in_one_graph_cuda():
+@pytest.mark.parametrize("collective", ["none", "nccl"])
+def test_pin_in_forward_compiles_in_one_graph_cuda(collective):
     """The trainer's per-step pin with --compile (``pin_in_forward`` through the compiled model), inductor on CUDA:
     with bf16 autocast and channels_last, the pinning forward is one graph beside the training step's (fullgraph,
     no graph break), compiled once and reused; the parameters it sets are those of the hooks' pin on an eager copy
-    (bf16 rounding apart)."""
+    (bf16 rounding apart). ``nccl``: each site's sums all-reduced inside the graph, as under DDP (a one-rank NCCL
+    group: its sum is the identity, the collective is traced and run all the same; two ranks: gloo on CPU,
+    tests/test_distributed.py)."""
+    import torch.distributed as dist
+
+    reduce = None
+    if collective == "nccl":
+        if not dist.is_nccl_available():
+            pytest.skip("this torch build has no NCCL")
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=torch.device("cuda", torch.cuda.current_device()))
+
+        def reduce(t):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            return t
+    try:
+        _pin_in_forward_cuda(reduce)
+    finally:
+        if collective == "nccl":
+            dist.destroy_process_group()
+
+
+def _pin_in_forward_cuda(reduce):
     from torch._dynamo.utils import counters
 
     from salunet.train.recalibrate import pin_in_forward, recalibrate_salu, salu_sites
@@ -225,8 +248,8 @@ def test_pin_in_forward_compiles_in_one_graph_cuda():
     with amp:
         compiled(x)  # the training graph (its backward traced with it)
         for _ in range(2):
-            factors = pin_in_forward(model, x, 0.4, forward=compiled)
-            recalibrate_salu(eager, [x], 0.4, training_shape=True)
+            factors = pin_in_forward(model, x, 0.4, forward=compiled, reduce=reduce)
+            recalibrate_salu(eager, [x], 0.4, training_shape=True, reduce=reduce)
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["graph_break"])
     assert len(factors) == len(salu_sites(model)) and all(f.device.type == "cuda" for f in factors.values())
     for (name, (_, s)), (_, (_, e)) in zip(salu_sites(model).items(), salu_sites(eager).items()):

@@ -219,7 +219,8 @@ def _prepare_training(run: _Run) -> None:
     # the per-step pin runs the model as it trains, without DDP's wrapper (an inference forward of the bare module:
     # its sites all-reduce their own sums, _pin_step): one process's training model, or under DDP the bare model,
     # compiled on its own with --compile (its pinning graph carries the all-reduces)
-    run.pin_model = run.train_model if not info.enabled else torch.compile(run.model) if cfg.compile else run.model
+    if cfg.salu_recalibrate_every:
+        run.pin_model = run.train_model if not info.enabled else torch.compile(run.model) if cfg.compile else run.model
     run.amp_ctx = autocast_for(cfg, info.device)
     run.agc_params = agc_parameters(run.model) if cfg.agc > 0 else []
 

@@ -74,7 +74,8 @@ def _sum_squares(salu: SALU, x: Tensor) -> Tensor:
     else:
         dims = tuple(d for d in range(x.dim()) if d != axis % x.dim())
         s2, n = sq.sum(dims).double(), float(x.numel() // x.shape[axis])
-    return torch.cat([s2, torch.tensor([n], dtype=torch.float64, device=s2.device)])
+    return torch.cat([s2, torch.full((1,), n, dtype=torch.float64, device=s2.device)])  # a fill, not a copy
+    # from the host at every site
 
 
 def _rms(salu: SALU, packed: Tensor) -> Tensor:
