@@ -13,8 +13,9 @@
 #   pin_cost  the per-step pin inside the compiled model (pin_in_forward, added after the 2026-11-30 session):
 #             scripts/recal_cost.py --compile, the step's cost with the pin as the trainer now does it (module)
 #             against the hooks' uncompiled forward it did before (forward)
-#   pin_test  its CUDA test (inductor, bf16, channels_last), a compilation of its own: a step apart, so that a
-#             slow compile cannot cost the measurement
+#   pin_test  its CUDA tests (inductor, bf16, channels_last; alone and with each site's all-reduce in a one-rank
+#             NCCL group, as under DDP), compilations of their own: a step apart, so that a slow compile cannot cost
+#             the measurement
 #   ops_bf16  salunet bench ops --dtype bf16 (failed in call 1: LayerNorm weights vs bf16 input; fixed)
 #   ops_fp32  salunet bench ops --dtype fp32, re-measured after the host-time fix (d0db3ce)
 #   edge      tests/test_gpu.py's edge cases on CUDA (failed in call 1, passed in call 2)
@@ -58,7 +59,7 @@ fi
 run profile 60 "$PY" scripts/profile_op.py --device "$DEV" --shape "$SHAPE" --iters 20 --forms
 run pin_cost $(( DRY ? 120 : 200 )) "$PY" scripts/recal_cost.py "${PIN[@]}" --every 1 --measure forward,module
 if ((DRY)); then skipped pin_test; else
-  run pin_test 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k pin_in_forward --tb=short -rA
+  run pin_test 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k pin_in_forward --tb=short -rA
 fi
 run ops_bf16 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype bf16 --out "$R"
 run ops_fp32 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype fp32 --out "$R"
