@@ -166,7 +166,6 @@ PIN_SCRIPT = """
 import copy, hashlib, json, sys
 import torch, torch.distributed as dist
 from torch._dynamo.backends.registry import lookup_backend
-from torch._dynamo.utils import counters
 from salunet.models import create_model
 from salunet.train import loop, train
 from salunet.train.recalibrate import pin_in_forward, recalibrate_salu, salu_sites
@@ -189,7 +188,7 @@ def digest(m):  # DDP never broadcasts parameters again: the ranks' pins must ag
 torch.manual_seed(0)
 base = create_model("salunet_c18_v2", num_classes=10, width=4)
 xs = [torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(r)) for r in range(2)]  # each rank's own
-hooks, inner, alone, whole, comp = (copy.deepcopy(base) for _ in range(5))
+hooks, inner, alone, whole = (copy.deepcopy(base) for _ in range(4))
 recalibrate_salu(hooks, [xs[rank]], 0.4, reduce=reduce, training_shape=True, sync=False)
 pin_in_forward(inner, xs[rank], 0.4, reduce=reduce)
 pin_in_forward(alone, xs[rank], 0.4)  # without the all-reduce: this rank's half alone
@@ -197,15 +196,7 @@ pin_in_forward(whole, torch.cat(xs), 0.4)  # one process, both halves
 res["bitwise_hooks"] = bool(torch.equal(logs(hooks), logs(inner)))
 res["vs_whole"] = (logs(inner) - logs(whole)).abs().max().item()
 res["vs_alone"] = (logs(inner) - logs(alone)).abs().max().item()
-torch._dynamo.reset()
-counters.clear()
-compiled = torch.compile(comp, backend="aot_eager", fullgraph=True)
-for _ in range(2):
-    pin_in_forward(comp, xs[rank], 0.4, forward=compiled, reduce=reduce)
-pin_in_forward(inner, xs[rank], 0.4, reduce=reduce)
-res["compiled_vs_eager"] = (logs(comp) - logs(inner)).abs().max().item()
-res["graphs"] = counters["stats"]["unique_graphs"]
-res["digests"] = [digest(inner), digest(comp)]
+res["digest"] = digest(inner)
 
 calls, graphs, pins, torch_compile, real_pin = [], {}, [], torch.compile, loop.pin_in_forward
 def compile_aot_eager(model, **kw):  # aot_eager for inductor, counting each compiled object's graphs
@@ -221,7 +212,7 @@ def pin(model, *args, **kw):  # the trainer's pin (its own reduce: a new closure
     return out
 torch.compile, loop.pin_in_forward = compile_aot_eager, pin
 torch._dynamo.reset()
-s = train(dict(model="salunet_c18_v2", width=4, data="digits", train_subset=64, test_subset=32, batch_size=16,
+s = train(dict(model="salunet_c18_v2", model_overrides={"layers": [1, 1, 1, 1]}, width=4, data="digits", train_subset=64, test_subset=32, batch_size=16,
                epochs=1, ema_decay=0.0, progress=False, device="cpu", out=out, name="ddpc", compile=True,
                salu_recalibrate=0.5, salu_recalibrate_every=1))
 torch.compile, loop.pin_in_forward = torch_compile, real_pin
@@ -238,11 +229,11 @@ with open(f"{out}/rank{rank}.json", "w") as f:
 def test_two_ranks_pin_in_their_forward_with_all_reduced_sums(tmp_path):
     """Under DDP the SALU sites pin themselves in the model's forward, each site's sums all-reduced there: in eager
     mode the hooks' all-reduced pin bitwise, the one-process pin of both ranks' halves to rounding (and not the
-    pin of a rank's half alone); through torch.compile (aot_eager, fullgraph) the all-reduce is traced into one
-    reused graph; the ranks' pinned parameters are bitwise equal. The trainer under torchrun with --compile pins
-    through the bare model compiled on its own (DDP's wrapper and the bare model: two torch.compile calls), in one
-    graph for all its steps (a new reduce closure each step recompiles nothing), the ranks bitwise equal after every
-    pin; it says so, and trains."""
+    pin of a rank's half alone); the ranks' pinned parameters are bitwise equal. The trainer under torchrun with
+    --compile (aot_eager standing in for inductor, a shallower model to keep compilation short) pins through the
+    bare model compiled on its own (DDP's wrapper and the bare model: two torch.compile calls), the all-reduce traced
+    into one graph for all its steps (a new reduce closure each step recompiles nothing), the ranks bitwise equal
+    after every pin; it says so, and trains (compiled against eager, one process: tests/test_recalibrate.py)."""
     script = tmp_path / "pin.py"
     script.write_text(textwrap.dedent(PIN_SCRIPT))
     job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -255,8 +246,7 @@ def test_two_ranks_pin_in_their_forward_with_all_reduced_sums(tmp_path):
     for r in (r0, r1):
         assert r["bitwise_hooks"]
         assert r["vs_whole"] < 1e-5 < 1e-2 < r["vs_alone"]
-        assert r["compiled_vs_eager"] < 1e-5 and r["graphs"] == 1
         assert r["compiled"] == ["DistributedDataParallel", "ResNet"]
         assert r["pin_graphs"] == 1 and len(r["pins"]) == 4  # 64 images, batch 16: 4 steps, each pinned
-    assert r0["digests"] == r1["digests"] and r0["pins"] == r1["pins"]
+    assert r0["digest"] == r1["digest"] and r0["pins"] == r1["pins"]
     assert len(set(r0["pins"])) == 4  # and each pin moved the parameters
