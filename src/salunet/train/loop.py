@@ -406,7 +406,7 @@ def _train_epoch(run: _Run, epoch: int, step: int, first: bool) -> dict:
             set_lr(run.opt, lr)
             if every and (step + s) % every == 0:
                 factors = None if run.step_stats is None else run.step_stats.pin(  # from the steps since the last
-                    cfg.salu_recalibrate, cfg.salu_recalibrate_rate, reduce=lambda t: D.all_reduce_sum(run.info, t),
+                    cfg.salu_recalibrate, cfg.salu_recalibrate_rate, reduce=_rank_sum(run),
                     sync=False)
                 if factors is None:  # on the step's own batch, before its forward, as _step feeds it (with
                     # --salu-recalibrate-measure step: when nothing is gathered yet this epoch; with reference:
@@ -463,7 +463,13 @@ def _recalibrate_on(run: _Run, batches) -> dict:
     epoch: the next epoch's first 4 seeded batches), so that a resumed run repeats it exactly; returns the factor
     applied to a and b per site (floats)."""
     return recalibrate_salu(run.model, batches, run.cfg.salu_recalibrate,
-                            reduce=lambda t: D.all_reduce_sum(run.info, t), rate=run.cfg.salu_recalibrate_rate)
+                            reduce=_rank_sum(run), rate=run.cfg.salu_recalibrate_rate)
+
+
+def _rank_sum(run: _Run):
+    """The ``reduce`` of every SALU pin: a sum over the ranks (the identity in one process). A new closure per call
+    compiles nothing again (dynamo guards on its code: tests/test_distributed.py)."""
+    return lambda t: D.all_reduce_sum(run.info, t)
 
 
 def _pin_step(run: _Run, x: torch.Tensor) -> dict:
@@ -473,7 +479,7 @@ def _pin_step(run: _Run, x: torch.Tensor) -> dict:
     forward pre-hooks' parameters bitwise in eager mode, with or without the all-reduce: tests/test_recalibrate.py,
     tests/test_distributed.py)."""
     return pin_in_forward(run.model, x, run.cfg.salu_recalibrate, run.cfg.salu_recalibrate_rate,
-                          forward=run.pin_model, reduce=lambda t: D.all_reduce_sum(run.info, t))
+                          forward=run.pin_model, reduce=_rank_sum(run))
 
 
 def _pin_for_evaluation(run: _Run, epoch: int) -> dict:
@@ -494,7 +500,7 @@ def _pin_for_evaluation(run: _Run, epoch: int) -> dict:
             _training_layout(cfg, b[0]) for b in itertools.islice(run.source.train_batches(epoch), cfg.salu_eval_pin))
         with run.amp_ctx:
             factors = pin_to_average(models, batches, cfg.salu_recalibrate,
-                                     reduce=lambda t: D.all_reduce_sum(run.info, t), training_shape=True)
+                                     reduce=_rank_sum(run), training_shape=True)
     out = {"salu_eval_pin_factor": _median_factor(factors[0])}
     if run.ema is not None:
         out["ema_salu_eval_pin_factor"] = _median_factor(factors[1])

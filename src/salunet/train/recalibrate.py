@@ -74,8 +74,8 @@ def _sum_squares(salu: SALU, x: Tensor) -> Tensor:
     else:
         dims = tuple(d for d in range(x.dim()) if d != axis % x.dim())
         s2, n = sq.sum(dims).double(), float(x.numel() // x.shape[axis])
-    return torch.cat([s2, torch.full((1,), n, dtype=torch.float64, device=s2.device)])  # a fill, not a copy
-    # from the host at every site
+    # the count as a fill on the device, not a copy from the host at every site
+    return torch.cat([s2, torch.full((1,), n, dtype=torch.float64, device=s2.device)])
 
 
 def _rms(salu: SALU, packed: Tensor) -> Tensor:
@@ -83,12 +83,18 @@ def _rms(salu: SALU, packed: Tensor) -> Tensor:
     return rms.reshape(()) if salu.num_features is None else rms
 
 
+def _input_rms(salu: SALU, x: Tensor, reduce: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """The per-channel RMS of the site input ``x`` (over processes with ``reduce``) as float64, 0-d for
+    scalar-parameter SALUs: what a hook and a pinning site both measure."""
+    packed = _sum_squares(salu, x)
+    return _rms(salu, reduce(packed) if reduce is not None else packed)
+
+
 def _rms_hook(salu: SALU, reduce: Callable[[Tensor], Tensor] | None, then: Callable[[Tensor], None]):
     """A forward pre-hook that computes the per-channel RMS of the site's input (over processes with ``reduce``)
     as float64 (0-d for scalar-parameter SALUs) and passes it to ``then``."""
     def hook(_m, args):
-        packed = _sum_squares(salu, args[0])
-        then(_rms(salu, reduce(packed) if reduce is not None else packed))
+        then(_input_rms(salu, args[0], reduce))
     return hook
 
 
@@ -183,15 +189,14 @@ def recalibrate_salu(model: nn.Module, batches: Iterable, target: float,
     return _floats(factors, sync)
 
 
-_IN_FORWARD: tuple[float, float, Callable[[Tensor], Tensor] | None] | None = None  # (target, rate, reduce) of the
-# running pin_in_forward
+# (target, rate, reduce) of the running pin_in_forward
+_IN_FORWARD: tuple[float, float, Callable[[Tensor], Tensor] | None] | None = None
 
 
 def _pin_site(salu: SALU, x: Tensor) -> None:
     """``salunet.nn.modules.pin_site`` while :func:`pin_in_forward` runs: the pre-hook's work, done by the site."""
     target, rate, reduce = _IN_FORWARD
-    packed = _sum_squares(salu, x)
-    _set_logs(salu, _rms(salu, reduce(packed) if reduce is not None else packed), target, rate)
+    _set_logs(salu, _input_rms(salu, x, reduce), target, rate)
 
 
 def pin_in_forward(model: nn.Module, x: Tensor, target: float, rate: float = 1.0,
