@@ -737,17 +737,32 @@ def test_running_projection_outside_the_trainer():
 def test_training_with_a_running_projection_under_compile(tmp_path, monkeypatch):
     """--compile true with --salu-project-grad-rate (refused before the sums left the backward as a gradient):
     the run trains (aot_eager standing in for inductor, as in test_train.py) and its weights match the eager run's
-    after two epochs to float32 rounding."""
+    after two epochs to float32 rounding. The pin's reference images (96) are not a training batch's shape (32):
+    each shape is compiled once, static (with dynamo's automatic dynamic shapes the training graph was compiled
+    again with a symbolic batch size once the pin had run)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
     from salunet.train import train
     from salunet.train.checkpoint import list_checkpoints, load_checkpoint
 
-    torch_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: torch_compile(model, **{**kw, "backend": "aot_eager"}))
+    torch_compile, batch_sizes = torch.compile, []
+
+    def backend(gm, example_inputs):
+        batch_sizes.append([e.shape[0] for e in example_inputs  # the images (digits: 1 x 8 x 8)
+                            if isinstance(e, torch.Tensor) and tuple(e.shape[1:]) == (1, 8, 8)]
+                           + [e for e in example_inputs if not isinstance(e, torch.Tensor)])  # a symbolic size
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: torch_compile(model, **{**kw, "backend": backend}))
     cfg = dict(model="salunet_c18_v2", width=4, data="digits", train_subset=96, test_subset=50, batch_size=32,
                epochs=2, ema_decay=0.0, progress=False, salu_recalibrate=0.5, salu_recalibrate_every=1,
                salu_recalibrate_measure="reference", salu_project_grad=True, salu_project_grad_rate=0.1,
                out=str(tmp_path))
     train(cfg, name="compiled", compile=True)
+    # the pin's graph (first: it runs before the first step) and the training graph, each with its images' batch
+    # size and no other input than tensors (compiled with dynamic shapes, a graph takes its symbolic sizes as
+    # torch.SymInt inputs)
+    assert batch_sizes == [[96], [32]], batch_sizes
     train(cfg, name="eager")
     a, b = (load_checkpoint(list_checkpoints(tmp_path / n)[-1])[0]["model"] for n in ("compiled", "eager"))
     for k in a:

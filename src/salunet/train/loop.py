@@ -215,12 +215,17 @@ def _prepare_training(run: _Run) -> None:
             print(f"compile: inductor's layout optimisation off on CPU because of {', '.join(guarded)} (it moves them "
                   "to channels_last, where torch's oneDNN backward corrupts memory; salunet.models.channels_last)",
                   flush=True)
-        run.train_model = torch.compile(run.train_model)
+        # static shapes: training's batches all have one shape (the last partial batch is dropped), and the per-step
+        # pin may run another (the whole batch with --accum-steps > 1, or the reference images): with dynamo's
+        # automatic dynamic shapes that second shape recompiled the training graph with a symbolic batch size;
+        # static, each shape is compiled once for itself (tests/test_recalibrate.py)
+        run.train_model = torch.compile(run.train_model, dynamic=False)
     # the per-step pin runs the model as it trains, without DDP's wrapper (an inference forward of the bare module:
     # its sites all-reduce their own sums, _pin_step): one process's training model, or under DDP the bare model,
     # compiled on its own with --compile (its pinning graph carries the all-reduces)
     if cfg.salu_recalibrate_every:
-        run.pin_model = run.train_model if not info.enabled else torch.compile(run.model) if cfg.compile else run.model
+        run.pin_model = (run.train_model if not info.enabled else torch.compile(run.model, dynamic=False)
+                         if cfg.compile else run.model)
     run.amp_ctx = autocast_for(cfg, info.device)
     run.agc_params = agc_parameters(run.model) if cfg.agc > 0 else []
 
