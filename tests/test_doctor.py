@@ -6,6 +6,7 @@ import torch
 
 from salunet.cli import main
 from salunet.nn import cpu_ext
+from salunet.train.evaluate import cpu_has_native
 
 
 def _lines(text: str) -> dict:
@@ -17,6 +18,10 @@ def test_doctor_reports_versions_isa_cache_and_a_current_build(capsys):
     assert main(["doctor"]) == 0
     r = _lines(capsys.readouterr().out)
     assert r["torch"] == torch.__version__ and r["CPU ISA"] == cpu_ext.capability()
+    half = {amp: cpu_has_native(amp) for amp in ("bf16", "fp16")}
+    word = {True: "native", False: "slow", None: "unknown"}
+    assert r["CPU bf16 / fp16"].startswith(f"{word[half['bf16']]} / {word[half['fp16']]}")
+    assert ("use --amp none here" in r["CPU bf16 / fp16"]) == (False in half.values())
     assert r["kernel cache"] == str(cpu_ext.cache_root()) and r["kernel build"] == str(cpu_ext.build_folder())
     assert r["build current"] == "yes" and r["kernel path (CPU)"].startswith("C++ (salunet CPU extension")
     assert r["stale build lock"] == "no" and r["build error"] == "-"

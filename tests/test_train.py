@@ -3,6 +3,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -196,13 +197,18 @@ def _last_metrics(run_dir):
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
 
 
-def test_vit_and_bn_models_train(tmp_path):
+def test_vit_and_bn_models_train(tmp_path, monkeypatch, capsys):
+    E = sys.modules["salunet.train.evaluate"]  # (the package's name `evaluate` is the function)
+
     run(tmp_path, "vit", model="salunet_t", width=12, model_overrides={"depth": 1}, epochs=1, optimizer="adamw",
         lr=1e-3)
     vit = _last_metrics(tmp_path / "vit")
     assert math.isfinite(vit["train_loss"]) and vit["step"] == 8
     opts = dict(model="resnet18_bn", epochs=1, channels_last=True, accum_steps=2, grad_clip=1.0)
+    monkeypatch.setattr(E, "cpu_has_native", lambda amp: False)  # as on this project's AVX2 machines
+    capsys.readouterr()
     run(tmp_path, "bn", amp="bf16", **opts)
+    assert "amp: bf16 on this CPU" in capsys.readouterr().err  # the slow path is said, not taken silently
     cfg = json.loads((tmp_path / "bn" / "config.json").read_text())
     assert (cfg["amp"], cfg["channels_last"], cfg["accum_steps"], cfg["grad_clip"]) == ("bf16", True, 2, 1.0)
     bn = _last_metrics(tmp_path / "bn")
@@ -210,6 +216,26 @@ def test_vit_and_bn_models_train(tmp_path):
     # bf16 autocast is really on: the same run in float32 ends with a different loss
     run(tmp_path, "bn32", amp="none", **opts)
     assert _last_metrics(tmp_path / "bn32")["train_loss"] != bn["train_loss"]
+    assert "amp:" not in capsys.readouterr().err
+
+
+def test_amp_note_names_the_slow_path_only_where_it_is_taken(monkeypatch):
+    """--amp on a CPU without native half precision (oneDNN's check) gets a line that says so and what to use; a
+    GPU, --amp none, a CPU with native support and a torch that cannot tell get none."""
+    E = sys.modules["salunet.train.evaluate"]  # (the package's name `evaluate` is the function)
+
+    assert E.cpu_has_native("bf16") in (True, False, None) and E.cpu_has_native("fp16") in (True, False, None)
+    asked = []
+    monkeypatch.setattr(E, "cpu_has_native", lambda amp: asked.append(amp) or False)
+    cpu = torch.device("cpu")
+    for amp in ("bf16", "fp16"):
+        note = E.amp_note(amp, cpu)
+        assert note.startswith(f"amp: {amp} on this CPU") and "--amp none" in note
+    assert asked == ["bf16", "fp16"]
+    assert E.amp_note("none", cpu) is None and E.amp_note("bf16", torch.device("cuda", 0)) is None
+    for answer in (True, None):
+        monkeypatch.setattr(E, "cpu_has_native", lambda amp, answer=answer: answer)
+        assert E.amp_note("bf16", cpu) is None
 
 
 def test_ranks_split_each_global_batch_and_the_test_set():

@@ -37,6 +37,14 @@ def _first_output_line(cmd: list[str]) -> str | None:
     return lines[0].strip() if lines else None
 
 
+def _cpu_half() -> dict:
+    """Whether torch runs bf16 / fp16 natively on this CPU (True / False; None: this torch cannot tell): without it,
+    ``--amp`` on the CPU takes slow fallback paths (the trainer says so, train/evaluate.py ``amp_note``)."""
+    from .train.evaluate import cpu_has_native
+
+    return {amp: cpu_has_native(amp) for amp in ("bf16", "fp16")}
+
+
 def report(build: bool = False) -> dict:
     """Everything ``salunet doctor`` prints, as a dict; ``build`` builds the C++ kernels if they are not current."""
     import torch
@@ -59,6 +67,7 @@ def report(build: bool = False) -> dict:
         if torch.cuda.is_available() else [],
         "numpy": _version("numpy"),
         "cpu_isa": cpu_ext.capability(),
+        "cpu_half": _cpu_half(),
         "threads": torch.get_num_threads(),
         "kernel_mode": kernels.get_kernel_mode(),
         "compiler": f"{cxx_path}: {_first_output_line([cxx_path, '--version'])}" if cxx_path else f"{cxx} not found",
@@ -87,7 +96,7 @@ def report(build: bool = False) -> dict:
 _LABELS = {
     "salunet": "salunet", "python": "python", "platform": "platform", "torch": "torch", "torch_git": "torch git",
     "torch_cxx11_abi": "torch C++11 ABI", "torch_cuda": "torch CUDA", "cuda_devices": "CUDA devices",
-    "numpy": "numpy", "cpu_isa": "CPU ISA", "threads": "torch threads", "kernel_mode": "kernel mode",
+    "numpy": "numpy", "cpu_isa": "CPU ISA", "cpu_half": "CPU bf16 / fp16", "threads": "torch threads", "kernel_mode": "kernel mode",
     "kernel_path_cpu": "kernel path (CPU)", "kernel_cache": "kernel cache", "kernel_build": "kernel build",
     "kernel_build_current": "build current", "kernel_built_at": "built at", "kernel_build_s": "build seconds",
     "kernel_stale_lock": "stale build lock", "kernel_error": "build error", "compiler": "C++ compiler",
@@ -105,6 +114,10 @@ def format_report(r: dict) -> str:
             v = "yes" if v else "no (the next use builds it)"
         elif key == "cuda_devices":
             v = ", ".join(v) if v else "none"
+        elif key == "cpu_half":
+            v = " / ".join({True: "native", False: "slow", None: "unknown"}[v[amp]] for amp in ("bf16", "fp16")) + (
+                " (--amp takes torch's slow fallback paths on this CPU: use --amp none here)" if False in v.values()
+                else "")
         elif key == "kernel_stale_lock":
             v = "yes (the next build takes it over)" if v else "no"
         elif v is None:

@@ -70,7 +70,7 @@ from . import faults
 from .checkpoint import remove_partial_files, save_checkpoint
 from .config import TrainConfig, build_model
 from .ema import EMA
-from .evaluate import autocast_for, evaluate
+from .evaluate import amp_note, autocast_for, evaluate
 from .loggers import RunLoggers, check_logger
 from .optim import adaptive_clip_, agc_parameters, lr_at, make_optimizer, set_lr
 from .recalibrate import (GradientProjection, StepStatistics, pin_in_forward, pin_to_average, recalibrate_salu,
@@ -169,6 +169,8 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
     print(f"data: {run.source.note}")
     print(f"kernels: {kernels.kernel_path(run.info.device)}; device {run.info.device}; ranks {run.info.world}; "
           f"{sum(p.numel() for p in run.model.parameters()):,} parameters; {run.source.steps} steps/epoch", flush=True)
+    if (note := amp_note(cfg.amp, run.info.device)) is not None:
+        print(note, file=sys.stderr, flush=True)
     if cfg.salu_recalibrate_every:
         print(f"pin: every {cfg.salu_recalibrate_every} step(s), by the SALU sites in the model's own forward"
               + (" (one more compiled graph)" if cfg.compile else "")
