@@ -96,7 +96,8 @@ def report(build: bool = False) -> dict:
 _LABELS = {
     "salunet": "salunet", "python": "python", "platform": "platform", "torch": "torch", "torch_git": "torch git",
     "torch_cxx11_abi": "torch C++11 ABI", "torch_cuda": "torch CUDA", "cuda_devices": "CUDA devices",
-    "numpy": "numpy", "cpu_isa": "CPU ISA", "cpu_half": "CPU bf16 / fp16", "threads": "torch threads", "kernel_mode": "kernel mode",
+    "numpy": "numpy", "cpu_isa": "CPU ISA", "cpu_half": "CPU bf16 / fp16", "threads": "torch threads",
+    "kernel_mode": "kernel mode",
     "kernel_path_cpu": "kernel path (CPU)", "kernel_cache": "kernel cache", "kernel_build": "kernel build",
     "kernel_build_current": "build current", "kernel_built_at": "built at", "kernel_build_s": "build seconds",
     "kernel_stale_lock": "stale build lock", "kernel_error": "build error", "compiler": "C++ compiler",
