@@ -212,7 +212,8 @@ def pin(model, *args, **kw):  # the trainer's pin (its own reduce: a new closure
     return out
 torch.compile, loop.pin_in_forward = compile_aot_eager, pin
 torch._dynamo.reset()
-s = train(dict(model="salunet_c18_v2", model_overrides={"layers": [1, 1, 1, 1]}, width=4, data="digits", train_subset=64, test_subset=32, batch_size=16,
+s = train(dict(model="salunet_c18_v2", model_overrides={"layers": [1, 1, 1, 1]}, width=4, data="digits",
+               train_subset=64, test_subset=32, batch_size=16,
                epochs=1, ema_decay=0.0, progress=False, device="cpu", out=out, name="ddpc", compile=True,
                salu_recalibrate=0.5, salu_recalibrate_every=1))
 torch.compile, loop.pin_in_forward = torch_compile, real_pin

@@ -219,6 +219,25 @@ def test_vit_and_bn_models_train(tmp_path, monkeypatch, capsys):
     assert "amp:" not in capsys.readouterr().err
 
 
+def test_cpu_amp_cost_script_times_both_dtypes_and_reports_ratios(capsys):
+    """scripts/cpu_amp_cost.py (docs/BENCHMARKS.md): every case timed in float32 and in the half dtype, the ratio
+    their quotient, the CPU's native answer recorded, one JSON line printed (tiny sizes, one repeat)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("cpu_amp_cost", Path(__file__).parents[1] / "scripts" /
+                                                  "cpu_amp_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--width", "4", "--batch", "2", "--repeats", "1"])
+    E = sys.modules["salunet.train.evaluate"]
+    assert out["native"] == E.cpu_has_native("bf16") and out["amp"] == "bf16"
+    for case in ("train step", "conv 3x3", "matmul 4096x384x384"):
+        r = out[case]
+        assert r["float32_s"] > 0 and r["bf16_s"] > 0 and r["ratio"] == pytest.approx(r["bf16_s"] / r["float32_s"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+
+
 def test_amp_note_names_the_slow_path_only_where_it_is_taken(monkeypatch):
     """--amp on a CPU without native half precision (oneDNN's check) gets a line that says so and what to use; a
     GPU, --amp none, a CPU with native support and a torch that cannot tell get none."""

@@ -43,8 +43,9 @@ def cpu_has_native(amp: str) -> bool | None:
 
 def amp_note(amp: str, device: torch.device) -> str | None:
     """The line a run prints when ``--amp`` takes a slow path: on a CPU without native half precision, torch's
-    convolutions and matrix products fall back to reference loops (here, an AVX2 CPU: a SaluNet-C-18 step at width
-    16 took 13x its float32 time, a convolution 50x, a matrix product 30x). None where nothing is slow."""
+    convolutions and matrix products fall back to reference loops (on this project's AVX2 CPUs a SaluNet-C-18 step
+    at width 16 took 15x its float32 time, a convolution 53x: scripts/cpu_amp_cost.py, docs/BENCHMARKS.md). None
+    where nothing is slow."""
     if amp == "none" or device.type != "cpu" or cpu_has_native(amp) is not False:
         return None
     return (f"amp: {amp} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native {amp} in oneDNN) runs "
