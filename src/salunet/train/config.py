@@ -158,7 +158,7 @@ FIELD_HELP: dict[str, str] = {
     "workers": "image folders: data-loading worker processes",
     "dist_timeout": "torchrun: seconds a rank waits for the others (a stopped or hung rank ends the run after this)",
     "device": "auto | cpu | cuda | cuda:N (auto: the GPU if there is one)",
-    "amp": "autocast dtype (fp16 adds a grad scaler); for GPUs: ~10x slower on a CPU without native bf16 (salunet doctor)",
+    "amp": "autocast dtype (fp16 adds a grad scaler); for GPUs: ~15x slower on a CPU without native bf16 (salunet doctor)",
     "channels_last": "channels-last memory format for the model and batches",
     "compile": "torch.compile the model",
     "seed": "seed of the initial weights, the data order and the augmentation",

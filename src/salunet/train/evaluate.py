@@ -49,7 +49,7 @@ def amp_note(amp: str, device: torch.device) -> str | None:
     if amp == "none" or device.type != "cpu" or cpu_has_native(amp) is not False:
         return None
     return (f"amp: {amp} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native {amp} in oneDNN) runs "
-            "torch's convolutions and matrix products on slow fallback paths (a step ~10x float32's); --amp none "
+            "torch's convolutions and matrix products on slow fallback paths (a step ~15x float32's); --amp none "
             "trains faster here (--amp is for GPUs and CPUs with AVX512-BF16 / AMX)")
 
 
