@@ -77,8 +77,7 @@ def summary(work: Path) -> dict:
     out["bench"] = bench
     for name, rows in bench.items():  # the targets, read from the rows
         for r in rows:
-            if r.get("variant") in ("salu+swalu (fused SALUAct)", "salu+galu (fused SALUAct)",
-                                    "salu+add+swalu (fused SALUAddAct)"):
+            if str(r.get("variant")).startswith(("salu+swalu (fused", "salu+galu (fused", "salu+add+swalu (fused")):
                 out.setdefault("targets", {})[f"{name}: {r['variant']} vs {r['baseline']}"] = round(r["ratio_time"], 3)
     training = {}
     for d in sorted((work / "train").iterdir()) if (work / "train").exists() else []:

@@ -8,8 +8,11 @@
 # Steps, in priority order (a call cut short still returns the logs of those that ran; the 2026-11-28 session ran
 # an earlier order, edge first, and found edge passing and rest too slow for its 90 s):
 #   rest      the GPU tests that call 1's 240 s limit cut off (checkpoints, bitwise resume, convert)
-#   profile   scripts/profile_op.py --forms: host vs device time of fused SALU+SWALU (derived quantities stored, and
-#             inlined as before 2026-11-30) and BN+ReLU
+#   triton    the hand-written Triton kernels (kernel mode triton, added 2026-11-30 after the second GPU session):
+#             tests/test_gpu.py's cuda-triton cases, every op against float64 in three dtypes, edge cases, gradcheck,
+#             autocast, channels_last (they compiled for sm_90 on the CPU machine: scripts/triton_aot.py)
+#   profile   scripts/profile_op.py --forms --triton: host vs device time of fused SALU+SWALU (derived quantities
+#             stored, and inlined as before 2026-11-30; and on the hand-written Triton kernels) and BN+ReLU
 #   pin_cost  the per-step pin inside the compiled model (pin_in_forward, added after the 2026-11-30 session):
 #             scripts/recal_cost.py --compile, the step's cost with the pin as the trainer now does it (module)
 #             against the hooks' uncompiled forward it did before (forward)
@@ -30,10 +33,11 @@ R=${OUT:-gpu_recheck_out}
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
-WANT=",${GPU_RECHECK_STEPS:-rest,profile,pin_cost,pin_test,ops_bf16,ops_fp32,edge},"  # a subset, in this file's order
+WANT=",${GPU_RECHECK_STEPS:-rest,triton,profile,pin_cost,pin_test,ops_bf16,ops_fp32,edge},"  # a subset, in this file's order
 for s in ${WANT//,/ }; do
-  [[ ",rest,profile,pin_cost,pin_test,ops_bf16,ops_fp32,edge," == *",$s,"* ]] || {
-    echo "GPU_RECHECK_STEPS: unknown step '$s'; use rest, profile, pin_cost, pin_test, ops_bf16, ops_fp32, edge" >&2; exit 2; }
+  [[ ",rest,triton,profile,pin_cost,pin_test,ops_bf16,ops_fp32,edge," == *",$s,"* ]] || {
+    echo "GPU_RECHECK_STEPS: unknown step '$s'; use rest, triton, profile, pin_cost, pin_test, ops_bf16, ops_fp32, edge" >&2
+    exit 2; }
 done
 run() {  # run NAME LIMIT CMD...
   local name=$1 limit=$2; shift 2
@@ -56,7 +60,10 @@ if ((DRY)); then skipped rest; else
   run rest 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py --tb=short -rA \
     -k "$K and (checkpoint or resume or convert)"
 fi
-run profile 60 "$PY" scripts/profile_op.py --device "$DEV" --shape "$SHAPE" --iters 20 --forms
+if ((DRY)); then skipped triton; else
+  run triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cuda-triton --tb=short -rA
+fi
+run profile 60 "$PY" scripts/profile_op.py --device "$DEV" --shape "$SHAPE" --iters 20 --forms --triton
 run pin_cost $(( DRY ? 120 : 200 )) "$PY" scripts/recal_cost.py "${PIN[@]}" --every 1 --measure forward,module
 if ((DRY)); then skipped pin_test; else
   run pin_test 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k pin_in_forward --tb=short -rA

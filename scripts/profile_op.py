@@ -1,6 +1,7 @@
 """Where the time of one fused op's forward + backward goes: host (Python, dispatch, launches) or device kernels.
 
     python scripts/profile_op.py [--device cuda] [--shape 256,64,32,32] [--dtype fp32] [--iters 20] [--forms]
+                                 [--triton]
 
 For the fused SALU -> SWALU pair (SALUAct) on the default kernel path and for BatchNorm2d + ReLU, it prints per
 call: the host's wall time to issue forward + backward without waiting (``host_ms``), the device's time between
@@ -91,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="only the timings, no profiler tables")
     ap.add_argument("--forms", action="store_true", help="also the fused pair with the derived parameter quantities "
                     "left inside the compiled kernels (kernels.REALIZE_DERIVED off), to compare on one device")
+    ap.add_argument("--triton", action="store_true", help="also the fused pair on salunet's hand-written Triton "
+                    "kernels (kernel mode triton; CUDA)")
     args = ap.parse_args(argv)
     kernels.set_kernel_mode(args.kernels)
     dev, dt = torch.device(args.device), DTYPES[args.dtype]
@@ -108,6 +111,15 @@ def main(argv=None) -> int:
         if not kernels.kernel_path(dev).startswith("compiled"):
             print(f"profile_op: --forms compares two forms of the compiled path; {dev} runs "
                   f"{kernels.kernel_path(dev)}, so both rows run the same code (add --kernels compiled)")
+    if args.triton:
+        why = kernels._triton().unavailable_reason(dev)
+        if why is None:
+            def on_triton(t):
+                with kernels.using_kernel_mode("triton"):
+                    return pair(t)
+            variants["salu+swalu (fused SALUAct, Triton kernels)"] = (on_triton, True)
+        else:
+            print(f"profile_op: --triton: no row ({why})")
     print(f"profile_op: {shape} {args.dtype} on {dev}; kernels: {kernels.kernel_path(dev)}")
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(args.repeats):  # interleaved, so that machine noise hits both alike

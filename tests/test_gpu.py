@@ -8,8 +8,14 @@ take their default path there, ``compiled`` (torch.compile / Triton), set explic
 raises instead of falling back to eager; on CPU the C++ kernels (conftest's default). The edge-case and autocast
 checks are tests/test_kernels.py's own (``check_*``), run with a device. scripts/gpu_check.sh runs this file on
 a lent GPU machine (docs/GPU.md).
+
+The kernel tests (``kdev``) also run the hand-written Triton kernels (kernel mode ``triton``): ``cuda-triton`` on a
+GPU, and ``cpu-triton`` on CPU tensors under Triton's interpreter, which needs ``TRITON_INTERPRET=1`` before triton
+is imported: tests/test_triton.py runs those cases in a subprocess with it set.
 """
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -28,6 +34,18 @@ CUDA = torch.cuda.is_available()
 NO_CUDA = "CUDA is not available (no GPU or a CPU-only torch build); the cpu twin of this test runs instead"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason=NO_CUDA))]
 DEFAULT_PATH = {"cpu": "cpp", "cuda": "compiled"}  # each device's default kernel path (nn/kernels.py)
+TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+KERNEL_PATHS = [
+    pytest.param(("cpu", "cpp"), id="cpu"),
+    pytest.param(("cuda", "compiled"), id="cuda", marks=pytest.mark.skipif(not CUDA, reason=NO_CUDA)),
+    pytest.param(("cuda", "triton"), id="cuda-triton", marks=pytest.mark.skipif(
+        not CUDA or not TRITON or INTERPRET, reason="needs CUDA and triton, without TRITON_INTERPRET")),
+    pytest.param(("cpu", "triton"), id="cpu-triton", marks=pytest.mark.skipif(
+        not (TRITON and INTERPRET), reason="Triton's interpreter: tests/test_triton.py runs these cases in a "
+        "subprocess with TRITON_INTERPRET=1" if TRITON else "triton is not installed (pip install "
+        "'salunet[triton]')")),
+]
 
 
 @pytest.fixture(params=DEVICES)
@@ -35,6 +53,14 @@ def dev(request):
     """The device of the test, with that device's default kernel path selected."""
     kernels.set_kernel_mode(DEFAULT_PATH[request.param])
     return torch.device(request.param)
+
+
+@pytest.fixture(params=KERNEL_PATHS)
+def kdev(request):
+    """The device of a kernel test, with a kernel path selected: each device's default, and the Triton kernels."""
+    device, mode = request.param
+    kernels.set_kernel_mode(mode)
+    return torch.device(device)
 
 
 # ---- every op against the float64 reference ----------------------------------------------------------------
@@ -56,8 +82,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", kernels.OPS)
-def test_every_op_matches_float64_reference(dev, op, dtype):
-    """Values and gradients (x, residual, every parameter) of each fused op on ``dev`` against the plain formula
+def test_every_op_matches_float64_reference(kdev, op, dtype):
+    """Values and gradients (x, residual, every parameter) of each fused op on ``kdev`` against the plain formula
     in float64 on the same (rounded) inputs. Parameter gradients are float32 sums computed in float32 from exact
     inputs, so they meet float32 precision in every input dtype."""
     g = torch.Generator().manual_seed(0)
@@ -67,15 +93,15 @@ def test_every_op_matches_float64_reference(dev, op, dtype):
     params = [torch.rand(6, 1, 1, generator=g) * 1.7 + 0.3 for _ in range(n)]
     up = torch.randn(shape, generator=g).to(dtype)
 
-    leaves = [t.to(dev).requires_grad_() for t in [x, *([] if res is None else [res]), *params]]
+    leaves = [t.to(kdev).requires_grad_() for t in [x, *([] if res is None else [res]), *params]]
     y = getattr(F, op)(*leaves)
-    grads = torch.autograd.grad(y, leaves, up.to(dev))
+    grads = torch.autograd.grad(y, leaves, up.to(kdev))
     ref_leaves = [t.detach().double().requires_grad_() for t in [x, *([] if res is None else [res]), *params]]
     ref_res = ref_leaves[1] if res is not None else None
     y_ref = _ref(op, ref_leaves[0], ref_res, *ref_leaves[1 + (res is not None):])
     ref_grads = torch.autograd.grad(y_ref, ref_leaves, up.double())
 
-    assert y.dtype == dtype and y.device.type == dev.type
+    assert y.dtype == dtype and y.device.type == kdev.type
     tol = TOL[dtype]
     torch.testing.assert_close(y.cpu().double(), y_ref, rtol=tol, atol=tol)
     n_act = 1 + (res is not None)  # gradients in the input dtype: x (and the residual)
@@ -88,29 +114,31 @@ def test_every_op_matches_float64_reference(dev, op, dtype):
 # ---- the CPU tests' edge cases (+-inf, NaN, huge x, x = 0) ---------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_edge_cases(dev, dtype):
+def test_edge_cases(kdev, dtype):
     for ab in PARAMS:
-        check_salu_edge_cases(dtype, ab, dev)
+        check_salu_edge_cases(dtype, ab, kdev)
         for op in ("swalu", "galu"):
-            check_gate_edge_cases(op, dtype, ab, dev)
+            check_gate_edge_cases(op, dtype, ab, kdev)
     for op in ("salu", "swalu", "galu"):
-        check_inf_and_nan(op, dtype, dev)
+        check_inf_and_nan(op, dtype, kdev)
 
 
 # ---- float64 gradcheck --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["default", "eager"])
 @pytest.mark.parametrize("op", kernels.OPS)
-def test_gradcheck_float64(dev, op, mode):
+def test_gradcheck_float64(kdev, op, mode):
     """Analytical gradients of every op (x, residual, per-channel parameters) against float64 finite
     differences, on the device's default path and on the eager path."""
     if mode == "eager":
+        if kernels.get_kernel_mode() == "triton":
+            pytest.skip("the eager path is the cpu and cuda cases' own")
         kernels.set_kernel_mode("eager")
     n = 2 if op in ("salu", "swalu", "galu") else 4
-    x = (torch.randn(2, 3, 4, 4, dtype=torch.float64) * 2).to(dev).requires_grad_()
-    res = [torch.randn(2, 3, 4, 4, dtype=torch.float64, device=dev, requires_grad=True)] \
+    x = (torch.randn(2, 3, 4, 4, dtype=torch.float64) * 2).to(kdev).requires_grad_()
+    res = [torch.randn(2, 3, 4, 4, dtype=torch.float64, device=kdev, requires_grad=True)] \
         if op in kernels.RESIDUAL_OPS else []
-    ps = [_positive_params((3, 1, 1)).detach().to(dev).requires_grad_() for _ in range(n)]
+    ps = [_positive_params((3, 1, 1)).detach().to(kdev).requires_grad_() for _ in range(n)]
     assert gradcheck(getattr(F, op), (x, *res, *ps))
 
 
@@ -121,20 +149,83 @@ def test_compiled_path_issues_one_call_per_direction(dev):
     check_one_compiled_call(dev)
 
 
+# ---- the Triton path's own checks ---------------------------------------------------------------------------
+
+@pytest.fixture(params=[p for p in KERNEL_PATHS if p.values[0][1] == "triton"])
+def tdev(request):
+    """The device of a test of the Triton kernels (``cuda-triton``, ``cpu-triton``)."""
+    device, mode = request.param
+    kernels.set_kernel_mode(mode)
+    return torch.device(device)
+
+
+def test_triton_path_runs_no_op_by_op_math(tdev, monkeypatch):
+    """Forward and backward of every op take the Triton kernels, never the eager math, on a contiguous, a
+    channels_last, a token-shaped and a strided (made dense) input, with per-channel and scalar parameters, and
+    inputs of several tiles each way (more channels than a tile's columns, more rows than its rows, several row
+    blocks per program); the results are the eager path's."""
+    from salunet.nn import triton_kernels
+    monkeypatch.setattr(triton_kernels, "_PROGRAMS", 2)  # several row blocks per program at these small sizes
+    expected = {}
+    cases = [((2, 6, 5, 5), 1, None), ((2, 6, 5, 5), 1, torch.channels_last), ((3, 7, 6), 2, None),
+             ((2, 6, 10, 5), 1, "strided"), ((2, 6, 5, 5), None, None), ((4, 300, 3, 3), 1, torch.channels_last),
+             ((2, 3, 40, 40), 1, None)]
+    saved = dict(kernels._MATH)
+    try:
+        for op in kernels.OPS:
+            for k, (shape, axis, fmt) in enumerate(cases):
+                x = torch.randn(shape, device=tdev) * 3
+                if fmt not in (None, "strided"):
+                    x = x.to(memory_format=fmt)
+                view = (lambda t: t[:, :, ::2]) if fmt == "strided" else (lambda t: t)  # of the leaf, not dense
+                c = 1 if axis is None else x.shape[axis]
+                ps = [(torch.rand(c, device=tdev) + 0.3).log() if axis is not None else
+                      (torch.rand((), device=tdev) + 0.3).log() for _ in range(kernels._NPARAMS[op])]
+                res = torch.randn(view(x).shape, device=tdev) if op in kernels.RESIDUAL_OPS else None
+                for mode in ("eager", "triton"):
+                    kernels.set_kernel_mode(mode)
+                    leaves = [x.clone().requires_grad_(), *[p.clone().requires_grad_() for p in ps]]
+                    r = None if res is None else res.clone().requires_grad_()
+                    y = kernels.fused(op, view(leaves[0]), *leaves[1:], log_params=True, axis=axis, residual=r)
+                    grads = torch.autograd.grad(y, leaves + ([r] if r is not None else []), torch.ones_like(y))
+                    if mode == "eager":
+                        expected[op, k] = (y, grads)
+                        kernels._MATH.update(fwd=None, bwd=None)  # the op-by-op math: not called on this path
+                    else:
+                        kernels._MATH.update(saved)
+                        want_y, want_g = expected[op, k]
+                        torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+                        for got, want in zip(grads, want_g):
+                            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    finally:
+        kernels._MATH.update(saved)
+    assert len(expected) == len(kernels.OPS) * len(cases)
+
+
+def test_triton_path_hands_parameters_on_several_axes_to_the_compiled_path(tdev, monkeypatch):
+    """Parameters that vary along two axes (the functional API allows it) have no Triton layout: the call takes the
+    compiled path, and says so in the log."""
+    taken = []
+    monkeypatch.setattr(kernels, "_call_core", lambda path, *a: taken.append(path) or kernels._forward_math(*a[1:]))
+    x = torch.randn(2, 3, 4, device=tdev)
+    F.salu(x, torch.rand(3, 4, device=tdev) + 0.5, torch.rand(3, 1, device=tdev) + 0.5)
+    assert taken == ["compiled"]
+
+
 # ---- autocast and channels_last ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_autocast(dev, dtype):
-    check_autocast(dtype, dev)
+def test_autocast(kdev, dtype):
+    check_autocast(dtype, kdev)
 
 
 @pytest.mark.parametrize("tail", [False, True], ids=["SALUAct", "SALUAddAct"])
-def test_channels_last_matches_contiguous_eager(dev, tail):
+def test_channels_last_matches_contiguous_eager(kdev, tail):
     """A channels_last input keeps its layout through the fused pair / residual tail, with the values and
     gradients (x, residual, parameters) of the unfused modules on a contiguous copy, op by op."""
-    m = (SALUAddAct if tail else SALUAct)(SALU(8, a_init=0.7, b_init=0.3), SWALU(8)).to(dev)
-    x = (torch.randn(2, 8, 6, 6, device=dev) * 2).to(memory_format=torch.channels_last).requires_grad_()
-    r = torch.randn(2, 8, 6, 6, device=dev, requires_grad=True)  # contiguous while x is channels_last
+    m = (SALUAddAct if tail else SALUAct)(SALU(8, a_init=0.7, b_init=0.3), SWALU(8)).to(kdev)
+    x = (torch.randn(2, 8, 6, 6, device=kdev) * 2).to(memory_format=torch.channels_last).requires_grad_()
+    r = torch.randn(2, 8, 6, 6, device=kdev, requires_grad=True)  # contiguous while x is channels_last
     y = m(x, r) if tail else m(x)
     assert y.is_contiguous(memory_format=torch.channels_last)
     leaves = [x, r] if tail else [x]

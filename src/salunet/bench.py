@@ -151,7 +151,7 @@ class OpResult:
 def _path(variant: str, device: str = "cpu") -> str:
     if "reference" in variant or not any(op in variant for op in ("salu", "swalu", "galu")):
         return "torch"
-    for key, mode in (("eager", "eager"), ("C++", "cpp"), ("inductor", "compiled")):
+    for key, mode in (("eager", "eager"), ("C++", "cpp"), ("inductor", "compiled"), ("Triton kernels", "triton")):
         if key in variant:
             return "salunet " + mode
     return "salunet " + kernels.kernel_path(device)
@@ -251,6 +251,21 @@ def _params(*mods):
 _C, _D = 64, 384  # channels of the NCHW cases, hidden size of the token case
 
 
+def _in_mode(mode: str, fn: Callable) -> Callable:
+    """``fn`` run in kernel mode ``mode``; the path is fixed at forward time, so backward runs the same path."""
+    def run(x):
+        with kernels.using_kernel_mode(mode):
+            return fn(x)
+    return run
+
+
+def _with_triton(device, variants: dict, name: str, fn: Callable, params: list) -> dict:
+    """``variants`` plus ``name`` (``fn`` on salunet's hand-written Triton kernels) on CUDA, where they run."""
+    if device.type == "cuda" and kernels._triton().available(device):
+        variants[name] = (_in_mode("triton", fn), params)
+    return variants
+
+
 def _on(device, *mods):
     """Modules on ``device`` with float32 parameters (activations carry the benchmark's dtype)."""
     return [m.to(device) for m in mods]
@@ -260,12 +275,12 @@ def _nchw_case(n: int = 64, device=torch.device("cpu"), dtype: str = "fp32"):
     """SALU + SWALU (two modules, fused) vs BatchNorm2d + ReLU on NCHW."""
     bn, relu, s1, w1 = _on(device, nn.BatchNorm2d(_C), nn.ReLU(), SALU(_C), SWALU(_C))
     pair, = _on(device, SALUAct(SALU(_C), SWALU(_C)))
-    return f"NCHW ({n}, 64, 32, 32)", f"nchw_{n}x64x32x32", (n, _C, 32, 32), {
+    return f"NCHW ({n}, 64, 32, 32)", f"nchw_{n}x64x32x32", (n, _C, 32, 32), _with_triton(device, {
         "batchnorm2d+relu": (lambda x: relu(bn(x)), _params(bn)),
         "salu+swalu (two modules)": (lambda x: w1(s1(x)), _params(s1, w1)),
         "salu+swalu (fused SALUAct)": (pair, _params(pair)),
         "swalu alone": (w1, _params(w1)),
-    }, "batchnorm2d+relu"
+    }, "salu+swalu (fused SALUAct, Triton kernels)", pair, _params(pair)), "batchnorm2d+relu"
 
 
 def _tail_case(n: int = 64, device=torch.device("cpu"), dtype: str = "fp32"):
@@ -274,10 +289,11 @@ def _tail_case(n: int = 64, device=torch.device("cpu"), dtype: str = "fp32"):
 
     r0 = torch.randn(n, _C, 32, 32, device=device).to(DTYPES[dtype])
     bn2, relu, tail = _on(device, nn.BatchNorm2d(_C), nn.ReLU(), SALUAddAct(SALU(_C), SWALU(_C)))
-    return f"residual tail NCHW ({n}, 64, 32, 32)", f"tail_{n}x64x32x32", (n, _C, 32, 32), {
+    return f"residual tail NCHW ({n}, 64, 32, 32)", f"tail_{n}x64x32x32", (n, _C, 32, 32), _with_triton(device, {
         "batchnorm2d+add+relu": (lambda x: relu(bn2(x) + r0), _params(bn2)),
         "salu+add+swalu (fused SALUAddAct)": (lambda x: tail(x, r0), _params(tail)),
-    }, "batchnorm2d+add+relu"
+    }, "salu+add+swalu (fused SALUAddAct, Triton kernels)", lambda x: tail(x, r0), _params(tail)), \
+        "batchnorm2d+add+relu"
 
 
 def _token_case(n: int = 128, device=torch.device("cpu"), dtype: str = "fp32"):
@@ -287,42 +303,31 @@ def _token_case(n: int = 128, device=torch.device("cpu"), dtype: str = "fp32"):
     # is LayerNorm cast to bf16, as a model cast with .to(torch.bfloat16) runs it
     ln.to(DTYPES[dtype])
     pair2, = _on(device, SALUAct(SALU(_D, dim=-1), GALU(_D, dim=-1)))
-    return f"tokens ({n}, 65, 384)", f"tokens_{n}x65x384", (n, 65, _D), {
+    return f"tokens ({n}, 65, 384)", f"tokens_{n}x65x384", (n, 65, _D), _with_triton(device, {
         "layernorm+gelu": (lambda x: gelu(ln(x)), _params(ln)),
         "salu+galu (two modules)": (lambda x: g2(s2(x)), _params(s2, g2)),
         "salu+galu (fused SALUAct)": (pair2, _params(pair2)),
-    }, "layernorm+gelu"
+    }, "salu+galu (fused SALUAct, Triton kernels)", pair2, _params(pair2)), "layernorm+gelu"
 
 
 def _salu_alone_case(n: int = 64, device=torch.device("cpu"), dtype: str = "fp32"):
-    """SALU alone on every path (C++ on CPU only, inductor, eager), the plain-formula reference and its
-    torch.compile."""
+    """SALU alone on every path (C++ on CPU only, inductor, Triton kernels on CUDA only, eager), the plain-formula
+    reference and its torch.compile."""
     bn, s3 = _on(device, nn.BatchNorm2d(_C), SALU(_C))
     a = torch.ones(_C, 1, 1, device=device, requires_grad=True)
     b = torch.ones(_C, 1, 1, device=device, requires_grad=True)
     ref_compiled = torch.compile(F.salu_reference, dynamic=False)
-
-    def in_mode(mode, m):
-        """``m`` in kernel mode ``mode``; the path is fixed at forward time, so backward runs the same path."""
-        def run(x):
-            old = kernels.get_kernel_mode()
-            kernels.set_kernel_mode(mode)
-            try:
-                return m(x)
-            finally:
-                kernels.set_kernel_mode(old)
-        return run
-
     variants = {
         "batchnorm2d": (bn, _params(bn)),
-        "salu fused, C++": (in_mode("cpp", s3), _params(s3)),
-        "salu fused, inductor": (in_mode("compiled", s3), _params(s3)),
-        "salu fused, eager": (in_mode("eager", s3), _params(s3)),
+        "salu fused, C++": (_in_mode("cpp", s3), _params(s3)),
+        "salu fused, inductor": (_in_mode("compiled", s3), _params(s3)),
+        "salu fused, eager": (_in_mode("eager", s3), _params(s3)),
         "salu reference": (lambda x: F.salu_reference(x, a, b), [a, b]),
         "salu reference, torch.compile": (lambda x: ref_compiled(x, a, b), [a, b]),
     }
     if device.type != "cpu":  # the C++ kernels take CPU tensors only
         del variants["salu fused, C++"]
+    _with_triton(device, variants, "salu fused, Triton kernels", s3, _params(s3))
     return "SALU alone, variants", f"salu_{n}x64x32x32", (n, _C, 32, 32), variants, "batchnorm2d"
 
 

@@ -21,7 +21,7 @@ float16 / bfloat16 inputs are computed in float32 and returned in their own dtyp
 Gates (docs/SPEC.md **[decided]**): SWALU(x) = x * sigmoid(SALU(x)), GALU(x) = x * Phi(SALU(x)).
 
 Execution. The math below is plain tensor code; :class:`FusedFn` (a custom autograd Function) runs it on one
-of three paths, chosen by ``set_kernel_mode`` / ``SALUNET_KERNELS``:
+of four paths, chosen by ``set_kernel_mode`` / ``SALUNET_KERNELS``:
 
 - ``cpp`` (``auto`` on CPU): the same math hand-written in ``csrc/salu_cpu.cpp`` with ATen's vector types, one
   pass over memory per direction, parameter gradients reduced in per-thread accumulators; built once per
@@ -33,6 +33,9 @@ of three paths, chosen by ``set_kernel_mode`` / ``SALUNET_KERNELS``:
   (:func:`_forward_math`, :func:`_backward_math`: parameter preparation and gradient reduction included), one
   compiled call per direction, so that the host issues little besides the kernels; the per-channel derived
   quantities are returned beside the result so that inductor stores them once (:data:`REALIZE_DERIVED`).
+- ``triton`` (CUDA; chosen explicitly): the same math hand-written in Triton (:mod:`salunet.nn.triton_kernels`),
+  launched directly: one kernel forward, two backward, a few microseconds of host time where a compiled region
+  costs about half a millisecond. Not yet ``auto``'s choice on CUDA: no GPU has measured it (docs/GPU.md).
 - ``eager``: the functions below op by op.
 If the chosen path cannot be built on this machine, ``auto`` warns once, says why and how to fix it, and takes the
 eager path.
@@ -43,6 +46,7 @@ holds the math and never an opaque kernel call (``salunet.export``; README "Depl
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -56,7 +60,8 @@ from torch import Tensor
 
 from . import cpu_ext
 
-__all__ = ["OPS", "LOG_LIMIT", "FusedFn", "fused", "recorded", "get_kernel_mode", "set_kernel_mode", "kernel_path"]
+__all__ = ["OPS", "LOG_LIMIT", "FusedFn", "fused", "recorded", "get_kernel_mode", "set_kernel_mode", "using_kernel_mode",
+           "kernel_path"]
 
 log = logging.getLogger("salunet.kernels")
 
@@ -233,7 +238,7 @@ def _prepare(log_params: bool, cdt: torch.dtype, params: Sequence[Tensor]):
 # ----------------------------------------------------------------------------------------------------------
 # execution paths: C++ (CPU), compiled (inductor), eager
 
-_MODES = ("auto", "cpp", "compiled", "eager")
+_MODES = ("auto", "cpp", "compiled", "triton", "eager")
 _mode = os.environ.get("SALUNET_KERNELS", "auto").strip().lower() or "auto"
 if _mode not in _MODES:
     raise ValueError(f"SALUNET_KERNELS={_mode!r} is not a kernel mode; use one of {', '.join(_MODES)}")
@@ -254,6 +259,8 @@ def set_kernel_mode(mode: str) -> None:
       devices; if that path cannot be built on this machine, warn once, say why, and run eagerly;
     - ``cpp``: the C++ kernels (CPU tensors only); an error if they cannot be built;
     - ``compiled``: ``torch.compile``/inductor on every device (one compilation per input shape);
+    - ``triton``: salunet's hand-written Triton kernels (CUDA tensors; CPU tensors only under Triton's interpreter,
+      ``TRITON_INTERPRET=1``, for tests); an error where they cannot run;
     - ``eager``: the same math op by op (slowest; no build step).
     """
     global _mode
@@ -267,12 +274,29 @@ def get_kernel_mode() -> str:
     return _mode
 
 
+@contextlib.contextmanager
+def using_kernel_mode(mode: str):
+    """``with using_kernel_mode("triton"): y = model(x)``: the mode for the block, the previous one after it. A
+    backward runs the path its forward took, whatever the mode is then."""
+    old = _mode
+    set_kernel_mode(mode)
+    try:
+        yield
+    finally:
+        set_kernel_mode(old)
+
+
 def _path_for(device: torch.device) -> str:
     """The path (``cpp`` / ``compiled`` / ``eager``) that the current mode takes on ``device``."""
     if _mode == "eager" or device.type == "meta":  # meta tensors: shapes only, the math traces as is
         return "eager"
     if _mode == "compiled":
         return "compiled"
+    if _mode == "triton":
+        why = _triton().unavailable_reason(device)
+        if why is not None:
+            raise ValueError(f"salunet: kernel mode 'triton': {why} (or choose another path: SALUNET_KERNELS=auto)")
+        return "triton"
     if device.type == "cpu":
         if cpu_ext.load() is not None:
             return "cpp"
@@ -305,6 +329,9 @@ def kernel_path(device: torch.device | str = "cpu") -> str:
     if path == "compiled":
         backend = "C++/OpenMP" if dev.type == "cpu" else "Triton" if dev.type == "cuda" else dev.type
         return f"compiled (torch.compile/inductor, {backend})"
+    if path == "triton":
+        how = "Triton's interpreter" if dev.type == "cpu" else f"Triton {_triton().triton.__version__}"
+        return f"triton (salunet's hand-written kernels, {how})"
     why = ("SALUNET_KERNELS=eager" if _mode == "eager" else f"torch.compile failed: {_compile_failed.get(dev.type)}"
            if dev.type != "cpu" else f"C++ build failed: {cpu_ext.load_error()}")
     return f"eager (op by op; {why})"
@@ -376,6 +403,8 @@ def _call_core(path: str, direction: str, op: str, log_params: bool, *args: Tens
     math_fn = _MATH[direction]
     if path == "eager" or torch.compiler.is_compiling():  # in a compiled model: trace inline, inductor fuses
         return math_fn(op, log_params, *args)
+    if path == "triton":
+        return _triton_call(direction, op, log_params, *args)
     x = args[0] if direction == "fwd" else args[1]
     fn = _get_compiled(direction, op, log_params, args)
     try:
@@ -392,6 +421,23 @@ def _call_core(path: str, direction: str, op: str, log_params: bool, *args: Tens
         return math_fn(op, log_params, *args)
     _compiled_ran.add(id(fn))
     return out
+
+
+def _triton():
+    """salunet.nn.triton_kernels, imported on first use (importing triton takes about a second)."""
+    from . import triton_kernels
+    return triton_kernels
+
+
+def _triton_call(direction: str, op: str, log_params: bool, *args: Tensor | None):
+    """The Triton path of :func:`_call_core`: ``x`` (and the residual, with x's strides) dense in a layout of
+    :func:`_layout` (:func:`fused` made them so), parameters per channel or scalar."""
+    x, params = (args[0], args[2:]) if direction == "fwd" else (args[1], args[3:])
+    lay = _layout(tuple(x.shape), x.stride(), _param_axis(x.dim(), broadcast_shape([p.shape for p in params])))
+    tk = _triton()
+    if direction == "fwd":
+        return tk.forward(op, log_params, x, args[1], params, lay, LOG_LIMIT)
+    return tk.backward(op, log_params, args[0], x, args[2], params, lay, LOG_LIMIT)
 
 
 # ---- the C++ path: (outer, C, inner) layouts ---------------------------------------------------------------
@@ -580,6 +626,15 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: i
         return FusedFn.apply("eager", op, log_params, x, residual, *_broadcastable(params, x, axis))
     path = _path_for(x.device)
     _report(x.device)
+    if path == "triton":
+        if axis is False:
+            axis = _param_axis(x.dim(), broadcast_shape([p.shape for p in params]))
+        if axis is False:
+            path = "compiled"
+            _log_once(f"{op}: parameters vary along more than one axis; the Triton kernels handle scalar or "
+                      "per-channel parameters, this call takes the compiled path")
+        else:
+            x, residual = _dense_for_kernels(x, axis, residual)
     if path == "cpp":
         if axis is False:
             axis = _param_axis(x.dim(), broadcast_shape([p.shape for p in params]))
@@ -605,6 +660,16 @@ def recorded(op: str, x: Tensor, *params: Tensor, log_params: bool = False,
     _, derived = _prepare(log_params, cdt, params)
     res = None if residual is None else residual.to(cdt)
     return _fwd_core(op, x.to(cdt), res, *derived, elementary=True).to(x.dtype)
+
+
+def _dense_for_kernels(x: Tensor, axis: int | None, residual: Tensor | None):
+    """``x`` dense in a layout of :func:`_layout` (else made contiguous) and the residual in x's strides (its own
+    dtype): what the Triton kernels read with one flat offset."""
+    if _layout(tuple(x.shape), x.stride(), axis) is None:
+        x = x.contiguous()
+    if residual is not None and residual.stride() != x.stride():
+        residual = torch.empty_like(x, dtype=residual.dtype).copy_(residual)
+    return x, residual
 
 
 def _broadcastable(params: Sequence[Tensor], x: Tensor, axis) -> Sequence[Tensor]:

@@ -1,0 +1,332 @@
+"""Hand-written Triton kernels for the fused ops: one launch per forward, two per backward (kernel mode ``triton``).
+
+Why they exist. The ``compiled`` path (inductor) generates good device code, but each call of a compiled region
+costs the host about half a millisecond (guards, the AOT-autograd wrappers, inductor's launcher): on an H200 a
+fused SALU + SWALU forward + backward on a (256, 64, 32, 32) tensor took 1.17 ms to issue against 0.42 ms of
+kernels (docs/BENCHMARKS.md "On a GPU"), so an op called alone was host-bound at 1.4-3.7x its normalised baseline.
+These kernels are launched directly: the forward is one kernel, the backward one kernel for dL/dx (and dL/dres)
+and the parameter gradients' partial sums per tile (the log-parametrisation's chain rule applied), then one
+``sum`` over the partial sums per channel (a fixed order, hence deterministic: no atomics).
+
+The math is :mod:`salunet.nn.kernels`'s (its module docstring): the rescaled SALU t = clamp(x sqrt(ab)), q =
+t rsqrt(1 + t^2), y = sqrt(a/b) q, with q pinned to +-1 past saturation (Triton's float32 rsqrt is approximate),
+every derivative in the bounded q and r. GALU's normal CDF uses erfc from elementary operations
+(:data:`salunet.nn.kernels._ERFC_COEFFS`, relative error < 1e-5 in float32, also in the far tail): Triton has
+erf but no erfc on every backend, and 1 - erf cancels to 0 in the left tail. Compute in float32 (float64 when the
+input or a parameter is float64), inputs and outputs in their own dtypes.
+
+Layout. ``x`` is viewed as (outer, C, inner) in memory order (:func:`salunet.nn.kernels._layout`: contiguous or
+channels_last; 1 channel for scalar parameters), tiled two ways so that the per-channel quantities (square roots,
+quotients) are computed once per tile row or column, not per element:
+
+- inner > 1 (NCHW): rows are (outer, channel) pairs, columns the inner positions; parameters vary along rows;
+- inner == 1 (channels_last, tokens): rows are the outer positions, columns the channels; parameters along columns.
+
+Where it runs: CUDA tensors; CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
+triton is imported: numpy, very slow), which is how CI tests these kernels (tests/test_triton.py). Checked on CPU
+against float64 in the interpreter; what a GPU compiles is checked by tests/triton_cases.py on CUDA
+(scripts/gpu_check.sh).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # the optional extra: pip install 'salunet[triton]' (CUDA torch builds ship it)
+    triton = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    _IMPORT_ERROR = ""
+
+__all__ = ["available", "unavailable_reason", "forward", "backward"]
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (None if they can)."""
+    if triton is None:
+        return f"triton is not installed ({_IMPORT_ERROR}); pip install 'salunet[triton]'"
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRETED):
+        return None
+    return (f"the Triton kernels run CUDA tensors (or CPU tensors under TRITON_INTERPRET=1, for tests), got a tensor "
+            f"on {device}")
+
+
+def available(device: torch.device) -> bool:
+    return unavailable_reason(device) is None
+
+
+# op -> (has a SALU stage first, gate: 0 none / 1 logistic / 2 normal CDF, has a residual)
+_OP_FLAGS = {"salu": (True, 0, False), "swalu": (False, 1, False), "galu": (False, 2, False),
+             "salu_swalu": (True, 1, False), "salu_galu": (True, 2, False),
+             "salu_add_swalu": (True, 1, True), "salu_add_galu": (True, 2, True)}
+
+if triton is not None:
+    from .kernels import _ERFC_COEFFS as _E
+
+    _E0, _E1, _E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9 = (tl.constexpr(c) for c in _E)
+    _INV_SQRT2 = tl.constexpr(1.0 / math.sqrt(2.0))
+    _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
+
+    @triton.jit
+    def _prepared(p_ptr, idx, mask, LOG: tl.constexpr, LIMIT: tl.constexpr, CDT: tl.constexpr):
+        """A parameter (exp of its clamped log if LOG) at channel indices ``idx``, in the compute dtype."""
+        p = tl.load(p_ptr + idx, mask=mask, other=1.0).to(CDT)
+        if LOG:
+            p = tl.exp(tl.minimum(tl.maximum(p, -LIMIT), LIMIT))
+        return p
+
+    @triton.jit
+    def _terms(x, sab, LIM: tl.constexpr, SAT: tl.constexpr):
+        """(r, q) of the rescaled SALU (kernels._salu_terms; LIM, SAT: its clamp and saturation for the compute
+        dtype): NaN passes, +-inf gives q = +-1."""
+        t = x * sab
+        t = tl.minimum(tl.maximum(t, -LIM, propagate_nan=tl.PropagateNan.ALL), LIM, propagate_nan=tl.PropagateNan.ALL)
+        r = tl.math.rsqrt(1.0 + t * t)
+        q = tl.minimum(tl.maximum(t * r, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                       propagate_nan=tl.PropagateNan.ALL)
+        q = tl.where(tl.abs(t) >= SAT, tl.where(t > 0, 1.0, -1.0).to(q.dtype), q)
+        return r, q
+
+    @triton.jit
+    def _erfc(z):
+        """erfc from exp and arithmetic (kernels._erfc_elementary's fit)."""
+        az = tl.abs(z)
+        t = 1.0 / (1.0 + 0.5 * az)
+        poly = _E9 + t * 0.0
+        poly = poly * t + _E8
+        poly = poly * t + _E7
+        poly = poly * t + _E6
+        poly = poly * t + _E5
+        poly = poly * t + _E4
+        poly = poly * t + _E3
+        poly = poly * t + _E2
+        poly = poly * t + _E1
+        poly = poly * t + _E0
+        y = t * tl.exp(poly - az * az)
+        return tl.where(z < 0, 2.0 - y, y)
+
+    @triton.jit
+    def _gate(s, GATE: tl.constexpr):
+        """(p(s), p'(s)): logistic for GATE 1, the normal CDF for GATE 2."""
+        if GATE == 1:
+            p = 1.0 / (1.0 + tl.exp(-s))
+            dp = p * (1.0 - p)
+        else:
+            p = 0.5 * _erfc(-s * _INV_SQRT2)
+            dp = tl.exp(-0.5 * s * s) * _INV_SQRT_2PI
+        return p, dp
+
+    @triton.jit
+    def _tile(pid_m, pid_n, M, N, C, BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr):
+        """Offsets, mask and channel indices of a (BM, BN) tile of the (M, N) matrix view; ROWS: the parameters
+        vary along rows (channel = row % C) or else along columns (channel = column)."""
+        rows = pid_m * BM + tl.arange(0, BM)
+        cols = pid_n * BN + tl.arange(0, BN)
+        rmask = rows < M
+        cmask = cols < N
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        mask = rmask[:, None] & cmask[None, :]
+        if ROWS:
+            ch = rows % C
+            chmask = rmask
+        else:
+            ch = cols
+            chmask = cmask
+        return offs, mask, ch, chmask
+
+    @triton.jit
+    def _stage(p_ptr_a, p_ptr_b, ch, chmask, ROWS: tl.constexpr, LOG: tl.constexpr, LIMIT: tl.constexpr,
+               CDT: tl.constexpr):
+        """A SALU stage's (a, b, sqrt(ab), A = sqrt(a/b), w = 1/sqrt(ab), A/2b), per channel, shaped to
+        broadcast."""
+        a = _prepared(p_ptr_a, ch, chmask, LOG, LIMIT, CDT)
+        b = _prepared(p_ptr_b, ch, chmask, LOG, LIMIT, CDT)
+        if ROWS:
+            a = a[:, None]
+            b = b[:, None]
+        else:
+            a = a[None, :]
+            b = b[None, :]
+        sab = tl.sqrt(a * b)
+        amp = tl.sqrt(a / b)
+        return a, b, sab, amp, 1.0 / sab, 0.5 * amp / b
+
+    @triton.jit
+    def _forward_kernel(x_ptr, res_ptr, y_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, M, N, C,
+                        FIRST: tl.constexpr, GATE: tl.constexpr, RES: tl.constexpr, LOG: tl.constexpr,
+                        LIMIT: tl.constexpr, CDT: tl.constexpr, LIM: tl.constexpr, SAT: tl.constexpr,
+                        ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ITERS: tl.constexpr):
+        for it in tl.static_range(ITERS):  # ITERS consecutive row blocks per program
+            offs, mask, ch, chmask = _tile(tl.program_id(0) * ITERS + it, tl.program_id(1), M, N, C, BM, BN, ROWS)
+            z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CDT)
+            if FIRST:
+                _, _, sab1, amp1, _, _ = _stage(a1_ptr, b1_ptr, ch, chmask, ROWS, LOG, LIMIT, CDT)
+                _, q1 = _terms(z, sab1, LIM, SAT)
+                z = amp1 * q1
+                if RES:
+                    z = z + tl.load(res_ptr + offs, mask=mask, other=0.0).to(CDT)
+            if GATE != 0:
+                _, _, sab2, amp2, _, _ = _stage(a2_ptr, b2_ptr, ch, chmask, ROWS, LOG, LIMIT, CDT)
+                _, q2 = _terms(z, sab2, LIM, SAT)
+                p, _ = _gate(amp2 * q2, GATE)
+                z = z * p
+            tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _reduce(v, mask, ROWS: tl.constexpr):
+        """The tile's sums of ``v`` per channel: per row (ROWS) or per column; masked elements count 0."""
+        v = tl.where(mask, v, 0.0)
+        if ROWS:  # one return: the compiler types every return of a function, even behind a constexpr if
+            s = tl.sum(v, axis=1)
+        else:
+            s = tl.sum(v, axis=0)
+        return s
+
+    @triton.jit
+    def _store_partial(part_ptr, k, P, C, s, pid_m, pid_n, M, ch, chmask, ROWS: tl.constexpr, BM: tl.constexpr):
+        """partials[k, p, c] = s: ROWS, one sum per row (row = o * C + c, slot p = pid_n * (M // C) + o, so the flat
+        slot is pid_n * M + row); else one per column (channel), slot p = pid_m. Each (p, c) has one writer."""
+        if ROWS:
+            rows = pid_m * BM + tl.arange(0, BM)
+            tl.store(part_ptr + k * P * C + pid_n.to(tl.int64) * M + rows, s, mask=chmask)
+        else:
+            tl.store(part_ptr + k * P * C + pid_m.to(tl.int64) * C + ch, s, mask=chmask)
+
+    @triton.jit
+    def _backward_kernel(g_ptr, x_ptr, res_ptr, gx_ptr, gres_ptr, part_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
+                         M, N, C, P, FIRST: tl.constexpr, GATE: tl.constexpr, RES: tl.constexpr, LOG: tl.constexpr,
+                         LIMIT: tl.constexpr, CDT: tl.constexpr, LIM: tl.constexpr, SAT: tl.constexpr,
+                         ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ITERS: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        # per-channel sums of the parameter gradients over this program's tiles (ROWS: ITERS is 1)
+        zero = tl.zeros((BM, BN), dtype=CDT)
+        sa1 = _reduce(zero, zero != 0, ROWS)
+        sb1 = sa1
+        sa2 = sa1
+        sb2 = sa1
+        for it in tl.static_range(ITERS):
+            offs, mask, ch, chmask = _tile(pid_m * ITERS + it, pid_n, M, N, C, BM, BN, ROWS)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(CDT)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CDT)
+            z = x
+            if FIRST:
+                a1, b1, sab1, amp1, w1, hb1 = _stage(a1_ptr, b1_ptr, ch, chmask, ROWS, LOG, LIMIT, CDT)
+                r1, q1 = _terms(x, sab1, LIM, SAT)
+                z = amp1 * q1
+                if RES:
+                    z = z + tl.load(res_ptr + offs, mask=mask, other=0.0).to(CDT)
+            gz = g
+            if GATE != 0:
+                a2, b2, sab2, amp2, w2, hb2 = _stage(a2_ptr, b2_ptr, ch, chmask, ROWS, LOG, LIMIT, CDT)
+                r2, q2 = _terms(z, sab2, LIM, SAT)
+                p, dp = _gate(amp2 * q2, GATE)
+                rr2 = r2 * r2
+                gz = g * (p + dp * amp2 * q2 * rr2)  # z * ds/dz = A q r^2: bounded for a huge z
+                gzd = g * z * dp
+                if LOG:  # d/dlog a = a d/da
+                    sa2 += _reduce(gzd * a2 * (w2 * q2 * (rr2 + 0.5 * q2 * q2)), mask, ROWS)
+                    sb2 += _reduce(gzd * b2 * (-hb2 * q2 * q2 * q2), mask, ROWS)
+                else:
+                    sa2 += _reduce(gzd * (w2 * q2 * (rr2 + 0.5 * q2 * q2)), mask, ROWS)
+                    sb2 += _reduce(gzd * (-hb2 * q2 * q2 * q2), mask, ROWS)
+            if RES:
+                tl.store(gres_ptr + offs, gz.to(gres_ptr.dtype.element_ty), mask=mask)
+            gx = gz
+            if FIRST:
+                rr1 = r1 * r1
+                gx = gz * (a1 * rr1 * r1)
+                if LOG:
+                    sa1 += _reduce(gz * a1 * (w1 * q1 * (rr1 + 0.5 * q1 * q1)), mask, ROWS)
+                    sb1 += _reduce(gz * b1 * (-hb1 * q1 * q1 * q1), mask, ROWS)
+                else:
+                    sa1 += _reduce(gz * (w1 * q1 * (rr1 + 0.5 * q1 * q1)), mask, ROWS)
+                    sb1 += _reduce(gz * (-hb1 * q1 * q1 * q1), mask, ROWS)
+            tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        if FIRST:
+            _store_partial(part_ptr, 0, P, C, sa1, pid_m, pid_n, M, ch, chmask, ROWS, BM)
+            _store_partial(part_ptr, 1, P, C, sb1, pid_m, pid_n, M, ch, chmask, ROWS, BM)
+        if GATE != 0:
+            k2 = 2 if FIRST else 0
+            _store_partial(part_ptr, k2, P, C, sa2, pid_m, pid_n, M, ch, chmask, ROWS, BM)
+            _store_partial(part_ptr, k2 + 1, P, C, sb2, pid_m, pid_n, M, ch, chmask, ROWS, BM)
+
+
+_TILE = 4096  # elements per tile (both tilings)
+_PROGRAMS = 1024  # the channels-as-columns tiling gives each program up to 8 row blocks while this many remain
+
+
+def _geometry(outer: int, C: int, inner: int):
+    """(M, N, rows-carry-parameters, BM, BN, ITERS) of the tiling of an (outer, C, inner) view. Parameter gradients
+    leave one partial sum per channel and program (per row and program with rows): with channels as columns a
+    program takes ITERS row blocks, so that the partial sums stay a small fraction of x's size."""
+    if inner > 1:
+        bn = min(triton.next_power_of_2(inner), 1024)
+        return outer * C, inner, True, max(1, _TILE // bn), bn, 1
+    bn = min(triton.next_power_of_2(C), 256)
+    bm = max(1, _TILE // bn)
+    iters = 1
+    while iters < 8 and triton.cdiv(outer, bm * iters * 2) >= _PROGRAMS:
+        iters *= 2
+    return outer, C, False, bm, bn, iters
+
+
+def _stages(params):
+    """The (a1, b1, a2, b2) pointers' tensors, flat: a single-stage op passes its (a, b) in both slots."""
+    ps = [p.reshape(-1) for p in params]
+    return ps if len(ps) == 4 else ps + ps
+
+
+def _dtype_constants(x: Tensor, params) -> dict:
+    """The compute dtype (float64 if x or a parameter is, else float32) and its SALU clamp and saturation
+    (kernels._clamp_limit, kernels._saturation)."""
+    from .kernels import _clamp_limit, _saturation
+
+    cdt = torch.float64 if x.dtype == torch.float64 or any(p.dtype == torch.float64 for p in params) else torch.float32
+    return {"CDT": tl.float64 if cdt == torch.float64 else tl.float32, "LIM": _clamp_limit(cdt),
+            "SAT": _saturation(cdt)}
+
+
+def forward(op: str, log_params: bool, x: Tensor, res: Tensor | None, params, layout, log_limit: float) -> Tensor:
+    """y = op(x[, res]); ``x`` (and ``res``, with x's strides) dense in the memory order of ``layout`` =
+    (outer, C, inner); ``params`` hold 1 or C values each."""
+    first, gate, has_res = _OP_FLAGS[op]
+    M, N, rows, bm, bn, iters = _geometry(*layout)
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    grid = (triton.cdiv(M, bm * iters), triton.cdiv(N, bn))
+    _forward_kernel[grid](x, res if has_res else x, y, *_stages(params), M, N, layout[1], FIRST=first, GATE=gate,
+                          RES=has_res, LOG=log_params, LIMIT=log_limit, **_dtype_constants(x, params), ROWS=rows,
+                          BM=bm, BN=bn, ITERS=iters)
+    return y
+
+
+def backward(op: str, log_params: bool, g: Tensor, x: Tensor, res: Tensor | None, params, layout,
+             log_limit: float):
+    """(dL/dx, dL/dres or None, *dL/dparams) in their tensors' dtypes and shapes; ``g`` has x's strides."""
+    first, gate, has_res = _OP_FLAGS[op]
+    outer, C, inner = layout
+    M, N, rows, bm, bn, iters = _geometry(outer, C, inner)
+    consts = _dtype_constants(x, params)
+    gx = torch.empty_like(x)
+    gres = torch.empty_like(res) if has_res else None
+    grid = (triton.cdiv(M, bm * iters), triton.cdiv(N, bn))
+    P = grid[1] * outer if rows else grid[0]  # partial-sum slots per channel
+    cdt = torch.float64 if consts["CDT"] == tl.float64 else torch.float32
+    part = torch.zeros((len(params), max(P, 1), C), device=x.device, dtype=cdt) if x.numel() == 0 else \
+        torch.empty((len(params), P, C), device=x.device, dtype=cdt)
+    if x.numel():
+        _backward_kernel[grid](g, x, res if has_res else x, gx, gres if has_res else gx, part, *_stages(params),
+                               M, N, C, P, FIRST=first, GATE=gate, RES=has_res, LOG=log_params, LIMIT=log_limit,
+                               **consts, ROWS=rows, BM=bm, BN=bn, ITERS=iters)
+    out = part.sum(1)  # a fixed-order reduction (torch's are deterministic): (nparams, C)
+    return (gx, gres, *[out[i].reshape(p.shape).to(p.dtype) for i, p in enumerate(params)])

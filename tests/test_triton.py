@@ -1,0 +1,67 @@
+"""The hand-written Triton kernels (kernel mode ``triton``, :mod:`salunet.nn.triton_kernels`).
+
+Their numerics tests are tests/test_gpu.py's kernel tests (every op against float64 in three dtypes, the edge
+cases, float64 gradcheck, autocast, channels_last, the Triton path's own checks), which run them on CUDA as
+``cuda-triton``. On CPU they run under Triton's interpreter, which must be switched on before triton is imported,
+so this file runs those cases (``cpu-triton``) in a subprocess with ``TRITON_INTERPRET=1``. Skipped where triton
+is not installed (``pip install 'salunet[triton]'``; .ci/run installs it)."""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from salunet.nn import functional as F
+from salunet.nn import kernels
+
+TRITON = importlib.util.find_spec("triton") is not None
+TESTS = Path(__file__).resolve().parent
+# test_gpu.py's cases with a cpu-triton parameter: 21 ops x dtypes, 3 edge-case dtypes, 7 gradchecks (the 7 eager
+# ones skip: not this path), 2 autocast dtypes, 2 channels_last modules, 2 checks of the Triton path itself
+EXPECTED_PASSED = 21 + 3 + 7 + 2 + 2 + 2
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed (pip install 'salunet[triton]')")
+def test_triton_kernels_pass_the_gpu_kernel_tests_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+           str(TESTS / "test_gpu.py"), "-k", "cpu-triton"]
+    out = subprocess.run(cmd, cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=600)
+    tail = (out.stdout + out.stderr)[-4000:]
+    assert out.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", out.stdout)
+    assert passed and int(passed.group(1)) == EXPECTED_PASSED, tail
+    assert " failed" not in out.stdout and " error" not in out.stdout, tail
+
+
+def test_triton_mode_is_refused_where_it_cannot_run():
+    """CPU tensors without the interpreter (or no triton at all): a clear error that names the fix, never a silent
+    fallback to another path."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("the interpreter runs CPU tensors on this path")
+    kernels.set_kernel_mode("triton")
+    with pytest.raises(ValueError, match="kernel mode 'triton'") as err:
+        F.salu(torch.randn(2, 3), torch.ones(3), torch.ones(3))
+    assert ("TRITON_INTERPRET" in str(err.value)) if TRITON else ("pip install" in str(err.value))
+    assert "SALUNET_KERNELS=auto" in str(err.value)
+
+
+def test_triton_is_a_kernel_mode_by_name():
+    kernels.set_kernel_mode("TRITON ")
+    assert kernels.get_kernel_mode() == "triton"
+    with pytest.raises(ValueError, match="triton"):
+        kernels.set_kernel_mode("tritno")
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed (pip install 'salunet[triton]')")
+def test_triton_kernels_compile_for_a_gpu_without_one():
+    """The richest specialisations compile to sm_90 cubins (Triton's compiler and ptxas need no device):
+    the compiler's typing rules, which the interpreter does not apply (scripts/triton_aot.py compiles them all)."""
+    out = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "triton_aot.py"), "--quick"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert re.search(r"(\d+) of \1 specialisations compiled for sm_90", out.stdout), out.stdout
