@@ -65,3 +65,12 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert re.search(r"(\d+) of \1 specialisations compiled for sm_90", out.stdout), out.stdout
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed (pip install 'salunet[triton]')")
+def test_triton_host_cost_script_times_the_python_side_beside_batchnorm():
+    out = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "triton_host_cost.py"), "--iters", "3",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert row["triton_python_side_us"] > 0 and row["batchnorm2d_relu_us"] > 0 and row["eager_math_us"] > 0

@@ -403,8 +403,6 @@ def _call_core(path: str, direction: str, op: str, log_params: bool, *args: Tens
     math_fn = _MATH[direction]
     if path == "eager" or torch.compiler.is_compiling():  # in a compiled model: trace inline, inductor fuses
         return math_fn(op, log_params, *args)
-    if path == "triton":
-        return _triton_call(direction, op, log_params, *args)
     x = args[0] if direction == "fwd" else args[1]
     fn = _get_compiled(direction, op, log_params, args)
     try:
@@ -427,17 +425,6 @@ def _triton():
     """salunet.nn.triton_kernels, imported on first use (importing triton takes about a second)."""
     from . import triton_kernels
     return triton_kernels
-
-
-def _triton_call(direction: str, op: str, log_params: bool, *args: Tensor | None):
-    """The Triton path of :func:`_call_core`: ``x`` (and the residual, with x's strides) dense in a layout of
-    :func:`_layout` (:func:`fused` made them so), parameters per channel or scalar."""
-    x, params = (args[0], args[2:]) if direction == "fwd" else (args[1], args[3:])
-    lay = _layout(tuple(x.shape), x.stride(), _param_axis(x.dim(), broadcast_shape([p.shape for p in params])))
-    tk = _triton()
-    if direction == "fwd":
-        return tk.forward(op, log_params, x, args[1], params, lay, LOG_LIMIT)
-    return tk.backward(op, log_params, args[0], x, args[2], params, lay, LOG_LIMIT)
 
 
 # ---- the C++ path: (outer, C, inner) layouts ---------------------------------------------------------------
@@ -591,6 +578,28 @@ class FusedFn(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
+class TritonFn(torch.autograd.Function):
+    """Autograd Function of the Triton path (:mod:`salunet.nn.triton_kernels`): ``x`` (and the residual, in x's
+    strides) dense in ``layout`` = (outer, C, inner) of :func:`_layout`, parameters as they are (1 or C values each).
+    Its own Function, not :class:`FusedFn`, so that the host does nothing per call beyond the launches and their
+    outputs: no broadcast views of the parameters, no layout found twice."""
+
+    @staticmethod
+    def forward(ctx, op: str, log_params: bool, layout: tuple, x: Tensor, res: Tensor | None, *params: Tensor):
+        ctx.op, ctx.log_params, ctx.layout, ctx.has_res = op, log_params, layout, res is not None
+        ctx.save_for_backward(x, *(() if res is None else (res,)), *params)
+        return _triton().forward(op, log_params, x, res, params, layout, LOG_LIMIT)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, *rest = ctx.saved_tensors
+        res, params = (rest[0], rest[1:]) if ctx.has_res else (None, rest)
+        if g.stride() != x.stride():
+            g = torch.empty_like(x, dtype=g.dtype).copy_(g)
+        grads = _triton().backward(ctx.op, ctx.log_params, g, x, res, params, ctx.layout, LOG_LIMIT)
+        return (None, None, None, *grads)
+
+
 def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: int | None | bool = False,
           residual: Tensor | None = None) -> Tensor:
     """Apply fused op ``op`` to ``x``; ``params`` are (a, b) or (a1, b1, a2, b2), or their logs if
@@ -629,12 +638,12 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: i
     if path == "triton":
         if axis is False:
             axis = _param_axis(x.dim(), broadcast_shape([p.shape for p in params]))
-        if axis is False:
-            path = "compiled"
-            _log_once(f"{op}: parameters vary along more than one axis; the Triton kernels handle scalar or "
-                      "per-channel parameters, this call takes the compiled path")
-        else:
+        if axis is not False:
             x, residual = _dense_for_kernels(x, axis, residual)
+            return TritonFn.apply(op, log_params, _layout(tuple(x.shape), x.stride(), axis), x, residual, *params)
+        path = "compiled"
+        _log_once(f"{op}: parameters vary along more than one axis; the Triton kernels handle scalar or "
+                  "per-channel parameters, this call takes the compiled path")
     if path == "cpp":
         if axis is False:
             axis = _param_axis(x.dim(), broadcast_shape([p.shape for p in params]))

@@ -29,6 +29,7 @@ against float64 in the interpreter; what a GPU compiles is checked by tests/trit
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -264,49 +265,56 @@ _TILE = 4096  # elements per tile (both tilings)
 _PROGRAMS = 1024  # the channels-as-columns tiling gives each program up to 8 row blocks while this many remain
 
 
-def _geometry(outer: int, C: int, inner: int):
-    """(M, N, rows-carry-parameters, BM, BN, ITERS) of the tiling of an (outer, C, inner) view. Parameter gradients
-    leave one partial sum per channel and program (per row and program with rows): with channels as columns a
-    program takes ITERS row blocks, so that the partial sums stay a small fraction of x's size."""
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a jit function: calling it on the host costs ~10 us
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(outer: int, C: int, inner: int, programs: int):
+    """(M, N, rows-carry-parameters, BM, BN, ITERS, grid, P) of the tiling of an (outer, C, inner) view; P: the
+    partial-sum slots per channel. Parameter gradients leave one partial sum per channel and program (per row and
+    program with rows): with channels as columns a program takes ITERS row blocks while ``programs`` remain, so
+    that the partial sums stay a small fraction of x's size. Cached: a network meets a handful of shapes."""
     if inner > 1:
-        bn = min(triton.next_power_of_2(inner), 1024)
-        return outer * C, inner, True, max(1, _TILE // bn), bn, 1
-    bn = min(triton.next_power_of_2(C), 256)
-    bm = max(1, _TILE // bn)
-    iters = 1
-    while iters < 8 and triton.cdiv(outer, bm * iters * 2) >= _PROGRAMS:
-        iters *= 2
-    return outer, C, False, bm, bn, iters
+        M, N, rows, bn, iters = outer * C, inner, True, min(triton.next_power_of_2(inner), 1024), 1
+        bm = max(1, _TILE // bn)
+    else:
+        M, N, rows, bn, iters = outer, C, False, min(triton.next_power_of_2(C), 256), 1
+        bm = max(1, _TILE // bn)
+        while iters < 8 and _cdiv(outer, bm * iters * 2) >= programs:
+            iters *= 2
+    grid = (_cdiv(M, bm * iters), _cdiv(N, bn))
+    return M, N, rows, bm, bn, iters, grid, grid[1] * outer if rows else grid[0]
 
 
 def _stages(params):
     """The (a1, b1, a2, b2) pointers' tensors, flat: a single-stage op passes its (a, b) in both slots."""
-    ps = [p.reshape(-1) for p in params]
+    ps = [p if p.dim() == 1 else p.reshape(-1) for p in params]
     return ps if len(ps) == 4 else ps + ps
 
 
-def _dtype_constants(x: Tensor, params) -> dict:
-    """The compute dtype (float64 if x or a parameter is, else float32) and its SALU clamp and saturation
-    (kernels._clamp_limit, kernels._saturation)."""
+@functools.lru_cache(maxsize=64)
+def _dtype_constants(dtypes: tuple) -> tuple:
+    """(compute dtype, its kernel constants): float64 if x or a parameter is, else float32, with the SALU clamp and
+    saturation of that dtype (kernels._clamp_limit, kernels._saturation)."""
     from .kernels import _clamp_limit, _saturation
 
-    cdt = torch.float64 if x.dtype == torch.float64 or any(p.dtype == torch.float64 for p in params) else torch.float32
-    return {"CDT": tl.float64 if cdt == torch.float64 else tl.float32, "LIM": _clamp_limit(cdt),
-            "SAT": _saturation(cdt)}
+    cdt = torch.float64 if torch.float64 in dtypes else torch.float32
+    return cdt, {"CDT": tl.float64 if cdt == torch.float64 else tl.float32, "LIM": _clamp_limit(cdt),
+                 "SAT": _saturation(cdt)}
 
 
 def forward(op: str, log_params: bool, x: Tensor, res: Tensor | None, params, layout, log_limit: float) -> Tensor:
     """y = op(x[, res]); ``x`` (and ``res``, with x's strides) dense in the memory order of ``layout`` =
     (outer, C, inner); ``params`` hold 1 or C values each."""
     first, gate, has_res = _OP_FLAGS[op]
-    M, N, rows, bm, bn, iters = _geometry(*layout)
+    M, N, rows, bm, bn, iters, grid, _ = _geometry(*layout, _PROGRAMS)
     y = torch.empty_like(x)
-    if x.numel() == 0:
-        return y
-    grid = (triton.cdiv(M, bm * iters), triton.cdiv(N, bn))
-    _forward_kernel[grid](x, res if has_res else x, y, *_stages(params), M, N, layout[1], FIRST=first, GATE=gate,
-                          RES=has_res, LOG=log_params, LIMIT=log_limit, **_dtype_constants(x, params), ROWS=rows,
-                          BM=bm, BN=bn, ITERS=iters)
+    if x.numel():
+        _, consts = _dtype_constants((x.dtype, *(p.dtype for p in params)))
+        _forward_kernel[grid](x, res if has_res else x, y, *_stages(params), M, N, layout[1], FIRST=first, GATE=gate,
+                              RES=has_res, LOG=log_params, LIMIT=log_limit, **consts, ROWS=rows, BM=bm, BN=bn,
+                              ITERS=iters)
     return y
 
 
@@ -314,19 +322,18 @@ def backward(op: str, log_params: bool, g: Tensor, x: Tensor, res: Tensor | None
              log_limit: float):
     """(dL/dx, dL/dres or None, *dL/dparams) in their tensors' dtypes and shapes; ``g`` has x's strides."""
     first, gate, has_res = _OP_FLAGS[op]
-    outer, C, inner = layout
-    M, N, rows, bm, bn, iters = _geometry(outer, C, inner)
-    consts = _dtype_constants(x, params)
+    C = layout[1]
+    M, N, rows, bm, bn, iters, grid, P = _geometry(*layout, _PROGRAMS)
+    cdt, consts = _dtype_constants((x.dtype, *(p.dtype for p in params)))
     gx = torch.empty_like(x)
     gres = torch.empty_like(res) if has_res else None
-    grid = (triton.cdiv(M, bm * iters), triton.cdiv(N, bn))
-    P = grid[1] * outer if rows else grid[0]  # partial-sum slots per channel
-    cdt = torch.float64 if consts["CDT"] == tl.float64 else torch.float32
-    part = torch.zeros((len(params), max(P, 1), C), device=x.device, dtype=cdt) if x.numel() == 0 else \
-        torch.empty((len(params), P, C), device=x.device, dtype=cdt)
     if x.numel():
+        part = torch.empty((len(params), P, C), device=x.device, dtype=cdt)
         _backward_kernel[grid](g, x, res if has_res else x, gx, gres if has_res else gx, part, *_stages(params),
                                M, N, C, P, FIRST=first, GATE=gate, RES=has_res, LOG=log_params, LIMIT=log_limit,
                                **consts, ROWS=rows, BM=bm, BN=bn, ITERS=iters)
-    out = part.sum(1)  # a fixed-order reduction (torch's are deterministic): (nparams, C)
-    return (gx, gres, *[out[i].reshape(p.shape).to(p.dtype) for i, p in enumerate(params)])
+        out = part.sum(1)  # a fixed-order reduction (torch's are deterministic): (nparams, C)
+    else:
+        out = torch.zeros((len(params), C), device=x.device, dtype=cdt)
+    gps = [o if o.shape == p.shape else o.reshape(p.shape) for o, p in zip(out.unbind(0), params)]
+    return (gx, gres, *[gp if gp.dtype == p.dtype else gp.to(p.dtype) for gp, p in zip(gps, params)])
