@@ -13,13 +13,13 @@
 #             autocast, channels_last (they compiled for sm_90 on the CPU machine: scripts/triton_aot.py)
 #   profile   scripts/profile_op.py --forms --triton: host vs device time of fused SALU+SWALU (derived quantities
 #             stored, and inlined as before 2026-11-30; and on the hand-written Triton kernels) and BN+ReLU
+#   ops_bf16  salunet bench ops --dtype bf16 (with the Triton kernels' rows on CUDA)
 #   pin_cost  the per-step pin inside the compiled model (pin_in_forward, added after the 2026-11-30 session):
 #             scripts/recal_cost.py --compile, the step's cost with the pin as the trainer now does it (module)
 #             against the hooks' uncompiled forward it did before (forward)
 #   pin_test  its CUDA tests (inductor, bf16, channels_last; alone and with each site's all-reduce in a one-rank
 #             NCCL group, as under DDP), compilations of their own: a step apart, so that a slow compile cannot cost
 #             the measurement
-#   ops_bf16  salunet bench ops --dtype bf16 (failed in call 1: LayerNorm weights vs bf16 input; fixed)
 #   ops_fp32  salunet bench ops --dtype fp32, re-measured after the host-time fix (d0db3ce)
 #   edge      tests/test_gpu.py's edge cases on CUDA (failed in call 1, passed in call 2)
 # GPU_RECHECK_STEPS picks a subset (comma-separated; default all), e.g. profile,ops_bf16,ops_fp32 when the GPU tests
@@ -33,10 +33,10 @@ R=${OUT:-gpu_recheck_out}
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
-WANT=",${GPU_RECHECK_STEPS:-rest,triton,profile,pin_cost,pin_test,ops_bf16,ops_fp32,edge},"  # a subset, in this file's order
+WANT=",${GPU_RECHECK_STEPS:-rest,triton,profile,ops_bf16,pin_cost,pin_test,ops_fp32,edge},"  # a subset, in this file's order
 for s in ${WANT//,/ }; do
-  [[ ",rest,triton,profile,pin_cost,pin_test,ops_bf16,ops_fp32,edge," == *",$s,"* ]] || {
-    echo "GPU_RECHECK_STEPS: unknown step '$s'; use rest, triton, profile, pin_cost, pin_test, ops_bf16, ops_fp32, edge" >&2
+  [[ ",rest,triton,profile,ops_bf16,pin_cost,pin_test,ops_fp32,edge," == *",$s,"* ]] || {
+    echo "GPU_RECHECK_STEPS: unknown step '$s'; use rest, triton, profile, ops_bf16, pin_cost, pin_test, ops_fp32, edge" >&2
     exit 2; }
 done
 run() {  # run NAME LIMIT CMD...
@@ -64,11 +64,11 @@ if ((DRY)); then skipped triton; else
   run triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cuda-triton --tb=short -rA
 fi
 run profile 60 "$PY" scripts/profile_op.py --device "$DEV" --shape "$SHAPE" --iters 20 --forms --triton
+run ops_bf16 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype bf16 --out "$R"
 run pin_cost $(( DRY ? 120 : 200 )) "$PY" scripts/recal_cost.py "${PIN[@]}" --every 1 --measure forward,module
 if ((DRY)); then skipped pin_test; else
   run pin_test 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k pin_in_forward --tb=short -rA
 fi
-run ops_bf16 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype bf16 --out "$R"
 run ops_fp32 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype fp32 --out "$R"
 if ((DRY)); then skipped edge; else
   run edge 70 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "$K and edge_cases" --tb=short -rA
