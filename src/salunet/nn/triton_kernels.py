@@ -161,6 +161,15 @@ if triton is not None:
         return a, b, sab, amp, 1.0 / sab, 0.5 * amp / b
 
     @triton.jit
+    def _salu_at(x, p_ptr_a, p_ptr_b, ch, chmask, ROWS: tl.constexpr, LOG: tl.constexpr, LIMIT: tl.constexpr,
+                 CDT: tl.constexpr, LIM: tl.constexpr, SAT: tl.constexpr):
+        """SALU of the tile ``x`` and what its derivatives need: (A q, a, b, w, A/2b, r, q) (kernels' module
+        docstring)."""
+        a, b, sab, amp, w, hb = _stage(p_ptr_a, p_ptr_b, ch, chmask, ROWS, LOG, LIMIT, CDT)
+        r, q = _terms(x, sab, LIM, SAT)
+        return amp * q, a, b, w, hb, r, q
+
+    @triton.jit
     def _forward_kernel(x_ptr, res_ptr, y_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, M, N, C,
                         FIRST: tl.constexpr, GATE: tl.constexpr, RES: tl.constexpr, LOG: tl.constexpr,
                         LIMIT: tl.constexpr, CDT: tl.constexpr, LIM: tl.constexpr, SAT: tl.constexpr,
@@ -169,15 +178,12 @@ if triton is not None:
             offs, mask, ch, chmask = _tile(tl.program_id(0) * ITERS + it, tl.program_id(1), M, N, C, BM, BN, ROWS)
             z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CDT)
             if FIRST:
-                _, _, sab1, amp1, _, _ = _stage(a1_ptr, b1_ptr, ch, chmask, ROWS, LOG, LIMIT, CDT)
-                _, q1 = _terms(z, sab1, LIM, SAT)
-                z = amp1 * q1
+                z, _, _, _, _, _, _ = _salu_at(z, a1_ptr, b1_ptr, ch, chmask, ROWS, LOG, LIMIT, CDT, LIM, SAT)
                 if RES:
                     z = z + tl.load(res_ptr + offs, mask=mask, other=0.0).to(CDT)
             if GATE != 0:
-                _, _, sab2, amp2, _, _ = _stage(a2_ptr, b2_ptr, ch, chmask, ROWS, LOG, LIMIT, CDT)
-                _, q2 = _terms(z, sab2, LIM, SAT)
-                p, _ = _gate(amp2 * q2, GATE)
+                s2, _, _, _, _, _, _ = _salu_at(z, a2_ptr, b2_ptr, ch, chmask, ROWS, LOG, LIMIT, CDT, LIM, SAT)
+                p, _ = _gate(s2, GATE)
                 z = z * p
             tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -190,6 +196,17 @@ if triton is not None:
         else:
             s = tl.sum(v, axis=0)
         return s
+
+    @triton.jit
+    def _param_sums(u, a, b, w, hb, rr, q, mask, ROWS: tl.constexpr, LOG: tl.constexpr):
+        """The tile's per-channel sums of a SALU stage's dL/da and dL/db (of dL/dlog a = a dL/da, dL/dlog b with
+        LOG), ``u``: dL/d(its output) per element; rr = r^2."""
+        ga = u * (w * q * (rr + 0.5 * q * q))
+        gb = u * (-hb * q * q * q)
+        if LOG:
+            ga = ga * a
+            gb = gb * b
+        return _reduce(ga, mask, ROWS), _reduce(gb, mask, ROWS)
 
     @triton.jit
     def _store_partial(part_ptr, k, P, C, s, pid_m, pid_n, M, ch, chmask, ROWS: tl.constexpr, BM: tl.constexpr):
@@ -220,37 +237,27 @@ if triton is not None:
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CDT)
             z = x
             if FIRST:
-                a1, b1, sab1, amp1, w1, hb1 = _stage(a1_ptr, b1_ptr, ch, chmask, ROWS, LOG, LIMIT, CDT)
-                r1, q1 = _terms(x, sab1, LIM, SAT)
-                z = amp1 * q1
+                z, a1, b1, w1, hb1, r1, q1 = _salu_at(x, a1_ptr, b1_ptr, ch, chmask, ROWS, LOG, LIMIT, CDT, LIM, SAT)
                 if RES:
                     z = z + tl.load(res_ptr + offs, mask=mask, other=0.0).to(CDT)
             gz = g
             if GATE != 0:
-                a2, b2, sab2, amp2, w2, hb2 = _stage(a2_ptr, b2_ptr, ch, chmask, ROWS, LOG, LIMIT, CDT)
-                r2, q2 = _terms(z, sab2, LIM, SAT)
-                p, dp = _gate(amp2 * q2, GATE)
+                s2, a2, b2, w2, hb2, r2, q2 = _salu_at(z, a2_ptr, b2_ptr, ch, chmask, ROWS, LOG, LIMIT, CDT, LIM, SAT)
+                p, dp = _gate(s2, GATE)
                 rr2 = r2 * r2
-                gz = g * (p + dp * amp2 * q2 * rr2)  # z * ds/dz = A q r^2: bounded for a huge z
-                gzd = g * z * dp
-                if LOG:  # d/dlog a = a d/da
-                    sa2 += _reduce(gzd * a2 * (w2 * q2 * (rr2 + 0.5 * q2 * q2)), mask, ROWS)
-                    sb2 += _reduce(gzd * b2 * (-hb2 * q2 * q2 * q2), mask, ROWS)
-                else:
-                    sa2 += _reduce(gzd * (w2 * q2 * (rr2 + 0.5 * q2 * q2)), mask, ROWS)
-                    sb2 += _reduce(gzd * (-hb2 * q2 * q2 * q2), mask, ROWS)
+                gz = g * (p + dp * s2 * rr2)  # z * ds/dz = A q r^2: bounded for a huge z
+                da2, db2 = _param_sums(g * z * dp, a2, b2, w2, hb2, rr2, q2, mask, ROWS, LOG)
+                sa2 += da2
+                sb2 += db2
             if RES:
                 tl.store(gres_ptr + offs, gz.to(gres_ptr.dtype.element_ty), mask=mask)
             gx = gz
             if FIRST:
                 rr1 = r1 * r1
                 gx = gz * (a1 * rr1 * r1)
-                if LOG:
-                    sa1 += _reduce(gz * a1 * (w1 * q1 * (rr1 + 0.5 * q1 * q1)), mask, ROWS)
-                    sb1 += _reduce(gz * b1 * (-hb1 * q1 * q1 * q1), mask, ROWS)
-                else:
-                    sa1 += _reduce(gz * (w1 * q1 * (rr1 + 0.5 * q1 * q1)), mask, ROWS)
-                    sb1 += _reduce(gz * (-hb1 * q1 * q1 * q1), mask, ROWS)
+                da1, db1 = _param_sums(gz, a1, b1, w1, hb1, rr1, q1, mask, ROWS, LOG)
+                sa1 += da1
+                sb1 += db1
             tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
         if FIRST:
             _store_partial(part_ptr, 0, P, C, sa1, pid_m, pid_n, M, ch, chmask, ROWS, BM)
