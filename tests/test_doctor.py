@@ -1,5 +1,6 @@
 """``salunet doctor``: versions, the kernel path, the CPU ISA, the kernel cache and whether the build is current;
 it builds nothing unless asked."""
+import importlib.util
 import json
 
 import torch
@@ -25,7 +26,13 @@ def test_doctor_reports_versions_isa_cache_and_a_current_build(capsys):
     assert r["kernel cache"] == str(cpu_ext.cache_root()) and r["kernel build"] == str(cpu_ext.build_folder())
     assert r["build current"] == "yes" and r["kernel path (CPU)"].startswith("C++ (salunet CPU extension")
     assert r["stale build lock"] == "no" and r["build error"] == "-"
-    assert "tensorboard" in r["optional"] and "timm" in r["optional"]
+    assert "tensorboard" in r["optional"] and "timm" in r["optional"] and "triton" in r["optional"]
+    if importlib.util.find_spec("triton") is None:
+        assert r["Triton kernels"].startswith("triton not installed (pip install")
+    elif not torch.cuda.is_available():
+        assert r["Triton kernels"].startswith("no CUDA device: they run CUDA tensors")
+    else:
+        assert r["Triton kernels"].startswith("ready on CUDA")
 
 
 def test_doctor_json_and_a_cache_without_a_build(capsys, tmp_path, monkeypatch):
@@ -36,4 +43,5 @@ def test_doctor_json_and_a_cache_without_a_build(capsys, tmp_path, monkeypatch):
     assert r["kernel_build"] == str(tmp_path / "cache" / cpu_ext.build_name())
     assert r["kernel_build_current"] is False and "not built yet" in r["kernel_path_cpu"]
     assert not (tmp_path / "cache").exists()  # nothing built, nothing written
-    assert r["torch"] == torch.__version__ and set(r["optional"]) == {"tensorboard", "onnx", "onnxruntime", "timm"}
+    assert r["torch"] == torch.__version__ and set(r["optional"]) == {"tensorboard", "onnx", "onnxruntime", "timm",
+                                                                           "triton"}

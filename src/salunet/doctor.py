@@ -16,7 +16,7 @@ import sys
 
 __all__ = ["report", "format_report"]
 
-OPTIONAL = ("tensorboard", "onnx", "onnxruntime", "timm")
+OPTIONAL = ("tensorboard", "onnx", "onnxruntime", "timm", "triton")
 
 
 def _version(dist: str) -> str | None:
@@ -89,8 +89,23 @@ def report(build: bool = False) -> dict:
         out["kernel_error"] = None
         out["kernel_path_cpu"] = ("not built yet for this torch: the first use builds it (about 25 s), or run "
                                   "`salunet doctor --build`")
+    out["triton_kernels"] = _triton_kernels()
     out["optional"] = {name: _version(name) for name in OPTIONAL}
     return out
+
+
+def _triton_kernels() -> str:
+    """Whether kernel mode ``triton`` can run here, and if not, why (triton is imported only where CUDA is)."""
+    import torch
+
+    from .nn import kernels
+
+    if _version("triton") is None:
+        return "triton not installed (pip install 'salunet[triton]')"
+    if not torch.cuda.is_available():
+        return "no CUDA device: they run CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, for tests)"
+    why = kernels._triton().unavailable_reason(torch.device("cuda"))
+    return why or "ready on CUDA: SALUNET_KERNELS=triton (not auto's choice yet, docs/GPU.md)"
 
 
 _LABELS = {
@@ -101,7 +116,7 @@ _LABELS = {
     "kernel_path_cpu": "kernel path (CPU)", "kernel_cache": "kernel cache", "kernel_build": "kernel build",
     "kernel_build_current": "build current", "kernel_built_at": "built at", "kernel_build_s": "build seconds",
     "kernel_stale_lock": "stale build lock", "kernel_error": "build error", "compiler": "C++ compiler",
-    "ninja": "ninja",
+    "ninja": "ninja", "triton_kernels": "Triton kernels",
 }
 
 
