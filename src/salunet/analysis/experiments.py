@@ -551,27 +551,44 @@ def signal_experiment(args: SignalArgs, run_dir: Path) -> dict:
     """Per norm / gate site and per stage: channel mean^2 / variance, within-channel vs pooled std, stuck gate
     channels, SALU inputs past the knee (analysis/signal.py), at init for ``configs`` and for ``checkpoints``.
     Every model runs as training sees it: a copy in train mode (BatchNorm on batch statistics)."""
-    import copy
-
     from .signal import signal_report, stage_summary
 
+    def measure(model, batches):
+        sites = signal_report(model, batches)
+        return {"sites": sites, "stages": stage_summary(sites, _stage_of)}
+
+    def line(roles):
+        nrm, gate = roles.get("norm", {}), roles.get("gate", {})
+        return (f"norm in: mean^2/var {nrm.get('mean2_var', math.nan):6.2f}  within-std "
+                f"{nrm.get('within_std', math.nan):5.2f} (pooled {nrm.get('pooled_std', math.nan):5.2f})  past knee "
+                f"{100 * nrm.get('past_knee', math.nan):5.1f}%   gate in: stuck {100 * gate.get('stuck', math.nan):5.1f}%")
+
+    return _probe_models(args, run_dir, "signal", lambda x, y: x, measure, line, plots.plot_signal)
+
+
+def _probe_models(args: "SignalArgs", run_dir: Path, name: str, batch_of: Callable, measure: Callable,
+                  line: Callable, plot: Callable) -> dict:
+    """The loop the per-site probes share: each model of :func:`_probe_setup`, a copy in train mode, measured by
+    ``measure(model, batches)`` (a dict with ``stages``) on batches of 128 un-augmented training images
+    (``batch_of(x, y)`` each); one printed ``line(stage)`` per stage (None: not printed); the figure ``name``.png
+    drawn by ``plot``."""
+    import copy
+
     data, models = _probe_setup(args)
-    x = data.normalize(data.x_train[:args.images])
-    batches = [x[i:i + 128] for i in range(0, len(x), 128)]
+    x, y = data.normalize(data.x_train[:args.images]), data.y_train[:args.images]
+    batches = [batch_of(x[i:i + 128], y[i:i + 128]) for i in range(0, len(x), 128)]
     results = []
     for label, source, model in models:
-        sites = signal_report(copy.deepcopy(model).train(), batches)
-        stages = stage_summary(sites, _stage_of)
-        results.append({"label": label, "source": source, "sites": sites, "stages": stages})
+        entry = measure(copy.deepcopy(model).train(), batches)
+        results.append({"label": label, "source": source, **entry})
         print(f"  {label} ({source})")
-        for st, roles in stages.items():
-            nrm, gate = roles.get("norm", {}), roles.get("gate", {})
-            print(f"    {st:7s} norm in: mean^2/var {nrm.get('mean2_var', math.nan):6.2f}  within-std "
-                  f"{nrm.get('within_std', math.nan):5.2f} (pooled {nrm.get('pooled_std', math.nan):5.2f})  past knee "
-                  f"{100 * nrm.get('past_knee', math.nan):5.1f}%   gate in: stuck {100 * gate.get('stuck', math.nan):5.1f}%")
-    out = {"experiment": "signal", "args": asdict(args), "models": results,
+        for st, v in entry["stages"].items():
+            text = line(v)
+            if text is not None:
+                print(f"    {st:7s} {text}")
+    out = {"experiment": name, "args": asdict(args), "models": results,
            "stage_order": list(dict.fromkeys(st for r in results for st in r["stages"]))}
-    _draw(out, plots.plot_signal, out, run_dir / "signal.png")
+    _draw(out, plot, out, run_dir / f"{name}.png")
     return out
 
 
@@ -587,29 +604,20 @@ def dynamics_experiment(args: DynamicsArgs, run_dir: Path) -> dict:
     """Per conv kernel and per stage: kernel norm, relative step |g|/|W| per unit lr and the radial share of the
     gradient (0 = scale-invariant); per-channel gains' drift from init (analysis/dynamics.py). At init for
     ``configs`` and for ``checkpoints``, each a copy in train mode, on ``images`` un-augmented training images."""
-    import copy
-
     from .dynamics import dynamics_report, dynamics_summary
 
-    data, models = _probe_setup(args)
-    x, y = data.normalize(data.x_train[:args.images]), data.y_train[:args.images]
-    batches = [(x[i:i + 128], y[i:i + 128]) for i in range(0, len(x), 128)]
-    results = []
-    for label, source, model in models:
-        report = dynamics_report(copy.deepcopy(model).train(), batches)
-        stages = dynamics_summary(report, _stage_of)
-        results.append({"label": label, "source": source, **report, "stages": stages})
-        print(f"  {label} ({source})")
-        for st, v in stages.items():
-            k = v["kernels"]
-            gains = "  ".join(f"{kind} drift {g['drift']:.3f}" for kind, g in v["gains"].items())
-            if k:
-                print(f"    {st:7s} |W| {k['kernel_norm']:5.2f}  |g|/|W| {k['grad_ratio']:.4f}  radial "
-                      f"{k['radial']:.3f}   {gains}")
-    out = {"experiment": "dynamics", "args": asdict(args), "models": results,
-           "stage_order": list(dict.fromkeys(st for r in results for st in r["stages"]))}
-    _draw(out, plots.plot_dynamics, out, run_dir / "dynamics.png")
-    return out
+    def measure(model, batches):
+        report = dynamics_report(model, batches)
+        return {**report, "stages": dynamics_summary(report, _stage_of)}
+
+    def line(v):
+        k = v["kernels"]
+        if not k:
+            return None
+        gains = "  ".join(f"{kind} drift {g['drift']:.3f}" for kind, g in v["gains"].items())
+        return f"|W| {k['kernel_norm']:5.2f}  |g|/|W| {k['grad_ratio']:.4f}  radial {k['radial']:.3f}   {gains}"
+
+    return _probe_models(args, run_dir, "dynamics", lambda x, y: (x, y), measure, line, plots.plot_dynamics)
 
 
 # ---- variance propagation (figure 11) -------------------------------------------------------------------
