@@ -202,14 +202,46 @@ def test_triton_path_runs_no_op_by_op_math(tdev, monkeypatch):
     assert len(expected) == len(kernels.OPS) * len(cases)
 
 
-def test_triton_path_hands_parameters_on_several_axes_to_the_compiled_path(tdev, monkeypatch):
-    """Parameters that vary along two axes (the functional API allows it) have no Triton layout: the call takes the
-    compiled path, and says so in the log."""
-    taken = []
-    monkeypatch.setattr(kernels, "_call_core", lambda path, *a: taken.append(path) or kernels._forward_math(*a[1:]))
+def test_triton_path_refuses_parameters_on_several_axes(tdev):
+    """Parameters that vary along two axes (the functional API allows it) have no Triton layout: a clear error that
+    names the paths that take them, not a silent change of path."""
     x = torch.randn(2, 3, 4, device=tdev)
-    F.salu(x, torch.rand(3, 4, device=tdev) + 0.5, torch.rand(3, 1, device=tdev) + 0.5)
-    assert taken == ["compiled"]
+    with pytest.raises(ValueError, match="more than one axis.*SALUNET_KERNELS=compiled or eager"):
+        F.salu(x, torch.rand(3, 4, device=tdev) + 0.5, torch.rand(3, 1, device=tdev) + 0.5)
+
+
+def test_triton_path_takes_mixed_strided_and_half_parameters(tdev):
+    """A scalar beside per-channel parameters, parameters that are strided views, and float16 parameters: the
+    eager path's values and gradients (gradients in each parameter's own shape and dtype)."""
+    g = torch.Generator().manual_seed(1)
+    x0 = (torch.randn(3, 5, 4, 4, generator=g) * 2).to(tdev)
+    w = (torch.rand(5, 2, generator=g) + 0.3).to(tdev)
+    cases = [(torch.tensor(0.7, device=tdev), torch.rand(5, 1, 1, generator=g).to(tdev) + 0.2),  # 0-d beside (C,1,1)
+             (w[:, 0].view(5, 1, 1), w[:, 1].view(5, 1, 1)),  # strided views (stride 2)
+             ((torch.rand(5, 1, 1, generator=g) + 0.3).half().to(tdev), (torch.rand(5, 1, 1, generator=g) + 0.3).to(tdev))]
+    for a, b in cases:
+        got = []
+        for mode in ("eager", "triton"):
+            kernels.set_kernel_mode(mode)
+            leaves = [x0.clone().requires_grad_(), a.detach().clone().requires_grad_(),
+                      b.detach().clone().requires_grad_()] if mode == "eager" else \
+                [x0.clone().requires_grad_(), a.detach().requires_grad_(), b.detach().requires_grad_()]
+            y = F.salu_swalu(leaves[0], leaves[1], leaves[2], leaves[1], leaves[2])
+            got.append((y, torch.autograd.grad(y, leaves, torch.ones_like(y))))
+        (y_e, g_e), (y_t, g_t) = got
+        torch.testing.assert_close(y_t, y_e, rtol=1e-5, atol=1e-5)
+        for gt, ge, p in zip(g_t, g_e, (x0, a, b)):
+            assert gt.shape == p.shape and gt.dtype == p.dtype
+            torch.testing.assert_close(gt.float(), ge.float(), rtol=2e-3 if p.dtype == torch.half else 1e-4,
+                                       atol=2e-3 if p.dtype == torch.half else 1e-4)
+
+
+def test_triton_path_refuses_double_backward(tdev):
+    x = torch.randn(3, 4, device=tdev, requires_grad=True)
+    m = SALU(4).to(tdev)
+    torch.autograd.grad(m(x).sum(), x)  # first order works
+    with pytest.raises(RuntimeError, match="no double backward.*SALUNET_KERNELS=eager"):
+        torch.autograd.grad(m(x).sum(), x, create_graph=True)
 
 
 # ---- autocast and channels_last ----------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from salunet.nn import kernels
 TRITON = importlib.util.find_spec("triton") is not None
 TESTS = Path(__file__).resolve().parent
 # test_gpu.py's cases with a cpu-triton parameter: 21 ops x dtypes, 3 edge-case dtypes, 7 gradchecks (the 7 eager
-# ones skip: not this path), 2 autocast dtypes, 2 channels_last modules, 2 checks of the Triton path itself
-EXPECTED_PASSED = 21 + 3 + 7 + 2 + 2 + 2
+# ones skip: not this path), 2 autocast dtypes, 2 channels_last modules, 4 checks of the Triton path itself
+EXPECTED_PASSED = 21 + 3 + 7 + 2 + 2 + 4
 
 
 @pytest.mark.skipif(not TRITON, reason="triton is not installed (pip install 'salunet[triton]')")
@@ -74,3 +74,33 @@ def test_triton_host_cost_script_times_the_python_side_beside_batchnorm():
     assert out.returncode == 0, out.stderr[-2000:]
     row = __import__("json").loads(out.stdout.strip().splitlines()[-1])
     assert row["triton_python_side_us"] > 0 and row["batchnorm2d_relu_us"] > 0 and row["eager_math_us"] > 0
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed (pip install 'salunet[triton]')")
+@pytest.mark.parametrize("layout", [(1, 1, 2**27), (8, 1, 8192 * 8192), (4096, 64, 16), (1024 * 4096, 512, 1),
+                                    (1, 7, 1)])
+def test_triton_tiling_covers_the_tensor_within_cudas_grid_limit(layout):
+    """Every element in one tile (rows x columns cover the view), a 1-D grid under CUDA's 2^31 - 1 blocks, no
+    fully masked tile rows for a single row (scalar parameters), and the partial sums a fraction of x's size."""
+    from salunet.nn import triton_kernels as tk
+
+    outer, C, inner = layout
+    M, N, rows, bm, bn, iters, (gm, gn), P = tk._geometry(outer, C, inner, tk._PROGRAMS, tk._TILES["bwd"])
+    assert (M, N) == ((outer * C, inner) if inner > 1 else (outer, C))
+    assert gm * bm * iters >= M and gn * bn >= N and (gm - 1) * bm * iters < M and (gn - 1) * bn < N
+    assert gm * gn < 2**31 and bm * bn <= tk._TILES["bwd"]
+    assert bm <= max(1, 2 * M)  # a view of few rows gets tiles of as few rows
+    assert P * C <= outer * C * inner // min(inner, 16) if rows else P * C <= max(outer * C // 16, C)
+
+
+def test_doctor_reports_the_kernel_paths_in_triton_mode(capsys, monkeypatch):
+    """``salunet doctor`` under SALUNET_KERNELS=triton on a CPU: the CPU path's line says why none runs, no crash."""
+    from salunet.cli import main
+
+    kernels.set_kernel_mode("triton")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("the interpreter runs CPU tensors on this path")
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("kernel path (CPU):"))
+    assert "none (salunet: kernel mode 'triton'" in line

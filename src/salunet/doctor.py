@@ -8,6 +8,7 @@ takes about 25 s; a current build is loaded (well under a second) to report the 
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import shutil
@@ -83,7 +84,7 @@ def report(build: bool = False) -> dict:
         out["kernel_error"] = cpu_ext.load_error()
         try:
             out["kernel_path_cpu"] = kernels.kernel_path("cpu")
-        except RuntimeError as exc:  # SALUNET_KERNELS=cpp and no build
+        except (RuntimeError, ValueError) as exc:  # SALUNET_KERNELS=cpp and no build; =triton on CPU
             out["kernel_path_cpu"] = f"none ({exc})"
     else:
         out["kernel_error"] = None
@@ -100,7 +101,7 @@ def _triton_kernels() -> str:
 
     from .nn import kernels
 
-    if _version("triton") is None:
+    if importlib.util.find_spec("triton") is None:  # any distribution of it (torch nightlies: pytorch-triton)
         return "triton not installed (pip install 'salunet[triton]')"
     if not torch.cuda.is_available():
         return "no CUDA device: they run CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, for tests)"

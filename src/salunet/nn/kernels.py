@@ -34,8 +34,9 @@ of four paths, chosen by ``set_kernel_mode`` / ``SALUNET_KERNELS``:
   compiled call per direction, so that the host issues little besides the kernels; the per-channel derived
   quantities are returned beside the result so that inductor stores them once (:data:`REALIZE_DERIVED`).
 - ``triton`` (CUDA; chosen explicitly): the same math hand-written in Triton (:mod:`salunet.nn.triton_kernels`),
-  launched directly: one kernel forward, two backward, a few microseconds of host time where a compiled region
-  costs about half a millisecond. Not yet ``auto``'s choice on CUDA: no GPU has measured it (docs/GPU.md).
+  launched directly: one kernel forward, two backward; its Python side costs the host what BatchNorm2d + ReLU's
+  does (docs/BENCHMARKS.md "Side measurements"), where a compiled region costs about half a millisecond. Not yet
+  ``auto``'s choice on CUDA: no GPU has measured it (docs/GPU.md).
 - ``eager``: the functions below op by op.
 If the chosen path cannot be built on this machine, ``auto`` warns once, says why and how to fix it, and takes the
 eager path.
@@ -592,6 +593,9 @@ class TritonFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' outputs would carry no graph
+            raise RuntimeError("salunet: the Triton kernels have no double backward (create_graph=True); for "
+                               "higher-order gradients use SALUNET_KERNELS=eager")
         x, *rest = ctx.saved_tensors
         res, params = (rest[0], rest[1:]) if ctx.has_res else (None, rest)
         if g.stride() != x.stride():
@@ -638,12 +642,12 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: i
     if path == "triton":
         if axis is False:
             axis = _param_axis(x.dim(), broadcast_shape([p.shape for p in params]))
-        if axis is not False:
-            x, residual = _dense_for_kernels(x, axis, residual)
-            return TritonFn.apply(op, log_params, _layout(tuple(x.shape), x.stride(), axis), x, residual, *params)
-        path = "compiled"
-        _log_once(f"{op}: parameters vary along more than one axis; the Triton kernels handle scalar or "
-                  "per-channel parameters, this call takes the compiled path")
+        if axis is False:
+            raise ValueError(f"salunet: {op}: parameters of shapes {[tuple(p.shape) for p in params]} vary along "
+                             "more than one axis of the input; the Triton kernels take scalar or per-channel "
+                             "parameters (use SALUNET_KERNELS=compiled or eager for these)")
+        x, residual = _dense_for_kernels(x, axis, residual)
+        return TritonFn.apply(op, log_params, _layout(tuple(x.shape), x.stride(), axis), x, residual, *params)
     if path == "cpp":
         if axis is False:
             axis = _param_axis(x.dim(), broadcast_shape([p.shape for p in params]))

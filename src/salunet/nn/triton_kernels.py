@@ -13,7 +13,10 @@ t rsqrt(1 + t^2), y = sqrt(a/b) q, with q pinned to +-1 past saturation (Triton'
 every derivative in the bounded q and r. GALU's normal CDF uses erfc from elementary operations
 (:data:`salunet.nn.kernels._ERFC_COEFFS`, relative error < 1e-5 in float32, also in the far tail): Triton has
 erf but no erfc on every backend, and 1 - erf cancels to 0 in the left tail. Compute in float32 (float64 when the
-input or a parameter is float64), inputs and outputs in their own dtypes.
+input or a parameter is float64), inputs and outputs in their own dtypes. In float64 these kernels are not float64
+references: GALU's erfc fit is good to ~1e-7 relative and the device's float64 rsqrt is an approximation (the eager
+and compiled paths use torch's erfc and rsqrt); float64 work that needs more should take those paths. No double
+backward (create_graph=True raises, naming SALUNET_KERNELS=eager).
 
 Layout. ``x`` is viewed as (outer, C, inner) in memory order (:func:`salunet.nn.kernels._layout`: contiguous or
 channels_last; 1 channel for scalar parameters), tiled two ways so that the per-channel quantities (square roots,
@@ -22,6 +25,11 @@ quotients) are computed once per tile row or column, not per element:
 - inner > 1 (NCHW): rows are (outer, channel) pairs, columns the inner positions; parameters vary along rows;
 - inner == 1 (channels_last, tokens): rows are the outer positions, columns the channels; parameters along columns.
 
+Each program handles one tile (with channels as columns, up to 8 consecutive row blocks, so that the partial sums
+stay small), on a 1-D grid (CUDA limits a grid's other axes to 65,535 blocks). Tile sizes and warps: ``_TILES``.
+A scalar given beside per-channel parameters (the functional API allows it) is repeated per channel for the
+kernels, and its gradient summed back.
+
 Where it runs: CUDA tensors; CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 triton is imported: numpy, very slow), which is how CI tests these kernels (tests/test_triton.py). Checked on CPU
 against float64 in the interpreter; what a GPU compiles is checked by tests/triton_cases.py on CUDA
@@ -29,6 +37,7 @@ against float64 in the interpreter; what a GPU compiles is checked by tests/trit
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -170,12 +179,14 @@ if triton is not None:
         return amp * q, a, b, w, hb, r, q
 
     @triton.jit
-    def _forward_kernel(x_ptr, res_ptr, y_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, M, N, C,
+    def _forward_kernel(x_ptr, res_ptr, y_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, M, N, C, GRID_N,
                         FIRST: tl.constexpr, GATE: tl.constexpr, RES: tl.constexpr, LOG: tl.constexpr,
                         LIMIT: tl.constexpr, CDT: tl.constexpr, LIM: tl.constexpr, SAT: tl.constexpr,
                         ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ITERS: tl.constexpr):
-        for it in tl.static_range(ITERS):  # ITERS consecutive row blocks per program
-            offs, mask, ch, chmask = _tile(tl.program_id(0) * ITERS + it, tl.program_id(1), M, N, C, BM, BN, ROWS)
+        pid_m = tl.program_id(0) // GRID_N  # a 1-D grid (CUDA limits a grid's other axes to 65,535 blocks)
+        pid_n = tl.program_id(0) % GRID_N
+        for it in range(ITERS):  # ITERS consecutive row blocks per program (a loop: unrolled, it took registers)
+            offs, mask, ch, chmask = _tile(pid_m * ITERS + it, pid_n, M, N, C, BM, BN, ROWS)
             z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CDT)
             if FIRST:
                 z, _, _, _, _, _, _ = _salu_at(z, a1_ptr, b1_ptr, ch, chmask, ROWS, LOG, LIMIT, CDT, LIM, SAT)
@@ -220,18 +231,21 @@ if triton is not None:
 
     @triton.jit
     def _backward_kernel(g_ptr, x_ptr, res_ptr, gx_ptr, gres_ptr, part_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
-                         M, N, C, P, FIRST: tl.constexpr, GATE: tl.constexpr, RES: tl.constexpr, LOG: tl.constexpr,
-                         LIMIT: tl.constexpr, CDT: tl.constexpr, LIM: tl.constexpr, SAT: tl.constexpr,
-                         ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ITERS: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+                         M, N, C, P, GRID_N, FIRST: tl.constexpr, GATE: tl.constexpr, RES: tl.constexpr,
+                         LOG: tl.constexpr, LIMIT: tl.constexpr, CDT: tl.constexpr, LIM: tl.constexpr,
+                         SAT: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                         ITERS: tl.constexpr):
+        pid_m = tl.program_id(0) // GRID_N
+        pid_n = tl.program_id(0) % GRID_N
         # per-channel sums of the parameter gradients over this program's tiles (ROWS: ITERS is 1)
         zero = tl.zeros((BM, BN), dtype=CDT)
         sa1 = _reduce(zero, zero != 0, ROWS)
         sb1 = sa1
         sa2 = sa1
         sb2 = sa1
-        for it in tl.static_range(ITERS):
+        # the channels of the partial sums: a column tiling's are the same in every row block, a row tiling has one
+        _, _, ch_out, chmask_out = _tile(pid_m * ITERS, pid_n, M, N, C, BM, BN, ROWS)
+        for it in range(ITERS):  # a loop, not unrolled: unrolled, the row blocks' values piled up in registers
             offs, mask, ch, chmask = _tile(pid_m * ITERS + it, pid_n, M, N, C, BM, BN, ROWS)
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(CDT)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CDT)
@@ -260,15 +274,20 @@ if triton is not None:
                 sb1 += db1
             tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
         if FIRST:
-            _store_partial(part_ptr, 0, P, C, sa1, pid_m, pid_n, M, ch, chmask, ROWS, BM)
-            _store_partial(part_ptr, 1, P, C, sb1, pid_m, pid_n, M, ch, chmask, ROWS, BM)
+            _store_partial(part_ptr, 0, P, C, sa1, pid_m, pid_n, M, ch_out, chmask_out, ROWS, BM)
+            _store_partial(part_ptr, 1, P, C, sb1, pid_m, pid_n, M, ch_out, chmask_out, ROWS, BM)
         if GATE != 0:
             k2 = 2 if FIRST else 0
-            _store_partial(part_ptr, k2, P, C, sa2, pid_m, pid_n, M, ch, chmask, ROWS, BM)
-            _store_partial(part_ptr, k2 + 1, P, C, sb2, pid_m, pid_n, M, ch, chmask, ROWS, BM)
+            _store_partial(part_ptr, k2, P, C, sa2, pid_m, pid_n, M, ch_out, chmask_out, ROWS, BM)
+            _store_partial(part_ptr, k2 + 1, P, C, sb2, pid_m, pid_n, M, ch_out, chmask_out, ROWS, BM)
 
 
-_TILE = 4096  # elements per tile (both tilings)
+# Elements per tile and warps per program, by direction: chosen on ptxas's register counts for sm_90 (scripts/
+# triton_aot.py --regs), not yet on a GPU's timings. 4 warps: the forward at 2048 elements takes 64-80 registers a
+# thread, the backward at 1024 80-106; the backward at 4096 (8 warps) took 255 and spilled, and the forward at 4096
+# 128-228.
+_TILES = {"fwd": 2048, "bwd": 1024}
+_WARPS = 4
 _PROGRAMS = 1024  # the channels-as-columns tiling gives each program up to 8 row blocks while this many remain
 
 
@@ -277,26 +296,32 @@ def _cdiv(a: int, b: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _geometry(outer: int, C: int, inner: int, programs: int):
-    """(M, N, rows-carry-parameters, BM, BN, ITERS, grid, P) of the tiling of an (outer, C, inner) view; P: the
-    partial-sum slots per channel. Parameter gradients leave one partial sum per channel and program (per row and
-    program with rows): with channels as columns a program takes ITERS row blocks while ``programs`` remain, so
-    that the partial sums stay a small fraction of x's size. Cached: a network meets a handful of shapes."""
+def _geometry(outer: int, C: int, inner: int, programs: int, tile: int):
+    """(M, N, rows-carry-parameters, BM, BN, ITERS, (grid_m, grid_n), P) of the tiling of an (outer, C, inner)
+    view; the kernels run a 1-D grid of grid_m * grid_n programs; P: the partial-sum slots per channel. Parameter
+    gradients leave one partial sum per channel and program (per row and program with rows): with channels as
+    columns a program takes ITERS row blocks while ``programs`` remain, so that the partial sums stay a small
+    fraction of x's size (with rows, they are x's size / inner: a quarter of it at inner = 16). Cached: a network
+    meets a handful of shapes."""
     if inner > 1:
-        M, N, rows, bn, iters = outer * C, inner, True, min(triton.next_power_of_2(inner), 1024), 1
-        bm = max(1, _TILE // bn)
+        M, N, rows, bn, iters = outer * C, inner, True, min(triton.next_power_of_2(inner), tile), 1
+        bm = min(max(1, tile // bn), triton.next_power_of_2(M))  # a few rows (scalar parameters): none masked
     else:
-        M, N, rows, bn, iters = outer, C, False, min(triton.next_power_of_2(C), 256), 1
-        bm = max(1, _TILE // bn)
+        M, N, rows, bn, iters = outer, C, False, min(triton.next_power_of_2(C), 256, tile), 1
+        bm = min(max(1, tile // bn), triton.next_power_of_2(M))
         while iters < 8 and _cdiv(outer, bm * iters * 2) >= programs:
             iters *= 2
     grid = (_cdiv(M, bm * iters), _cdiv(N, bn))
     return M, N, rows, bm, bn, iters, grid, grid[1] * outer if rows else grid[0]
 
 
-def _stages(params):
-    """The (a1, b1, a2, b2) pointers' tensors, flat: a single-stage op passes its (a, b) in both slots."""
-    ps = [p if p.dim() == 1 else p.reshape(-1) for p in params]
+def _stages(params, C: int):
+    """The (a1, b1, a2, b2) pointers' tensors: each parameter's values contiguous, C of them (a scalar among
+    per-channel parameters repeated, so that the kernels index every parameter alike); a single-stage op passes
+    its (a, b) in both slots."""
+    ps = [p.reshape(-1).contiguous() for p in params]
+    if C > 1:
+        ps = [p.expand(C).contiguous() if p.numel() == 1 else p for p in ps]
     return ps if len(ps) == 4 else ps + ps
 
 
@@ -311,17 +336,27 @@ def _dtype_constants(dtypes: tuple) -> tuple:
                  "SAT": _saturation(cdt)}
 
 
+def _on_device(x: Tensor):
+    """Triton launches on the current CUDA device (and its current stream): make it x's."""
+    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def forward(op: str, log_params: bool, x: Tensor, res: Tensor | None, params, layout, log_limit: float) -> Tensor:
     """y = op(x[, res]); ``x`` (and ``res``, with x's strides) dense in the memory order of ``layout`` =
     (outer, C, inner); ``params`` hold 1 or C values each."""
     first, gate, has_res = _OP_FLAGS[op]
-    M, N, rows, bm, bn, iters, grid, _ = _geometry(*layout, _PROGRAMS)
+    C = layout[1]
+    M, N, rows, bm, bn, iters, grid, _ = _geometry(*layout, _PROGRAMS, _TILES["fwd"])
     y = torch.empty_like(x)
     if x.numel():
         _, consts = _dtype_constants((x.dtype, *(p.dtype for p in params)))
-        _forward_kernel[grid](x, res if has_res else x, y, *_stages(params), M, N, layout[1], FIRST=first, GATE=gate,
-                              RES=has_res, LOG=log_params, LIMIT=log_limit, **consts, ROWS=rows, BM=bm, BN=bn,
-                              ITERS=iters)
+        with _on_device(x):
+            _forward_kernel[(grid[0] * grid[1],)](
+                x, res if has_res else x, y, *_stages(params, C), M, N, C, grid[1], FIRST=first, GATE=gate,
+                RES=has_res, LOG=log_params, LIMIT=log_limit, **consts, ROWS=rows, BM=bm, BN=bn, ITERS=iters,
+                num_warps=_WARPS)
     return y
 
 
@@ -330,17 +365,23 @@ def backward(op: str, log_params: bool, g: Tensor, x: Tensor, res: Tensor | None
     """(dL/dx, dL/dres or None, *dL/dparams) in their tensors' dtypes and shapes; ``g`` has x's strides."""
     first, gate, has_res = _OP_FLAGS[op]
     C = layout[1]
-    M, N, rows, bm, bn, iters, grid, P = _geometry(*layout, _PROGRAMS)
+    M, N, rows, bm, bn, iters, grid, P = _geometry(*layout, _PROGRAMS, _TILES["bwd"])
     cdt, consts = _dtype_constants((x.dtype, *(p.dtype for p in params)))
     gx = torch.empty_like(x)
     gres = torch.empty_like(res) if has_res else None
     if x.numel():
         part = torch.empty((len(params), P, C), device=x.device, dtype=cdt)
-        _backward_kernel[grid](g, x, res if has_res else x, gx, gres if has_res else gx, part, *_stages(params),
-                               M, N, C, P, FIRST=first, GATE=gate, RES=has_res, LOG=log_params, LIMIT=log_limit,
-                               **consts, ROWS=rows, BM=bm, BN=bn, ITERS=iters)
+        with _on_device(x):
+            _backward_kernel[(grid[0] * grid[1],)](
+                g, x, res if has_res else x, gx, gres if has_res else gx, part, *_stages(params, C), M, N, C, P,
+                grid[1], FIRST=first, GATE=gate, RES=has_res, LOG=log_params, LIMIT=log_limit, **consts, ROWS=rows,
+                BM=bm, BN=bn, ITERS=iters, num_warps=_WARPS)
         out = part.sum(1)  # a fixed-order reduction (torch's are deterministic): (nparams, C)
     else:
         out = torch.zeros((len(params), C), device=x.device, dtype=cdt)
-    gps = [o if o.shape == p.shape else o.reshape(p.shape) for o, p in zip(out.unbind(0), params)]
+    gps = []
+    for o, p in zip(out.unbind(0), params):
+        if p.numel() != o.numel():  # a scalar among per-channel parameters: its gradient sums the channels'
+            o = o.sum()
+        gps.append(o if o.shape == p.shape else o.reshape(p.shape))
     return (gx, gres, *[gp if gp.dtype == p.dtype else gp.to(p.dtype) for gp, p in zip(gps, params)])
