@@ -319,7 +319,7 @@ def _stages(params, C: int):
     """The (a1, b1, a2, b2) pointers' tensors: each parameter's values contiguous, C of them (a scalar among
     per-channel parameters repeated, so that the kernels index every parameter alike); a single-stage op passes
     its (a, b) in both slots."""
-    ps = [p.reshape(-1).contiguous() for p in params]
+    ps = [p if p.dim() == 1 and p.is_contiguous() else p.reshape(-1).contiguous() for p in params]
     if C > 1:
         ps = [p.expand(C).contiguous() if p.numel() == 1 else p for p in ps]
     return ps if len(ps) == 4 else ps + ps
