@@ -34,8 +34,8 @@ of four paths, chosen by ``set_kernel_mode`` / ``SALUNET_KERNELS``:
   compiled call per direction, so that the host issues little besides the kernels; the per-channel derived
   quantities are returned beside the result so that inductor stores them once (:data:`REALIZE_DERIVED`).
 - ``triton`` (CUDA; chosen explicitly): the same math hand-written in Triton (:mod:`salunet.nn.triton_kernels`),
-  launched directly: one kernel forward, two backward; its Python side costs the host what BatchNorm2d + ReLU's
-  does (docs/BENCHMARKS.md "Side measurements"), where a compiled region costs about half a millisecond. Not yet
+  launched directly: one kernel forward, two backward; its Python side costs the host 1.25x what BatchNorm2d +
+  ReLU's does (docs/BENCHMARKS.md "Side measurements"), where a compiled region costs about half a millisecond. Not yet
   ``auto``'s choice on CUDA: no GPU has measured it (docs/GPU.md).
 - ``eager``: the functions below op by op.
 If the chosen path cannot be built on this machine, ``auto`` warns once, says why and how to fix it, and takes the
