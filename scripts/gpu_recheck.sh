@@ -33,10 +33,12 @@ R=${OUT:-gpu_recheck_out}
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
-WANT=",${GPU_RECHECK_STEPS:-rest,triton,profile,ops_bf16,pin_cost,pin_test,ops_fp32,edge},"  # a subset, in this file's order
+# a subset, in this file's order
+WANT=",${GPU_RECHECK_STEPS:-rest,triton,profile,ops_bf16,pin_cost,pin_test,ops_fp32,edge},"
 for s in ${WANT//,/ }; do
   [[ ",rest,triton,profile,ops_bf16,pin_cost,pin_test,ops_fp32,edge," == *",$s,"* ]] || {
-    echo "GPU_RECHECK_STEPS: unknown step '$s'; use rest, triton, profile, ops_bf16, pin_cost, pin_test, ops_fp32, edge" >&2
+    echo "GPU_RECHECK_STEPS: unknown step '$s'; use rest, triton, profile, ops_bf16, pin_cost, pin_test," \
+      "ops_fp32, edge" >&2
     exit 2; }
 done
 run() {  # run NAME LIMIT CMD...

@@ -87,8 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the medians are printed")
     ap.add_argument("--rows", type=int, default=18)
-    ap.add_argument("--kernels", default="auto", help="kernel mode (auto, cpp, compiled, triton, eager); `compiled` on a "
-                    "CPU at a tiny --shape measures the compiled path's host overhead without a GPU")
+    ap.add_argument("--kernels", default="auto", help="kernel mode (auto, cpp, compiled, triton, eager); "
+                    "`compiled` on a CPU at a tiny --shape measures the compiled path's host overhead without a GPU")
     ap.add_argument("--no-profile", action="store_true", help="only the timings, no profiler tables")
     ap.add_argument("--forms", action="store_true", help="also the fused pair with the derived parameter quantities "
                     "left inside the compiled kernels (kernels.REALIZE_DERIVED off), to compare on one device")
