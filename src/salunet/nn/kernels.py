@@ -35,8 +35,8 @@ of four paths, chosen by ``set_kernel_mode`` / ``SALUNET_KERNELS``:
   quantities are returned beside the result so that inductor stores them once (:data:`REALIZE_DERIVED`).
 - ``triton`` (CUDA; chosen explicitly): the same math hand-written in Triton (:mod:`salunet.nn.triton_kernels`),
   launched directly: one kernel forward, two backward; its Python side costs the host 1.25x what BatchNorm2d +
-  ReLU's does (docs/BENCHMARKS.md "Side measurements"), where a compiled region costs about half a millisecond. Not yet
-  ``auto``'s choice on CUDA: no GPU has measured it (docs/GPU.md).
+  ReLU's does (docs/BENCHMARKS.md "Side measurements"), where a compiled region costs about half a millisecond.
+  Not yet ``auto``'s choice on CUDA: no GPU has measured it (docs/GPU.md).
 - ``eager``: the functions below op by op.
 If the chosen path cannot be built on this machine, ``auto`` warns once, says why and how to fix it, and takes the
 eager path.
@@ -61,8 +61,8 @@ from torch import Tensor
 
 from . import cpu_ext
 
-__all__ = ["OPS", "LOG_LIMIT", "FusedFn", "fused", "recorded", "get_kernel_mode", "set_kernel_mode", "using_kernel_mode",
-           "kernel_path"]
+__all__ = ["OPS", "LOG_LIMIT", "FusedFn", "TritonFn", "fused", "recorded", "get_kernel_mode", "set_kernel_mode",
+           "using_kernel_mode", "kernel_path"]
 
 log = logging.getLogger("salunet.kernels")
 
@@ -237,7 +237,7 @@ def _prepare(log_params: bool, cdt: torch.dtype, params: Sequence[Tensor]):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# execution paths: C++ (CPU), compiled (inductor), eager
+# execution paths: C++ (CPU), compiled (inductor), Triton (CUDA), eager
 
 _MODES = ("auto", "cpp", "compiled", "triton", "eager")
 _mode = os.environ.get("SALUNET_KERNELS", "auto").strip().lower() or "auto"
@@ -288,7 +288,7 @@ def using_kernel_mode(mode: str):
 
 
 def _path_for(device: torch.device) -> str:
-    """The path (``cpp`` / ``compiled`` / ``eager``) that the current mode takes on ``device``."""
+    """The path (``cpp`` / ``compiled`` / ``triton`` / ``eager``) that the current mode takes on ``device``."""
     if _mode == "eager" or device.type == "meta":  # meta tensors: shapes only, the math traces as is
         return "eager"
     if _mode == "compiled":
