@@ -66,12 +66,12 @@ if ((DRY)); then skipped triton; else
   run triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cuda-triton --tb=short -rA
 fi
 run profile 60 "$PY" scripts/profile_op.py --device "$DEV" --shape "$SHAPE" --iters 20 --forms --triton
-run ops_bf16 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype bf16 --out "$R"
+run ops_bf16 120 "$PY" -m salunet bench ops "${OPS[@]}" --dtype bf16 --out "$R"
 run pin_cost $(( DRY ? 120 : 200 )) "$PY" scripts/recal_cost.py "${PIN[@]}" --every 1 --measure forward,module
 if ((DRY)); then skipped pin_test; else
   run pin_test 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k pin_in_forward --tb=short -rA
 fi
-run ops_fp32 60 "$PY" -m salunet bench ops "${OPS[@]}" --dtype fp32 --out "$R"
+run ops_fp32 120 "$PY" -m salunet bench ops "${OPS[@]}" --dtype fp32 --out "$R"
 if ((DRY)); then skipped edge; else
   run edge 70 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "$K and edge_cases" --tb=short -rA
 fi
