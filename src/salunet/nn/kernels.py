@@ -639,9 +639,9 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: i
         return FusedFn.apply("eager", op, log_params, x, residual, *_broadcastable(params, x, axis))
     path = _path_for(x.device)
     _report(x.device)
+    if path in ("triton", "cpp") and axis is False:  # both take scalar or per-channel parameters only
+        axis = _param_axis(x.dim(), broadcast_shape([p.shape for p in params]))
     if path == "triton":
-        if axis is False:
-            axis = _param_axis(x.dim(), broadcast_shape([p.shape for p in params]))
         if axis is False:
             raise ValueError(f"salunet: {op}: parameters of shapes {[tuple(p.shape) for p in params]} vary along "
                              "more than one axis of the input; the Triton kernels take scalar or per-channel "
@@ -649,8 +649,6 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: i
         x, residual = _dense_for_kernels(x, axis, residual)
         return TritonFn.apply(op, log_params, _layout(tuple(x.shape), x.stride(), axis), x, residual, *params)
     if path == "cpp":
-        if axis is False:
-            axis = _param_axis(x.dim(), broadcast_shape([p.shape for p in params]))
         if axis is not False:
             return _cpp_apply(op, log_params, x, params, axis, residual)
         path = "eager"  # parameters varying along several axes (functional API only): no C++ layout
@@ -677,7 +675,7 @@ def recorded(op: str, x: Tensor, *params: Tensor, log_params: bool = False,
 
 def _dense_for_kernels(x: Tensor, axis: int | None, residual: Tensor | None):
     """``x`` dense in a layout of :func:`_layout` (else made contiguous) and the residual in x's strides (its own
-    dtype): what the Triton kernels read with one flat offset."""
+    dtype): what the C++ and Triton kernels read with one flat offset."""
     if _layout(tuple(x.shape), x.stride(), axis) is None:
         x = x.contiguous()
     if residual is not None and residual.stride() != x.stride():
@@ -698,15 +696,10 @@ def _cpp_apply(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor], a
     """The C++ autograd node (csrc/salu_bind.cpp, SaluFunction)."""
     cdt = _compute_dtype(x, *params)
     xc = x if cdt != torch.float64 else x.to(cdt)
+    # the kernel reads the residual in x's memory order and dtype
+    xc, res = _dense_for_kernels(xc, axis, None if residual is None else residual.to(xc.dtype))
     lay = _layout(tuple(xc.shape), xc.stride(), axis)
-    if lay is None:
-        xc = xc.contiguous()
-        lay = _layout(tuple(xc.shape), xc.stride(), axis)
-    if residual is not None:  # the kernel reads it in x's memory order and dtype
-        res = residual.to(xc.dtype)
-        if res.stride() != xc.stride():
-            res = torch.empty_like(xc).copy_(res)
-    else:
+    if res is None:
         res = xc  # a placeholder: autograd inputs cannot be undefined; its slot gets no gradient
     # single-stage ops pass (a, b) again in the second slots, for the same reason
     a2, b2 = (params[2], params[3]) if len(params) == 4 else (params[0], params[1])
