@@ -11,8 +11,10 @@
 #   triton    the hand-written Triton kernels (kernel mode triton, added 2026-11-30 after the second GPU session):
 #             tests/test_gpu.py's cuda-triton cases, every op against float64 in three dtypes, edge cases, gradcheck,
 #             autocast, channels_last (they compiled for sm_90 on the CPU machine: scripts/triton_aot.py)
-#   profile   scripts/profile_op.py --forms --triton: host vs device time of fused SALU+SWALU (derived quantities
-#             stored, and inlined as before 2026-11-30; and on the hand-written Triton kernels) and BN+ReLU
+#   profile   scripts/profile_op.py --triton --cprofile: host vs device time of fused SALU+SWALU on the compiled path
+#             and on the hand-written Triton kernels (launched directly, and through Triton's launcher: the host-time
+#             fix of the seventh session) beside BN+ReLU, and cProfile's table of each one's host time by function
+#             (--forms, the compiled path's two forms, was measured by the third GPU session and left out)
 #   ops_bf16  salunet bench ops --dtype bf16 (with the Triton kernels' rows on CUDA)
 #   pin_cost  the per-step pin inside the compiled model (pin_in_forward, added after the 2026-11-30 session):
 #             scripts/recal_cost.py --compile, the step's cost with the pin as the trainer now does it (module)
@@ -65,7 +67,7 @@ fi
 if ((DRY)); then skipped triton; else
   run triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cuda-triton --tb=short -rA
 fi
-run profile 60 "$PY" scripts/profile_op.py --device "$DEV" --shape "$SHAPE" --iters 20 --forms --triton
+run profile 75 "$PY" scripts/profile_op.py --device "$DEV" --shape "$SHAPE" --iters 20 --triton --cprofile --rows 22
 run ops_bf16 120 "$PY" -m salunet bench ops "${OPS[@]}" --dtype bf16 --out "$R"
 run pin_cost $(( DRY ? 120 : 200 )) "$PY" scripts/recal_cost.py "${PIN[@]}" --every 1 --measure forward,module
 if ((DRY)); then skipped pin_test; else

@@ -1,7 +1,7 @@
 """Where the time of one fused op's forward + backward goes: host (Python, dispatch, launches) or device kernels.
 
     python scripts/profile_op.py [--device cuda] [--shape 256,64,32,32] [--dtype fp32] [--iters 20] [--forms]
-                                 [--triton]
+                                 [--triton] [--cprofile]
 
 For the fused SALU -> SWALU pair (SALUAct) on the default kernel path and for BatchNorm2d + ReLU, it prints per
 call: the host's wall time to issue forward + backward without waiting (``host_ms``), the device's time between
@@ -70,13 +70,38 @@ def profile(fn, x, grad, iters: int, rows: int) -> str:
 
 
 @contextlib.contextmanager
-def _realize(flag: bool):
-    """kernels.REALIZE_DERIVED set to ``flag`` (each setting compiles its own specialisations)."""
-    old, kernels.REALIZE_DERIVED = kernels.REALIZE_DERIVED, flag
+def _settings(realize: bool, direct: bool):
+    """kernels.REALIZE_DERIVED (each setting compiles its own specialisations) and the Triton path's
+    DIRECT_LAUNCH set for one variant."""
+    tk = kernels._triton() if kernels._triton().triton is not None else None
+    old = kernels.REALIZE_DERIVED, tk and tk.DIRECT_LAUNCH
+    kernels.REALIZE_DERIVED = realize
+    if tk:
+        tk.DIRECT_LAUNCH = direct
     try:
         yield
     finally:
-        kernels.REALIZE_DERIVED = old
+        kernels.REALIZE_DERIVED = old[0]
+        if tk:
+            tk.DIRECT_LAUNCH = old[1]
+
+
+def host_profile(fn, x, grad, iters: int, rows: int) -> str:
+    """cProfile of ``iters`` forward + backward calls: the host's Python time by function (tottime)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(iters):
+        x.grad = None
+        fn(x).backward(grad)
+    prof.disable()
+    _sync(x.device)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(rows)
+    return out.getvalue()
 
 
 def main(argv=None) -> int:
@@ -93,7 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--forms", action="store_true", help="also the fused pair with the derived parameter quantities "
                     "left inside the compiled kernels (kernels.REALIZE_DERIVED off), to compare on one device")
     ap.add_argument("--triton", action="store_true", help="also the fused pair on salunet's hand-written Triton "
-                    "kernels (kernel mode triton; CUDA)")
+                    "kernels (kernel mode triton; CUDA), launched directly and through Triton's launcher")
+    ap.add_argument("--cprofile", action="store_true", help="also cProfile's table of each variant's host time by "
+                    "Python function (where the issuing time goes)")
     args = ap.parse_args(argv)
     kernels.set_kernel_mode(args.kernels)
     dev, dt = torch.device(args.device), DTYPES[args.dtype]
@@ -104,10 +131,11 @@ def main(argv=None) -> int:
     grad = torch.randn(shape, device=dev).to(dt)
     bn, relu = nn.BatchNorm2d(c).to(dev), nn.ReLU()
     pair = SALUAct(SALU(c), SWALU(c)).to(dev)
-    # name -> (function, kernels.REALIZE_DERIVED while it runs forward and backward)
-    variants = {"batchnorm2d+relu": (lambda t: relu(bn(t)), True), "salu+swalu (fused SALUAct)": (pair, True)}
+    # name -> (function, kernels.REALIZE_DERIVED, the Triton path's DIRECT_LAUNCH while it runs forward and backward)
+    variants = {"batchnorm2d+relu": (lambda t: relu(bn(t)), True, True),
+                "salu+swalu (fused SALUAct)": (pair, True, True)}
     if args.forms:
-        variants["salu+swalu (fused SALUAct, derived inlined)"] = (pair, False)
+        variants["salu+swalu (fused SALUAct, derived inlined)"] = (pair, False, True)
         if not kernels.kernel_path(dev).startswith("compiled"):
             print(f"profile_op: --forms compares two forms of the compiled path; {dev} runs "
                   f"{kernels.kernel_path(dev)}, so both rows run the same code (add --kernels compiled)")
@@ -117,14 +145,16 @@ def main(argv=None) -> int:
             def on_triton(t):
                 with kernels.using_kernel_mode("triton"):
                     return pair(t)
-            variants["salu+swalu (fused SALUAct, Triton kernels)"] = (on_triton, True)
+            variants["salu+swalu (fused SALUAct, Triton kernels)"] = (on_triton, True, True)
+            variants["salu+swalu (fused SALUAct, Triton kernels, Triton's launcher)"] = (on_triton, True, False)
+            print(f"profile_op: Triton kernels launched {kernels._triton().launch_path()} in the first row")
         else:
             print(f"profile_op: --triton: no row ({why})")
     print(f"profile_op: {shape} {args.dtype} on {dev}; kernels: {kernels.kernel_path(dev)}")
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(args.repeats):  # interleaved, so that machine noise hits both alike
-        for name, (fn, realize) in variants.items():
-            with _realize(realize):
+        for name, (fn, *settings) in variants.items():
+            with _settings(*settings):
                 runs[name].append(measure(fn, x, grad, args.iters))
     base = None
     for name, rs in runs.items():
@@ -132,11 +162,16 @@ def main(argv=None) -> int:
         base = base or med
         ratio = {f"{k}_vs_bn": round(med[k] / base[k], 3) for k in med if med[k] is not None}
         print(json.dumps({"variant": name, "repeats": args.repeats, **med, **ratio}))
+    if args.cprofile:
+        for name, (fn, *settings) in variants.items():
+            print(f"\n== {name}: cProfile, {args.iters} calls (host time by function) ==")
+            with _settings(*settings):
+                print(host_profile(fn, x, grad, args.iters, args.rows))
     if args.no_profile:
         return 0
-    for name, (fn, realize) in variants.items():
+    for name, (fn, *settings) in variants.items():
         print(f"\n== {name}: torch.profiler, {args.iters} calls ==")
-        with _realize(realize):
+        with _settings(*settings):
             print(profile(fn, x, grad, args.iters, args.rows))
     return 0
 

@@ -236,6 +236,40 @@ def test_triton_path_takes_mixed_strided_and_half_parameters(tdev):
                                        atol=2e-3 if p.dtype == torch.half else 1e-4)
 
 
+def test_triton_direct_launch_matches_tritons_launcher(tdev, monkeypatch):
+    """The direct launch (cached CompiledKernels, the runtime arguments only) gives bitwise the values and
+    gradients of Triton's own ``kernel[grid]`` on 16-byte aligned and misaligned tensors and parameters; each
+    alignment gets its own compiled kernel, and a repeated call does not go through ``kernel[grid]``."""
+    from salunet.nn import triton_kernels as tk
+
+    if tdev.type != "cuda":
+        pytest.skip("Triton's interpreter has no launcher: the direct launch runs on CUDA only")
+    monkeypatch.setattr(tk, "_LAUNCHES", {})
+    calls = []
+    for kernel in (tk._forward_kernel, tk._backward_kernel):
+        run = kernel.run
+        monkeypatch.setattr(kernel, "run", lambda *a, _run=run, **k: calls.append(1) or _run(*a, **k))
+    shape = (3, 8, 5, 5)
+    n = math.prod(shape)
+    for offset in (0, 1):  # 1: four bytes past an aligned float32 allocation
+        x = torch.randn(n + offset, device=tdev)[offset:].view(shape) * 3
+        ps = [(torch.rand(8 + offset, device=tdev)[offset:] + 0.3).log() for _ in range(4)]
+        assert (x.data_ptr() % 16 == 0) == (offset == 0)
+        results = []
+        for direct in (False, True, True):  # Triton's launcher; the direct launch compiling; then launching
+            monkeypatch.setattr(tk, "DIRECT_LAUNCH", direct)
+            before = len(calls)
+            leaves = [t.detach().requires_grad_() for t in (x, *ps)]  # detach keeps the storage's offset
+            y = kernels.fused("salu_swalu", leaves[0], *leaves[1:], log_params=True, axis=1)
+            results.append((y, torch.autograd.grad(y, leaves, torch.ones_like(y))))
+            if direct and len(results) == 3:
+                assert len(calls) == before, "a cached specialisation went through kernel[grid]"
+        for y, grads in results[1:]:
+            assert torch.equal(y, results[0][0])
+            assert all(torch.equal(g, g0) for g, g0 in zip(grads, results[0][1]))
+    assert sorted(key[0] for key in tk._LAUNCHES) == ["bwd", "bwd", "fwd", "fwd"]  # each alignment its own
+
+
 def test_triton_path_refuses_double_backward(tdev):
     x = torch.randn(3, 4, device=tdev, requires_grad=True)
     m = SALU(4).to(tdev)

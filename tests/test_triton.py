@@ -104,3 +104,116 @@ def test_doctor_reports_the_kernel_paths_in_triton_mode(capsys, monkeypatch):
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("kernel path (CPU):"))
     assert "none (salunet: kernel mode 'triton'" in line
+
+
+class _FakeCompiled:
+    """Stands in for a Triton CompiledKernel: records its launcher's calls."""
+    function, packed_metadata = "function", "packed"
+
+    def __init__(self):
+        self.launches = []
+
+    def run(self, *args):
+        self.launches.append(args)
+
+
+class _FakeKernel:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` records the call, returns a new compiled one."""
+
+    def __init__(self):
+        self.jit_calls, self.compiled = [], []
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            self.jit_calls.append((grid, args, kwargs))
+            self.compiled.append(_FakeCompiled())
+            return self.compiled[-1]
+        return call
+
+
+@pytest.fixture
+def direct(monkeypatch):
+    """triton_kernels with a fake kernel, a fake stream and the direct launch on (as on a GPU with Triton 3.6)."""
+    if not TRITON or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("needs triton, without the interpreter (which launches through kernel[grid] only)")
+    from salunet.nn import triton_kernels as tk
+
+    monkeypatch.setattr(tk, "_LAUNCHES", {})
+    monkeypatch.setattr(tk, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(tk, "_direct_supported", lambda: True)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)
+    return tk
+
+
+META = (True, 1, False, True, 30.0, "CDT", 1e18, 8192.0, True, 4, 512, 1)
+
+
+def test_direct_launch_compiles_once_per_specialisation_then_passes_the_runtime_arguments_only(direct):
+    """The first call of a specialisation goes through ``kernel[grid]`` with the constexprs by name and the warps;
+    a repeat calls the cached kernel's launcher with the grid, the device's stream, no launch metadata or hooks,
+    and the arguments in the kernel's order (runtime ones, then the constexprs, which its launcher skips)."""
+    kernel = _FakeKernel()
+    x, y = torch.zeros(64), torch.zeros(64)
+    direct._launch("fwd", kernel, 7, (x, y, 48, 5), META, 0)
+    assert len(kernel.jit_calls) == 1
+    grid, args, kwargs = kernel.jit_calls[0]
+    assert grid == (7,) and args == (x, y, 48, 5)
+    assert kwargs == {**dict(zip(direct._CONSTEXPRS, META)), "num_warps": direct._WARPS}
+    x2, y2 = torch.ones(64), torch.ones(64)  # other tensors, the same specialisation
+    direct._launch("fwd", kernel, 9, (x2, y2, 96, 7), META, 3)  # another device: its own compiled kernel
+    direct._launch("fwd", kernel, 9, (x2, y2, 96, 7), META, 0)
+    assert len(kernel.jit_calls) == 2 and len(kernel.compiled[0].launches) == 1
+    launch = kernel.compiled[0].launches[0]
+    assert launch[:9] == (9, 1, 1, 1000, "function", "packed", None, None, None)
+    assert launch[9:11] == (x2, y2) and launch[11:] == (96, 7, *META)
+
+
+def test_direct_launch_keys_are_at_least_as_fine_as_tritons_specialisation(direct):
+    """Two arguments that Triton compiles different kernels for (its binder's native_specialize_impl: dtype,
+    16-byte alignment, == 1, divisibility by 16, 32/64-bit) never share a cached kernel."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    base = torch.zeros(64)
+    values = [0, 1, 2, 15, 16, 17, 32, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, 2**40,
+              base, base[1:], base[4:], base.double(), base.double()[1:], base.double()[2:], base.half(),
+              base.half()[8:], base.bfloat16()[3:]]
+    for a in values:
+        for b in values:
+            triton_same = native_specialize_impl(BaseBackend, a, False, True, True) == \
+                native_specialize_impl(BaseBackend, b, False, True, True)
+            ours_same = direct._spec(a) == direct._spec(b)
+            assert ours_same <= triton_same, (a if isinstance(a, int) else a.dtype, b if isinstance(b, int) else
+                                              b.dtype, direct._spec(a), direct._spec(b))
+            if isinstance(a, int) == isinstance(b, int):
+                assert ours_same == triton_same  # and no finer than needed
+    kernel = _FakeKernel()
+    for args in [(base, 16), (base[1:], 16), (base, 17), (base, 1), (base.double(), 16), (base, 16)]:
+        direct._launch("bwd", kernel, 1, args, META, 0)
+    assert len(kernel.jit_calls) == 5 and len(kernel.compiled[0].launches) == 1  # the last repeats the first
+
+
+def test_direct_launch_steps_aside_for_hooks_and_unverified_versions(direct, monkeypatch):
+    """A profiler's launch hooks, DIRECT_LAUNCH off, or a Triton version the direct launch was not written for:
+    every call through ``kernel[grid]``, and launch_path() says which."""
+    import triton
+
+    kernel = _FakeKernel()
+    x = torch.zeros(8)
+    hook = triton.knobs.runtime.launch_enter_hook
+    monkeypatch.setattr(hook, "calls", [lambda metadata: None])
+    for _ in range(2):
+        direct._launch("fwd", kernel, 1, (x, 16), META, 0)
+    monkeypatch.setattr(hook, "calls", [])
+    monkeypatch.setattr(direct, "DIRECT_LAUNCH", False)
+    for _ in range(2):
+        direct._launch("fwd", kernel, 1, (x, 16), META, 0)
+    assert "DIRECT_LAUNCH off" in direct.launch_path()
+    monkeypatch.setattr(direct, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(direct, "_direct_supported", lambda: False)
+    for _ in range(2):
+        direct._launch("fwd", kernel, 1, (x, 16), META, 0)
+    assert "written for Triton 3.6" in direct.launch_path()
+    assert len(kernel.jit_calls) == 6 and not any(c.launches for c in kernel.compiled) and not direct._LAUNCHES
+    monkeypatch.setattr(direct, "_direct_supported", lambda: True)
+    assert direct.launch_path().startswith("direct")

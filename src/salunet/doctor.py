@@ -105,8 +105,10 @@ def _triton_kernels() -> str:
         return "triton not installed (pip install 'salunet[triton]')"
     if not torch.cuda.is_available():
         return "no CUDA device: they run CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, for tests)"
-    why = kernels._triton().unavailable_reason(torch.device("cuda"))
-    return why or "ready on CUDA: SALUNET_KERNELS=triton (not auto's choice yet, docs/GPU.md)"
+    tk = kernels._triton()
+    why = tk.unavailable_reason(torch.device("cuda"))
+    return why or (f"ready on CUDA: SALUNET_KERNELS=triton (not auto's choice yet, docs/GPU.md); launched "
+                   f"{tk.launch_path()}")
 
 
 _LABELS = {
