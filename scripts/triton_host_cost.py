@@ -4,10 +4,11 @@ tensor (for scale: there their time is mostly the host's too).
 
     python scripts/triton_host_cost.py [--shape 8,64,4,4] [--iters 50] [--repeats 41]
 
-What it measures: the autograd Function, the layout and tiling, the output and partial-sum allocations and the
-reduction of the partial sums, on CPU tensors (a CPU allocation and a small sum stand in for their CUDA launches,
-which are asynchronous and cost the host a few microseconds each). What it leaves out: Triton's own launcher (two
-launches per forward + backward), which only a GPU can time (scripts/profile_op.py --triton on the GPU machine).
+What it measures: the autograd Function, the layout and tiling, the output and partial-sum allocations, the
+reduction of the partial sums and the direct launch's key, on CPU tensors (a CPU allocation and a small sum stand
+in for their CUDA launches, which are asynchronous and cost the host a few microseconds each). What it leaves out:
+Triton's own launcher (two launches per forward + backward), which only a GPU can time (scripts/profile_op.py
+--triton --cprofile on the GPU machine).
 Prints one JSON line: the medians over interleaved repeats, in microseconds per forward + backward.
 """
 from __future__ import annotations
@@ -23,11 +24,20 @@ from salunet import SALU, SWALU, SALUAct
 from salunet.nn import kernels
 
 
+class _NoCompiled:
+    """Stands in for a Triton CompiledKernel: its launcher does nothing."""
+    function = packed_metadata = None
+
+    def run(self, *args):
+        return None
+
+
 class _NoLaunch:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing."""
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing and returns a compiled kernel
+    that does nothing, so that later calls take the direct launch (its keys and argument lists are timed)."""
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _NoCompiled()
 
 
 def main(argv=None) -> int:
@@ -43,6 +53,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"triton_host_cost: {tk.unavailable_reason(torch.device('cpu'))}")
     tk._forward_kernel = tk._backward_kernel = _NoLaunch()
     tk.unavailable_reason = lambda device: None  # CPU tensors take the path; the kernels do nothing
+    tk._direct_supported = lambda: True  # the direct launch, as with Triton 3.6 on a GPU
+    torch._C._cuda_getCurrentRawStream = lambda index: 0  # (a CPU build has no CUDA streams)
     torch.set_num_threads(1)
     shape = tuple(int(s) for s in args.shape.split(","))
     pair = SALUAct(SALU(shape[1]), SWALU(shape[1]))

@@ -154,14 +154,14 @@ def test_direct_launch_compiles_once_per_specialisation_then_passes_the_runtime_
     and the arguments in the kernel's order (runtime ones, then the constexprs, which its launcher skips)."""
     kernel = _FakeKernel()
     x, y = torch.zeros(64), torch.zeros(64)
-    direct._launch("fwd", kernel, 7, (x, y, 48, 5), META, 0)
+    direct._launch("fwd", kernel, 7, (x, y), (48, 5), META, 0)
     assert len(kernel.jit_calls) == 1
     grid, args, kwargs = kernel.jit_calls[0]
     assert grid == (7,) and args == (x, y, 48, 5)
     assert kwargs == {**dict(zip(direct._CONSTEXPRS, META)), "num_warps": direct._WARPS}
     x2, y2 = torch.ones(64), torch.ones(64)  # other tensors, the same specialisation
-    direct._launch("fwd", kernel, 9, (x2, y2, 96, 7), META, 3)  # another device: its own compiled kernel
-    direct._launch("fwd", kernel, 9, (x2, y2, 96, 7), META, 0)
+    direct._launch("fwd", kernel, 9, (x2, y2), (96, 7), META, 3)  # another device: its own compiled kernel
+    direct._launch("fwd", kernel, 9, (x2, y2), (96, 7), META, 0)
     assert len(kernel.jit_calls) == 2 and len(kernel.compiled[0].launches) == 1
     launch = kernel.compiled[0].launches[0]
     assert launch[:9] == (9, 1, 1, 1000, "function", "packed", None, None, None)
@@ -174,6 +174,9 @@ def test_direct_launch_keys_are_at_least_as_fine_as_tritons_specialisation(direc
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 
+    def key(arg):
+        return direct._key("k", 0, META, *(((arg,), ()) if isinstance(arg, torch.Tensor) else ((), (arg,))))
+
     base = torch.zeros(64)
     values = [0, 1, 2, 15, 16, 17, 32, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, 2**40,
               base, base[1:], base[4:], base.double(), base.double()[1:], base.double()[2:], base.half(),
@@ -182,14 +185,14 @@ def test_direct_launch_keys_are_at_least_as_fine_as_tritons_specialisation(direc
         for b in values:
             triton_same = native_specialize_impl(BaseBackend, a, False, True, True) == \
                 native_specialize_impl(BaseBackend, b, False, True, True)
-            ours_same = direct._spec(a) == direct._spec(b)
+            ours_same = key(a) == key(b)
             assert ours_same <= triton_same, (a if isinstance(a, int) else a.dtype, b if isinstance(b, int) else
-                                              b.dtype, direct._spec(a), direct._spec(b))
+                                              b.dtype, key(a), key(b))
             if isinstance(a, int) == isinstance(b, int):
                 assert ours_same == triton_same  # and no finer than needed
     kernel = _FakeKernel()
-    for args in [(base, 16), (base[1:], 16), (base, 17), (base, 1), (base.double(), 16), (base, 16)]:
-        direct._launch("bwd", kernel, 1, args, META, 0)
+    for t, n in [(base, 16), (base[1:], 16), (base, 17), (base, 1), (base.double(), 16), (base, 16)]:
+        direct._launch("bwd", kernel, 1, (t,), (n,), META, 0)
     assert len(kernel.jit_calls) == 5 and len(kernel.compiled[0].launches) == 1  # the last repeats the first
 
 
@@ -203,16 +206,16 @@ def test_direct_launch_steps_aside_for_hooks_and_unverified_versions(direct, mon
     hook = triton.knobs.runtime.launch_enter_hook
     monkeypatch.setattr(hook, "calls", [lambda metadata: None])
     for _ in range(2):
-        direct._launch("fwd", kernel, 1, (x, 16), META, 0)
+        direct._launch("fwd", kernel, 1, (x,), (16,), META, 0)
     monkeypatch.setattr(hook, "calls", [])
     monkeypatch.setattr(direct, "DIRECT_LAUNCH", False)
     for _ in range(2):
-        direct._launch("fwd", kernel, 1, (x, 16), META, 0)
+        direct._launch("fwd", kernel, 1, (x,), (16,), META, 0)
     assert "DIRECT_LAUNCH off" in direct.launch_path()
     monkeypatch.setattr(direct, "DIRECT_LAUNCH", True)
     monkeypatch.setattr(direct, "_direct_supported", lambda: False)
     for _ in range(2):
-        direct._launch("fwd", kernel, 1, (x, 16), META, 0)
+        direct._launch("fwd", kernel, 1, (x,), (16,), META, 0)
     assert "written for Triton 3.6" in direct.launch_path()
     assert len(kernel.jit_calls) == 6 and not any(c.launches for c in kernel.compiled) and not direct._LAUNCHES
     monkeypatch.setattr(direct, "_direct_supported", lambda: True)

@@ -372,28 +372,32 @@ def _direct_supported() -> bool:
     return tuple(int(v) for v in triton.__version__.split(".")[:2]) in _DIRECT_VERSIONS
 
 
-def _spec(arg) -> tuple | bool:
-    """What Triton specialises a runtime argument on (runtime/jit.py's binder, native_specialize_impl)."""
-    if isinstance(arg, Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    return arg == 1 or (arg % 16 == 0, -2 ** 31 <= arg < 2 ** 31)
+def _key(name: str, device_index: int | None, meta: tuple, tensors: tuple, ints: tuple) -> tuple:
+    """The direct launch's cache key: everything Triton specialises a kernel on (runtime/jit.py's binder,
+    native_specialize_impl): the constexprs, the warps, the device, each pointer's dtype and 16-byte alignment,
+    each integer's ``== 1``, divisibility by 16 and 32/64-bit width (sizes: never negative). Inlined, not a call
+    per argument: it runs on every launch."""
+    return (name, device_index, _WARPS, meta, *[t.dtype for t in tensors], *[t.data_ptr() & 15 == 0 for t in tensors],
+            *[v == 1 or (v & 15 == 0, v < 2 ** 31) for v in ints])
 
 
-def _launch(name: str, kernel, programs: int, args: tuple, meta: tuple, device_index: int | None) -> None:
-    """Launch ``kernel`` on a 1-D grid of ``programs`` with runtime ``args`` and constexprs ``meta`` (in
-    :data:`_CONSTEXPRS` order) on the current device and stream."""
+def _launch(name: str, kernel, programs: int, tensors: tuple, ints: tuple, meta: tuple,
+            device_index: int | None) -> None:
+    """Launch ``kernel`` on a 1-D grid of ``programs`` with its pointer arguments ``tensors``, then its integer
+    arguments ``ints`` (the kernels' signatures put them in that order), and its constexprs ``meta`` (in
+    :data:`_CONSTEXPRS` order), on the current device and stream."""
     hooks = triton.knobs.runtime if not INTERPRETED else None
     if (INTERPRETED or not DIRECT_LAUNCH or not _direct_supported() or hooks.launch_enter_hook.calls
             or hooks.launch_exit_hook.calls):  # a profiler's hooks see every launch: Triton's own path
-        kernel[(programs,)](*args, **dict(zip(_CONSTEXPRS, meta)), num_warps=_WARPS)
+        kernel[(programs,)](*tensors, *ints, **dict(zip(_CONSTEXPRS, meta)), num_warps=_WARPS)
         return
-    key = (name, device_index, _WARPS, meta, *map(_spec, args))
+    key = _key(name, device_index, meta, tensors, ints)
     compiled = _LAUNCHES.get(key)
     if compiled is None:  # compile (or find in Triton's cache) and launch the first call Triton's way
-        _LAUNCHES[key] = kernel[(programs,)](*args, **dict(zip(_CONSTEXPRS, meta)), num_warps=_WARPS)
+        _LAUNCHES[key] = kernel[(programs,)](*tensors, *ints, **dict(zip(_CONSTEXPRS, meta)), num_warps=_WARPS)
         return
     compiled.run(programs, 1, 1, torch._C._cuda_getCurrentRawStream(device_index), compiled.function,
-                 compiled.packed_metadata, None, None, None, *args, *meta)
+                 compiled.packed_metadata, None, None, None, *tensors, *ints, *meta)
 
 
 def forward(op: str, log_params: bool, x: Tensor, res: Tensor | None, params, layout, log_limit: float) -> Tensor:
@@ -406,9 +410,9 @@ def forward(op: str, log_params: bool, x: Tensor, res: Tensor | None, params, la
     if x.numel():
         _, consts = _dtype_constants((x.dtype, *(p.dtype for p in params)))
         with _on_device(x):
-            _launch("fwd", _forward_kernel, grid[0] * grid[1],
-                    (x, res if has_res else x, y, *_stages(params, C), M, N, C, grid[1]),
-                    (first, gate, has_res, log_params, log_limit, *consts, rows, bm, bn, iters), x.device.index)
+            _launch("fwd", _forward_kernel, grid[0] * grid[1], (x, res if has_res else x, y, *_stages(params, C)),
+                    (M, N, C, grid[1]), (first, gate, has_res, log_params, log_limit, *consts, rows, bm, bn, iters),
+                    x.device.index)
     return y
 
 
@@ -425,8 +429,8 @@ def backward(op: str, log_params: bool, g: Tensor, x: Tensor, res: Tensor | None
         part = torch.empty((len(params), P, C), device=x.device, dtype=cdt)
         with _on_device(x):
             _launch("bwd", _backward_kernel, grid[0] * grid[1],
-                    (g, x, res if has_res else x, gx, gres if has_res else gx, part, *_stages(params, C), M, N, C, P,
-                     grid[1]), (first, gate, has_res, log_params, log_limit, *consts, rows, bm, bn, iters),
+                    (g, x, res if has_res else x, gx, gres if has_res else gx, part, *_stages(params, C)),
+                    (M, N, C, P, grid[1]), (first, gate, has_res, log_params, log_limit, *consts, rows, bm, bn, iters),
                     x.device.index)
         out = part.sum(1)  # a fixed-order reduction (torch's are deterministic): (nparams, C)
     else:
