@@ -15,6 +15,9 @@
 #             and on the hand-written Triton kernels (launched directly, and through Triton's launcher: the host-time
 #             fix of the seventh session) beside BN+ReLU, and cProfile's table of each one's host time by function
 #             (--forms, the compiled path's two forms, was measured by the third GPU session and left out)
+#   models    eager models on the Triton kernels (SALUNET_KERNELS=triton salunet bench models, bf16, channels_last,
+#             batch 128): the compiled path's per-call host cost held eager SaluNets to 0.24-0.40x their twins' training
+#             images/s (2026-11-28); whole compiled models are unaffected (their math is traced inline)
 #   ops_bf16  salunet bench ops --dtype bf16 (with the Triton kernels' rows on CUDA)
 #   pin_cost  the per-step pin inside the compiled model (pin_in_forward, added after the 2026-11-30 session):
 #             scripts/recal_cost.py --compile, the step's cost with the pin as the trainer now does it (module)
@@ -36,10 +39,10 @@ mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
 # a subset, in this file's order
-WANT=",${GPU_RECHECK_STEPS:-rest,triton,profile,ops_bf16,pin_cost,pin_test,ops_fp32,edge},"
+WANT=",${GPU_RECHECK_STEPS:-rest,triton,profile,models,ops_bf16,pin_cost,pin_test,ops_fp32,edge},"
 for s in ${WANT//,/ }; do
-  [[ ",rest,triton,profile,ops_bf16,pin_cost,pin_test,ops_fp32,edge," == *",$s,"* ]] || {
-    echo "GPU_RECHECK_STEPS: unknown step '$s'; use rest, triton, profile, ops_bf16, pin_cost, pin_test," \
+  [[ ",rest,triton,profile,models,ops_bf16,pin_cost,pin_test,ops_fp32,edge," == *",$s,"* ]] || {
+    echo "GPU_RECHECK_STEPS: unknown step '$s'; use rest, triton, profile, models, ops_bf16, pin_cost, pin_test," \
       "ops_fp32, edge" >&2
     exit 2; }
 done
@@ -54,9 +57,11 @@ run() {  # run NAME LIMIT CMD...
 if ((DRY)); then
   DEV=cpu; K="cpu"; SHAPE=8,64,16,16; OPS=(--device cpu --batch 2 --cases tokens --repeats 1 --warmup 1)
   PIN=(--device cpu --width 2 --batch 4 --size 8 --steps 1 --repeats 1)  # uncompiled: inductor on CPU takes minutes
+  MODELS=(--device cpu --batch 2 --repeats 1 --warmup 1 --pairs "resnet18 cpu-width"); MODES=auto  # no Triton on CPU
 else
   DEV=cuda; K="cuda"; SHAPE=256,64,32,32; OPS=(--device cuda --repeats 10)
   PIN=(--device cuda --width 64 --batch 128 --steps 10 --repeats 5 --compile)
+  MODELS=(--device cuda --batch 128 --channels-last --repeats 5 --dtype bf16 --pairs "resnet18 full,vit full"); MODES=triton
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$R/install.log" 2>&1
 fi
 skipped() { echo "[$((SECONDS - T0))s] $1: skipped (dry run: tests/test_gpu.py's cpu twins run in the test suite)"; }
@@ -68,6 +73,7 @@ if ((DRY)); then skipped triton; else
   run triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cuda-triton --tb=short -rA
 fi
 run profile 75 "$PY" scripts/profile_op.py --device "$DEV" --shape "$SHAPE" --iters 20 --triton --cprofile --rows 22
+run models 150 env SALUNET_KERNELS=$MODES "$PY" -m salunet bench models "${MODELS[@]}" --out "$R"
 run ops_bf16 120 "$PY" -m salunet bench ops "${OPS[@]}" --dtype bf16 --out "$R"
 run pin_cost $(( DRY ? 120 : 200 )) "$PY" scripts/recal_cost.py "${PIN[@]}" --every 1 --measure forward,module
 if ((DRY)); then skipped pin_test; else
