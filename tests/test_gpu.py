@@ -33,7 +33,7 @@ from test_kernels import DTYPES, PARAMS, check_autocast, check_gate_edge_cases, 
 CUDA = torch.cuda.is_available()
 NO_CUDA = "CUDA is not available (no GPU or a CPU-only torch build); the cpu twin of this test runs instead"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason=NO_CUDA))]
-DEFAULT_PATH = {"cpu": "cpp", "cuda": "compiled"}  # each device's default kernel path (nn/kernels.py)
+DEFAULT_PATH = {"cpu": "cpp", "cuda": kernels.AUTO_CUDA}  # each device's default kernel path (nn/kernels.py)
 TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 KERNEL_PATHS = [

@@ -220,3 +220,41 @@ def test_direct_launch_steps_aside_for_hooks_and_unverified_versions(direct, mon
     assert len(kernel.jit_calls) == 6 and not any(c.launches for c in kernel.compiled) and not direct._LAUNCHES
     monkeypatch.setattr(direct, "_direct_supported", lambda: True)
     assert direct.launch_path().startswith("direct")
+
+
+def test_auto_takes_the_triton_kernels_on_cuda_once_chosen(monkeypatch, caplog):
+    """kernels.AUTO_CUDA = "triton" (the switch a GPU's timings decide): auto's path for CUDA tensors is the Triton
+    kernels where they can run, else the compiled path, said once; CPU tensors keep the C++ kernels."""
+    if not TRITON:
+        pytest.skip("triton is not installed (pip install 'salunet[triton]')")
+    kernels.set_kernel_mode("auto")
+    cuda = torch.device("cuda")
+    assert kernels._path_for(cuda) == "compiled"  # today's choice
+    monkeypatch.setattr(kernels, "AUTO_CUDA", "triton")
+    assert kernels._path_for(cuda) == "triton" and kernels.kernel_path(cuda).startswith("triton")
+    assert kernels._path_for(torch.device("cpu")) in ("cpp", "eager")
+    tk = kernels._triton()
+    monkeypatch.setattr(tk, "unavailable_reason", lambda device: "no driver here")
+    with caplog.at_level("INFO", logger="salunet"):
+        assert kernels._path_for(cuda) == "compiled"
+    assert "cannot run (no driver here); CUDA tensors take the compiled path" in caplog.text
+
+
+def test_auto_sends_what_the_triton_kernels_refuse_to_the_compiled_path(monkeypatch):
+    """Under auto with the Triton kernels chosen, parameters varying along two axes (the functional API allows
+    them) take the compiled path for that call instead of an error; kernel mode triton still refuses them."""
+    seen = []
+
+    def fake_apply(path, op, log_params, x, res, *params):
+        seen.append(path)
+        return x
+
+    kernels.set_kernel_mode("auto")
+    monkeypatch.setattr(kernels, "_path_for", lambda device: "triton")
+    monkeypatch.setattr(kernels.FusedFn, "apply", fake_apply)
+    x = torch.randn(2, 3, 4)
+    kernels.fused("salu", x, torch.rand(3, 4) + 0.5, torch.rand(3, 1) + 0.5)
+    assert seen == ["compiled"]
+    kernels.set_kernel_mode("triton")
+    with pytest.raises(ValueError, match="more than one axis"):
+        kernels.fused("salu", x, torch.rand(3, 4) + 0.5, torch.rand(3, 1) + 0.5)

@@ -107,8 +107,8 @@ def _triton_kernels() -> str:
         return "no CUDA device: they run CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, for tests)"
     tk = kernels._triton()
     why = tk.unavailable_reason(torch.device("cuda"))
-    return why or (f"ready on CUDA: SALUNET_KERNELS=triton (not auto's choice yet, docs/GPU.md); launched "
-                   f"{tk.launch_path()}")
+    choice = "auto's choice on CUDA" if kernels.AUTO_CUDA == "triton" else "not auto's choice yet, docs/GPU.md"
+    return why or f"ready on CUDA: SALUNET_KERNELS=triton ({choice}); launched {tk.launch_path()}"
 
 
 _LABELS = {

@@ -309,7 +309,18 @@ def _path_for(device: torch.device) -> str:
     if _mode == "cpp":
         raise ValueError(f"salunet: kernel mode 'cpp' runs CPU tensors only, got a tensor on {device}; "
                          "use 'auto' or 'compiled'")
+    if device.type == "cuda" and AUTO_CUDA == "triton":
+        why = _triton().unavailable_reason(device)
+        if why is None:
+            return "triton"
+        _log_once(f"the Triton kernels cannot run ({why}); CUDA tensors take the compiled path")
     return "eager" if device.type in _compile_failed else "compiled"
+
+
+# auto's path for CUDA tensors outside a compiled region: "compiled" (inductor) until a GPU measures the Triton
+# kernels faster for an op called alone (docs/GPU.md), "triton" then; with "triton", what the Triton kernels refuse
+# (parameters varying along several axes, no triton installed) takes the compiled path, and says so once.
+AUTO_CUDA = "compiled"
 
 
 def _warn_fallback(problem: str) -> None:
@@ -641,6 +652,10 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: i
     _report(x.device)
     if path in ("triton", "cpp") and axis is False:  # both take scalar or per-channel parameters only
         axis = _param_axis(x.dim(), broadcast_shape([p.shape for p in params]))
+    if path == "triton" and axis is False and _mode == "auto":
+        path = "compiled"
+        _log_once(f"{op}: parameters vary along more than one axis; the Triton kernels handle scalar or "
+                  "per-channel parameters, this call takes the compiled path")
     if path == "triton":
         if axis is False:
             raise ValueError(f"salunet: {op}: parameters of shapes {[tuple(p.shape) for p in params]} vary along "
