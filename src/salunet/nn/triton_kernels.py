@@ -376,6 +376,13 @@ def _direct_supported() -> bool:
     return tuple(int(v) for v in triton.__version__.split(".")[:2]) in _DIRECT_VERSIONS
 
 
+def _hooked() -> bool:
+    """Whether a profiler (proton, say) hooked Triton's launches: then they go through Triton's own path, which
+    calls the hooks (``triton.knobs`` as of Triton 3.6; checked only where the direct launch is supported)."""
+    runtime = triton.knobs.runtime
+    return bool(runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls)
+
+
 def _key(name: str, device_index: int | None, meta: tuple, tensors: tuple, ints: tuple) -> tuple:
     """The direct launch's cache key: everything Triton specialises a kernel on (runtime/jit.py's binder,
     native_specialize_impl): the constexprs, the warps, the device, each pointer's dtype and 16-byte alignment,
@@ -390,9 +397,7 @@ def _launch(name: str, kernel, programs: int, tensors: tuple, ints: tuple, meta:
     """Launch ``kernel`` on a 1-D grid of ``programs`` with its pointer arguments ``tensors``, then its integer
     arguments ``ints`` (the kernels' signatures put them in that order), and its constexprs ``meta`` (in
     :data:`_CONSTEXPRS` order), on the current device and stream."""
-    hooks = triton.knobs.runtime if not INTERPRETED else None
-    if (INTERPRETED or not DIRECT_LAUNCH or not _direct_supported() or hooks.launch_enter_hook.calls
-            or hooks.launch_exit_hook.calls):  # a profiler's hooks see every launch: Triton's own path
+    if INTERPRETED or not DIRECT_LAUNCH or not _direct_supported() or _hooked():
         kernel[(programs,)](*tensors, *ints, **dict(zip(_CONSTEXPRS, meta)), num_warps=_WARPS)
         return
     key = _key(name, device_index, meta, tensors, ints)
