@@ -252,9 +252,9 @@ def test_triton_direct_launch_matches_tritons_launcher(tdev, monkeypatch):
     shape = (3, 8, 5, 5)
     n = math.prod(shape)
     for offset in (0, 1):  # 1: four bytes past an aligned float32 allocation
-        x = torch.randn(n + offset, device=tdev)[offset:].view(shape) * 3
-        ps = [(torch.rand(8 + offset, device=tdev)[offset:] + 0.3).log() for _ in range(4)]
-        assert (x.data_ptr() % 16 == 0) == (offset == 0)
+        x = (torch.randn(n + offset, device=tdev) * 3)[offset:].view(shape)  # sliced last: arithmetic allocates
+        ps = [(torch.rand(8 + offset, device=tdev) + 0.3).log()[offset:] for _ in range(4)]
+        assert all((t.data_ptr() % 16 == 0) == (offset == 0) for t in (x, *ps))
         results = []
         for direct in (False, True, True):  # Triton's launcher; the direct launch compiling; then launching
             monkeypatch.setattr(tk, "DIRECT_LAUNCH", direct)

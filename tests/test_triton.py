@@ -258,3 +258,37 @@ def test_auto_sends_what_the_triton_kernels_refuse_to_the_compiled_path(monkeypa
     kernels.set_kernel_mode("triton")
     with pytest.raises(ValueError, match="more than one axis"):
         kernels.fused("salu", x, torch.rand(3, 4) + 0.5, torch.rand(3, 1) + 0.5)
+
+
+def test_direct_launch_keys_follow_tritons_runtime_settings_and_hook_forms(direct, monkeypatch):
+    """Triton's debug and instrumentation settings enter its own cache key, so they enter ours: switching one on
+    compiles anew. Launch hooks set to None count as none; a plain function set as a hook sends launches through
+    Triton's path (which calls it)."""
+    import triton
+
+    kernel = _FakeKernel()
+    x = torch.zeros(8)
+    direct._launch("fwd", kernel, 1, (x,), (16,), META, 0)
+    monkeypatch.setattr(triton.knobs.runtime, "debug", True)
+    direct._launch("fwd", kernel, 1, (x,), (16,), META, 0)
+    assert len(kernel.jit_calls) == 2
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", None)
+    monkeypatch.setattr(triton.knobs.runtime, "launch_exit_hook", None)
+    direct._launch("fwd", kernel, 1, (x,), (16,), META, 0)
+    assert len(kernel.jit_calls) == 2 and len(kernel.compiled[1].launches) == 1  # hooks None: direct
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: None)
+    direct._launch("fwd", kernel, 1, (x,), (16,), META, 0)
+    assert len(kernel.jit_calls) == 3
+
+
+def test_direct_launch_is_nvidias_only(monkeypatch):
+    """ROCm's torch calls its GPUs "cuda" too, but ROCm's Triton specialises pointers on their storage's size as
+    well: there the kernels launch Triton's way, and launch_path() says why."""
+    if not TRITON or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("needs triton, without the interpreter")
+    from salunet.nn import triton_kernels as tk
+
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    assert not tk._direct_supported.__wrapped__()
+    monkeypatch.setattr(tk, "_direct_supported", lambda: False)
+    assert "ROCm" in tk.launch_path()

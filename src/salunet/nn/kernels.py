@@ -313,7 +313,9 @@ def _path_for(device: torch.device) -> str:
         why = _triton().unavailable_reason(device)
         if why is None:
             return "triton"
-        _log_once(f"the Triton kernels cannot run ({why}); CUDA tensors take the compiled path")
+        path = "eager" if device.type in _compile_failed else "compiled"
+        _log_once(f"the Triton kernels cannot run ({why}); CUDA tensors take the {path} path")
+        return path
     return "eager" if device.type in _compile_failed else "compiled"
 
 
@@ -653,9 +655,9 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: i
     if path in ("triton", "cpp") and axis is False:  # both take scalar or per-channel parameters only
         axis = _param_axis(x.dim(), broadcast_shape([p.shape for p in params]))
     if path == "triton" and axis is False and _mode == "auto":
-        path = "compiled"
+        path = "eager" if x.device.type in _compile_failed else "compiled"
         _log_once(f"{op}: parameters vary along more than one axis; the Triton kernels handle scalar or "
-                  "per-channel parameters, this call takes the compiled path")
+                  f"per-channel parameters, this call takes the {path} path")
     if path == "triton":
         if axis is False:
             raise ValueError(f"salunet: {op}: parameters of shapes {[tuple(p.shape) for p in params]} vary along "

@@ -367,28 +367,36 @@ def launch_path() -> str:
         return "through Triton's launcher (DIRECT_LAUNCH off)"
     if _direct_supported():
         return f"direct (cached CompiledKernels, Triton {triton.__version__})"
+    if torch.version.hip is not None:
+        return "through Triton's launcher (ROCm: the direct launch's key is NVIDIA's specialisation)"
     return (f"through Triton's launcher (the direct launch is written for Triton "
             f"{', '.join('.'.join(map(str, v)) for v in _DIRECT_VERSIONS)}, this is {triton.__version__})")
 
 
 @functools.lru_cache(maxsize=1)
 def _direct_supported() -> bool:
-    return tuple(int(v) for v in triton.__version__.split(".")[:2]) in _DIRECT_VERSIONS
+    """Triton 3.6 on NVIDIA: ROCm's Triton also specialises a pointer on its storage's size (buffer operations under
+    2 GiB), which the key leaves out, so ROCm builds of torch (device type "cuda" too) launch Triton's way."""
+    return tuple(int(v) for v in triton.__version__.split(".")[:2]) in _DIRECT_VERSIONS and torch.version.hip is None
 
 
 def _hooked() -> bool:
     """Whether a profiler (proton, say) hooked Triton's launches: then they go through Triton's own path, which
     calls the hooks (``triton.knobs`` as of Triton 3.6; checked only where the direct launch is supported)."""
     runtime = triton.knobs.runtime
-    return bool(runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls)
+    return any(h is not None and getattr(h, "calls", True) for h in (runtime.launch_enter_hook,
+                                                                      runtime.launch_exit_hook))
 
 
 def _key(name: str, device_index: int | None, meta: tuple, tensors: tuple, ints: tuple) -> tuple:
     """The direct launch's cache key: everything Triton specialises a kernel on (runtime/jit.py's binder,
     native_specialize_impl): the constexprs, the warps, the device, each pointer's dtype and 16-byte alignment,
-    each integer's ``== 1``, divisibility by 16 and 32/64-bit width (sizes: never negative). Inlined, not a call
-    per argument: it runs on every launch."""
-    return (name, device_index, _WARPS, meta, *[t.dtype for t in tensors], *[t.data_ptr() & 15 == 0 for t in tensors],
+    each integer's ``== 1``, divisibility by 16 and 32/64-bit width (sizes: never negative), and Triton's runtime
+    settings that enter its key (debug, instrumentation). Inlined, not a call per argument: it runs on every
+    launch."""
+    knobs = triton.knobs
+    return (name, device_index, _WARPS, knobs.runtime.debug, knobs.compilation.instrumentation_mode, meta,
+            *[t.dtype for t in tensors], *[t.data_ptr() & 15 == 0 for t in tensors],
             *[v == 1 or (v & 15 == 0, v < 2 ** 31) for v in ints])
 
 
