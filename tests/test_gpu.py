@@ -270,12 +270,36 @@ def test_triton_direct_launch_matches_tritons_launcher(tdev, monkeypatch):
     assert sorted(key[0] for key in tk._LAUNCHES) == ["bwd", "bwd", "fwd", "fwd"]  # each alignment its own
 
 
-def test_triton_path_refuses_double_backward(tdev):
-    x = torch.randn(3, 4, device=tdev, requires_grad=True)
-    m = SALU(4).to(tdev)
-    torch.autograd.grad(m(x).sum(), x)  # first order works
-    with pytest.raises(RuntimeError, match="no double backward.*SALUNET_KERNELS=eager"):
-        torch.autograd.grad(m(x).sum(), x, create_graph=True)
+def test_triton_path_double_backward_is_the_eager_paths(tdev):
+    """create_graph=True on the Triton path: the first-order gradients carry a graph (from the eager math), so that
+    gradient penalties and higher-order gradients match the eager path's, for a module and for a residual tail with
+    parameters given in the functional API's (C, 1, 1) shapes; and gradgradcheck in float64."""
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 4, 3, 3, device=tdev) * 2
+    r0 = torch.randn(2, 4, 3, 3, device=tdev)
+    ps0 = [(torch.rand(4, 1, 1, device=tdev) + 0.3).log() for _ in range(4)]
+    m = SALUAct(SALU(4), SWALU(4)).to(tdev)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    got = {}
+    for mode in ("eager", "triton"):
+        kernels.set_kernel_mode(mode)
+        x, r = x0.clone().requires_grad_(), r0.clone().requires_grad_()
+        ps = [p.clone().requires_grad_() for p in ps0]
+        (gx,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+        second = torch.autograd.grad(gx.square().sum(), [x, *m.parameters()])
+        y = kernels.fused("salu_add_galu", x, *ps, log_params=True, residual=r)
+        first = torch.autograd.grad(y.sum(), [x, r, *ps], create_graph=True)
+        third = torch.autograd.grad(sum(f.square().sum() for f in first), [x, r, *ps])
+        got[mode] = (gx, *second, *first, *third)
+    for a, b in zip(got["triton"], got["eager"]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    kernels.set_kernel_mode("triton")
+    xd = torch.randn(2, 3, 4, device=tdev, dtype=torch.float64, requires_grad=True)
+    pd = [(torch.rand(3, 1, device=tdev, dtype=torch.float64) + 0.3).requires_grad_() for _ in range(2)]
+    assert torch.autograd.gradgradcheck(lambda t, a, b: F.salu(t, a, b), (xd, *pd), atol=1e-5)
 
 
 # ---- autocast and channels_last ----------------------------------------------------------------------------

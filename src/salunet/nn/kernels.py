@@ -594,27 +594,34 @@ class FusedFn(torch.autograd.Function):
 
 class TritonFn(torch.autograd.Function):
     """Autograd Function of the Triton path (:mod:`salunet.nn.triton_kernels`): ``x`` (and the residual, in x's
-    strides) dense in ``layout`` = (outer, C, inner) of :func:`_layout`, parameters as they are (1 or C values each).
-    Its own Function, not :class:`FusedFn`, so that the host does nothing per call beyond the launches and their
-    outputs: no broadcast views of the parameters, no layout found twice."""
+    strides) dense in ``layout`` = (outer, C, inner) of :func:`_layout`, parameters as they are (1 or C values each,
+    along ``axis``). Its own Function, not :class:`FusedFn`, so that the host does nothing per call beyond the
+    launches and their outputs: no broadcast views of the parameters, no layout found twice.
+
+    Double backward (``create_graph=True``): the kernels' gradients would carry no graph, so that backward runs the
+    eager math's (differentiable, as on the eager path) instead: higher-order gradients as the eager path gives them,
+    at its speed, for the calls that ask for them."""
 
     @staticmethod
-    def forward(ctx, op: str, log_params: bool, layout: tuple, x: Tensor, res: Tensor | None, *params: Tensor):
-        ctx.op, ctx.log_params, ctx.layout, ctx.has_res = op, log_params, layout, res is not None
+    def forward(ctx, op: str, log_params: bool, layout: tuple, axis: int | None, x: Tensor, res: Tensor | None,
+                *params: Tensor):
+        ctx.op, ctx.log_params, ctx.layout, ctx.axis, ctx.has_res = op, log_params, layout, axis, res is not None
         ctx.save_for_backward(x, *(() if res is None else (res,)), *params)
         return _triton().forward(op, log_params, x, res, params, layout, LOG_LIMIT)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        if torch.is_grad_enabled():  # create_graph=True: the kernels' outputs would carry no graph
-            raise RuntimeError("salunet: the Triton kernels have no double backward (create_graph=True); for "
-                               "higher-order gradients use SALUNET_KERNELS=eager")
         x, *rest = ctx.saved_tensors
         res, params = (rest[0], rest[1:]) if ctx.has_res else (None, rest)
+        if torch.is_grad_enabled():  # create_graph=True: gradients with a graph, from the eager math
+            tail = (1,) * (x.dim() - ctx.axis - 1) if ctx.axis is not None else ()
+            views = [p.reshape((-1, *tail)) if ctx.axis is not None else p for p in params]
+            gx, gres, *gps = _backward_math(ctx.op, ctx.log_params, g, x, res, *views)
+            return (None, None, None, None, gx, gres, *[gp.reshape(p.shape) for gp, p in zip(gps, params)])
         if g.stride() != x.stride():
             g = torch.empty_like(x, dtype=g.dtype).copy_(g)
         grads = _triton().backward(ctx.op, ctx.log_params, g, x, res, params, ctx.layout, LOG_LIMIT)
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: int | None | bool = False,
@@ -664,7 +671,7 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: i
                              "more than one axis of the input; the Triton kernels take scalar or per-channel "
                              "parameters (use SALUNET_KERNELS=compiled or eager for these)")
         x, residual = _dense_for_kernels(x, axis, residual)
-        return TritonFn.apply(op, log_params, _layout(tuple(x.shape), x.stride(), axis), x, residual, *params)
+        return TritonFn.apply(op, log_params, _layout(tuple(x.shape), x.stride(), axis), axis, x, residual, *params)
     if path == "cpp":
         if axis is not False:
             return _cpp_apply(op, log_params, x, params, axis, residual)

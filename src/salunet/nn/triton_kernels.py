@@ -19,8 +19,8 @@ every derivative in the bounded q and r. GALU's normal CDF uses erfc from elemen
 erf but no erfc on every backend, and 1 - erf cancels to 0 in the left tail. Compute in float32 (float64 when the
 input or a parameter is float64), inputs and outputs in their own dtypes. In float64 these kernels are not float64
 references: GALU's erfc fit is good to ~1e-7 relative and the device's float64 rsqrt is an approximation (the eager
-and compiled paths use torch's erfc and rsqrt); float64 work that needs more should take those paths. No double
-backward (create_graph=True raises, naming SALUNET_KERNELS=eager).
+and compiled paths use torch's erfc and rsqrt); float64 work that needs more should take those paths. A backward
+with create_graph=True runs the eager math (kernels.TritonFn), so that its gradients carry a graph.
 
 Layout. ``x`` is viewed as (outer, C, inner) in memory order (:func:`salunet.nn.kernels._layout`: contiguous or
 channels_last; 1 channel for scalar parameters), tiled two ways so that the per-channel quantities (square roots,
