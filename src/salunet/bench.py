@@ -340,6 +340,8 @@ def environment(device: str | torch.device = "cpu") -> dict:
         # runs; on an H200 that build ran past a step's time limit (issue 13)
         env.update(device=torch.cuda.get_device_name(dev), cuda=torch.version.cuda,
                    kernel_path_cuda=kernels.kernel_path(dev))
+        if kernels._triton().available(dev):  # how the Triton rows' kernels are launched
+            env["triton_launch"] = kernels._triton().launch_path()
     else:
         env["kernel_path"] = kernels.kernel_path("cpu")
     return env
