@@ -302,6 +302,20 @@ def test_triton_path_double_backward_is_the_eager_paths(tdev):
     assert torch.autograd.gradgradcheck(lambda t, a, b: F.salu(t, a, b), (xd, *pd), atol=1e-5)
 
 
+def test_triton_inference_launches_the_forward_without_an_autograd_node(tdev, monkeypatch):
+    """Under no_grad the Triton path runs its forward kernel alone (no TritonFn): the same values as with grad."""
+    m = SALUAct(SALU(5), SWALU(5)).to(tdev)
+    x = torch.randn(3, 5, 4, 4, device=tdev)
+    want = m(x)
+    calls = []
+    apply = kernels.TritonFn.apply
+    monkeypatch.setattr(kernels.TritonFn, "apply", lambda *a: calls.append(1) or apply(*a))
+    with torch.no_grad():
+        got = m(x)
+    assert got.grad_fn is None and not calls and want.grad_fn is not None
+    assert torch.equal(got, want.detach())
+
+
 # ---- autocast and channels_last ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

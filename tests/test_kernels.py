@@ -636,3 +636,24 @@ def test_residual_tail_of_a_tensor_with_itself_compiles_fullgraph():
     y2.sum().backward()
     torch.testing.assert_close(y, y2)
     torch.testing.assert_close(h.grad, h2.grad)
+
+
+def test_inference_calls_record_no_autograd_node(monkeypatch):
+    """Under no_grad, or with no input that requires grad, a fused call runs its path's forward alone (no autograd
+    Function, whose overhead an eager model's inference on a GPU pays per call): the same values, no graph; with
+    grad mode and a parameter that requires grad, the Function runs."""
+    kernels.set_kernel_mode("eager")
+    m = _randomise(SALUAct(SALU(3), SWALU(3)))
+    x = torch.randn(2, 3, 4, 4)
+    want = m(x)
+    assert want.grad_fn is not None  # the parameters require grad
+    calls = []
+    apply = kernels.FusedFn.apply
+    monkeypatch.setattr(kernels.FusedFn, "apply", lambda *a: calls.append(1) or apply(*a))
+    with torch.no_grad():
+        got = m(x)
+    assert got.grad_fn is None and not calls
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    m.requires_grad_(False)
+    assert m(x).grad_fn is None and not calls  # nothing requires grad: no node either
+    assert m(x.requires_grad_()).grad_fn is not None and len(calls) == 1

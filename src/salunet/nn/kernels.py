@@ -671,14 +671,27 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: i
                              "more than one axis of the input; the Triton kernels take scalar or per-channel "
                              "parameters (use SALUNET_KERNELS=compiled or eager for these)")
         x, residual = _dense_for_kernels(x, axis, residual)
-        return TritonFn.apply(op, log_params, _layout(tuple(x.shape), x.stride(), axis), axis, x, residual, *params)
+        layout = _layout(tuple(x.shape), x.stride(), axis)
+        if not _needs_graph(x, residual, params):  # inference: no autograd node, one launch
+            return _triton().forward(op, log_params, x, residual, params, layout, LOG_LIMIT)
+        return TritonFn.apply(op, log_params, layout, axis, x, residual, *params)
     if path == "cpp":
         if axis is not False:
             return _cpp_apply(op, log_params, x, params, axis, residual)
         path = "eager"  # parameters varying along several axes (functional API only): no C++ layout
         _log_once(f"{op}: parameters vary along more than one axis; the C++ kernels handle scalar or "
                   "per-channel parameters, this call runs op by op")
+    if not _needs_graph(x, residual, params):  # inference: no autograd node
+        return _forward(path, op, log_params, x, residual, _broadcastable(params, x, axis))
     return FusedFn.apply(path, op, log_params, x, residual, *_broadcastable(params, x, axis))
+
+
+def _needs_graph(x: Tensor, residual: Tensor | None, params: Sequence[Tensor]) -> bool:
+    """Whether a call must record an autograd node: grad mode on and an input that requires grad. Without one (the
+    inference of an eager model on a GPU, where each call's host time is the op's cost) the paths' forward runs
+    alone, without the autograd Function's overhead."""
+    return torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
+                                        or any(p.requires_grad for p in params))
 
 
 def recorded(op: str, x: Tensor, *params: Tensor, log_params: bool = False,
