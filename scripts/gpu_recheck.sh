@@ -61,7 +61,8 @@ if ((DRY)); then
 else
   DEV=cuda; K="cuda"; SHAPE=256,64,32,32; OPS=(--device cuda --repeats 10)
   PIN=(--device cuda --width 64 --batch 128 --steps 10 --repeats 5 --compile)
-  MODELS=(--device cuda --batch 128 --channels-last --repeats 5 --dtype bf16 --pairs "resnet18 full,vit full"); MODES=triton
+  MODELS=(--device cuda --batch 128 --channels-last --repeats 5 --dtype bf16 --pairs "resnet18 full,vit full")
+  MODES=triton
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$R/install.log" 2>&1
 fi
 skipped() { echo "[$((SECONDS - T0))s] $1: skipped (dry run: tests/test_gpu.py's cpu twins run in the test suite)"; }

@@ -73,7 +73,8 @@ def profile(fn, x, grad, iters: int, rows: int) -> str:
 def _settings(realize: bool, direct: bool):
     """kernels.REALIZE_DERIVED (each setting compiles its own specialisations) and the Triton path's
     DIRECT_LAUNCH set for one variant."""
-    tk = kernels._triton() if kernels._triton().triton is not None else None
+    tk = kernels._triton()
+    tk = tk if tk.triton is not None else None
     old = kernels.REALIZE_DERIVED, tk and tk.DIRECT_LAUNCH
     kernels.REALIZE_DERIVED = realize
     if tk:

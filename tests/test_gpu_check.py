@@ -180,8 +180,9 @@ def test_gpu_recheck_dry_run_runs_every_step(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_recheck.sh"), "--dry-run"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    steps = ["profile", "models", "ops_bf16", "pin_cost", "ops_fp32"]  # rest, triton, pin_test and edge are the suite's own
-    # cpu twins (tests/test_triton.py for triton): skipped, and said so
+    steps = ["profile", "models", "ops_bf16", "pin_cost", "ops_fp32"]
+    # rest, triton, pin_test and edge are the suite's own cpu twins (tests/test_triton.py for triton): skipped, and
+    # said so
     assert [line.split(":")[0].split("] ")[1] for line in proc.stdout.splitlines() if ": rc=" in line] == steps
     assert proc.stdout.count(": rc=0") == len(steps), proc.stdout
     assert all(f"{s}: skipped" in proc.stdout for s in ("rest", "triton", "edge", "pin_test"))

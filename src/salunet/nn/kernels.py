@@ -34,9 +34,10 @@ of four paths, chosen by ``set_kernel_mode`` / ``SALUNET_KERNELS``:
   compiled call per direction, so that the host issues little besides the kernels; the per-channel derived
   quantities are returned beside the result so that inductor stores them once (:data:`REALIZE_DERIVED`).
 - ``triton`` (CUDA; chosen explicitly): the same math hand-written in Triton (:mod:`salunet.nn.triton_kernels`),
-  launched directly: one kernel forward, two backward; its Python side costs the host 1.25x what BatchNorm2d +
-  ReLU's does (docs/BENCHMARKS.md "Side measurements"), where a compiled region costs about half a millisecond.
-  Not yet ``auto``'s choice on CUDA: no GPU has measured it (docs/GPU.md).
+  launched directly (cached compiled kernels after a specialisation's first call): one kernel forward, two
+  backward, where a compiled region costs the host about half a millisecond per call. On an H200 its kernels took
+  0.22x BatchNorm2d + ReLU's device time, but an op called alone was host-bound (docs/BENCHMARKS.md); it becomes
+  ``auto``'s choice on CUDA (:data:`AUTO_CUDA`) once a GPU measures the direct launch faster (docs/GPU.md).
 - ``eager``: the functions below op by op.
 If the chosen path cannot be built on this machine, ``auto`` warns once, says why and how to fix it, and takes the
 eager path.
@@ -287,6 +288,17 @@ def using_kernel_mode(mode: str):
         set_kernel_mode(old)
 
 
+# auto's path for CUDA tensors outside a compiled region: "compiled" (inductor) until a GPU measures the Triton
+# kernels faster for an op called alone (docs/GPU.md), "triton" then; with "triton", what the Triton kernels refuse
+# (parameters varying along several axes, no triton installed) takes the compiled path, and says so once.
+AUTO_CUDA = "compiled"
+
+
+def _compiled_or_eager(device: torch.device) -> str:
+    """auto's path on a non-CPU device: compiled, unless torch.compile already failed there."""
+    return "eager" if device.type in _compile_failed else "compiled"
+
+
 def _path_for(device: torch.device) -> str:
     """The path (``cpp`` / ``compiled`` / ``triton`` / ``eager``) that the current mode takes on ``device``."""
     if _mode == "eager" or device.type == "meta":  # meta tensors: shapes only, the math traces as is
@@ -313,16 +325,8 @@ def _path_for(device: torch.device) -> str:
         why = _triton().unavailable_reason(device)
         if why is None:
             return "triton"
-        path = "eager" if device.type in _compile_failed else "compiled"
-        _log_once(f"the Triton kernels cannot run ({why}); CUDA tensors take the {path} path")
-        return path
-    return "eager" if device.type in _compile_failed else "compiled"
-
-
-# auto's path for CUDA tensors outside a compiled region: "compiled" (inductor) until a GPU measures the Triton
-# kernels faster for an op called alone (docs/GPU.md), "triton" then; with "triton", what the Triton kernels refuse
-# (parameters varying along several axes, no triton installed) takes the compiled path, and says so once.
-AUTO_CUDA = "compiled"
+        _log_once(f"the Triton kernels cannot run ({why}); CUDA tensors take the {_compiled_or_eager(device)} path")
+    return _compiled_or_eager(device)
 
 
 def _warn_fallback(problem: str) -> None:
@@ -662,7 +666,7 @@ def fused(op: str, x: Tensor, *params: Tensor, log_params: bool = False, axis: i
     if path in ("triton", "cpp") and axis is False:  # both take scalar or per-channel parameters only
         axis = _param_axis(x.dim(), broadcast_shape([p.shape for p in params]))
     if path == "triton" and axis is False and _mode == "auto":
-        path = "eager" if x.device.type in _compile_failed else "compiled"
+        path = _compiled_or_eager(x.device)
         _log_once(f"{op}: parameters vary along more than one axis; the Triton kernels handle scalar or "
                   f"per-channel parameters, this call takes the {path} path")
     if path == "triton":

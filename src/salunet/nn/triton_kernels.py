@@ -331,8 +331,8 @@ def _stages(params, C: int):
 
 @functools.lru_cache(maxsize=64)
 def _dtype_constants(dtypes: tuple) -> tuple:
-    """(compute dtype, its kernel constants CDT, LIM, SAT): float64 if x or a parameter is, else float32, with the SALU clamp and
-    saturation of that dtype (kernels._clamp_limit, kernels._saturation)."""
+    """(compute dtype, its kernel constants CDT, LIM, SAT): float64 if x or a parameter is, else float32, with the
+    SALU clamp and saturation of that dtype (kernels._clamp_limit, kernels._saturation)."""
     from .kernels import _clamp_limit, _saturation
 
     cdt = torch.float64 if torch.float64 in dtypes else torch.float32
