@@ -84,6 +84,10 @@ INIT_CASES = [
     ("salunet_c18_v2", None, {}, (4, 3, 32, 32)), ("salunet_c18_v2", 8, {"layers": (3, 4, 23, 3)}, (4, 3, 32, 32)),
     ("salunet_c50", 4, {}, (8, 3, 64, 64)), ("salunet_c50", 16, {}, (4, 3, 64, 64)),
     ("salunet_c50", None, {}, (2, 3, 64, 64)),
+    # (at width 4 with the ImageNet stem the v2's layer1 starts at 0.46-0.61: models/init.py says why)
+    ("salunet_c50_v2", 8, {}, (8, 3, 64, 64)), ("salunet_c50_v2", 16, {}, (4, 3, 64, 64)),
+    ("salunet_c50_v2", None, {}, (2, 3, 64, 64)), ("salunet_c50_v2", 4, {"stem": "cifar"}, (8, 3, 32, 32)),
+    ("salunet_c50_v2", 16, {"stem": "cifar"}, (8, 3, 32, 32)),
     ("salunet_t", 24, {}, (8, 3, 32, 32)), ("salunet_t", 96, {}, (8, 3, 32, 32)),
     ("salunet_t", None, {}, (4, 3, 32, 32)), ("salunet_t", 48, {"depth": 14}, (4, 3, 32, 32)),
 ]
@@ -92,7 +96,7 @@ INIT_CASES = [
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("name,width,overrides,shape", INIT_CASES,
                          ids=[f"{n}-w{w}-{'-'.join(map(str, o.get('layers', ()))) or o.get('depth', '')}"
-                              for n, w, o, _ in INIT_CASES])
+                              f"{o.get('stem', '')}" for n, w, o, _ in INIT_CASES])
 def test_init_keeps_stage_std_in_range(name, width, overrides, shape, seed):
     torch.manual_seed(seed)
     m = create_model(name, num_classes=10, width=width, **overrides)
@@ -106,15 +110,18 @@ def test_every_salunet_model_is_covered_by_the_init_test():
     assert {n for n, *_ in INIT_CASES} == set(list_models("salunet_*"))
 
 
-@pytest.mark.parametrize("overrides,stage", [
-    (dict(conv="default", salu_a0=1.0, salu_b0=1.0), "layer4"),  # docs/SPEC.md's naive reconstruction: vanishes
-    (dict(layers=(3, 4, 23, 3), branch_scaling="none", block_gate_a0=1.0), "layer3"),  # no depth rule
+@pytest.mark.parametrize("name,overrides,stage,side", [
+    ("salunet_c18", dict(conv="default", salu_a0=1.0, salu_b0=1.0), "layer4", 32),  # SPEC.md's naive reconstruction
+    ("salunet_c18", dict(layers=(3, 4, 23, 3), branch_scaling="none", block_gate_a0=1.0), "layer3", 32),  # no depth rule
+    # centred kernels at the paper's C-50 branch gain (0.8): the signal decays (why salunet_c50_v2 has 1.2)
+    ("salunet_c50", dict(conv_ws="center"), "layer4", 64),
+    ("salunet_c50_v2", dict(branch_a0=0.8), "layer4", 64),
 ])
-def test_init_rules_are_needed(overrides, stage):
+def test_init_rules_are_needed(name, overrides, stage, side):
     """The check can fail: without the rules the signal vanishes (or, for deep stages, drifts)."""
     torch.manual_seed(0)
-    m = create_model("salunet_c18", num_classes=10, width=8, **overrides)
-    std = stage_stds(m, torch.randn(4, 3, 32, 32))[stage]
+    m = create_model(name, num_classes=10, width=8, **overrides)
+    std = stage_stds(m, torch.randn(4, 3, side, side))[stage]
     assert not 0.5 <= std <= 2.0, std
 
 
@@ -212,9 +219,9 @@ def test_registry_has_one_constructor_per_config():
 
 
 def test_list_models_pattern():
-    assert list_models("salunet_*") == ["salunet_c18", "salunet_c18_v2", "salunet_c50", "salunet_t"]
-    assert set(list_models()) == {"salunet_c18", "salunet_c18_v2", "resnet18_bn", "salunet_c50", "resnet50_bn",
-                                  "salunet_t", "vit_ln", "cnn4"}
+    assert list_models("salunet_*") == ["salunet_c18", "salunet_c18_v2", "salunet_c50", "salunet_c50_v2", "salunet_t"]
+    assert set(list_models()) == {"salunet_c18", "salunet_c18_v2", "resnet18_bn", "salunet_c50", "salunet_c50_v2",
+                                  "resnet50_bn", "salunet_t", "vit_ln", "cnn4"}
 
 
 def test_detached_batchnorm_is_batchnorm_forward_without_the_statistics_gradient():

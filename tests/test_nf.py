@@ -159,3 +159,20 @@ def test_v2_is_the_paper_model_with_centred_kernels_and_converts_as_is():
     report = salunet.convert(v2, example_input=x)  # already normalization-free: nothing to replace, nothing changes
     assert not report.replaced and not report.not_replaced
     torch.testing.assert_close(v2(x), same(x), rtol=0, atol=0)
+
+
+def test_c50_v2_is_the_paper_c50_with_centred_kernels_and_the_basic_branch_gain():
+    torch.manual_seed(0)
+    v2 = create_model("salunet_c50_v2", num_classes=10, width=8)
+    torch.manual_seed(0)
+    same = create_model("salunet_c50", num_classes=10, width=8, conv_ws="center", branch_a0=1.2)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(v2(x), same(x), rtol=0, atol=0)
+    blocks = len(v2.layer1)  # the closing SALU's gain is branch_a0 / sqrt(blocks): 1.2, not the paper row's 0.8
+    assert v2.layer1[0].tail.norm.a.flatten()[0].item() == pytest.approx(1.2 / blocks**0.5, rel=1e-5)
+    convs = [c for c in v2.modules() if isinstance(c, nn.Conv2d)]
+    assert convs and all(isinstance(c, NFConv2d) and c.ws == "center" and c.bias is None for c in convs)
+    ref = v2.eval()(x)
+    fold_nf_convs(v2)  # inference: plain convs with the centred kernels, the same outputs
+    assert not any(isinstance(c, NFConv2d) for c in v2.modules())
+    torch.testing.assert_close(v2(x), ref, rtol=1e-5, atol=1e-5)

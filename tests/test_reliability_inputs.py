@@ -333,7 +333,7 @@ def test_real_entry_point_one_line_and_debug_traceback(tmp_path):
     assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
     assert r.stderr.strip().splitlines()[-1] == ("ValueError: unknown model 'resnet9'; choose one of "
                                                  "cnn4, resnet18_bn, resnet50_bn, salunet_c18, salunet_c18_v2, "
-                                                 "salunet_c50, salunet_t, vit_ln")
+                                                 "salunet_c50, salunet_c50_v2, salunet_t, vit_ln")
     # --debug is also taken after the subcommand
     r2 = subprocess.run([*argv, "--debug"], env=_env(), capture_output=True, text=True, timeout=120)
     assert r2.returncode == 1 and r2.stderr.strip().splitlines()[-1] == r.stderr.strip().splitlines()[-1]

@@ -432,10 +432,12 @@ MODEL_PAIRS = [  # (pair, salunet, twin, width or None, batch, image side, full?
     ("resnet18 v2 cpu-width", "salunet_c18_v2", "resnet18_bn", 16, 64, 32, False),
     ("vit cpu-width", "salunet_t", "vit_ln", 96, 64, 32, False),
     ("resnet50 cpu-width", "salunet_c50", "resnet50_bn", 16, 8, 64, False),
+    ("resnet50 v2 cpu-width", "salunet_c50_v2", "resnet50_bn", 16, 8, 64, False),
     ("resnet18 full", "salunet_c18", "resnet18_bn", None, 32, 32, True),
     ("resnet18 v2 full", "salunet_c18_v2", "resnet18_bn", None, 32, 32, True),
     ("vit full", "salunet_t", "vit_ln", None, 32, 32, True),
     ("resnet50 full", "salunet_c50", "resnet50_bn", None, 4, 224, True),
+    ("resnet50 v2 full", "salunet_c50_v2", "resnet50_bn", None, 4, 224, True),
 ]
 
 

@@ -191,6 +191,10 @@ MODEL_CONFIGS: dict[str, _Config] = {
     "cnn4": CNNConfig(norm_layer="salu", act_layer="prelu"),
     # SaluNet-C-18 v2: the paper's model plus the normalization-free toolkit's winners (docstring of salunet_c18_v2)
     "salunet_c18_v2": replace(_RESNET18, norm_layer="salu", act_layer="swalu", conv_ws="center"),
+    # SaluNet-C-50 v2: centred kernels too; with them a Bottleneck's branch needs the BasicBlock's gain (docstring of
+    # salunet_c50_v2): the mean shift that centring removes was part of what its two SALU -> SWALU pairs amplified
+    "salunet_c50_v2": replace(_RESNET50, norm_layer="salu", act_layer="swalu", conv_ws="center",
+                              init=InitRules(branch_a0=1.2)),
 }
 
 # Trainer settings a model declares (docs/SPEC.md "Models that declare trainer defaults"): applied by
@@ -261,6 +265,21 @@ def resnet18_bn(**kw) -> ResNet:
 @register_model
 def salunet_c50(**kw) -> ResNet:
     return _build("salunet_c50", **kw)
+
+
+@register_model
+def salunet_c50_v2(**kw) -> ResNet:
+    """SaluNet-C-50 v2: ``salunet_c50`` with every conv kernel centred per output channel (``conv_ws="center"``), as
+    ``salunet_c18_v2``, and the residual branch's closing SALU at the BasicBlock's gain (``branch_a0=1.2``, against
+    the paper's C-50 row's 0.8).
+
+    Why the gain: the C-50's SALU inputs carry the same per-channel mean shift as the C-18's (mean^2/variance 0.65
+    -> 2.25 from layer1 to layer4 at init, 15-42% of gate channels stuck; none of either with centred kernels), and
+    that shift was part of what the 0.8 compensated for: centred at 0.8, the stages' std decays to 0.36-0.49 by
+    layer4 at init, outside the init rule's [0.5, 2] (models/init.py); at 1.2 it stays within 0.7-0.9 (CIFAR and
+    ImageNet stems, tests/test_models.py). Evidence: docs/RESULTS.md "C-50: the same cause, the same fix". For
+    inference, :func:`~salunet.models.fold_nf_convs` turns the centred convs into plain ones."""
+    return _build("salunet_c50_v2", **kw)
 
 
 @register_model

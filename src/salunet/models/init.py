@@ -31,10 +31,16 @@ on unit-variance input for every registered SaluNet, at widths down to 4 channel
   layers (3, 4, 23, 3) and a fixed gain reached std 4.5-5 at the end of stage 3). Scaling the branch by
   1/sqrt(n) makes the variance a stage adds independent of its depth (the argument of Fixup, SkipInit and
   other 1/sqrt(depth) residual scalings); the downsampling shortcut's SALU then resets it for the next
-  stage. ``branch_a0`` is the gain of a one-block stage: 1.2 for BasicBlocks, 0.8 for Bottlenecks (their
-  branch holds two amplifying SALU -> SWALU pairs). ``branch_scaling="none"`` uses ``branch_a0`` as is.
+  stage. ``branch_a0`` is the gain of a one-block stage: 1.2 for BasicBlocks, 0.8 for the paper's
+  Bottlenecks (their branch holds two amplifying SALU -> SWALU pairs), 1.2 again for Bottlenecks with centred
+  kernels (``salunet_c50_v2``): part of what those pairs amplified was the per-channel mean shift that centring
+  removes, and at 0.8 the centred C-50's stages decay to std 0.36-0.49 by layer4. ``branch_scaling="none"`` uses
+  ``branch_a0`` as is.
 Measured with these rules (2-12 seeds per case, batch 2-8): every stage std within [0.57, 1.7] for
-salunet_c18 at widths 4, 8, 64 and salunet_c50 at widths 4, 8, 32, 64, both also with layers (3, 4, 23, 3).
+salunet_c18 at widths 4, 8, 64 and salunet_c50 at widths 4, 8, 32, 64, both also with layers (3, 4, 23, 3);
+salunet_c50_v2 within [0.64, 0.92] at widths 8, 16, 64 (ImageNet stem) and 4, 16 (CIFAR stem). One case
+falls short: the v2 at width 4 with the ImageNet stem, whose layer1 starts at 0.46-0.61 over seeds (a 4-channel
+bottleneck after a stem at 0.67; branch_a0 1.4 would lift it to 0.50 at the cost of the evidence, which is for 1.2).
 
 Blocks opt in by exposing ``branch_end`` (the module closing the residual branch), ``shortcut`` and
 ``out_act`` (the gate after the sum); the SALU-family layers found there get the block rules. Models
