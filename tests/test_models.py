@@ -112,7 +112,7 @@ def test_every_salunet_model_is_covered_by_the_init_test():
 
 @pytest.mark.parametrize("name,overrides,stage,side", [
     ("salunet_c18", dict(conv="default", salu_a0=1.0, salu_b0=1.0), "layer4", 32),  # SPEC.md's naive reconstruction
-    ("salunet_c18", dict(layers=(3, 4, 23, 3), branch_scaling="none", block_gate_a0=1.0), "layer3", 32),  # no depth rule
+    ("salunet_c18", dict(layers=(3, 4, 23, 3), branch_scaling="none", block_gate_a0=1.0), "layer3", 32),  # no depth
     # centred kernels at the paper's C-50 branch gain (0.8): the signal decays (why salunet_c50_v2 has 1.2)
     ("salunet_c50", dict(conv_ws="center"), "layer4", 64),
     ("salunet_c50_v2", dict(branch_a0=0.8), "layer4", 64),

@@ -276,7 +276,7 @@ def salunet_c50_v2(**kw) -> ResNet:
     Why the gain: the C-50's SALU inputs carry the same per-channel mean shift as the C-18's (mean^2/variance 0.65
     -> 2.25 from layer1 to layer4 at init, 15-42% of gate channels stuck; none of either with centred kernels), and
     that shift was part of what the 0.8 compensated for: centred at 0.8, the stages' std decays to 0.36-0.49 by
-    layer4 at init, outside the init rule's [0.5, 2] (models/init.py); at 1.2 it stays within 0.7-0.9 (CIFAR and
+    layer4 at init, outside the init rule's [0.5, 2] (models/init.py); at 1.2 it stays within 0.64-0.92 (CIFAR and
     ImageNet stems, tests/test_models.py). Evidence: docs/RESULTS.md "C-50: the same cause, the same fix". For
     inference, :func:`~salunet.models.fold_nf_convs` turns the centred convs into plain ones."""
     return _build("salunet_c50_v2", **kw)
