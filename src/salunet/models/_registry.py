@@ -191,8 +191,7 @@ MODEL_CONFIGS: dict[str, _Config] = {
     "cnn4": CNNConfig(norm_layer="salu", act_layer="prelu"),
     # SaluNet-C-18 v2: the paper's model plus the normalization-free toolkit's winners (docstring of salunet_c18_v2)
     "salunet_c18_v2": replace(_RESNET18, norm_layer="salu", act_layer="swalu", conv_ws="center"),
-    # SaluNet-C-50 v2: centred kernels too; with them a Bottleneck's branch needs the BasicBlock's gain (docstring of
-    # salunet_c50_v2): the mean shift that centring removes was part of what its two SALU -> SWALU pairs amplified
+    # SaluNet-C-50 v2: centred kernels and the BasicBlock's branch gain (why: docstring of salunet_c50_v2)
     "salunet_c50_v2": replace(_RESNET50, norm_layer="salu", act_layer="swalu", conv_ws="center",
                               init=InitRules(branch_a0=1.2)),
 }
