@@ -90,11 +90,13 @@ def summary(work: Path) -> dict:
                                 "images_per_s": sorted(r["images_per_s"] for r in rows)[len(rows) // 2],
                                 "acc_per_epoch": [round(r.get("test_acc", 0), 4) for r in rows]}
     out["training"] = training
-    ref = training.get("resnet18_bn")
-    for m in ("salunet_c18", "salunet_c18_v2"):
-        if ref and m in training:
-            out.setdefault("targets", {})[f"{m} images/s vs resnet18_bn"] = round(
-                training[m]["images_per_s"] / ref["images_per_s"], 3)
+    for base, models in (("resnet18_bn", ("salunet_c18", "salunet_c18_v2")),
+                         ("resnet50_bn", ("salunet_c50", "salunet_c50_v2"))):
+        ref = training.get(base)
+        for m in models:
+            if ref and m in training:
+                out.setdefault("targets", {})[f"{m} images/s vs {base}"] = round(
+                    training[m]["images_per_s"] / ref["images_per_s"], 3)
     _write(work / "summary.json", json.dumps(out, indent=1))
     lines = [f"# GPU check: {out['env'].get('device', 'no GPU')} (torch {out['env'].get('torch')}, commit "
              f"{out['env'].get('commit')})", "", "| step | rc | seconds |", "|---|---|---:|"]
