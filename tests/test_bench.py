@@ -128,3 +128,50 @@ def test_gpu_environment_does_not_build_the_cpu_kernels(monkeypatch):
     env = bench.environment(torch.device("cuda", 0))
     assert asked == ["cuda:0"] and env["kernel_path_cuda"] == "path on cuda:0" and "kernel_path" not in env
     assert bench.environment("cpu")["kernel_path"] == "path on cpu"
+
+
+def test_bench_ws_cost_script_times_both_and_restores_the_standardisation():
+    """scripts/bench_ws_cost.py at toy size: one JSON line with both medians and their ratio; afterwards
+    ws_kernel is the real one again; a model without weight standardisation is refused."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_ws_cost.py"
+    base = [sys.executable, str(script), "--width", "4", "--batch", "2", "--side", "32", "--classes", "10",
+            "--repeats", "1", "--threads", "1"]
+    out = subprocess.run(base + ["--model", "salunet_c18_v2"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert row["model"] == "salunet_c18_v2" and row["as_is_ms"] > 0 and row["skipped_ms"] > 0
+    assert row["skipped_over_as_is"] == pytest.approx(row["skipped_ms"] / row["as_is_ms"], abs=2e-3)
+    bad = subprocess.run(base + ["--model", "salunet_c18"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "standardises no conv kernel" in bad.stderr
+
+
+def test_bench_ws_cost_skips_only_the_standardisation(monkeypatch):
+    """The script's timing-only variant really removes the centring, and it puts the real one back."""
+    import importlib.util
+    from pathlib import Path
+
+    import salunet.models.nf as nf
+
+    spec = importlib.util.spec_from_file_location("bench_ws_cost", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "bench_ws_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    real = nf.ws_kernel
+    monkeypatch.setattr("sys.argv", ["bench_ws_cost.py", "--model", "salunet_c18_v2", "--width", "4", "--batch", "2",
+                                     "--side", "32", "--classes", "10", "--repeats", "1", "--threads", "1"])
+    seen = []
+    monkeypatch.setattr(nf.NFConv2d, "forward",
+                        lambda self, x: seen.append(self.effective_weight().flatten(1).mean(1).abs().max().item())
+                        or nn.functional.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding))
+    threads = torch.get_num_threads()
+    try:
+        mod.main()
+    finally:
+        torch.set_num_threads(threads)  # main() sets the process's threads
+    assert nf.ws_kernel is real
+    assert min(seen) < 1e-6 and max(seen) > 1e-3  # centred in one variant, raw kernels in the other
