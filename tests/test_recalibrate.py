@@ -330,7 +330,8 @@ def test_the_trainers_pin_in_forward_trains_as_the_hooks_pin(tmp_path, monkeypat
                epochs=1, ema_decay=0.0, progress=False, salu_recalibrate=0.4, salu_recalibrate_every=1,
                out=str(tmp_path))
     train({**cfg, "name": "inner"})
-    assert "pin: every 1 step(s), by the SALU sites in the model's own forward" in capsys.readouterr().out
+    assert ("pin: every 1 step(s), by the SALU sites in the model's own forward; measured on each training batch, "
+            "in one more forward") in capsys.readouterr().out
     calls = []
 
     def hooks(model, x, target, rate, forward, reduce):
@@ -461,7 +462,9 @@ def test_reference_pinning_at_batch_size_one_pins_on_many_images_and_does_not_wa
     train(dict(model="salunet_c18_v2", width=2, data="digits", train_subset=6, test_subset=10, batch_size=1, epochs=1,
                progress=False, salu_recalibrate=0.5, salu_recalibrate_every=1, salu_recalibrate_measure="reference",
                out=str(tmp_path), name="b1"))
-    assert "warning" not in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "warning" not in printed.err
+    assert "measured on epoch 1's first 128+ training images (all, if it has fewer)" in printed.out  # what it pins on
     ckpt, reference = _reference(tmp_path / "b1", 128)
     assert len(reference) == 6
     model, _, _ = model_from_checkpoint(ckpt)

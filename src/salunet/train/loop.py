@@ -174,7 +174,8 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
     if cfg.salu_recalibrate_every:
         print(f"pin: every {cfg.salu_recalibrate_every} step(s), by the SALU sites in the model's own forward"
               + (" (one more compiled graph)" if cfg.compile else "")
-              + (", each site's sums all-reduced over the ranks" if run.info.enabled else ""), flush=True)
+              + (", each site's sums all-reduced over the ranks" if run.info.enabled else "")
+              + "; measured " + _PIN_MEASURES[cfg.salu_recalibrate_measure], flush=True)
     guarded = guarded_convs(run.model) if cfg.channels_last else []
     if guarded:
         print(f"channels_last: except {', '.join(guarded)}, kept contiguous on CPU (torch's oneDNN backward of a 1x1 "
@@ -515,6 +516,10 @@ def _pin_for_evaluation(run: _Run, epoch: int) -> dict:
 
 
 REFERENCE_IMAGES = 128  # --salu-recalibrate-measure reference: at least this many images, all ranks together
+_PIN_MEASURES = {"forward": "on each training batch, in one more forward before its step",
+                 "step": "in each training step's own forward, pinned before the next step",
+                 "reference": f"on epoch 1's first {REFERENCE_IMAGES}+ training images (all, if it has fewer), the "
+                              "same before every step"}
 
 
 def _reference_images(run: _Run) -> torch.Tensor:
