@@ -130,29 +130,13 @@ def test_gpu_environment_does_not_build_the_cpu_kernels(monkeypatch):
     assert bench.environment("cpu")["kernel_path"] == "path on cpu"
 
 
-def test_bench_ws_cost_script_times_both_and_restores_the_standardisation():
-    """scripts/bench_ws_cost.py at toy size: one JSON line with both medians and their ratio; afterwards
-    ws_kernel is the real one again; a model without weight standardisation is refused."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_ws_cost.py"
-    base = [sys.executable, str(script), "--width", "4", "--batch", "2", "--side", "32", "--classes", "10",
-            "--repeats", "1", "--threads", "1"]
-    out = subprocess.run(base + ["--model", "salunet_c18_v2"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    row = json.loads(out.stdout)
-    assert row["model"] == "salunet_c18_v2" and row["as_is_ms"] > 0 and row["skipped_ms"] > 0
-    assert row["skipped_over_as_is"] == pytest.approx(row["skipped_ms"] / row["as_is_ms"], abs=2e-3)
-    bad = subprocess.run(base + ["--model", "salunet_c18"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "standardises no conv kernel" in bad.stderr
-
-
-def test_bench_ws_cost_skips_only_the_standardisation(monkeypatch):
-    """The script's timing-only variant really removes the centring, and it puts the real one back."""
+def test_bench_ws_cost_script_times_both_and_skips_only_the_standardisation(monkeypatch, capsys):
+    """scripts/bench_ws_cost.py at toy size: one JSON line with both medians and their ratio; its timing-only
+    variant really removes the centring and the real ws_kernel is put back; a model without weight
+    standardisation is refused."""
     import importlib.util
+    import json
     from pathlib import Path
 
     import salunet.models.nf as nf
@@ -162,16 +146,23 @@ def test_bench_ws_cost_skips_only_the_standardisation(monkeypatch):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     real = nf.ws_kernel
-    monkeypatch.setattr("sys.argv", ["bench_ws_cost.py", "--model", "salunet_c18_v2", "--width", "4", "--batch", "2",
-                                     "--side", "32", "--classes", "10", "--repeats", "1", "--threads", "1"])
+    args = ["bench_ws_cost.py", "--width", "4", "--batch", "2", "--side", "32", "--classes", "10", "--repeats", "1",
+            "--threads", "1"]
     seen = []
     monkeypatch.setattr(nf.NFConv2d, "forward",
                         lambda self, x: seen.append(self.effective_weight().flatten(1).mean(1).abs().max().item())
                         or nn.functional.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding))
     threads = torch.get_num_threads()
     try:
+        monkeypatch.setattr("sys.argv", args + ["--model", "salunet_c18_v2"])
         mod.main()
+        row = json.loads(capsys.readouterr().out)
+        monkeypatch.setattr("sys.argv", args + ["--model", "salunet_c18"])
+        with pytest.raises(SystemExit, match="standardises no conv kernel"):
+            mod.main()
     finally:
         torch.set_num_threads(threads)  # main() sets the process's threads
     assert nf.ws_kernel is real
     assert min(seen) < 1e-6 and max(seen) > 1e-3  # centred in one variant, raw kernels in the other
+    assert row["model"] == "salunet_c18_v2" and row["as_is_ms"] > 0 and row["skipped_ms"] > 0
+    assert row["skipped_over_as_is"] == pytest.approx(row["skipped_ms"] / row["as_is_ms"], abs=2e-3)
