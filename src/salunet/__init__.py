@@ -5,7 +5,7 @@ from .nn import GALU, SALU, SALUAct, SALUAddAct, SWALU, functional
 
 __version__ = "0.1.0"
 __all__ = ["SALU", "SWALU", "GALU", "SALUAct", "SALUAddAct", "functional", "convert", "ConvertReport",
-           "create_model", "list_models", "load_model", "export_weights", "export_onnx", "__version__"]
+           "create_model", "list_models", "load_model", "export_weights", "export_onnx", "SaluPin", "__version__"]
 
 # imported on first use: they build on salunet.train, which `import salunet` need not load (plain imports: the
 # package holds no dynamic import, tests/test_reliability_safety.py)
@@ -14,6 +14,10 @@ def __getattr__(name: str):
         from . import weights
 
         return getattr(weights, name)
+    if name == "SaluPin":
+        from .train.pin import SaluPin
+
+        return SaluPin
     if name == "export_onnx":
         from .export import export_onnx
 
