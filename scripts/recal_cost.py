@@ -2,14 +2,18 @@
 recalibration, interleaved in one process, as a ratio to the step without it.
 
     python scripts/recal_cost.py [--model salunet_c18_v2] [--width 16] [--batch 128] [--every 1,10] [--repeats 7]
-                                 [--measure forward,step,module] [--device cpu|cuda] [--compile]
+                                 [--measure forward,step,module,recipe] [--device cpu|cuda] [--compile]
+                                 [--overrides '{"stem": "cifar"}']
 
 ``--measure``: ``forward`` is the extra forward per recalibration with a forward pre-hook per SALU site on the
 uncompiled model (``recalibrate_salu``, the trainer's path before ``pin_in_forward``; settings named ``N``);
 ``module`` is that forward with the sites pinning themselves, through the model as it trains (``pin_in_forward``,
 the trainer's path: with ``--compile`` one more compiled graph; settings named ``N:module``); ``step`` gathers the
 statistics in the training forward (``--salu-recalibrate-measure step``, rate 0.5; settings named ``N:step``);
-``project`` is ``forward`` with ``--salu-project-grad`` (settings named ``N:project``). ``--compile``: the training
+``project`` is ``forward`` with ``--salu-project-grad`` (settings named ``N:project``); ``recipe`` is ``module``
+with ``--salu-project-grad``, the measured-best pinned recipe as the trainer runs it (``salunet.SaluPin``; with
+``--every 1`` and ``--batch 128`` its extra forward is the reference images', settings named ``N:recipe``).
+``--overrides``: the model's keyword arguments as JSON (``--model-overrides``). ``--compile``: the training
 steps run the ``torch.compile`` of the model (``forward`` and ``module`` only: the others' hooks would have to be
 traced from the start); the warm-up compiles both graphs before anything is timed.
 
@@ -41,11 +45,11 @@ def _steps(model, opt, x, y, n: int, every: int, start: int, measure: str = "for
     stats = StepStatistics(model) if every and measure == "step" else None
     if stats is not None:  # one untimed step gathers: timed steps then pin from statistics, as all but an epoch's
         _steps(model, opt, x, y, 1, 0, 0)  # first do in the trainer (which pins that one with the extra forward)
-    proj = GradientProjection(model) if every and measure == "project" else None
+    proj = GradientProjection(model) if every and measure in ("project", "recipe") else None
     _sync(x.device)
     t = time.perf_counter()
     for s in range(start, start + n):
-        if every and measure == "module":
+        if every and measure in ("module", "recipe"):
             if s % every == 0:
                 pin_in_forward(model, x, 0.5, forward=train)
         elif every and s % every == 0 and (stats is None or stats.pin(0.5, 0.5) is None):  # as the trainer does
@@ -73,13 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda (the kernels' default path on that device)")
     p.add_argument("--measure", default="forward",
                    help="comma-separated: forward (extra forward, hooks), module (extra forward, the sites pin), step "
-                   "(training's), project (forward + projection)")
+                   "(training's), project (forward + projection), recipe (module + projection)")
+    p.add_argument("--overrides", default="{}", help="the model's keyword arguments as JSON, e.g. '{\"stem\": \"cifar\"}'")
     p.add_argument("--compile", action="store_true", help="train through torch.compile of the model")
     a = p.parse_args(argv)
     measures = a.measure.split(",")
-    if not measures or any(m not in ("forward", "module", "step", "project") for m in measures):
-        p.error(f"--measure: {a.measure!r} is not a comma-separated list of forward, module, step, project")
-    if a.compile and any(m in ("step", "project") for m in measures):
+    if not measures or any(m not in ("forward", "module", "step", "project", "recipe") for m in measures):
+        p.error(f"--measure: {a.measure!r} is not a comma-separated list of forward, module, step, project, recipe")
+    try:
+        overrides = json.loads(a.overrides)
+    except json.JSONDecodeError as exc:
+        p.error(f"--overrides: not JSON ({exc}); e.g. '{{\"stem\": \"cifar\"}}'")
+    if not isinstance(overrides, dict):
+        p.error(f"--overrides: {a.overrides!r} is not a JSON object of keyword arguments")
+    if a.compile and any(m in ("step", "project", "recipe") for m in measures):
         p.error("--compile: --measure step and project attach hooks the compiled graph would have to trace from the "
                 "start; use --measure forward,module")
     try:
@@ -95,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; use --device cpu")
     torch.manual_seed(0)
-    model = create_model(a.model, num_classes=10, width=a.width).to(device)
+    model = create_model(a.model, num_classes=10, width=a.width, **overrides).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(a.batch, 3, a.size, a.size, device=device)
     y = torch.randint(0, 10, (a.batch,), device=device)
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             times[st].append(_steps(model, opt, x, y, a.steps, st[0], step, st[1], train))
             step += a.steps
     base = statistics.median(times[settings[0]])
-    out = {"model": a.model, "device": str(device), "width": a.width, "batch": a.batch, "threads": torch.get_num_threads(),
+    out = {"model": a.model, "overrides": overrides, "device": str(device), "width": a.width, "batch": a.batch, "threads": torch.get_num_threads(),
            "compile": a.compile,
            "ms_per_step": {names[st]: round(1e3 * statistics.median(times[st]), 2) for st in settings},
            "ratio_to_off": {names[st]: round(statistics.median(times[st]) / base, 3) for st in settings}}

@@ -511,14 +511,39 @@ def test_recal_cost_script(capsys):
 
     mod = _script("recal_cost")
     assert mod.main(["--width", "2", "--batch", "4", "--size", "8", "--every", "1,3", "--steps", "1",
-                     "--repeats", "1", "--measure", "forward,step,project,module"]) == 0
+                     "--repeats", "1", "--measure", "forward,step,project,module,recipe",
+                     "--overrides", '{"conv_ws": "scaled"}']) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["ms_per_step"]) == set(out["ratio_to_off"]) == {"0", "1", "3", "1:step", "3:step",
-                                                                "1:project", "3:project", "1:module", "3:module"}
+                                                                "1:project", "3:project", "1:module", "3:module",
+                                                                "1:recipe", "3:recipe"}
+    assert out["overrides"] == {"conv_ws": "scaled"}
     assert out["ratio_to_off"]["0"] == 1.0 and all(v > 0 for v in out["ms_per_step"].values())
     assert out["compile"] is False
     for bad in (["--every", "x"], ["--every", "0"], ["--device", "nodevice"], ["--measure", "forward,later"],
-                ["--compile", "--measure", "forward,step"]):
+                ["--compile", "--measure", "forward,step"], ["--compile", "--measure", "recipe"],
+                ["--overrides", "{stem"], ["--overrides", "[1]"]):
+        with pytest.raises(SystemExit) as exc:
+            mod.main(bad)
+        assert exc.value.code == 2
+
+
+def test_bench_projection_script(capsys):
+    """scripts/bench_projection.py: the projection's backward at every SALU site of one step, C++ and op by op, a
+    time each and their ratio; bad arguments exit 2 (argparse)."""
+    import json
+
+    from salunet import create_model
+    from salunet.train.recalibrate import salu_sites
+
+    mod = _script("bench_projection")
+    assert mod.main(["--model", "salunet_c18_v2", "--overrides", "{}", "--width", "2", "--batch", "2", "--size", "8",
+                     "--repeats", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["sites"] == len(salu_sites(create_model("salunet_c18_v2", num_classes=10, width=2)))
+    assert set(out["ms_per_step"]) == {"cpp", "eager"} and all(v > 0 for v in out["ms_per_step"].values())
+    assert out["cpp_to_eager"] > 0 and out["elements"] > 0
+    for bad in (["--overrides", "{x"], ["--overrides", "[]"], ["--repeats", "0"]):
         with pytest.raises(SystemExit) as exc:
             mod.main(bad)
         assert exc.value.code == 2
@@ -616,6 +641,53 @@ def test_projected_gradient_is_the_gradient_through_an_in_graph_scale_normalisat
     # the projected gradient has no component along x in any channel
     torch.testing.assert_close((xs[0].grad * x0).sum((0, 2, 3)), torch.zeros(4, dtype=torch.float64), atol=1e-12,
                                rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens", "scalar", "strided"])
+@pytest.mark.parametrize("running", [False, True])
+def test_the_cpp_projection_is_the_op_by_op_one(dtype, layout, running):
+    """The C++ kernel of the projected gradient (kernels.radial_project, two passes) against the op-by-op form
+    (SALUNET_KERNELS=eager) on the same inputs: the gradient and, with running sums, the sums handed out through the
+    probe; in every layout the C++ path takes (NCHW, channels_last, (B, T, C) tokens, one scalar SALU, a strided
+    view made dense), with a silent channel (its gradient kept) and a gradient in other strides than the input."""
+    from salunet.nn import kernels
+    from salunet.train.recalibrate import RunningCoefficient, project_radial_grad
+
+    g0 = torch.Generator().manual_seed(0)
+    shape, axis = {"tokens": ((3, 7, 20), -1), "scalar": ((4, 6, 5, 7), None)}.get(layout, ((4, 20, 5, 7), 1))
+    x = torch.randn(*shape, generator=g0, dtype=torch.float64) * 2 + 0.5
+    if layout == "strided":
+        x = torch.randn(4, 40, 5, 7, generator=g0, dtype=torch.float64)[:, ::2]
+    if axis == 1:
+        x[:, 3] = 0  # a silent channel: sum(x²) = 0, its gradient passes unprojected
+    x = x.to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(x.shape, generator=g0, dtype=torch.float64).to(dtype)  # contiguous: other strides than x
+    channels = 1 if axis is None else x.shape[axis]
+    grads, sums = {}, {}
+    for mode in ("eager", "cpp"):
+        run = RunningCoefficient(0.3, channels, torch.float32) if running else None
+        xi = x.clone().requires_grad_()
+        if layout == "channels_last":
+            xi = x.clone(memory_format=torch.channels_last).requires_grad_()
+        with kernels.using_kernel_mode(mode):
+            if running:  # one earlier batch in the sums, so that the coefficient mixes both
+                (project_radial_grad(xi.detach().flip(0).requires_grad_(), axis, run) * w).sum().backward()
+            (project_radial_grad(xi, axis, run) * w).sum().backward()
+        grads[mode] = xi.grad
+        sums[mode] = torch.stack([run.num, run.den]) if running else None
+    assert grads["cpp"].dtype == dtype and grads["cpp"].shape == x.shape
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(grads["cpp"].double(), grads["eager"].double(), rtol=tol, atol=tol)
+    if axis == 1:
+        assert torch.equal(grads["cpp"][:, 3], w[:, 3])
+    if running:
+        torch.testing.assert_close(sums["cpp"], sums["eager"], rtol=1e-5, atol=1e-5)
+    assert kernels.radial_project(w, x, axis) is not None  # the C++ path ran (SALUNET_KERNELS=cpp in the tests)
+    with kernels.using_kernel_mode("eager"):
+        assert kernels.radial_project(w, x, axis) is None
 
 
 def test_gradient_projection_hooks_act_only_on_training_forwards_with_autograd():

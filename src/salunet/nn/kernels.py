@@ -63,7 +63,7 @@ from torch import Tensor
 from . import cpu_ext
 
 __all__ = ["OPS", "LOG_LIMIT", "FusedFn", "TritonFn", "fused", "recorded", "get_kernel_mode", "set_kernel_mode",
-           "using_kernel_mode", "kernel_path"]
+           "using_kernel_mode", "kernel_path", "radial_project"]
 
 log = logging.getLogger("salunet.kernels")
 
@@ -747,6 +747,28 @@ def _cpp_apply(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor], a
     y = cpu_ext.load().apply(xc, res, params[0], params[1], a2, b2, _OP_CODE[op],
                              LOG_LIMIT if log_params else -1.0, *lay)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def radial_project(g: Tensor, x: Tensor, axis: int | None, running: Tensor | None = None,
+                   rate: float = 1.0) -> tuple[Tensor, Tensor] | None:
+    """The backward of ``--salu-project-grad`` (``salunet.train.recalibrate.project_radial_grad``) in the C++
+    kernel, when the C++ path runs ``x``'s device: per channel along ``axis`` (None: one for the whole tensor),
+    ``g - x * coef`` with coef = sum(g x) / sum(x²) (0 where sum(x²) = 0), or with ``running`` ((2, C) float64:
+    the running sums of both) the coefficient of ``(1 - rate) * running + rate * this batch's sums``. Two passes
+    over memory, no temporaries; sums in float32 within a channel's block, float64 across blocks. Returns (the
+    projected gradient in ``g``'s dtype, this batch's sums (2, C) float64), or None where the caller's op-by-op
+    form is the path: another kernel mode or device, inside a graph being compiled or recorded (traced tensors)."""
+    if (type(x) is not Tensor or type(g) is not Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or _is_exporting() or _path_for(x.device) != "cpp"):
+        return None
+    axis = None if axis is None else axis % x.dim()
+    xd, _ = _dense_for_kernels(x, axis, None)
+    gd = g.to(xd.dtype)
+    if gd.stride() != xd.stride():
+        gd = torch.empty_like(xd).copy_(gd)
+    out = torch.empty_like(xd)
+    sums = cpu_ext.load().radial_project(gd, xd, out, *_layout(tuple(xd.shape), xd.stride(), axis), running, rate)
+    return (out if out.dtype == g.dtype else out.to(g.dtype)), sums
 
 
 def _log_once(msg: str) -> None:

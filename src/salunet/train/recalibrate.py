@@ -421,26 +421,31 @@ class _ProjectRadialGrad(torch.autograd.Function):
     coefficient is that of the sums updated with this batch's, whose raw sums are the probe's gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, dims: tuple[int, ...], rate: float = 1.0, num: Tensor | None = None,
+    def forward(ctx, x: Tensor, dims: tuple[int, ...], axis: int | None, rate: float = 1.0, num: Tensor | None = None,
                 den: Tensor | None = None, probe: Tensor | None = None) -> Tensor:
         ctx.save_for_backward(x, num, den)
-        ctx.dims, ctx.rate, ctx.running = dims, rate, num is not None
+        ctx.dims, ctx.axis, ctx.rate, ctx.running = dims, axis, rate, num is not None
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, num_old, den_old = ctx.saved_tensors
+        running = torch.stack([num_old.flatten(), den_old.flatten()]).double() if ctx.running else None
+        fused = kernels.radial_project(g, x, ctx.axis, running, ctx.rate)  # CPU: one C++ call, two passes
+        if fused is not None:
+            out, sums = fused
+            return out, None, None, None, None, None, (sums.to(num_old.dtype) if ctx.running else None)
         wide = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         xf, gf = x.to(wide), g.to(wide)
         num = (gf * xf).sum(ctx.dims, keepdim=True)
         den = xf.square().sum(ctx.dims, keepdim=True)
         if not ctx.running:
-            return (gf - xf * _ratio(num, den)).to(g.dtype), None, None, None, None, None
+            return (gf - xf * _ratio(num, den)).to(g.dtype), None, None, None, None, None, None
         shape = num.shape
         num_old, den_old = num_old.to(wide).view(shape), den_old.to(wide).view(shape)
         coef = _ratio(_running_update(num_old, num, ctx.rate), _running_update(den_old, den, ctx.rate))
         sums = torch.stack([num.flatten(), den.flatten()]).to(num_old.dtype)
-        return (gf - xf * coef).to(g.dtype), None, None, None, None, sums
+        return (gf - xf * coef).to(g.dtype), None, None, None, None, None, sums
 
 
 def project_radial_grad(x: Tensor, channel_axis: int | None, running: RunningCoefficient | None = None) -> Tensor:
@@ -452,9 +457,10 @@ def project_radial_grad(x: Tensor, channel_axis: int | None, running: RunningCoe
     (``--salu-project-grad-rate``: no statistic of the batch beyond its share of the sums)."""
     dims = tuple(range(x.dim())) if channel_axis is None else \
         tuple(d for d in range(x.dim()) if d != channel_axis % x.dim())
+    axis = None if channel_axis is None else channel_axis % x.dim()
     if running is None:
-        return _ProjectRadialGrad.apply(x, dims)
-    return _ProjectRadialGrad.apply(x, dims, running.rate, running.num, running.den, running.probe)
+        return _ProjectRadialGrad.apply(x, dims, axis)
+    return _ProjectRadialGrad.apply(x, dims, axis, running.rate, running.num, running.den, running.probe)
 
 
 def _running_for(salu: SALU, rate: float) -> RunningCoefficient:

@@ -79,4 +79,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("params"), py::arg("log_limit"), py::arg("gx"), py::arg("outer"), py::arg("C"), py::arg("inner"),
         py::arg("res") = py::none(), py::arg("gres") = py::none());
   m.def("apply", &salu_apply, "fused SALU-family op with its autograd node in C++ (CPU)");
+  m.def("radial_project", &radial_project, "the projected gradient of --salu-project-grad (CPU)", py::arg("g"),
+        py::arg("x"), py::arg("out"), py::arg("outer"), py::arg("C"), py::arg("inner"),
+        py::arg("running") = py::none(), py::arg("rate") = 1.0);
 }

@@ -468,6 +468,86 @@ const void* res_ptr(const c10::optional<at::Tensor>& res, const at::Tensor& x, i
   return res->const_data_ptr();
 }
 
+// ---- the projected gradient (salunet.train.recalibrate, --salu-project-grad) ---------------------------------
+// Per channel c: num = sum(g x), den = sum(x^2) over everything but the channel, then out = g - x coef[c]. Two
+// passes over memory (read g and x; read g and x, write out) where the op-by-op form makes five, with four
+// full-size temporaries. Sums as in backward_loop: in T within a block or tile, in double across them.
+
+template <typename S, typename T>
+void radial_sums_loop(const S* g, const S* x, int64_t outer, int64_t C, int64_t inner, std::vector<double>& acc) {
+  constexpr int64_t V = Vectorized<T>::size();
+  if (inner > 1) {
+    const int64_t chunks = n_chunks(outer * C, std::max<int64_t>(1, kGrain / inner));
+    acc.assign(chunks * 2 * C, 0.0);
+    for_chunks(outer * C, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+      double* a = acc.data() + chunk * 2 * C;
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t off = blk * inner;
+        Vectorized<T> gx(T(0)), xx(T(0));
+        for (int64_t i = 0; i < inner; i += V) {
+          const int64_t n = std::min(V, inner - i);
+          const auto vx = load<S, T>(x + off + i, n);  // tail lanes load 0
+          gx = at::vec::fmadd(load<S, T>(g + off + i, n), vx, gx);
+          xx = at::vec::fmadd(vx, vx, xx);
+        }
+        a[blk % C] += static_cast<double>(hsum(gx, V));
+        a[C + blk % C] += static_cast<double>(hsum(xx, V));
+      }
+    });
+  } else {
+    const int64_t chunks = n_chunks(outer, std::max<int64_t>(1, kGrain / C));
+    acc.assign(chunks * 2 * C, 0.0);
+    for_chunks(outer, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+      double* a = acc.data() + chunk * 2 * C;
+      T sums[Vectorized<T>::size()];
+      for (int64_t r0 = begin; r0 < end; r0 += kRows) {
+        const int64_t r1 = std::min(end, r0 + kRows);
+        for (int64_t c = 0; c < C; c += V) {
+          const int64_t n = std::min(V, C - c);
+          Vectorized<T> gx(T(0)), xx(T(0));
+          for (int64_t row = r0; row < r1; ++row) {
+            const auto vx = load<S, T>(x + row * C + c, n);
+            gx = at::vec::fmadd(load<S, T>(g + row * C + c, n), vx, gx);
+            xx = at::vec::fmadd(vx, vx, xx);
+          }
+          gx.store(sums);
+          for (int64_t i = 0; i < n; ++i) a[c + i] += static_cast<double>(sums[i]);
+          xx.store(sums);
+          for (int64_t i = 0; i < n; ++i) a[C + c + i] += static_cast<double>(sums[i]);
+        }
+      }
+    });
+  }
+}
+
+template <typename S, typename T>
+void radial_subtract_loop(const S* g, const S* x, const T* coef, S* out, int64_t outer, int64_t C, int64_t inner) {
+  constexpr int64_t V = Vectorized<T>::size();
+  if (inner > 1) {
+    at::parallel_for(0, outer * C, std::max<int64_t>(1, kGrain / inner), [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const Vectorized<T> k(coef[blk % C]);
+        const int64_t off = blk * inner;
+        for (int64_t i = 0; i < inner; i += V) {
+          const int64_t n = std::min(V, inner - i);
+          const auto v = load<S, T>(g + off + i, n) - load<S, T>(x + off + i, n) * k;
+          store<S, T>(out + off + i, v, n);
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, outer, std::max<int64_t>(1, kGrain / C), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        for (int64_t c = 0; c < C; c += V) {
+          const int64_t n = std::min(V, C - c);
+          const auto v = load<S, T>(g + row * C + c, n) - load<S, T>(x + row * C + c, n) * load<T, T>(coef + c, n);
+          store<S, T>(out + row * C + c, v, n);
+        }
+      }
+    });
+  }
+}
+
 }  // namespace
 
 // y = op(x[, res]) written into `out` (same storage layout as x: dense, in the memory order of the layout)
@@ -532,6 +612,52 @@ std::vector<at::Tensor> salu_backward(int64_t op, at::Tensor g, at::Tensor x,
     grads.push_back(gk.scalar_type() == dt ? gk : gk.to(dt));
   }
   return grads;
+}
+
+// The projected gradient: out = g - x coef per channel, coef = num / den of this batch's sums (0 where den is 0),
+// or with `running` ((2, C) double: the running num and den) of (1 - rate) running + rate batch. Returns this
+// batch's sums (2, C) as double: num, den. g, x and out share dtype, size and memory layout.
+at::Tensor radial_project(at::Tensor g, at::Tensor x, at::Tensor out, int64_t outer, int64_t C, int64_t inner,
+                          c10::optional<at::Tensor> running, double rate) {
+  TORCH_CHECK(x.device().is_cpu() && g.device().is_cpu() && out.device().is_cpu(),
+              "salunet cpu kernel: tensors must be on the CPU");
+  TORCH_CHECK(x.numel() == outer * C * inner, "salunet cpu kernel: layout ", outer, "x", C, "x", inner,
+              " does not cover ", x.numel(), " elements");
+  TORCH_CHECK(g.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type() &&
+                  g.sizes() == x.sizes() && g.strides() == x.strides() && out.strides() == x.strides(),
+              "salunet cpu kernel: the gradient and the output must have the input's dtype, shape and strides");
+  const bool run_sums = running.has_value() && running->defined();
+  if (run_sums)
+    TORCH_CHECK(running->scalar_type() == at::kDouble && running->numel() == 2 * C && running->is_contiguous(),
+                "salunet cpu kernel: the running sums must be a contiguous (2, C) double tensor");
+  std::vector<double> acc;
+  auto sums = at::empty({2, C}, at::TensorOptions().dtype(at::kDouble));
+  double* tot = sums.mutable_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "radial_project", [&] {
+    using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    radial_sums_loop<scalar_t, T>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), outer, C, inner,
+                                  acc);
+    const int64_t chunks = static_cast<int64_t>(acc.size()) / (2 * C);
+    std::vector<T> coef(C);
+    const double* old = run_sums ? running->const_data_ptr<double>() : nullptr;
+    for (int64_t c = 0; c < C; ++c) {
+      double num = 0, den = 0;
+      for (int64_t t = 0; t < chunks; ++t) {
+        num += acc[t * 2 * C + c];
+        den += acc[t * 2 * C + C + c];
+      }
+      tot[c] = num;
+      tot[C + c] = den;
+      if (run_sums) {
+        num = old[c] * (1 - rate) + num * rate;
+        den = old[C + c] * (1 - rate) + den * rate;
+      }
+      coef[c] = den > 0 ? static_cast<T>(num / den) : T(0);
+    }
+    radial_subtract_loop<scalar_t, T>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), coef.data(),
+                                      out.mutable_data_ptr<scalar_t>(), outer, C, inner);
+  });
+  return sums;
 }
 
 }  // namespace salunet

@@ -29,4 +29,9 @@ std::vector<at::Tensor> salu_backward(int64_t op, at::Tensor g, at::Tensor x, st
                                       double log_limit, at::Tensor gx, int64_t outer, int64_t C, int64_t inner,
                                       c10::optional<at::Tensor> res, c10::optional<at::Tensor> gres);
 
+// The projected gradient of --salu-project-grad: out = g - x * coef per channel (see salu_cpu.cpp); returns this
+// batch's per-channel sums (2, C) in double.
+at::Tensor radial_project(at::Tensor g, at::Tensor x, at::Tensor out, int64_t outer, int64_t C, int64_t inner,
+                          c10::optional<at::Tensor> running, double rate);
+
 }  // namespace salunet
