@@ -454,6 +454,44 @@ def _pin_in_forward_cuda(reduce):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA.split(";")[0] + "; on CPU tests/test_pin.py compiles it with aot_eager")
+def test_salupin_in_a_compiled_bf16_loop_cuda():
+    """salunet.SaluPin in a loop of one's own on CUDA, as its docstring says to use it: built on the bare model, the
+    pin's forward and the training step each the inductor compile of it (fullgraph), bf16 autocast, channels_last:
+    two graphs, no graph break; after a pin every site's sqrt(ab) * rms on the reference is the target (bf16
+    rounding); three steps stay finite."""
+    from torch._dynamo.utils import counters
+
+    from salunet.train.recalibrate import salu_input_rms, salu_sites
+
+    torch._dynamo.reset()
+    counters.clear()
+    dev = torch.device("cuda")
+    kernels.set_kernel_mode(DEFAULT_PATH["cuda"])
+    torch.manual_seed(0)
+    model = create_model("salunet_c18_v2", num_classes=10, width=16).to(dev, memory_format=torch.channels_last)
+    x = torch.randn(16, 3, 32, 32, device=dev).to(memory_format=torch.channels_last)
+    y = torch.arange(16, device=dev) % 10
+    pin = salunet.SaluPin(model, x[:8], 0.15)
+    pin.forward = step = torch.compile(model, fullgraph=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            pin.step()
+            loss = nn.functional.cross_entropy(step(x).float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            assert torch.isfinite(loss)
+        pin.step()
+        rms = salu_input_rms(model, [x[:8]])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    for name, (_, s) in salu_sites(model).items():
+        arg = torch.exp(0.5 * (s.log_a.double() + s.log_b.double())).detach().reshape(rms[name].shape) * rms[name]
+        torch.testing.assert_close(arg, torch.full_like(arg, 0.15), rtol=3e-2, atol=0, msg=name)
+
+
+@pytest.mark.slow
 def test_running_projection_compiles_in_one_graph_and_matches_eager(dev):
     """--salu-project-grad-rate under torch.compile: the backward changes no Python state (the batch's sums leave as
     the probe's gradient, folded by its accumulation hook), so a model with the hooks compiles in one graph

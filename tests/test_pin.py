@@ -138,6 +138,31 @@ def test_the_projection_removes_each_channels_radial_gradient_until_removed():
     assert any(not torch.allclose(a, p.grad) for a, p in zip(projected, model.parameters()))
 
 
+@pytest.mark.slow
+def test_under_torch_compile_the_pin_and_the_projection_trace_whole_and_match_eager():
+    """``pin.forward = torch.compile(model)`` and a compiled training step (aot_eager: dynamo and AOTAutograd, the
+    graphs inductor would get; fullgraph, so a graph break fails): two steps give the eager loop's parameters and
+    gradients (the projection's backward traced op by op there, the C++ kernel in the eager loop)."""
+    import copy
+
+    torch._dynamo.reset()
+    x, y = _images(8), torch.arange(8) % 10
+    model = _model()
+    twin = copy.deepcopy(model)
+    pins = [salunet.SaluPin(model, x), salunet.SaluPin(twin, x)]
+    pins[0].forward = torch.compile(model, backend="aot_eager", fullgraph=True)
+    steps = [torch.compile(model, backend="aot_eager", fullgraph=True), twin]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, twin)]
+    for _ in range(2):
+        for pin, step, opt in zip(pins, steps, opts):
+            pin.step()
+            nn.functional.cross_entropy(step(x), y).backward()
+            opt.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_bad_input_is_refused_with_the_fix():
     model, x = _model(), _images()
     with pytest.raises(ValueError, match="build SaluPin on the bare model first"):
