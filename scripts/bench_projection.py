@@ -19,6 +19,7 @@ import time
 import torch
 
 from salunet.models import create_model
+from salunet.train.config import parse_value
 from salunet.nn import kernels
 from salunet.train.recalibrate import project_radial_grad, salu_sites
 
@@ -55,11 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     a = p.parse_args(argv)
     try:
-        overrides = json.loads(a.overrides)
-    except json.JSONDecodeError as exc:
-        p.error(f"--overrides: not JSON ({exc})")
-    if not isinstance(overrides, dict):
-        p.error(f"--overrides: {a.overrides!r} is not a JSON object of keyword arguments")
+        overrides = parse_value("model_overrides", a.overrides)  # the trainer's --model-overrides parser
+    except ValueError as exc:
+        p.error(f"--overrides: {exc}")
     if a.repeats <= 0 or a.batch <= 0:
         p.error("--repeats and --batch must be positive")
     if kernels.kernel_path("cpu").startswith("eager"):

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from salunet.models import create_model
+from salunet.train.config import parse_value
 from salunet.train.recalibrate import GradientProjection, StepStatistics, pin_in_forward, recalibrate_salu
 
 
@@ -85,11 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if not measures or any(m not in ("forward", "module", "step", "project", "recipe") for m in measures):
         p.error(f"--measure: {a.measure!r} is not a comma-separated list of forward, module, step, project, recipe")
     try:
-        overrides = json.loads(a.overrides)
-    except json.JSONDecodeError as exc:
-        p.error(f"--overrides: not JSON ({exc}); e.g. '{{\"stem\": \"cifar\"}}'")
-    if not isinstance(overrides, dict):
-        p.error(f"--overrides: {a.overrides!r} is not a JSON object of keyword arguments")
+        overrides = parse_value("model_overrides", a.overrides)  # the trainer's --model-overrides parser
+    except ValueError as exc:
+        p.error(f"--overrides: {exc}")
     if a.compile and any(m in ("step", "project", "recipe") for m in measures):
         p.error("--compile: --measure step and project attach hooks the compiled graph would have to trace from the "
                 "start; use --measure forward,module")

@@ -424,17 +424,23 @@ def test_pin_in_forward_compiles_in_one_graph_cuda(collective):
             dist.destroy_process_group()
 
 
-def _pin_in_forward_cuda(reduce):
-    from torch._dynamo.utils import counters
-
-    from salunet.train.recalibrate import pin_in_forward, recalibrate_salu, salu_sites
-
+def _fresh_cuda_c18(counters):
+    """Dynamo reset and its counters cleared, CUDA's default kernel path, and a seeded salunet_c18_v2 (width 16) on
+    the GPU in channels_last: the compiled-pin tests' start."""
     torch._dynamo.reset()
     counters.clear()
     dev = torch.device("cuda")
     kernels.set_kernel_mode(DEFAULT_PATH["cuda"])
     torch.manual_seed(0)
-    model = create_model("salunet_c18_v2", num_classes=10, width=16).to(dev, memory_format=torch.channels_last)
+    return dev, create_model("salunet_c18_v2", num_classes=10, width=16).to(dev, memory_format=torch.channels_last)
+
+
+def _pin_in_forward_cuda(reduce):
+    from torch._dynamo.utils import counters
+
+    from salunet.train.recalibrate import pin_in_forward, recalibrate_salu, salu_sites
+
+    dev, model = _fresh_cuda_c18(counters)
     eager = create_model("salunet_c18_v2", num_classes=10, width=16).to(dev, memory_format=torch.channels_last)
     eager.load_state_dict(model.state_dict())
     x = torch.randn(8, 3, 32, 32, device=dev).to(memory_format=torch.channels_last)
@@ -464,12 +470,7 @@ def test_salupin_in_a_compiled_bf16_loop_cuda():
 
     from salunet.train.recalibrate import salu_input_rms, salu_sites
 
-    torch._dynamo.reset()
-    counters.clear()
-    dev = torch.device("cuda")
-    kernels.set_kernel_mode(DEFAULT_PATH["cuda"])
-    torch.manual_seed(0)
-    model = create_model("salunet_c18_v2", num_classes=10, width=16).to(dev, memory_format=torch.channels_last)
+    dev, model = _fresh_cuda_c18(counters)
     x = torch.randn(16, 3, 32, 32, device=dev).to(memory_format=torch.channels_last)
     y = torch.arange(16, device=dev) % 10
     pin = salunet.SaluPin(model, x[:8], 0.15)
