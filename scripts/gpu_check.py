@@ -91,7 +91,7 @@ def summary(work: Path) -> dict:
                                 "acc_per_epoch": [round(r.get("test_acc", 0), 4) for r in rows]}
     out["training"] = training
     for base, models in (("resnet18_bn", ("salunet_c18", "salunet_c18_v2")),
-                         ("resnet50_bn", ("salunet_c50", "salunet_c50_v2"))):
+                         ("resnet50_bn", ("salunet_c50", "salunet_c50_v2", "c50_v2_pinned"))):
         ref = training.get(base)
         for m in models:
             if ref and m in training:

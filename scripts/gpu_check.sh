@@ -26,6 +26,8 @@
 # GPU_CHECK_RUNS: which training runs (space-separated; default the three models, and v2_pinned with GPU_CHECK_PINNED);
 # resnet50_bn, salunet_c50 and salunet_c50_v2 may also be named: the C-50 pair on CIFAR-10, with the 3x3 CIFAR stem
 # of RESULTS.md "C-50: the same cause, the same fix" (--model-overrides '{"stem": "cifar"}'), not in the default;
+# so may c50_v2_pinned: salunet_c50_v2 on that stem with v2_pinned's settings (RESULTS.md "The C-50 at each model's
+# best weight decay": the cell that led the tuned twin at the CPU budget);
 # GPU_CHECK_SEEDS: their seeds (default "0"; a run of seed S > 0 is named RUN-sS), every run once per seed.
 # GPU_CHECK_PARALLEL=1 starts the training runs together, and with the tests part the GPU tests beside them: on the
 # first H200 a compiled step left the device idle most of the time (host-bound, ~8,000 images/s), so runs that
@@ -53,9 +55,10 @@ RUNS=(resnet18_bn salunet_c18 salunet_c18_v2)
 [[ "${GPU_CHECK_PINNED:-0}" == 1 ]] && RUNS+=(v2_pinned)
 [[ -n "${GPU_CHECK_RUNS:-}" ]] && read -r -a RUNS <<<"$GPU_CHECK_RUNS"
 for run in "${RUNS[@]}"; do
-  [[ " resnet18_bn salunet_c18 salunet_c18_v2 v2_pinned resnet50_bn salunet_c50 salunet_c50_v2 " == *" $run "* ]] || {
+  [[ " resnet18_bn salunet_c18 salunet_c18_v2 v2_pinned resnet50_bn salunet_c50 salunet_c50_v2 c50_v2_pinned " \
+     == *" $run "* ]] || {
     echo "GPU_CHECK_RUNS: unknown run '$run'; use resnet18_bn, salunet_c18, salunet_c18_v2, v2_pinned, resnet50_bn," \
-      "salunet_c50, salunet_c50_v2" >&2; exit 2; }
+      "salunet_c50, salunet_c50_v2, c50_v2_pinned" >&2; exit 2; }
 done
 read -r -a SEEDS <<<"${GPU_CHECK_SEEDS:-0}"
 if ((${#RUNS[@]} == 0 || ${#SEEDS[@]} == 0)); then
@@ -254,8 +257,11 @@ if want train; then
     # the paper's decay for the BN ResNets (README); the SaluNets keep the recipe's
     [[ $run == resnet*_bn ]] && ARGS+=(--ema-decay 0.997)
     [[ $run == *50* ]] && ARGS+=(--model-overrides '{"stem": "cifar"}')  # 32 px images: the C-18's 3x3 stem
+    PIN=(--salu-recalibrate 0.15 --salu-recalibrate-every 1 --salu-recalibrate-measure reference --salu-project-grad)
     [[ $run == v2_pinned ]] && ARGS=(--model salunet_c18_v2 --model-overrides '{"conv_ws": "scaled", "salu_b0": 0.012}'
-        --salu-recalibrate 0.15 --salu-recalibrate-every 1 --salu-recalibrate-measure reference --salu-project-grad)
+        "${PIN[@]}")
+    [[ $run == c50_v2_pinned ]] && ARGS=(--model salunet_c50_v2
+        --model-overrides '{"stem": "cifar", "conv_ws": "scaled", "salu_b0": 0.012}' "${PIN[@]}")
     name=$run
     [[ $seed != 0 ]] && name=$run-s$seed  # seed 0 keeps the plain name (the records of 2026-11-28/30)
     CMD=("$PY" -m salunet train "${COMMON[@]}" "${ARGS[@]}" --epochs "${EPOCHS:-1}" --seed "$seed" --name "$name")

@@ -153,22 +153,28 @@ def test_gpu_check_parallel_runs_every_seed_with_the_tests_beside(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_trains_the_c50_pair_on_the_cifar_stem(tmp_path):
     """GPU_CHECK_RUNS may name the C-50 pair: each trains on the 3x3 CIFAR stem (RESULTS.md "C-50: the same cause,
-    the same fix"), the BN ResNet with the paper's EMA decay, and the SaluNet's images/s is read against it."""
+    the same fix"), the BN ResNet with the paper's EMA decay, and the SaluNet's images/s is read against it; and the
+    pinned C-50 cell (c50_v2_pinned), with every setting of the CPU cell that led the tuned twin."""
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**_clean_env(), "OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "1", "GPU_CHECK_STEPS": "train", "GPU_CHECK_EPOCHS": "1",
-           "GPU_CHECK_RUNS": "resnet50_bn salunet_c50_v2"}
+           "GPU_CHECK_RUNS": "resnet50_bn salunet_c50_v2 c50_v2_pinned"}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failed"] == [], summary["steps"]
-    assert set(summary["training"]) == {"resnet50_bn", "salunet_c50_v2"}
+    assert set(summary["training"]) == {"resnet50_bn", "salunet_c50_v2", "c50_v2_pinned"}
     for name, ema in (("resnet50_bn", 0.997), ("salunet_c50_v2", None)):
         cfg = json.loads((work / "train" / name / "config.json").read_text())
         assert (cfg["model"], cfg["model_overrides"]) == (name, {"stem": "cifar"})
         assert ema is None or cfg["ema_decay"] == ema
-    assert "salunet_c50_v2 images/s vs resnet50_bn" in summary["targets"]
+    cfg = json.loads((work / "train" / "c50_v2_pinned" / "config.json").read_text())
+    assert (cfg["model"], cfg["model_overrides"]) == ("salunet_c50_v2", {"stem": "cifar", "conv_ws": "scaled",
+                                                                         "salu_b0": 0.012})
+    assert (cfg["salu_recalibrate"], cfg["salu_recalibrate_every"], cfg["salu_recalibrate_measure"],
+            cfg["salu_project_grad"]) == (0.15, 1, "reference", True)
+    assert {f"{m} images/s vs resnet50_bn" for m in ("salunet_c50_v2", "c50_v2_pinned")} <= set(summary["targets"])
     assert not any("vs resnet18_bn" in k for k in summary["targets"])
 
 
