@@ -749,12 +749,12 @@ def _cpp_apply(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor], a
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def radial_project(g: Tensor, x: Tensor, axis: int | None, running: Tensor | None = None,
+def radial_project(g: Tensor, x: Tensor, axis: int | None, running: tuple[Tensor, Tensor] | None = None,
                    rate: float = 1.0) -> tuple[Tensor, Tensor] | None:
     """The backward of ``--salu-project-grad`` (``salunet.train.recalibrate.project_radial_grad``) in the C++
     kernel, when the C++ path runs ``x``'s device: per channel along ``axis`` (None: one for the whole tensor),
-    ``g - x * coef`` with coef = sum(g x) / sum(x²) (0 where sum(x²) = 0), or with ``running`` ((2, C) float64:
-    the running sums of both) the coefficient of ``(1 - rate) * running + rate * this batch's sums``. Two passes
+    ``g - x * coef`` with coef = sum(g x) / sum(x²) (0 where sum(x²) = 0), or with ``running`` (the running sums
+    of both, C values each) the coefficient of ``(1 - rate) * running + rate * this batch's sums``. Two passes
     over memory, no temporaries; sums in float32 within a channel's block, float64 across blocks. Returns (the
     projected gradient in ``g``'s dtype, this batch's sums (2, C) float64), or None where the caller's op-by-op
     form is the path: another kernel mode or device, inside a graph being compiled or recorded (traced tensors)."""
@@ -767,6 +767,8 @@ def radial_project(g: Tensor, x: Tensor, axis: int | None, running: Tensor | Non
     if gd.stride() != xd.stride():
         gd = torch.empty_like(xd).copy_(gd)
     out = torch.empty_like(xd)
+    if running is not None:
+        running = torch.stack([running[0].flatten(), running[1].flatten()]).double()
     sums = cpu_ext.load().radial_project(gd, xd, out, *_layout(tuple(xd.shape), xd.stride(), axis), running, rate)
     return (out if out.dtype == g.dtype else out.to(g.dtype)), sums
 

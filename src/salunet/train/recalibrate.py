@@ -430,8 +430,8 @@ class _ProjectRadialGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         x, num_old, den_old = ctx.saved_tensors
-        running = torch.stack([num_old.flatten(), den_old.flatten()]).double() if ctx.running else None
-        fused = kernels.radial_project(g, x, ctx.axis, running, ctx.rate)  # CPU: one C++ call, two passes
+        fused = kernels.radial_project(g, x, ctx.axis, (num_old, den_old) if ctx.running else None,
+                                       ctx.rate)  # CPU: one C++ call, two passes
         if fused is not None:
             out, sums = fused
             return out, None, None, None, None, None, (sums.to(num_old.dtype) if ctx.running else None)
