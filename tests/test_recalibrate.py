@@ -464,12 +464,31 @@ def test_reference_pinning_at_batch_size_one_pins_on_many_images_and_does_not_wa
                out=str(tmp_path), name="b1"))
     printed = capsys.readouterr()
     assert "warning" not in printed.err
-    assert "measured on epoch 1's first 128+ training images (all, if it has fewer)" in printed.out  # what it pins on
+    assert "measured on epoch 1's first 128 training images (all, if it has fewer)" in printed.out  # what it pins on
     ckpt, reference = _reference(tmp_path / "b1", 128)
     assert len(reference) == 6
     model, _, _ = model_from_checkpoint(ckpt)
     assert max(abs(f - 1) for f in recalibrate_salu(model, [reference], 0.5).values()) < 1e-5
     assert max(abs(f - 1) for f in recalibrate_salu(model, [reference[:1]], 0.5).values()) > 1e-3  # not one image's
+
+
+@pytest.mark.parametrize("images, batch", [(40, 32), (16, 32)])
+def test_a_smaller_reference_pins_on_exactly_that_many_images(tmp_path, capsys, images, batch):
+    """--salu-reference-images N: every step and the checkpoint are pinned on epoch 1's first N images (part of a
+    batch, or of the batches ceil(N / B) covers), which the per-step pin line names; the first N + 8 or the first
+    N - 8 give another pin."""
+    from salunet.train import train
+    from salunet.train.evaluate import model_from_checkpoint
+
+    train(dict(model="salunet_c18_v2", width=2, data="digits", train_subset=96, test_subset=10, batch_size=batch,
+               epochs=1, progress=False, salu_recalibrate=0.5, salu_recalibrate_every=1,
+               salu_recalibrate_measure="reference", salu_reference_images=images, out=str(tmp_path), name="r"))
+    assert f"measured on epoch 1's first {images} training images" in capsys.readouterr().out
+    ckpt, first = _reference(tmp_path / "r", 2)
+    model, _, _ = model_from_checkpoint(ckpt)
+    assert max(abs(f - 1) for f in recalibrate_salu(model, [first[:images]], 0.5).values()) < 1e-5
+    for other in (first[:images + 8], first[:images - 8]):
+        assert max(abs(f - 1) for f in recalibrate_salu(model, [other], 0.5).values()) > 1e-4
 
 
 @pytest.mark.parametrize("over, match", [({"salu_recalibrate_every": 5}, "needs a target"),
@@ -496,7 +515,12 @@ def test_reference_pinning_at_batch_size_one_pins_on_many_images_and_does_not_wa
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1, "salu_eval_pin": 2,
                                            "salu_recalibrate_measure": "reference"}, "drop --salu-eval-pin"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
-                                           "salu_eval_pin": -1}, "whole number of batches")])
+                                           "salu_eval_pin": -1}, "whole number of batches"),
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
+                                           "salu_recalibrate_measure": "reference", "salu_reference_images": 0},
+                                          "whole number of images >= 1"),
+                                         ({"salu_recalibrate": 0.5, "salu_recalibrate_every": 1,
+                                           "salu_reference_images": 64}, "add that, or drop --salu-reference-images")])
 def test_recalibration_every_is_checked(over, match):
     from salunet.train.config import resolve_config
 

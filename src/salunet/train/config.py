@@ -71,6 +71,7 @@ class TrainConfig:
     salu_recalibrate_rate: float = 1.0  # momentum of the running mean square pinned (as BN's running var); 1 = batch
     salu_recalibrate_measure: str = "forward"  # per-step pinning measures in one more forward, or in the step's own
     # (step), or pins on fixed reference images (reference)
+    salu_reference_images: int = 128  # --salu-recalibrate-measure reference: how many images (epoch 1's first)
     salu_eval_pin: int = 0  # > 0: before each evaluation, pin on the average of the epoch's first N batches
     salu_project_grad: bool = False  # SALU inputs' gradients lose their per-channel radial part (a normaliser's backward)
     salu_project_grad_rate: float = 1.0  # < 1: ... with the coefficient of running sums over steps; 1 = the batch's
@@ -137,7 +138,9 @@ FIELD_HELP: dict[str, str] = {
     "salu_recalibrate_rate": "with --salu-recalibrate: the momentum of the SALU inputs' running mean square that "
                              "is pinned (1 = this batch only)",
     "salu_recalibrate_measure": "per-step pins from: forward = one more forward; step = the training forward, a "
-                                "step late (rate <= 0.5); reference = epoch 1's first 128+ training images",
+                                "step late (rate <= 0.5); reference = epoch 1's first --salu-reference-images training images",
+    "salu_reference_images": "with --salu-recalibrate-measure reference: pin on epoch 1's first this many "
+                             "training images (all, if it has fewer)",
     "salu_eval_pin": "per-step pinning: before each evaluation, pin every SALU on the average of the epoch's "
                      "first N training batches (0 = off)",
     "salu_project_grad": "drop each SALU input gradient's per-channel part along the input: a scale "
@@ -312,6 +315,12 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.salu_recalibrate_measure == "reference" and cfg.salu_recalibrate_rate != 1:
         raise ValueError(f"salu_recalibrate_measure reference pins on the same images at every step: there is no "
                          f"batch noise to average, drop --salu-recalibrate-rate {cfg.salu_recalibrate_rate}")
+    if cfg.salu_reference_images < 1:
+        raise ValueError(f"salu_reference_images must be a whole number of images >= 1 (128 measured), got "
+                         f"{cfg.salu_reference_images}")
+    if cfg.salu_reference_images != 128 and cfg.salu_recalibrate_measure != "reference":
+        raise ValueError("salu_reference_images sets how many images --salu-recalibrate-measure reference pins on: "
+                         "add that, or drop --salu-reference-images")
     if cfg.salu_recalibrate_measure == "reference" and cfg.salu_eval_pin > 0:
         raise ValueError("salu_recalibrate_measure reference already pins on the reference images before each "
                          "evaluation: drop --salu-eval-pin")

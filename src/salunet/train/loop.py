@@ -175,7 +175,8 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
         print(f"pin: every {cfg.salu_recalibrate_every} step(s), by the SALU sites in the model's own forward"
               + (" (one more compiled graph)" if cfg.compile else "")
               + (", each site's sums all-reduced over the ranks" if run.info.enabled else "")
-              + "; measured " + _PIN_MEASURES[cfg.salu_recalibrate_measure], flush=True)
+              + "; measured " + _PIN_MEASURES[cfg.salu_recalibrate_measure].format(n=cfg.salu_reference_images),
+              flush=True)
     guarded = guarded_convs(run.model) if cfg.channels_last else []
     if guarded:
         print(f"channels_last: except {', '.join(guarded)}, kept contiguous on CPU (torch's oneDNN backward of a 1x1 "
@@ -515,25 +516,27 @@ def _pin_for_evaluation(run: _Run, epoch: int) -> dict:
     return out
 
 
-REFERENCE_IMAGES = 128  # --salu-recalibrate-measure reference: at least this many images, all ranks together
 _PIN_MEASURES = {"forward": "on each training batch, in one more forward before its step",
                  "step": "in each training step's own forward, pinned before the next step",
-                 "reference": f"on epoch 1's first {REFERENCE_IMAGES}+ training images (all, if it has fewer), the "
-                              "same before every step"}
+                 "reference": "on epoch 1's first {n} training images (all, if it has fewer), the same before every "
+                              "step"}
 
 
 def _reference_images(run: _Run) -> torch.Tensor:
-    """--salu-recalibrate-measure reference: the images every step pins on, fixed for the whole run: the first
-    ceil(128 / batch size) seeded training batches of epoch 1 (augmented as training draws them; at batch 128 the
-    first batch), this rank's share of each, concatenated in the training layout. They are drawn from the epoch's
+    """--salu-recalibrate-measure reference: the images every step pins on, fixed for the whole run: epoch 1's first
+    N = --salu-reference-images (128) seeded training images (augmented as training draws them; at batch 128 and
+    N 128 the first batch): this rank's share of the first ceil(N / batch size) batches, concatenated, its first
+    ceil(N / ranks), in the training layout (before the tenth session whole batches were kept: a batch size that
+    does not divide 128 pinned on more). They are drawn from the epoch's
     seeded generator, so a resumed run draws the same ones, and with the global random state forked (as
     :func:`_pin_for_evaluation`). Each step is then pinned on the same images at the current weights: no lag and no
     batch statistics; the network trains as the fixed function it is evaluated as, at any batch size."""
-    cfg = run.cfg
-    n = min(-(-REFERENCE_IMAGES // cfg.batch_size), run.source.steps)
+    cfg, want = run.cfg, run.cfg.salu_reference_images
+    n = min(-(-want // cfg.batch_size), run.source.steps)
     with torch.random.fork_rng(devices=[]):
         xs = [b[0] for b in itertools.islice(run.source.train_batches(0), n)]
-    return _training_layout(cfg, torch.cat(xs) if len(xs) > 1 else xs[0])
+    x = torch.cat(xs) if len(xs) > 1 else xs[0]
+    return _training_layout(cfg, x[:-(-want // run.info.world)])
 
 
 def _median_factor(factors: dict[str, float]) -> float:
