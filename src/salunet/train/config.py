@@ -138,7 +138,7 @@ FIELD_HELP: dict[str, str] = {
     "salu_recalibrate_rate": "with --salu-recalibrate: the momentum of the SALU inputs' running mean square that "
                              "is pinned (1 = this batch only)",
     "salu_recalibrate_measure": "per-step pins from: forward = one more forward; step = the training forward, a "
-                                "step late (rate <= 0.5); reference = epoch 1's first --salu-reference-images training images",
+                                "step late (rate <= 0.5); reference = fixed images (--salu-reference-images)",
     "salu_reference_images": "with --salu-recalibrate-measure reference: pin on epoch 1's first this many "
                              "training images (all, if it has fewer)",
     "salu_eval_pin": "per-step pinning: before each evaluation, pin every SALU on the average of the epoch's "
