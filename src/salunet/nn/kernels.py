@@ -25,7 +25,9 @@ of four paths, chosen by ``set_kernel_mode`` / ``SALUNET_KERNELS``:
 
 - ``cpp`` (``auto`` on CPU): the same math hand-written in ``csrc/salu_cpu.cpp`` with ATen's vector types, one
   pass over memory per direction, parameter gradients reduced in per-thread accumulators; built once per
-  machine (:mod:`salunet.nn.cpu_ext`). This is what makes SALU+SWALU cheaper than BatchNorm+ReLU on CPU.
+  machine (:mod:`salunet.nn.cpu_ext`). This is what makes SALU+SWALU cheaper than BatchNorm+ReLU on CPU. The
+  backward of ``--salu-project-grad`` takes this path too (:func:`radial_project`; elsewhere it runs op by op,
+  and inside a compiled graph inductor fuses it).
   In float32 it uses fast approximations: hardware reciprocal / rsqrt estimates with one Newton step (a few
   ulp), ATen's polynomial exp, and Abramowitz-Stegun 7.1.26 for the normal CDF (gate absolute error < 3.5e-7,
   the precision of ATen's vectorised GELU); float64 uses exact operations (gradcheck runs on this path).
