@@ -24,7 +24,7 @@
 #             against the hooks' uncompiled forward it did before (forward)
 #   pin_test  its CUDA tests (inductor, bf16, channels_last; alone and with each site's all-reduce in a one-rank
 #             NCCL group, as under DDP), compilations of their own: a step apart, so that a slow compile cannot cost
-#             the measurement
+#             the measurement; and salunet.SaluPin's (a compiled bf16 loop of one's own, tenth session)
 #   ops_fp32  salunet bench ops --dtype fp32, re-measured after the host-time fix (d0db3ce)
 #   edge      tests/test_gpu.py's edge cases on CUDA (failed in call 1, passed in call 2)
 # GPU_RECHECK_STEPS picks a subset (comma-separated; default all), e.g. profile,ops_bf16,ops_fp32 when the GPU tests
@@ -78,7 +78,7 @@ run models 150 env SALUNET_KERNELS=$MODES "$PY" -m salunet bench models "${MODEL
 run ops_bf16 120 "$PY" -m salunet bench ops "${OPS[@]}" --dtype bf16 --out "$R"
 run pin_cost $(( DRY ? 120 : 200 )) "$PY" scripts/recal_cost.py "${PIN[@]}" --every 1 --measure forward,module
 if ((DRY)); then skipped pin_test; else
-  run pin_test 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k pin_in_forward --tb=short -rA
+  run pin_test 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "pin_in_forward or salupin" --tb=short -rA
 fi
 run ops_fp32 120 "$PY" -m salunet bench ops "${OPS[@]}" --dtype fp32 --out "$R"
 if ((DRY)); then skipped edge; else
