@@ -27,7 +27,8 @@
 # resnet50_bn, salunet_c50 and salunet_c50_v2 may also be named: the C-50 pair on CIFAR-10, with the 3x3 CIFAR stem
 # of RESULTS.md "C-50: the same cause, the same fix" (--model-overrides '{"stem": "cifar"}'), not in the default;
 # so may c50_v2_pinned: salunet_c50_v2 on that stem with v2_pinned's settings (RESULTS.md "The C-50 at each model's
-# best weight decay": the cell that led the tuned twin at the CPU budget);
+# best weight decay": the cell that led the tuned twin at the CPU budget, there at weight decay 8e-3; here, as
+# every run, at the recipe's);
 # GPU_CHECK_SEEDS: their seeds (default "0"; a run of seed S > 0 is named RUN-sS), every run once per seed.
 # GPU_CHECK_PARALLEL=1 starts the training runs together, and with the tests part the GPU tests beside them: on the
 # first H200 a compiled step left the device idle most of the time (host-bound, ~8,000 images/s), so runs that

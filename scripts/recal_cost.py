@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(f"--overrides: {exc}")
     if a.compile and any(m in ("step", "project", "recipe") for m in measures):
-        p.error("--compile: --measure step and project attach hooks the compiled graph would have to trace from the "
-                "start; use --measure forward,module")
+        p.error("--compile: --measure step, project and recipe attach hooks the compiled graph would have to trace "
+                "from the start; use --measure forward,module")
     try:
         everies = [int(v) for v in a.every.split(",")]
     except ValueError:

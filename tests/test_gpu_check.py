@@ -154,7 +154,8 @@ def test_gpu_check_parallel_runs_every_seed_with_the_tests_beside(tmp_path):
 def test_gpu_check_trains_the_c50_pair_on_the_cifar_stem(tmp_path):
     """GPU_CHECK_RUNS may name the C-50 pair: each trains on the 3x3 CIFAR stem (RESULTS.md "C-50: the same cause,
     the same fix"), the BN ResNet with the paper's EMA decay, and the SaluNet's images/s is read against it; and the
-    pinned C-50 cell (c50_v2_pinned), with every setting of the CPU cell that led the tuned twin."""
+    pinned C-50 cell (c50_v2_pinned), with the model and pin settings of the CPU cell that led the tuned twin and,
+    like every GPU run, the recipe's weight decay (the CPU cell's was 8e-3)."""
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**_clean_env(), "OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "1", "GPU_CHECK_STEPS": "train", "GPU_CHECK_EPOCHS": "1",
@@ -174,6 +175,8 @@ def test_gpu_check_trains_the_c50_pair_on_the_cifar_stem(tmp_path):
                                                                          "salu_b0": 0.012})
     assert (cfg["salu_recalibrate"], cfg["salu_recalibrate_every"], cfg["salu_recalibrate_measure"],
             cfg["salu_project_grad"]) == (0.15, 1, "reference", True)
+    twin = json.loads((work / "train" / "resnet50_bn" / "config.json").read_text())
+    assert cfg["weight_decay"] == twin["weight_decay"] == 5e-4  # the recipe's, for both
     assert {f"{m} images/s vs resnet50_bn" for m in ("salunet_c50_v2", "c50_v2_pinned")} <= set(summary["targets"])
     assert not any("vs resnet18_bn" in k for k in summary["targets"])
 

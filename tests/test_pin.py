@@ -139,12 +139,18 @@ def test_the_projection_removes_each_channels_radial_gradient_until_removed():
 
 
 @pytest.mark.slow
-def test_under_torch_compile_the_pin_and_the_projection_trace_whole_and_match_eager():
+def test_under_torch_compile_the_pin_and_the_projection_trace_whole_and_match_eager(monkeypatch):
     """``pin.forward = torch.compile(model)`` and a compiled training step (aot_eager: dynamo and AOTAutograd, the
     graphs inductor would get; fullgraph, so a graph break fails): two steps give the eager loop's parameters and
-    gradients (the projection's backward traced op by op there, the C++ kernel in the eager loop)."""
+    gradients (the projection's backward traced op by op there, the C++ kernel in the eager loop: called once per
+    site and step, all of them the eager loop's)."""
     import copy
 
+    from salunet.nn import kernels
+
+    calls = []
+    cpp = kernels.radial_project
+    monkeypatch.setattr(kernels, "radial_project", lambda *a, **k: calls.append(1) or cpp(*a, **k))
     torch._dynamo.reset()
     x, y = _images(8), torch.arange(8) % 10
     model = _model()
@@ -158,6 +164,7 @@ def test_under_torch_compile_the_pin_and_the_projection_trace_whole_and_match_ea
             pin.step()
             nn.functional.cross_entropy(step(x), y).backward()
             opt.step()
+    assert len(calls) == 2 * len(salu_sites(twin))
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
@@ -180,13 +187,20 @@ def test_bad_input_is_refused_with_the_fix():
     pin = salunet.SaluPin(model, None, project_grad=False)
     with pytest.raises(ValueError, match="no images to pin on"):
         pin.step()
-    pin.forward = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
-    with pytest.raises(ValueError, match="forward is a DistributedDataParallel wrapper"):
-        pin.step(x)
-    compiled = torch.compile(model)
+    for forward in (nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel),
+                    torch.compile(nn.DataParallel(model)), torch.compile(_model(1))):
+        pin.forward = forward
+        with pytest.raises(ValueError, match="forward must be the model or torch.compile"):
+            pin.step(x)
     with pytest.raises(ValueError, match="wrapped by torch.compile"):
-        salunet.SaluPin(compiled, x)
-    assert isinstance(next(iter(salu_sites(model).values()))[1], SALU)  # (the model itself is pinnable)
+        salunet.SaluPin(torch.compile(model), x)
+    with pytest.raises(ValueError, match="wrapped by DataParallel"):
+        salunet.SaluPin(nn.DataParallel(model), x)
+    moved = salunet.SaluPin(model, x, project_grad=False)
+    model.to("meta")  # moved after SaluPin was built: said at the next step, not deep inside a conv
+    with pytest.raises(ValueError, match="reference is on cpu, the model on meta"):
+        moved.step()
+    assert isinstance(next(iter(salu_sites(model).values()))[1], SALU)  # (the model itself was pinnable)
 
 
 _TWO_PROCESSES = textwrap.dedent("""

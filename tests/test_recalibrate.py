@@ -491,6 +491,24 @@ def test_a_smaller_reference_pins_on_exactly_that_many_images(tmp_path, capsys, 
         assert max(abs(f - 1) for f in recalibrate_salu(model, [other], 0.5).values()) > 1e-4
 
 
+def test_a_reference_the_processes_do_not_divide_is_refused_before_anything_is_written(tmp_path):
+    """Under DDP each process pins on an equal share of the --salu-reference-images: 64 images on 3 processes are
+    refused by the run's build (the process group's size known, nothing written yet), 63 are not."""
+    from salunet.train.distributed import DistInfo
+    from salunet.train.loop import _build
+    from salunet.train.resume import plan_run
+
+    cfg = dict(model="salunet_c18_v2", width=2, data="digits", train_subset=96, test_subset=12, batch_size=48,
+               epochs=1, progress=False, salu_recalibrate=0.5, salu_recalibrate_every=1,
+               salu_recalibrate_measure="reference", out=str(tmp_path), name="r")
+    three = DistInfo(rank=0, world=3)
+    with pytest.raises(ValueError, match=r"--salu-reference-images 64 must be divisible by the number of processes "
+                                         r"\(3\).*use a multiple of 3"):
+        _build(plan_run(dict(cfg, salu_reference_images=64), None, {}), three)
+    run, epoch, step = _build(plan_run(dict(cfg, salu_reference_images=63), None, {}), three)
+    assert (epoch, step) == (0, 0) and not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("over, match", [({"salu_recalibrate_every": 5}, "needs a target"),
                                          ({"salu_recalibrate": 0.5, "salu_recalibrate_every": -1}, "whole number"),
                                          ({"salu_recalibrate_rate": 0.1}, "rate needs a target"),
@@ -667,51 +685,85 @@ def test_projected_gradient_is_the_gradient_through_an_in_graph_scale_normalisat
                                rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens", "scalar", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens", "scalar", "strided", "large", "large_tokens"])
 @pytest.mark.parametrize("running", [False, True])
 def test_the_cpp_projection_is_the_op_by_op_one(dtype, layout, running):
     """The C++ kernel of the projected gradient (kernels.radial_project, two passes) against the op-by-op form
     (SALUNET_KERNELS=eager) on the same inputs: the gradient and, with running sums, the sums handed out through the
-    probe; in every layout the C++ path takes (NCHW, channels_last, (B, T, C) tokens, one scalar SALU, a strided
-    view made dense), with a silent channel (its gradient kept) and a gradient in other strides than the input."""
+    probe; in every layout the C++ path takes (NCHW, channels_last with a contiguous gradient, (B, T, C) tokens, one
+    scalar SALU, a strided view made dense, and shapes large enough that two threads sum in two chunks), with a
+    silent channel (its gradient kept)."""
     from salunet.nn import kernels
     from salunet.train.recalibrate import RunningCoefficient, project_radial_grad
 
     g0 = torch.Generator().manual_seed(0)
-    shape, axis = {"tokens": ((3, 7, 20), -1), "scalar": ((4, 6, 5, 7), None)}.get(layout, ((4, 20, 5, 7), 1))
-    x = torch.randn(*shape, generator=g0, dtype=torch.float64) * 2 + 0.5
-    if layout == "strided":
-        x = torch.randn(4, 40, 5, 7, generator=g0, dtype=torch.float64)[:, ::2]
+    shape, axis = {"tokens": ((3, 7, 20), -1), "scalar": ((4, 6, 5, 7), None), "large": ((8, 16, 32, 32), 1),
+                   "large_tokens": ((64, 64, 20), -1), "strided": ((4, 40, 5, 7), 1)}.get(layout, ((4, 20, 5, 7), 1))
+    view = (lambda t: t[:, ::2]) if layout == "strided" else (lambda t: t)
+    base = torch.randn(*shape, generator=g0, dtype=torch.float64) * 2 + 0.5
     if axis == 1:
-        x[:, 3] = 0  # a silent channel: sum(x²) = 0, its gradient passes unprojected
-    x = x.to(dtype)
+        view(base)[:, 3] = 0  # a silent channel: sum(x²) = 0, its gradient passes unprojected
+    base = base.to(dtype)
     if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(x.shape, generator=g0, dtype=torch.float64).to(dtype)  # contiguous: other strides than x
-    channels = 1 if axis is None else x.shape[axis]
-    grads, sums = {}, {}
-    for mode in ("eager", "cpp"):
-        run = RunningCoefficient(0.3, channels, torch.float32) if running else None
-        xi = x.clone().requires_grad_()
-        if layout == "channels_last":
-            xi = x.clone(memory_format=torch.channels_last).requires_grad_()
-        with kernels.using_kernel_mode(mode):
-            if running:  # one earlier batch in the sums, so that the coefficient mixes both
-                (project_radial_grad(xi.detach().flip(0).requires_grad_(), axis, run) * w).sum().backward()
-            (project_radial_grad(xi, axis, run) * w).sum().backward()
-        grads[mode] = xi.grad
-        sums[mode] = torch.stack([run.num, run.den]) if running else None
-    assert grads["cpp"].dtype == dtype and grads["cpp"].shape == x.shape
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+        base = base.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(view(base).shape, generator=g0, dtype=torch.float64).to(dtype)  # contiguous: other strides
+    # than a channels_last input
+    channels = 1 if axis is None else view(base).shape[axis]
+    grads, sums, threads = {}, {}, torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for mode in ("eager", "cpp"):
+            run = RunningCoefficient(0.3, channels, torch.float32) if running else None
+            leaf = base.clone(memory_format=torch.preserve_format).requires_grad_()
+            with kernels.using_kernel_mode(mode):
+                assert kernels.radial_project_in_cpp(view(leaf)) == (mode == "cpp")
+                if running:  # one earlier batch in the sums, so that the coefficient mixes both
+                    (project_radial_grad(view(leaf).detach().flip(0).requires_grad_(), axis, run) * w).sum().backward()
+                (project_radial_grad(view(leaf), axis, run) * w).sum().backward()
+            grads[mode] = leaf.grad
+            sums[mode] = torch.stack([run.num, run.den]) if running else None
+    finally:
+        torch.set_num_threads(threads)
+    assert grads["cpp"].dtype == dtype and grads["cpp"].shape == base.shape
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
     torch.testing.assert_close(grads["cpp"].double(), grads["eager"].double(), rtol=tol, atol=tol)
     if axis == 1:
-        assert torch.equal(grads["cpp"][:, 3], w[:, 3])
+        assert torch.equal(view(grads["cpp"])[:, 3], w[:, 3])
+    if layout == "strided":
+        assert not grads["cpp"][:, 1::2].any()  # the elements the view skips get no gradient
     if running:
         torch.testing.assert_close(sums["cpp"], sums["eager"], rtol=1e-5, atol=1e-5)
-    assert kernels.radial_project(w, x, axis) is not None  # the C++ path ran (SALUNET_KERNELS=cpp in the tests)
-    with kernels.using_kernel_mode("eager"):
-        assert kernels.radial_project(w, x, axis) is None
+
+
+def test_the_cpp_projection_takes_any_gradient_and_gives_way_to_graphs():
+    """The C++ projection with a stride-0 gradient (the backward of a plain .sum()) is the op-by-op one; a double
+    backward (create_graph), a forward under a dispatch mode (FlopCounterMode) and an empty batch take or give the
+    right thing: a graph to differentiate, ops the mode sees, an empty gradient."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from salunet.nn import kernels
+    from salunet.train.recalibrate import project_radial_grad
+
+    x0 = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    grads = {}
+    for mode in ("eager", "cpp"):
+        x = x0.clone().requires_grad_()
+        with kernels.using_kernel_mode(mode):
+            project_radial_grad(x, 1).sum().backward()
+        grads[mode] = x.grad
+    torch.testing.assert_close(grads["cpp"], grads["eager"], rtol=1e-12, atol=1e-12)
+    x = x0.clone().requires_grad_()
+    w = torch.randn_like(x0, requires_grad=True)
+    (g,) = torch.autograd.grad((project_radial_grad(x, 1) * w).sum(), x, create_graph=True)
+    assert g.grad_fn is not None  # the op-by-op form: differentiable again
+    (gw,) = torch.autograd.grad(g.square().sum(), w)
+    assert torch.isfinite(gw).all() and gw.abs().max() > 0
+    with FlopCounterMode(display=False):
+        assert not kernels.radial_project_in_cpp(x)
+    empty = torch.randn(0, 4, 5, 6, requires_grad=True)
+    project_radial_grad(empty, 1).sum().backward()
+    assert empty.grad.shape == empty.shape
 
 
 def test_gradient_projection_hooks_act_only_on_training_forwards_with_autograd():

@@ -61,11 +61,12 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import cpu_ext
 
 __all__ = ["OPS", "LOG_LIMIT", "FusedFn", "TritonFn", "fused", "recorded", "get_kernel_mode", "set_kernel_mode",
-           "using_kernel_mode", "kernel_path", "radial_project"]
+           "using_kernel_mode", "kernel_path", "radial_project_in_cpp", "radial_project"]
 
 log = logging.getLogger("salunet.kernels")
 
@@ -751,27 +752,37 @@ def _cpp_apply(op: str, log_params: bool, x: Tensor, params: Sequence[Tensor], a
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def radial_project_in_cpp(x: Tensor) -> bool:
+    """Whether the projected gradient of ``x`` (``--salu-project-grad``) is to run in the C++ kernel
+    (:func:`radial_project`): the C++ path runs ``x``'s device, and no graph is being compiled, traced or recorded
+    and no dispatch mode watches (traced or wrapped tensors, ``torch.compile``, ``torch.jit.trace``, export, make_fx,
+    FlopCounterMode: their graphs must hold the op-by-op math). Decided in the forward, as every kernel's path is."""
+    return (not torch.compiler.is_compiling() and type(x) is Tensor and not torch.jit.is_tracing()
+            and not _is_exporting() and _get_current_dispatch_mode() is None and x.device.type == "cpu"
+            and _path_for(x.device) == "cpp")
+
+
 def radial_project(g: Tensor, x: Tensor, axis: int | None, running: tuple[Tensor, Tensor] | None = None,
-                   rate: float = 1.0) -> tuple[Tensor, Tensor] | None:
+                   rate: float = 1.0) -> tuple[Tensor, Tensor]:
     """The backward of ``--salu-project-grad`` (``salunet.train.recalibrate.project_radial_grad``) in the C++
-    kernel, when the C++ path runs ``x``'s device: per channel along ``axis`` (None: one for the whole tensor),
-    ``g - x * coef`` with coef = sum(g x) / sum(x²) (0 where sum(x²) = 0), or with ``running`` (the running sums
-    of both, C values each) the coefficient of ``(1 - rate) * running + rate * this batch's sums``. Two passes
-    over memory, no temporaries; sums in float32 within a channel's block, float64 across blocks. Returns (the
-    projected gradient in ``g``'s dtype, this batch's sums (2, C) float64), or None where the caller's op-by-op
-    form is the path: another kernel mode or device, inside a graph being compiled or recorded (traced tensors)."""
-    if (type(x) is not Tensor or type(g) is not Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or _is_exporting() or _path_for(x.device) != "cpp"):
-        return None
+    kernel, where :func:`radial_project_in_cpp` said so in the forward: per channel along ``axis`` (None: one for
+    the whole tensor), ``g - x * coef`` with coef = sum(g x) / sum(x²) (0 where sum(x²) = 0), or with ``running``
+    (the running sums of both, C values each) the coefficient of ``(1 - rate) * running + rate * this batch's
+    sums``. Two passes over memory, no temporaries; sums in the compute dtype (float32, float64 for float64 input)
+    within a channel's block and float64 across blocks. Returns the projected gradient in ``g``'s dtype and this
+    batch's sums (2, C) in float64. No graph: the caller takes the op-by-op form for a double backward."""
     axis = None if axis is None else axis % x.dim()
     xd, _ = _dense_for_kernels(x, axis, None)
+    outer, channels, inner = _layout(tuple(xd.shape), xd.stride(), axis)
+    if xd.numel() == 0:
+        return torch.zeros_like(g), torch.zeros(2, channels, dtype=torch.float64)
     gd = g.to(xd.dtype)
     if gd.stride() != xd.stride():
         gd = torch.empty_like(xd).copy_(gd)
     out = torch.empty_like(xd)
     if running is not None:
         running = torch.stack([running[0].flatten(), running[1].flatten()]).double()
-    sums = cpu_ext.load().radial_project(gd, xd, out, *_layout(tuple(xd.shape), xd.stride(), axis), running, rate)
+    sums = cpu_ext.load().radial_project(gd, xd, out, outer, channels, inner, running, rate)
     return (out if out.dtype == g.dtype else out.to(g.dtype)), sums
 
 

@@ -136,6 +136,9 @@ def _build(plan: RunPlan, info: D.DistInfo) -> tuple[_Run, int, int]:
     if info.is_main:
         check_logger(cfg)
     source = load_source(cfg, info)
+    if cfg.salu_recalibrate_measure == "reference" and cfg.salu_reference_images % info.world:
+        raise ValueError(f"--salu-reference-images {cfg.salu_reference_images} must be divisible by the number of "
+                         f"processes ({info.world}): each pins on an equal share; use a multiple of {info.world}")
     model = build_model(cfg, source.num_classes, source.in_chans, source.image_size).to(info.device)
     if cfg.channels_last:
         model = to_channels_last(model)
@@ -525,9 +528,10 @@ _PIN_MEASURES = {"forward": "on each training batch, in one more forward before 
 def _reference_images(run: _Run) -> torch.Tensor:
     """--salu-recalibrate-measure reference: the images every step pins on, fixed for the whole run: epoch 1's first
     N = --salu-reference-images (128) seeded training images (augmented as training draws them; at batch 128 and
-    N 128 the first batch): this rank's share of the first ceil(N / batch size) batches, concatenated, its first
-    ceil(N / ranks), in the training layout (before the tenth session whole batches were kept: a batch size that
-    does not divide 128 pinned on more). They are drawn from the epoch's
+    N 128 the first batch), in the training layout. Under DDP each rank keeps the first N / ranks of its share of
+    the first ceil(N / batch size) batches (_build refuses an N the ranks do not divide): together the first N
+    overall when the batch size divides N, else N other images of the same batches. (Before the tenth session
+    whole batches were kept: a batch size that does not divide 128 pinned on more.) They are drawn from the epoch's
     seeded generator, so a resumed run draws the same ones, and with the global random state forked (as
     :func:`_pin_for_evaluation`). Each step is then pinned on the same images at the current weights: no lag and no
     batch statistics; the network trains as the fixed function it is evaluated as, at any batch size."""
@@ -536,7 +540,7 @@ def _reference_images(run: _Run) -> torch.Tensor:
     with torch.random.fork_rng(devices=[]):
         xs = [b[0] for b in itertools.islice(run.source.train_batches(0), n)]
     x = torch.cat(xs) if len(xs) > 1 else xs[0]
-    return _training_layout(cfg, x[:-(-want // run.info.world)])
+    return _training_layout(cfg, x[:want // run.info.world])
 
 
 def _median_factor(factors: dict[str, float]) -> float:

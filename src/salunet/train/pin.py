@@ -50,11 +50,14 @@ def _sum_over_processes(t: Tensor) -> Tensor:
 
 
 def _wrapped(m: object) -> str | None:
-    """What wrapper ``m`` is, if it is one SaluPin must not hook or pin through."""
-    if isinstance(m, nn.parallel.DistributedDataParallel):
-        return "DistributedDataParallel"
+    """What wrapper ``m`` is, if it is one SaluPin must not hook or pin through (DDP, DataParallel and FSDP hold
+    the model as ``.module``, torch.compile as ``._orig_mod``)."""
     if isinstance(m, torch._dynamo.eval_frame.OptimizedModule):
         return "torch.compile"
+    if isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return type(m).__name__
+    if type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") or hasattr(m, "_fsdp_wrapped_module"):
+        return "FSDP"
     return None
 
 
@@ -111,17 +114,20 @@ class SaluPin:
         """Pin every SALU on ``x`` (default: the reference images) at the current weights; call it before each
         optimizer step's forward, and once more after the last step, before evaluating or saving. Returns, per
         site, the median factor applied to a and b (0-d float64 tensors on the model's device; reading them makes
-        the host wait for the device)."""
+        the host wait for the device). Under ``torch.distributed`` (``reduce`` summing over the processes) it is a
+        collective: every process calls it, the same number of times (not only the one that saves)."""
         if x is None:
             if self.reference is None:
                 raise ValueError("SaluPin.step: no images to pin on; pass the step's batch, or build SaluPin with "
                                  "reference images")
-            x = self.reference
+            x, what = self.reference, "reference"
         else:
-            x = self._checked(x, "x")
-        if _wrapped(self.forward) == "DistributedDataParallel":
-            raise ValueError("SaluPin: forward is a DistributedDataParallel wrapper; pin with the bare model or its "
-                             "torch.compile (each site's sums are added over the processes by reduce)")
+            what = "x"
+        self._checked(x, what)  # at every call: the model may have moved since
+        if self.forward is not None and self.forward is not self.model and (
+                _wrapped(self.forward) != "torch.compile" or self.forward._orig_mod is not self.model):
+            raise ValueError("SaluPin: forward must be the model or torch.compile(model) of that same bare model, not "
+                             "a wrapper such as DDP's (each site's sums are added over the processes by reduce)")
         return pin_in_forward(self.model, x, self.target, forward=self.forward, reduce=self._reduce_fn())
 
     def reset(self) -> None:

@@ -415,37 +415,39 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
 
 
 class _ProjectRadialGrad(torch.autograd.Function):
-    """Identity forward; the backward removes from the gradient g its component along the input x over ``dims``
-    (per channel): g - x * sum(g x) / sum(x²), summed in at least float32 (channels with sum(x²) = 0 keep g).
+    """Identity forward; the backward removes from the gradient g its component along the input x per channel
+    along ``axis`` (over every other dim; over all with None): g - x * sum(g x) / sum(x²), summed in at least
+    float32 (channels with sum(x²) = 0 keep g); on CPU in the C++ kernel (``kernels.radial_project``, chosen in
+    the forward), op by op elsewhere, in compiled or recorded graphs and for a double backward.
     With the running sums ``num``, ``den`` and ``probe`` of a :class:`RunningCoefficient` (rate ``rate``), the
     coefficient is that of the sums updated with this batch's, whose raw sums are the probe's gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, dims: tuple[int, ...], axis: int | None, rate: float = 1.0, num: Tensor | None = None,
+    def forward(ctx, x: Tensor, axis: int | None, rate: float = 1.0, num: Tensor | None = None,
                 den: Tensor | None = None, probe: Tensor | None = None) -> Tensor:
         ctx.save_for_backward(x, num, den)
-        ctx.dims, ctx.axis, ctx.rate, ctx.running = dims, axis, rate, num is not None
+        ctx.axis, ctx.rate, ctx.running = axis, rate, num is not None
+        ctx.cpp = kernels.radial_project_in_cpp(x)  # the path is the forward's, as every kernel's (CPU: C++)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, num_old, den_old = ctx.saved_tensors
-        fused = kernels.radial_project(g, x, ctx.axis, (num_old, den_old) if ctx.running else None,
-                                       ctx.rate)  # CPU: one C++ call, two passes
-        if fused is not None:
-            out, sums = fused
-            return out, None, None, None, None, None, (sums.to(num_old.dtype) if ctx.running else None)
+        if ctx.cpp and type(g) is Tensor and not torch.is_grad_enabled():  # (a double backward needs the ops' graph)
+            out, sums = kernels.radial_project(g, x, ctx.axis, (num_old, den_old) if ctx.running else None, ctx.rate)
+            return out, None, None, None, None, (sums.to(num_old.dtype) if ctx.running else None)
+        dims = tuple(range(x.dim())) if ctx.axis is None else tuple(d for d in range(x.dim()) if d != ctx.axis)
         wide = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         xf, gf = x.to(wide), g.to(wide)
-        num = (gf * xf).sum(ctx.dims, keepdim=True)
-        den = xf.square().sum(ctx.dims, keepdim=True)
+        num = (gf * xf).sum(dims, keepdim=True)
+        den = xf.square().sum(dims, keepdim=True)
         if not ctx.running:
-            return (gf - xf * _ratio(num, den)).to(g.dtype), None, None, None, None, None, None
+            return (gf - xf * _ratio(num, den)).to(g.dtype), None, None, None, None, None
         shape = num.shape
         num_old, den_old = num_old.to(wide).view(shape), den_old.to(wide).view(shape)
         coef = _ratio(_running_update(num_old, num, ctx.rate), _running_update(den_old, den, ctx.rate))
         sums = torch.stack([num.flatten(), den.flatten()]).to(num_old.dtype)
-        return (gf - xf * coef).to(g.dtype), None, None, None, None, None, sums
+        return (gf - xf * coef).to(g.dtype), None, None, None, None, sums
 
 
 def project_radial_grad(x: Tensor, channel_axis: int | None, running: RunningCoefficient | None = None) -> Tensor:
@@ -455,12 +457,10 @@ def project_radial_grad(x: Tensor, channel_axis: int | None, running: RunningCoe
     follows it, at the point where the forward's scale is pinned (float64 check: tests/test_recalibrate.py).
     ``running``: subtract x times the per-channel coefficient of running sums over steps instead of this batch's own
     (``--salu-project-grad-rate``: no statistic of the batch beyond its share of the sums)."""
-    dims = tuple(range(x.dim())) if channel_axis is None else \
-        tuple(d for d in range(x.dim()) if d != channel_axis % x.dim())
     axis = None if channel_axis is None else channel_axis % x.dim()
     if running is None:
-        return _ProjectRadialGrad.apply(x, dims, axis)
-    return _ProjectRadialGrad.apply(x, dims, axis, running.rate, running.num, running.den, running.probe)
+        return _ProjectRadialGrad.apply(x, axis)
+    return _ProjectRadialGrad.apply(x, axis, running.rate, running.num, running.den, running.probe)
 
 
 def _running_for(salu: SALU, rate: float) -> RunningCoefficient:
