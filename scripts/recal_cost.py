@@ -3,7 +3,7 @@ recalibration, interleaved in one process, as a ratio to the step without it.
 
     python scripts/recal_cost.py [--model salunet_c18_v2] [--width 16] [--batch 128] [--every 1,10] [--repeats 7]
                                  [--measure forward,step,module,recipe] [--device cpu|cuda] [--compile]
-                                 [--overrides '{"stem": "cifar"}']
+                                 [--overrides '{"stem": "cifar"}'] [--reference 32]
 
 ``--measure``: ``forward`` is the extra forward per recalibration with a forward pre-hook per SALU site on the
 uncompiled model (``recalibrate_salu``, the trainer's path before ``pin_in_forward``; settings named ``N``);
@@ -15,7 +15,8 @@ with ``--salu-project-grad``, the measured-best pinned recipe as the trainer run
 ``--every 1`` and ``--batch 128`` its extra forward is the reference images', settings named ``N:recipe``).
 ``--overrides``: the model's keyword arguments as JSON (``--model-overrides``). ``--compile``: the training
 steps run the ``torch.compile`` of the model (``forward`` and ``module`` only: the others' hooks would have to be
-traced from the start); the warm-up compiles both graphs before anything is timed.
+traced from the start); the warm-up compiles both graphs before anything is timed. ``--reference N``: ``module`` and
+``recipe`` pin on the batch's first N images (``--salu-reference-images N``; default: the whole batch).
 
 Each repeat times ``--steps`` optimizer steps (forward, backward, SGD) per setting, the settings in turn, on the
 same random batch; it prints the median time per step of every setting and its ratio to no recalibration, and one
@@ -41,8 +42,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _steps(model, opt, x, y, n: int, every: int, start: int, measure: str = "forward", train=None) -> float:
+def _steps(model, opt, x, y, n: int, every: int, start: int, measure: str = "forward", train=None,
+           reference: int | None = None) -> float:
     train = model if train is None else train
+    x_ref = x if reference is None else x[:reference]
     stats = StepStatistics(model) if every and measure == "step" else None
     if stats is not None:  # one untimed step gathers: timed steps then pin from statistics, as all but an epoch's
         _steps(model, opt, x, y, 1, 0, 0)  # first do in the trainer (which pins that one with the extra forward)
@@ -52,7 +55,7 @@ def _steps(model, opt, x, y, n: int, every: int, start: int, measure: str = "for
     for s in range(start, start + n):
         if every and measure in ("module", "recipe"):
             if s % every == 0:
-                pin_in_forward(model, x, 0.5, forward=train)
+                pin_in_forward(model, x_ref, 0.5, forward=train)
         elif every and s % every == 0 and (stats is None or stats.pin(0.5, 0.5) is None):  # as the trainer does
             recalibrate_salu(model, [x], 0.5, training_shape=True)
         loss = F.cross_entropy(train(x), y)
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(training's), project (forward + projection), recipe (module + projection)")
     p.add_argument("--overrides", default="{}", help="the model's keyword arguments as JSON, e.g. '{\"stem\": \"cifar\"}'")
     p.add_argument("--compile", action="store_true", help="train through torch.compile of the model")
+    p.add_argument("--reference", type=int, default=None,
+                   help="module and recipe pin on the batch's first N images (default: all of it)")
     a = p.parse_args(argv)
     measures = a.measure.split(",")
     if not measures or any(m not in ("forward", "module", "step", "project", "recipe") for m in measures):
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--every: {a.every!r} is not a comma-separated list of whole numbers")
     if any(e <= 0 for e in everies) or a.steps <= 0 or a.repeats <= 0:
         p.error("--every, --steps and --repeats must be positive")
+    if a.reference is not None and not 0 < a.reference <= a.batch:
+        p.error(f"--reference: {a.reference} is not between 1 and --batch ({a.batch}); pass fewer images or a larger batch")
     try:
         device = torch.device(a.device)
     except RuntimeError:
@@ -114,14 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     names = {st: str(st[0]) if st[1] == "forward" else f"{st[0]}:{st[1]}" for st in settings}
     times: dict[tuple, list[float]] = {st: [] for st in settings}
     for m in sorted({"forward", *measures}):  # warm-up (the C++ kernels' first use, the compiled graphs)
-        _steps(model, opt, x, y, 2, 1, 0, m, train)
+        _steps(model, opt, x, y, 2, 1, 0, m, train, a.reference)
     step = 0
     for _ in range(a.repeats):
         for st in settings:
-            times[st].append(_steps(model, opt, x, y, a.steps, st[0], step, st[1], train))
+            times[st].append(_steps(model, opt, x, y, a.steps, st[0], step, st[1], train, a.reference))
             step += a.steps
     base = statistics.median(times[settings[0]])
-    out = {"model": a.model, "overrides": overrides, "device": str(device), "width": a.width, "batch": a.batch, "threads": torch.get_num_threads(),
+    out = {"model": a.model, "overrides": overrides, "device": str(device), "width": a.width, "batch": a.batch, "reference": a.reference,
+           "threads": torch.get_num_threads(),
            "compile": a.compile,
            "ms_per_step": {names[st]: round(1e3 * statistics.median(times[st]), 2) for st in settings},
            "ratio_to_off": {names[st]: round(statistics.median(times[st]) / base, 3) for st in settings}}
