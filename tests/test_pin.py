@@ -184,6 +184,13 @@ def test_bad_input_is_refused_with_the_fix():
         salunet.SaluPin(model, x.to("meta"))
     with pytest.raises(ValueError, match="reduce must be"):
         salunet.SaluPin(model, x, reduce="sum")
+    with pytest.raises(ValueError, match=r"rate must be in \(0, 1\]"):  # checked also with the projection off
+        salunet.SaluPin(model, x, project_grad=False, project_grad_rate=7.0)
+    from torch.distributed.fsdp import FSDPModule
+    sharded = _model()  # what fully_shard does to the model's class (FSDP2), without a process group
+    sharded.__class__ = type(f"FSDP{type(sharded).__name__}", (FSDPModule, type(sharded)), {})
+    with pytest.raises(ValueError, match="sharded by FSDP, which SaluPin does not support"):
+        salunet.SaluPin(sharded, x)
     pin = salunet.SaluPin(model, None, project_grad=False)
     with pytest.raises(ValueError, match="no images to pin on"):
         pin.step()
@@ -198,9 +205,36 @@ def test_bad_input_is_refused_with_the_fix():
         salunet.SaluPin(nn.DataParallel(model), x)
     moved = salunet.SaluPin(model, x, project_grad=False)
     model.to("meta")  # moved after SaluPin was built: said at the next step, not deep inside a conv
-    with pytest.raises(ValueError, match="reference is on cpu, the model on meta"):
+    with pytest.raises(ValueError, match="the model moved after SaluPin was built; build SaluPin after moving"):
         moved.step()
     assert isinstance(next(iter(salu_sites(model).values()))[1], SALU)  # (the model itself was pinnable)
+
+
+def test_every_eval_pass_hands_each_submodule_back_its_own_mode():
+    """The pin (SaluPin, the hooks' recalibration), evaluation and stage capture run the model in eval mode and
+    then restore every submodule's own mode: a part the user froze (eval) inside a training model stays frozen, as
+    ``model.train(was_training)`` would not leave it."""
+    from salunet.analysis.capture import capture_batches
+    from salunet.train.evaluate import evaluate
+    from salunet.train.recalibrate import recalibrate_salu
+
+    model, x = _model(), _images()
+    model.train()
+    model.stem.eval()
+    site = next(iter(salu_sites(model).values()))[0]
+    site.eval()
+    frozen = {m for m in model.modules() if not m.training}
+    assert model.stem in frozen and site in frozen and model.training
+    pin = salunet.SaluPin(model, x)
+    runs = {"SaluPin.step": pin.step, "recalibrate_salu": lambda: recalibrate_salu(model, [x], 0.15),
+            "evaluate": lambda: evaluate(model, [(x, torch.zeros(len(x), dtype=torch.long))]),
+            "capture_batches": lambda: capture_batches(model, [x])}
+    for name, run in runs.items():
+        run()
+        assert {m for m in model.modules() if not m.training} == frozen, name
+    with pytest.raises(RuntimeError):  # restored on an error too
+        salunet.SaluPin(model, x[:, :1]).step()
+    assert {m for m in model.modules() if not m.training} == frozen
 
 
 _TWO_PROCESSES = textwrap.dedent("""

@@ -77,6 +77,21 @@ def test_a_silent_channel_is_left_alone_and_bad_targets_are_refused():
             recalibrate_salu(net, _batches(), bad)
 
 
+def test_a_channel_whose_scale_is_not_finite_is_left_alone():
+    """An overflowed input (inf, as float16 can give) or a NaN in one channel: that channel's a and b stay as they
+    were (an infinite rms would set them to 0 for good), the others are pinned to the target."""
+    from salunet.train.recalibrate import _set_logs
+
+    salu = SALU(4)
+    la, lb = salu.log_a.detach().clone(), salu.log_b.detach().clone()
+    rms = torch.tensor([float("inf"), float("nan"), 2.0, 0.5], dtype=torch.float64)
+    with torch.no_grad():
+        _set_logs(salu, rms, 0.3, 1.0)
+    assert torch.equal(salu.log_a[:2], la[:2]) and torch.equal(salu.log_b[:2], lb[:2])
+    arg = torch.exp(0.5 * (salu.log_a.detach().double() + salu.log_b.detach().double()))[2:] * rms[2:]
+    torch.testing.assert_close(arg, torch.full((2,), 0.3, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
 def test_a_partial_rate_pins_a_running_mean_square_and_repeated_converges():
     """rate r: the pinned mean square is (1 - r) K^2 + r g^2 (g = sqrt(ab) * rms before), so the first site (whose
     input no other site moves) ends at g K / sqrt((1 - r) K^2 + r g^2), A = sqrt(a/b) kept; repeated on the same
@@ -495,7 +510,9 @@ def test_a_reference_the_processes_do_not_divide_is_refused_before_anything_is_w
     """Under DDP each process pins on an equal share of the --salu-reference-images: 64 images on 3 processes are
     refused by the run's build (the process group's size known, nothing written yet), 63 are not."""
     from salunet.train.distributed import DistInfo
-    from salunet.train.loop import _build
+    import dataclasses
+
+    from salunet.train.loop import _build, _pin_measure
     from salunet.train.resume import plan_run
 
     cfg = dict(model="salunet_c18_v2", width=2, data="digits", train_subset=96, test_subset=12, batch_size=48,
@@ -507,6 +524,11 @@ def test_a_reference_the_processes_do_not_divide_is_refused_before_anything_is_w
         _build(plan_run(dict(cfg, salu_reference_images=64), None, {}), three)
     run, epoch, step = _build(plan_run(dict(cfg, salu_reference_images=63), None, {}), three)
     assert (epoch, step) == (0, 0) and not (tmp_path / "r").exists()
+    # the line the run prints names those images: not epoch 1's first 63 (batch 48 does not divide 63)
+    assert _pin_measure(run.cfg, 3).startswith("on 63 training images of epoch 1's first 2 batch(es), the first 21 of "
+                                               "each rank's share")
+    assert _pin_measure(run.cfg, 1).startswith("on epoch 1's first 63 training images")
+    assert _pin_measure(dataclasses.replace(run.cfg, salu_reference_images=96), 3).startswith("on epoch 1's first 96")
 
 
 @pytest.mark.parametrize("over, match", [({"salu_recalibrate_every": 5}, "needs a target"),

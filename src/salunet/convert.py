@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.overrides import TorchFunctionMode
 
+from ._modes import eval_modes
 from .models.layers import LayerNorm2d, TokenBatchNorm, get_act_layer, get_norm_layer
 from .nn import SALU, SaluFamily
 
@@ -430,22 +431,6 @@ class _NoFastPaths:
             setattr(m, a, v)
 
 
-class _EvalModes:
-    """``model.eval()`` for one pass, then every submodule back to its *own* mode (a frozen BatchNorm or a
-    disabled dropout inside a training model stays as the user set it, which ``model.train(flag)`` would undo)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self):
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        for m, training in self.modes:
-            m.training = training
-
-
 def _trace(model: nn.Module, example_input, tracer: _Tracer) -> None:
     handles = []
     for name, m in model.named_modules():
@@ -455,7 +440,7 @@ def _trace(model: nn.Module, example_input, tracer: _Tracer) -> None:
             lambda mod, a, kw, o, name=name: tracer.post(name, mod, a, kw, o), with_kwargs=True))
     try:
         # eval: no running-statistics updates, no dropout
-        with _EvalModes(model), torch.no_grad(), _NoFastPaths(model), tracer:
+        with eval_modes(model), torch.no_grad(), _NoFastPaths(model), tracer:
             _run(model, example_input)
     finally:
         for h in handles:
@@ -653,7 +638,7 @@ def _calibrate(model: nn.Module, example_input, salus: list[SALU], amplitude: fl
     if any(s.num_features is not None and s.dim == -1 for s in salus):  # token SALUs: which tokens count
         handles = [s.register_forward_hook(lambda mod, a, out: use.watch(mod, out)) for s in salus]
         try:
-            with _EvalModes(model), use:
+            with eval_modes(model), use:
                 _run(model, example_input)
         finally:
             for h in handles:
@@ -676,7 +661,7 @@ def _calibrate(model: nn.Module, example_input, salus: list[SALU], amplitude: fl
 
     handles = [s.register_forward_pre_hook(pre) for s in salus]
     try:
-        with _EvalModes(model):
+        with eval_modes(model):
             _run(model, example_input)
     finally:
         for h in handles:
@@ -845,7 +830,7 @@ class _Conversion:
         model = self.model
         lazy = [m for m in model.modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
         if lazy and self.traced:
-            with _EvalModes(model), torch.no_grad():
+            with eval_modes(model), torch.no_grad():
                 _run(model, self.example_input)
             self.report.notes.append(("<model>", f"initialised {len(lazy)} lazy module(s) with a forward of "
                                                  "example_input"))

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ._modes import eval_modes
+
 __all__ = ["EXPORTERS", "ExportResult", "export_onnx", "relative_error", "onnxruntime_available"]
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -143,29 +145,27 @@ def export_onnx(model: nn.Module, example_input: Tensor, path: str | Path, *, ex
     x = example_input.detach().cpu().float()
     if dynamic_batch and x.shape[0] == 1:  # torch.export specialises a dim of size 1: trace a batch of 2
         x = torch.cat([x, x.flip(-1)])
-    was_training = model.training
-    model.eval()
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.onnx")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with _quiet():
-            _export(model, x, tmp, exporter, dynamic_batch, opset)
-        checked, err, note = False, None, ""
-        if not check:
-            note = "check=False"
-        elif not onnxruntime_available():
-            note = "onnxruntime is not installed (pip install 'salunet[onnx]')"
-        else:
-            err = _compare(model, tmp, _check_inputs(x, dynamic_batch))
-            if not err <= rtol:
-                raise ValueError(f"ONNX export ({exporter}) differs from the eager model: max relative error "
-                                 f"{err:.2e} > {rtol:g}; nothing written (please report this)")
-            checked = True
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        model.train(was_training)
+    with eval_modes(model):
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.onnx")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            with _quiet():
+                _export(model, x, tmp, exporter, dynamic_batch, opset)
+            checked, err, note = False, None, ""
+            if not check:
+                note = "check=False"
+            elif not onnxruntime_available():
+                note = "onnxruntime is not installed (pip install 'salunet[onnx]')"
+            else:
+                err = _compare(model, tmp, _check_inputs(x, dynamic_batch))
+                if not err <= rtol:
+                    raise ValueError(f"ONNX export ({exporter}) differs from the eager model: max relative error "
+                                     f"{err:.2e} > {rtol:g}; nothing written (please report this)")
+                checked = True
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return ExportResult(path, exporter, dynamic_batch, checked, err, note)
 
 

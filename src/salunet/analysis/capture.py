@@ -13,6 +13,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from .._modes import eval_modes
+
 __all__ = ["named_stages", "hooked", "capture", "capture_batches"]
 
 
@@ -69,12 +71,7 @@ def capture(model: nn.Module, x: torch.Tensor, names: Iterable[str] | None = Non
 @torch.no_grad()
 def capture_batches(model: nn.Module, batches: Iterable, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Stage outputs over several batches (each a tensor or an (x, y) pair), concatenated along dim 0."""
-    was = model.training
-    model.eval()
-    try:
-        with hooked(model, names) as store:
-            for b in batches:
-                model(b[0] if isinstance(b, (tuple, list)) else b)
-        return {k: torch.cat(v) for k, v in store.items() if v}
-    finally:
-        model.train(was)
+    with eval_modes(model), hooked(model, names) as store:
+        for b in batches:
+            model(b[0] if isinstance(b, (tuple, list)) else b)
+    return {k: torch.cat(v) for k, v in store.items() if v}

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._modes import eval_modes
 from .checkpoint import (CheckpointError, load_checkpoint, refuse_to_overwrite_inputs, state_mismatch,
                          write_json_atomic)
 from .rundir import RunDir
@@ -60,21 +61,19 @@ def evaluate(model: nn.Module, batches, *, amp_ctx=None, channels_last: bool = F
 
     With ``dist_info`` of a multi-process run, each rank passes its own shard and the sums are all-reduced:
     every rank returns the result over the whole set."""
-    was = model.training
-    model.eval()
     n, sums = 0, None  # sums: (loss, top-1 hits, top-5 hits) on the model's device, read once at the end, so a
-    for x, y in batches:  # GPU is never made to wait for the host batch by batch
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with amp_ctx or nullcontext():
-            logits = model(x)
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        batch = torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum"), (top[:, 0] == y).sum(),
-                             (top == y[:, None]).any(1).sum()]).double()
-        sums = batch if sums is None else sums + batch
-        n += len(y)
-    model.train(was)
+    with eval_modes(model):  # GPU is never made to wait for the host batch by batch
+        for x, y in batches:
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with amp_ctx or nullcontext():
+                logits = model(x)
+            logits = logits.float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            batch = torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum"), (top[:, 0] == y).sum(),
+                                 (top == y[:, None]).any(1).sum()]).double()
+            sums = batch if sums is None else sums + batch
+            n += len(y)
     if sums is None:
         sums = torch.zeros(3, dtype=torch.float64, device=dist_info.device if dist_info else "cpu")
     if dist_info is not None and dist_info.enabled:

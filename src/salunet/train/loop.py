@@ -178,8 +178,7 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
         print(f"pin: every {cfg.salu_recalibrate_every} step(s), by the SALU sites in the model's own forward"
               + (" (one more compiled graph)" if cfg.compile else "")
               + (", each site's sums all-reduced over the ranks" if run.info.enabled else "")
-              + "; measured " + _PIN_MEASURES[cfg.salu_recalibrate_measure].format(n=cfg.salu_reference_images),
-              flush=True)
+              + "; measured " + _pin_measure(cfg, run.info.world), flush=True)
     guarded = guarded_convs(run.model) if cfg.channels_last else []
     if guarded:
         print(f"channels_last: except {', '.join(guarded)}, kept contiguous on CPU (torch's oneDNN backward of a 1x1 "
@@ -523,6 +522,17 @@ _PIN_MEASURES = {"forward": "on each training batch, in one more forward before 
                  "step": "in each training step's own forward, pinned before the next step",
                  "reference": "on epoch 1's first {n} training images (all, if it has fewer), the same before every "
                               "step"}
+
+
+def _pin_measure(cfg: TrainConfig, world: int) -> str:
+    """What the pin is measured on, for the line a pinned run prints (:func:`_reference_images` says which images:
+    under DDP with a batch size that does not divide N, not the first N)."""
+    n, batch = cfg.salu_reference_images, cfg.batch_size
+    if cfg.salu_recalibrate_measure == "reference" and world > 1 and n % batch:
+        batches = -(-n // batch)
+        return (f"on {n} training images of epoch 1's first {batches} batch(es), the first {n // world} of each "
+                f"rank's share (all, if it has fewer), the same before every step")
+    return _PIN_MEASURES[cfg.salu_recalibrate_measure].format(n=n)
 
 
 def _reference_images(run: _Run) -> torch.Tensor:

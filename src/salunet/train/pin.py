@@ -56,7 +56,12 @@ def _wrapped(m: object) -> str | None:
         return "torch.compile"
     if isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return type(m).__name__
-    if type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") or hasattr(m, "_fsdp_wrapped_module"):
+    try:  # fully_shard (FSDP2) makes the model an instance of a class of its own, FSDP<cls>
+        from torch.distributed.fsdp import FSDPModule as fsdp2
+    except ImportError:  # a torch built without distributed, or older than FSDP2
+        fsdp2 = None
+    if (fsdp2 is not None and isinstance(m, fsdp2)) or type(m).__name__ == "FullyShardedDataParallel" \
+            or hasattr(m, "_fsdp_wrapped_module"):
         return "FSDP"
     return None
 
@@ -78,13 +83,16 @@ class SaluPin:
     def __init__(self, model: nn.Module, reference: Tensor | None, target: float = 0.15, *, project_grad: bool = True,
                  project_grad_rate: float = 1.0, reduce: str | Reduce | None = "auto",
                  forward: Callable[[Tensor], Tensor] | None = None):
-        if (kind := _wrapped(model)) is not None:
+        if (kind := _wrapped(model)) == "FSDP":
+            raise ValueError("SaluPin: model is sharded by FSDP, which SaluPin does not support (the pin sets every "
+                             "SALU's a and b in place, whole); use DDP, or a single process")
+        if kind is not None:
             raise ValueError(f"SaluPin: model is wrapped by {kind}; build SaluPin on the bare model first and wrap it "
                              "afterwards (its SALU sites must be hooked before DDP or torch.compile sees them)")
         if not salu_sites(model):
             raise ValueError("SaluPin: the model has no SALU to pin; convert it first (salunet.convert) or use a "
                              "SaluNet (salunet.create_model)")
-        _check(target, 1.0)
+        _check(target, project_grad_rate)  # the rate is checked whether or not the projection is on
         if reduce not in ("auto", None) and not callable(reduce):
             raise ValueError(f"SaluPin: reduce must be 'auto', None or a callable, got {reduce!r}")
         self.model, self.target, self.forward = model, float(target), forward
@@ -123,6 +131,10 @@ class SaluPin:
             x, what = self.reference, "reference"
         else:
             what = "x"
+        device = next(iter(self.model.parameters())).device
+        if what == "reference" and x.device != device:
+            raise ValueError(f"SaluPin.step: the model is on {device}, its reference images on {x.device}: the model "
+                             "moved after SaluPin was built; build SaluPin after moving the model to its device")
         self._checked(x, what)  # at every call: the model may have moved since
         if self.forward is not None and self.forward is not self.model and (
                 _wrapped(self.forward) != "torch.compile" or self.forward._orig_mod is not self.model):

@@ -42,6 +42,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._modes import eval_modes
 from ..nn import SALU, SALUAct, kernels, modules
 
 __all__ = ["salu_sites", "salu_input_rms", "recalibrate_salu", "pin_in_forward", "pin_to_average", "StepStatistics",
@@ -101,12 +102,13 @@ def _rms_hook(salu: SALU, reduce: Callable[[Tensor], Tensor] | None, then: Calla
 @torch.no_grad()
 def _set_logs(salu: SALU, rms: Tensor, target: float, rate: float) -> Tensor:
     """Scale one site's a and b by c per channel so that its argument's mean square, taken as
-    ``(1 - rate) * target**2 + rate * (sqrt(ab) * rms)**2``, becomes ``target**2`` (channels with rms 0 kept);
+    ``(1 - rate) * target**2 + rate * (sqrt(ab) * rms)**2``, becomes ``target**2`` (channels with rms 0 kept, and
+    those whose rms is not finite: an overflowed input, as float16 can give, would set a and b to 0 for good);
     returns log c per channel (float64)."""
     la, lb = salu.log_a, salu.log_b
     arg = torch.exp(0.5 * (la.double() + lb.double())).reshape(rms.shape) * rms
     mean_sq = (1 - rate) * target ** 2 + rate * arg.square()  # rate 1: arg^2, this batch alone
-    log_c = torch.where(arg > 0, 0.5 * torch.log(target ** 2 / mean_sq.clamp_min(1e-300)), torch.zeros_like(arg))
+    log_c = torch.where((arg > 0) & torch.isfinite(arg), 0.5 * torch.log(target ** 2 / mean_sq.clamp_min(1e-300)), torch.zeros_like(arg))
     la.add_(log_c.reshape(la.shape).to(la.dtype))
     lb.add_(log_c.reshape(lb.shape).to(lb.dtype))
     return log_c
@@ -136,18 +138,17 @@ def _forward_with_hooks(model: nn.Module, batches: Iterable, make_hook, training
         raise ValueError("SALU calibration needs at least one batch")
     x = torch.cat(xs) if len(xs) > 1 else xs[0]
     handles = [m.register_forward_pre_hook(make_hook(name, salu)) for name, (m, salu) in salu_sites(model).items()]
-    was_training, mode = model.training, kernels.get_kernel_mode()
+    mode = kernels.get_kernel_mode()
     if not training_shape and kernels.kernel_path(x.device).startswith("compiled"):
         # one forward of an input shape that training never sees: on the compiled path (CUDA's default) it would
         # compile a kernel per op for that shape, once, for nothing; the same math op by op costs one forward
         kernels.set_kernel_mode("eager")
-    model.eval()
     try:
-        model(x)
+        with eval_modes(model):
+            model(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
         kernels.set_kernel_mode(mode)
 
 
@@ -226,15 +227,12 @@ def pin_in_forward(model: nn.Module, x: Tensor, target: float, rate: float = 1.0
     if not sites:
         raise ValueError("pin_in_forward: the model has no SALU to pin")
     before = torch.cat([s.log_a.detach().reshape(-1) for s in sites.values()]).double()
-    was_training = model.training
     _IN_FORWARD, modules.pin_site = (float(target), float(rate), reduce), _pin_site
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_modes(model):
             (model if forward is None else forward)(x)
     finally:
         _IN_FORWARD, modules.pin_site = None, None
-        model.train(was_training)
     log_c = torch.cat([s.log_a.detach().reshape(-1) for s in sites.values()]).double() - before
     sizes = [s.log_a.numel() for s in sites.values()]
     return {name: torch.exp(c).median() for name, c in zip(sites, log_c.split(sizes))}
@@ -432,10 +430,11 @@ class _ProjectRadialGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, num_old, den_old = ctx.saved_tensors
+        x, num_saved, den_saved = ctx.saved_tensors
         if ctx.cpp and type(g) is Tensor and not torch.is_grad_enabled():  # (a double backward needs the ops' graph)
-            out, sums = kernels.radial_project(g, x, ctx.axis, (num_old, den_old) if ctx.running else None, ctx.rate)
-            return out, None, None, None, None, (sums.to(num_old.dtype) if ctx.running else None)
+            out, sums = kernels.radial_project(g, x, ctx.axis, (num_saved, den_saved) if ctx.running else None,
+                                               ctx.rate)
+            return out, None, None, None, None, (sums.to(num_saved.dtype) if ctx.running else None)
         dims = tuple(range(x.dim())) if ctx.axis is None else tuple(d for d in range(x.dim()) if d != ctx.axis)
         wide = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         xf, gf = x.to(wide), g.to(wide)
@@ -444,9 +443,9 @@ class _ProjectRadialGrad(torch.autograd.Function):
         if not ctx.running:
             return (gf - xf * _ratio(num, den)).to(g.dtype), None, None, None, None, None
         shape = num.shape
-        num_old, den_old = num_old.to(wide).view(shape), den_old.to(wide).view(shape)
+        num_old, den_old = num_saved.to(wide).view(shape), den_saved.to(wide).view(shape)
         coef = _ratio(_running_update(num_old, num, ctx.rate), _running_update(den_old, den, ctx.rate))
-        sums = torch.stack([num.flatten(), den.flatten()]).to(num_old.dtype)
+        sums = torch.stack([num.flatten(), den.flatten()]).to(num_saved.dtype)  # the probe's dtype
         return (gf - xf * coef).to(g.dtype), None, None, None, None, sums
 
 
@@ -498,7 +497,7 @@ class GradientProjection(_SiteHooks):
             return None
         if running is not None and running.num.device != x.device:
             raise ValueError(f"gradient projection of {name}: its running sums are on {running.num.device}, the input "
-                             f"on {x.device}; build GradientProjection after moving the model to its device")
+                             f"on {x.device}; build GradientProjection (or salunet.SaluPin) after moving the model to its device")
         return (project_radial_grad(x, salu.channel_axis(x), running),) + tuple(args[1:])
 
     def reset(self) -> None:
