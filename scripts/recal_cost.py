@@ -16,7 +16,8 @@ with ``--salu-project-grad``, the measured-best pinned recipe as the trainer run
 ``--overrides``: the model's keyword arguments as JSON (``--model-overrides``). ``--compile``: the training
 steps run the ``torch.compile`` of the model (``forward`` and ``module`` only: the others' hooks would have to be
 traced from the start); the warm-up compiles both graphs before anything is timed. ``--reference N``: ``module`` and
-``recipe`` pin on the batch's first N images (``--salu-reference-images N``; default: the whole batch).
+``recipe`` pin on N images of their own (``--salu-reference-images N``, which may exceed the batch: at small batch
+sizes the pin's forward is the larger; default: on the training batch itself).
 
 Each repeat times ``--steps`` optimizer steps (forward, backward, SGD) per setting, the settings in turn, on the
 same random batch; it prints the median time per step of every setting and its ratio to no recalibration, and one
@@ -43,9 +44,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _steps(model, opt, x, y, n: int, every: int, start: int, measure: str = "forward", train=None,
-           reference: int | None = None) -> float:
+           x_ref: torch.Tensor | None = None) -> float:
     train = model if train is None else train
-    x_ref = x if reference is None else x[:reference]
+    x_ref = x if x_ref is None else x_ref
     stats = StepStatistics(model) if every and measure == "step" else None
     if stats is not None:  # one untimed step gathers: timed steps then pin from statistics, as all but an epoch's
         _steps(model, opt, x, y, 1, 0, 0)  # first do in the trainer (which pins that one with the extra forward)
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overrides", default="{}", help="the model's keyword arguments as JSON, e.g. '{\"stem\": \"cifar\"}'")
     p.add_argument("--compile", action="store_true", help="train through torch.compile of the model")
     p.add_argument("--reference", type=int, default=None,
-                   help="module and recipe pin on the batch's first N images (default: all of it)")
+                   help="module and recipe pin on N images of their own (default: on the training batch)")
     a = p.parse_args(argv)
     measures = a.measure.split(",")
     if not measures or any(m not in ("forward", "module", "step", "project", "recipe") for m in measures):
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--every: {a.every!r} is not a comma-separated list of whole numbers")
     if any(e <= 0 for e in everies) or a.steps <= 0 or a.repeats <= 0:
         p.error("--every, --steps and --repeats must be positive")
-    if a.reference is not None and not 0 < a.reference <= a.batch:
-        p.error(f"--reference: {a.reference} is not between 1 and --batch ({a.batch}); pass fewer images or a larger batch")
+    if a.reference is not None and a.reference <= 0:
+        p.error(f"--reference: {a.reference} images; pass a positive number (e.g. 32)")
     try:
         device = torch.device(a.device)
     except RuntimeError:
@@ -116,16 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(a.batch, 3, a.size, a.size, device=device)
     y = torch.randint(0, 10, (a.batch,), device=device)
+    x_ref = None if a.reference is None else torch.randn(a.reference, 3, a.size, a.size, device=device)
     train = torch.compile(model) if a.compile else model
     settings = [(0, "forward")] + [(e, m) for m in measures for e in everies]
     names = {st: str(st[0]) if st[1] == "forward" else f"{st[0]}:{st[1]}" for st in settings}
     times: dict[tuple, list[float]] = {st: [] for st in settings}
     for m in sorted({"forward", *measures}):  # warm-up (the C++ kernels' first use, the compiled graphs)
-        _steps(model, opt, x, y, 2, 1, 0, m, train, a.reference)
+        _steps(model, opt, x, y, 2, 1, 0, m, train, x_ref)
     step = 0
     for _ in range(a.repeats):
         for st in settings:
-            times[st].append(_steps(model, opt, x, y, a.steps, st[0], step, st[1], train, a.reference))
+            times[st].append(_steps(model, opt, x, y, a.steps, st[0], step, st[1], train, x_ref))
             step += a.steps
     base = statistics.median(times[settings[0]])
     out = {"model": a.model, "overrides": overrides, "device": str(device), "width": a.width, "batch": a.batch, "reference": a.reference,

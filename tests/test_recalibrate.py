@@ -586,16 +586,16 @@ def test_recal_cost_script(capsys):
     assert out["compile"] is False and out["reference"] is None
     for bad in (["--every", "x"], ["--every", "0"], ["--device", "nodevice"], ["--measure", "forward,later"],
                 ["--compile", "--measure", "forward,step"], ["--compile", "--measure", "recipe"],
-                ["--overrides", "{stem"], ["--overrides", "[1]"], ["--reference", "0"],
-                ["--batch", "4", "--reference", "5"]):
+                ["--overrides", "{stem"], ["--overrides", "[1]"], ["--reference", "0"]):
         with pytest.raises(SystemExit) as exc:
             mod.main(bad)
         assert exc.value.code == 2
 
 
 def test_recal_cost_script_pins_on_the_reference_images(capsys, monkeypatch):
-    """scripts/recal_cost.py --reference N: the module and recipe pins run on the batch's first N images (what
-    --salu-reference-images N costs), the training steps on all of it."""
+    """scripts/recal_cost.py --reference N: the module and recipe pins run on N images of their own (what
+    --salu-reference-images N costs; more than the batch, as at small batch sizes), the training steps on the
+    batch."""
     import json
 
     mod = _script("recal_cost")
@@ -604,10 +604,10 @@ def test_recal_cost_script_pins_on_the_reference_images(capsys, monkeypatch):
     monkeypatch.setattr(mod, "pin_in_forward", lambda model, x, *args, **kw: (pinned.append(len(x)),
                                                                               real(model, x, *args, **kw))[1])
     assert mod.main(["--width", "2", "--batch", "4", "--size", "8", "--every", "1", "--steps", "1", "--repeats", "1",
-                     "--measure", "module,recipe", "--reference", "3"]) == 0
+                     "--measure", "module,recipe", "--reference", "6"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["reference"] == 3 and set(out["ms_per_step"]) == {"0", "1:module", "1:recipe"}
-    assert pinned and set(pinned) == {3}
+    assert out["reference"] == 6 and set(out["ms_per_step"]) == {"0", "1:module", "1:recipe"}
+    assert pinned and set(pinned) == {6}
 
 
 def test_bench_projection_script(capsys):
