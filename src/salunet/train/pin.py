@@ -13,7 +13,8 @@ normalisation, applied through SALU's own parameters instead of a statistic in t
 - **backward** (``project_grad``): in training forwards each SALU input's gradient loses its per-channel component
   along the input, as the gradient through an in-graph RMS normalisation would (the forward's values unchanged).
 
-Usage (``x_ref``: ~128 training images, augmented and laid out as training feeds them)::
+Usage (``x_ref``: 32-128 training images, augmented and laid out as training feeds them; 32 pinned as well as 128
+in docs/RESULTS.md "How many fixed images the pin needs", at a quarter of the extra forward)::
 
     pin = SaluPin(model, x_ref)             # hooks the bare model: wrap it (DDP, torch.compile) afterwards
     for epoch in range(epochs):
