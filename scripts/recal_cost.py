@@ -130,9 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             times[st].append(_steps(model, opt, x, y, a.steps, st[0], step, st[1], train, x_ref))
             step += a.steps
     base = statistics.median(times[settings[0]])
-    out = {"model": a.model, "overrides": overrides, "device": str(device), "width": a.width, "batch": a.batch, "reference": a.reference,
-           "threads": torch.get_num_threads(),
-           "compile": a.compile,
+    out = {"model": a.model, "overrides": overrides, "device": str(device), "width": a.width, "batch": a.batch,
+           "reference": a.reference, "threads": torch.get_num_threads(), "compile": a.compile,
            "ms_per_step": {names[st]: round(1e3 * statistics.median(times[st]), 2) for st in settings},
            "ratio_to_off": {names[st]: round(statistics.median(times[st]) / base, 3) for st in settings}}
     for st in settings:

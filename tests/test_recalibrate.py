@@ -509,9 +509,9 @@ def test_a_smaller_reference_pins_on_exactly_that_many_images(tmp_path, capsys, 
 def test_a_reference_the_processes_do_not_divide_is_refused_before_anything_is_written(tmp_path):
     """Under DDP each process pins on an equal share of the --salu-reference-images: 64 images on 3 processes are
     refused by the run's build (the process group's size known, nothing written yet), 63 are not."""
-    from salunet.train.distributed import DistInfo
     import dataclasses
 
+    from salunet.train.distributed import DistInfo
     from salunet.train.loop import _build, _pin_measure
     from salunet.train.resume import plan_run
 

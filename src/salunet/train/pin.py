@@ -44,6 +44,11 @@ __all__ = ["SaluPin"]
 
 Reduce = Callable[[Tensor], Tensor]
 
+try:  # fully_shard (FSDP2) makes the model an instance of a class of its own, FSDP<cls>
+    from torch.distributed.fsdp import FSDPModule as _FSDP2
+except ImportError:  # a torch built without distributed, or older than FSDP2
+    _FSDP2 = None
+
 
 def _sum_over_processes(t: Tensor) -> Tensor:
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
@@ -57,11 +62,7 @@ def _wrapped(m: object) -> str | None:
         return "torch.compile"
     if isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return type(m).__name__
-    try:  # fully_shard (FSDP2) makes the model an instance of a class of its own, FSDP<cls>
-        from torch.distributed.fsdp import FSDPModule as fsdp2
-    except ImportError:  # a torch built without distributed, or older than FSDP2
-        fsdp2 = None
-    if (fsdp2 is not None and isinstance(m, fsdp2)) or type(m).__name__ == "FullyShardedDataParallel" \
+    if (_FSDP2 is not None and isinstance(m, _FSDP2)) or type(m).__name__ == "FullyShardedDataParallel" \
             or hasattr(m, "_fsdp_wrapped_module"):
         return "FSDP"
     return None
@@ -101,7 +102,9 @@ class SaluPin:
         self._reduce = reduce
         self.projection = GradientProjection(model, project_grad_rate) if project_grad else None
 
-    def _checked(self, x: Tensor, what: str) -> Tensor:
+    def _checked(self, x: Tensor, what: str, moved: bool = False) -> Tensor:
+        """``x`` if it is a non-empty tensor of images on the model's device, else a ValueError with the fix;
+        ``moved``: ``x`` was on the model's device when SaluPin was built (the reference images at a later step)."""
         if not isinstance(x, Tensor):
             raise ValueError(f"SaluPin: {what} must be a tensor of images, got {type(x).__name__}")
         if x.dim() == 0 or len(x) == 0:
@@ -109,8 +112,9 @@ class SaluPin:
                              "first 128 training images")
         device = next(iter(self.model.parameters())).device
         if x.device != device:
-            raise ValueError(f"SaluPin: {what} is on {x.device}, the model on {device}; move it with "
-                             f"{what}.to({str(device)!r})")
+            fix = ("the model moved after SaluPin was built; build SaluPin after moving the model to its device"
+                   if moved else f"move it with {what}.to({str(device)!r})")
+            raise ValueError(f"SaluPin: {what} is on {x.device}, the model on {device}; {fix}")
         return x
 
     def _reduce_fn(self) -> Reduce | None:
@@ -132,11 +136,7 @@ class SaluPin:
             x, what = self.reference, "reference"
         else:
             what = "x"
-        device = next(iter(self.model.parameters())).device
-        if what == "reference" and x.device != device:
-            raise ValueError(f"SaluPin.step: the model is on {device}, its reference images on {x.device}: the model "
-                             "moved after SaluPin was built; build SaluPin after moving the model to its device")
-        self._checked(x, what)  # at every call: the model may have moved since
+        self._checked(x, what, moved=what == "reference")  # at every call: the model may have moved since
         if self.forward is not None and self.forward is not self.model and (
                 _wrapped(self.forward) != "torch.compile" or self.forward._orig_mod is not self.model):
             raise ValueError("SaluPin: forward must be the model or torch.compile(model) of that same bare model, not "

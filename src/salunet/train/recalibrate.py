@@ -108,7 +108,8 @@ def _set_logs(salu: SALU, rms: Tensor, target: float, rate: float) -> Tensor:
     la, lb = salu.log_a, salu.log_b
     arg = torch.exp(0.5 * (la.double() + lb.double())).reshape(rms.shape) * rms
     mean_sq = (1 - rate) * target ** 2 + rate * arg.square()  # rate 1: arg^2, this batch alone
-    log_c = torch.where((arg > 0) & torch.isfinite(arg), 0.5 * torch.log(target ** 2 / mean_sq.clamp_min(1e-300)), torch.zeros_like(arg))
+    log_c = torch.where((arg > 0) & torch.isfinite(arg), 0.5 * torch.log(target ** 2 / mean_sq.clamp_min(1e-300)),
+                        torch.zeros_like(arg))
     la.add_(log_c.reshape(la.shape).to(la.dtype))
     lb.add_(log_c.reshape(lb.shape).to(lb.dtype))
     return log_c
@@ -497,7 +498,8 @@ class GradientProjection(_SiteHooks):
             return None
         if running is not None and running.num.device != x.device:
             raise ValueError(f"gradient projection of {name}: its running sums are on {running.num.device}, the input "
-                             f"on {x.device}; build GradientProjection (or salunet.SaluPin) after moving the model to its device")
+                             f"on {x.device}; build GradientProjection (or salunet.SaluPin) after moving the model "
+                             "to its device")
         return (project_radial_grad(x, salu.channel_axis(x), running),) + tuple(args[1:])
 
     def reset(self) -> None:
