@@ -442,3 +442,80 @@ def test_guard_cpu_compile_turns_layout_optimisation_off_only_for_crash_prone_mo
         assert inductor_config.layout_optimization is False
     finally:
         inductor_config.layout_optimization = before
+
+
+# ---- regularisers: dropout before the classifier and stochastic depth (drop_rate, drop_path_rate) ----
+
+@pytest.mark.parametrize("name", ["salunet_c18_v2", "resnet18_bn", "salunet_c50_v2"])
+def test_drop_rates_rise_linearly_over_the_blocks_and_leave_evaluation_alone(name):
+    torch.manual_seed(0)
+    plain = small(name)
+    torch.manual_seed(0)
+    dropped = small(name, drop_rate=0.3, drop_path_rate=0.2)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()  # weights move between the two
+    rates = [b.drop_path for s in range(1, 5) for b in getattr(dropped, f"layer{s}")]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
+    assert all(b > a for a, b in zip(rates, rates[1:]))
+    x = _input(name, 3)
+    torch.testing.assert_close(dropped.eval()(x), plain.eval()(x), rtol=0, atol=0)
+    torch.manual_seed(1)
+    a = dropped.train()(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, dropped(x)), "training forwards drew no masks"
+
+
+@pytest.mark.parametrize("name", ["salunet_c18_v2", "resnet18_bn"])
+def test_stochastic_depth_scales_each_samples_normed_branch_before_the_sum(name):
+    torch.manual_seed(0)
+    block = small(name, drop_path_rate=0.5).layer4[-1].double().train()
+    assert block.drop_path == pytest.approx(0.5)
+    x = torch.randn(16, block.conv1.in_channels, 4, 4, dtype=torch.float64)
+    torch.manual_seed(3)
+    out = block(x)
+    branch = block.conv2(block.na1(block.conv1(x)))
+    torch.manual_seed(3)
+    m = salunet.models.resnet.drop_path_scale(branch, 0.5)
+    assert set(m.flatten().tolist()) == {0.0, 2.0}  # some samples dropped, the kept ones scaled by 1/keep
+    tail = block.tail
+    expected = tail.act(tail.norm(branch) * m + block.shortcut(x))  # the unfused modules
+    torch.testing.assert_close(out, expected)
+    dropped = m.flatten() == 0
+    torch.testing.assert_close(out[dropped], tail.act(block.shortcut(x))[dropped])
+
+
+def test_fused_tail_with_branch_scale_against_float64_reference_and_gradcheck():
+    from salunet.nn import functional as F
+    torch.manual_seed(0)
+    tail = salunet.SALUAddAct(salunet.SALU(3, a_init=1.3, b_init=0.2), salunet.SWALU(3)).double()
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([0.0, 1.25, 1.25, 1.25], dtype=torch.float64).view(4, 1, 1, 1)
+    v = lambda p: p.view(3, 1, 1)  # noqa: E731
+    ref = F.swalu(F.salu(x, v(tail.norm.a), v(tail.norm.b)) * s + r, v(tail.act.a), v(tail.act.b))
+    torch.testing.assert_close(tail(x, r, branch_scale=s), ref)
+    assert torch.autograd.gradcheck(lambda x, r: tail(x, r, branch_scale=s), (x, r))
+
+
+def test_the_projection_reaches_tails_under_stochastic_depth():
+    from salunet.train.recalibrate import GradientProjection
+    torch.manual_seed(0)
+    m = small("salunet_c18_v2", drop_path_rate=0.5).train()
+    seen = {}
+
+    def keep(module, args):  # registered before the projection's hook, so it sees the tail's own input
+        args[0].retain_grad()
+        seen["x"] = args[0]
+
+    m.layer4[-1].tail.register_forward_pre_hook(keep)
+    proj = GradientProjection(m)
+    m(torch.randn(8, 3, 32, 32)).square().sum().backward()
+    x = seen["x"]
+    radial = (x.grad * x).sum((0, 2, 3)) / (x.grad.norm() * x.norm())
+    assert radial.abs().max() < 1e-5  # the tail's input gradient lost its per-channel part along the input
+    proj.remove()
+
+
+@pytest.mark.parametrize("key", ["drop_rate", "drop_path_rate"])
+def test_drop_rates_out_of_range_are_refused_naming_the_key(key):
+    with pytest.raises(ValueError, match=f"{key} must be a number in \\[0, 1\\)"):
+        create_model("salunet_c18_v2", num_classes=10, **{key: 1.0})

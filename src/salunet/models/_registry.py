@@ -116,13 +116,17 @@ class ResNetConfig(_Config):
     conv_ws: str = _f("none", lambda n, v: _choice(n, v, WS_MODES))
     conv_bias: bool = _f(False, _bool)
     res_gain: float | None = _f(None, _res_gain)
+    # regularisers (models/resnet.py): dropout before the classifier, stochastic depth's largest rate
+    drop_rate: float = _f(0.0, _dropout)
+    drop_path_rate: float = _f(0.0, _dropout)
     width_field: ClassVar[str] = "width"
 
     def build(self, *, num_classes: int, in_chans: int) -> ResNet:
         return ResNet(BLOCKS[self.block], self.layers, num_classes=num_classes, in_chans=in_chans,
                       width=self.width, stem=self.stem, norm=get_norm_layer(self.norm_layer),
                       act=get_act_layer(self.act_layer), init=self.init,
-                      conv=ConvSpec(ws=self.conv_ws, bias=self.conv_bias, res_gain=self.res_gain))
+                      conv=ConvSpec(ws=self.conv_ws, bias=self.conv_bias, res_gain=self.res_gain),
+                      drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate)
 
 
 @dataclass
@@ -322,7 +326,8 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, width: int |
         width: base channels (ResNets) or hidden size (ViT; MLP hidden follows it); None keeps the paper's.
         norm_layer / act_layer: override the config's norm / activation (names or callables
             ``(num_features, *, dim) -> nn.Module``).
-        overrides: fields of the model's config dataclass (ResNet: ``block``, ``layers``, ``stem``, ``init``;
+        overrides: fields of the model's config dataclass (ResNet: ``block``, ``layers``, ``stem``, ``init``,
+            ``conv_ws``, ``conv_bias``, ``res_gain``, ``drop_rate``, ``drop_path_rate``;
             ViT: ``img_size``, ``patch``, ``depth``, ``heads``, ``mlp_hidden``, ``dropout``, ``init``) and
             the :class:`~.init.InitRules` fields (``conv``, ``salu_a0``, ``salu_b0``, ``branch_a0``, ...).
 

@@ -277,14 +277,17 @@ def get_act_layer(layer: str | LayerFactory) -> LayerFactory:
 
 class NormAddAct(nn.Module):
     """``act(norm(x) + residual)`` for any norm and activation: the tail of a residual block. With a SALU and a
-    SWALU/GALU, :func:`norm_add_act` builds the fused :class:`~salunet.nn.SALUAddAct` instead (same children)."""
+    SWALU/GALU, :func:`norm_add_act` builds the fused :class:`~salunet.nn.SALUAddAct` instead (same children).
+    ``branch_scale`` (stochastic depth): per-sample factors on ``norm(x)`` before the sum."""
 
     def __init__(self, norm: nn.Module, act: nn.Module) -> None:
         super().__init__()
         self.norm, self.act = norm, act
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(x) + residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor,
+                branch_scale: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.norm(x)
+        return self.act((y if branch_scale is None else y * branch_scale) + residual)
 
 
 def norm_add_act(norm: LayerFactory, act: LayerFactory, c: int, *, dim: int = 1) -> nn.Module:

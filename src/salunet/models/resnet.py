@@ -13,6 +13,13 @@ Initialisation (**[decided]**, docs/SPEC.md "Trainability at initialisation"): :
 :func:`~.init.init_model`, the same mechanism as the ViT's; :mod:`salunet.models.init` gives the reason for
 every rule. Blocks expose ``branch_end`` (the norm closing the residual branch), ``shortcut`` and ``out_act``
 (the gate after the sum) so that the init can find them without knowing the block type.
+
+Regularisers (off by default, so the registered models are the paper's): ``drop_rate``, dropout on the pooled
+features before the classifier; ``drop_path_rate``, stochastic depth, each sample's residual branch dropped with a
+probability that rises linearly from 0 at the first block to ``drop_path_rate`` at the last (the convention of
+NFNets and timm). The branch is dropped after the norm that closes it, before the sum: ``act(norm(branch) * m +
+shortcut)`` with m in {0, 1/keep} per sample. NFNets use both to stand in for BatchNorm's implicit regularisation,
+which is why a normalization-free model may want them where its BN twin does not (docs/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -57,11 +64,28 @@ def _shortcut(cin: int, cout: int, stride: int, norm: LayerFactory, conv: ConvSp
     return nn.Sequential(conv(cin, cout, 1, stride), norm(cout, dim=1))
 
 
+def drop_path_scale(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Per-sample factors for stochastic depth on a batch ``x`` (dim 0 the samples): 0 with probability ``p``,
+    1/(1-p) otherwise, shaped to broadcast against ``x``."""
+    keep = 1.0 - p
+    return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
+
+
 class _Block(nn.Module):
     """What the init rules look for in a residual block (models/init.py): the norm closing the branch
-    (``branch_end``), ``shortcut`` and the gate after the sum (``out_act``); both live in the block's ``tail``."""
+    (``branch_end``), ``shortcut`` and the gate after the sum (``out_act``); both live in the block's ``tail``.
+    ``drop_path``: the probability of dropping the branch of a training sample (stochastic depth)."""
 
     tail: nn.Module
+    drop_path: float = 0.0
+
+    def _tail(self, branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        if self.training and self.drop_path > 0:
+            return self.tail(branch, shortcut, branch_scale=drop_path_scale(branch, self.drop_path))
+        return self.tail(branch, shortcut)
+
+    def extra_repr(self) -> str:
+        return f"drop_path={self.drop_path:g}" if self.drop_path else ""
 
     @property
     def branch_end(self) -> nn.Module:
@@ -85,7 +109,7 @@ class BasicBlock(_Block):
         self.tail = norm_add_act(norm, act, ch)  # act(norm(branch) + shortcut): one fused pass for SaluNets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tail(self.conv2(self.na1(self.conv1(x))), self.shortcut(x))
+        return self._tail(self.conv2(self.na1(self.conv1(x))), self.shortcut(x))
 
 
 class Bottleneck(_Block):
@@ -103,7 +127,7 @@ class Bottleneck(_Block):
         self.tail = norm_add_act(norm, act, ch * 4)  # act(norm(branch) + shortcut)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tail(self.conv3(self.na2(self.conv2(self.na1(self.conv1(x))))), self.shortcut(x))
+        return self._tail(self.conv3(self.na2(self.conv2(self.na1(self.conv1(x))))), self.shortcut(x))
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -121,8 +145,12 @@ class ResNet(nn.Module):
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, ...], *, num_classes: int,
                  in_chans: int = 3, width: int = 64, stem: str = "cifar", norm: LayerFactory,
-                 act: LayerFactory, init: InitRules | None = None, conv: ConvSpec = ConvSpec()) -> None:
+                 act: LayerFactory, init: InitRules | None = None, conv: ConvSpec = ConvSpec(),
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
         super().__init__()
+        for name, p in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p!r}")
         if conv.ws not in WS_MODES:
             raise ValueError(f"conv_ws must be one of {', '.join(map(repr, WS_MODES))}, got {conv.ws!r}")
         if conv.res_gain is not None and _normalizes(norm):
@@ -135,16 +163,18 @@ class ResNet(nn.Module):
                                       norm_act(norm, act, width), nn.MaxPool2d(3, 2, 1))
         else:
             raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
-        cin = width
+        cin, total, k = width, sum(layers), 0
         for i, n in enumerate(layers):
             ch = width * 2**i
             blocks = []
             for j in range(n):
                 blocks.append(block(cin, ch, (1 if i == 0 else 2) if j == 0 else 1, norm, act, conv))
-                cin = ch * block.expansion
+                blocks[-1].drop_path = drop_path_rate * k / max(total - 1, 1)
+                cin, k = ch * block.expansion, k + 1
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.num_stages = len(layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(cin, num_classes)
         self.num_features = cin
         init_model(self, init or InitRules())
@@ -160,4 +190,4 @@ class ResNet(nn.Module):
         return torch.flatten(self.pool(x), 1)  # (N, num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x))
+        return self.fc(self.head_drop(self.forward_features(x)))

@@ -187,7 +187,8 @@ class SALUAct(nn.Module):
 
 class SALUAddAct(SALUAct):
     """``act(norm(x) + residual)`` for a SALU ``norm`` and a SWALU/GALU ``act`` in one fused pass: the tail of a
-    residual block (the norm closing the branch, the sum with the shortcut, the gate after it).
+    residual block (the norm closing the branch, the sum with the shortcut, the gate after it). ``branch_scale``
+    (stochastic depth, training only): per-sample factors on ``norm(x)`` before the sum, computed unfused.
 
     Children and state-dict keys are those of :class:`SALUAct` (``norm.*``, ``act.*``). Saves ``x`` and
     ``residual`` for backward, as the unfused norm and gate would (the sum is recomputed, never stored)."""
@@ -196,11 +197,16 @@ class SALUAddAct(SALUAct):
         super().__init__(norm, act)
         self.op = "salu_add_swalu" if isinstance(act, SWALU) else "salu_add_galu"
 
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, residual: Tensor,  # type: ignore[override]
+                branch_scale: Tensor | None = None) -> Tensor:
         d = self.norm.channel_axis(x)
         if self.act.channel_axis(x) != d:
             raise ValueError(f"SALUAddAct: norm and act see different channel dims ({d} and {self.act.channel_axis(x)})")
         if pin_site is not None:
             pin_site(self.norm, x)
+        if branch_scale is not None:  # stochastic depth: the two ops apart, SALU(x) scaled per sample before the sum
+            y = kernels.fused(self.norm.op, x, self.norm.log_a, self.norm.log_b, log_params=True, axis=d)
+            return kernels.fused(self.act.op, y * branch_scale + residual, self.act.log_a, self.act.log_b,
+                                 log_params=True, axis=d)
         return kernels.fused(self.op, x, self.norm.log_a, self.norm.log_b, self.act.log_a, self.act.log_b,
                              log_params=True, axis=d, residual=residual)
