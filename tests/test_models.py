@@ -519,3 +519,25 @@ def test_the_projection_reaches_tails_under_stochastic_depth():
 def test_drop_rates_out_of_range_are_refused_naming_the_key(key):
     with pytest.raises(ValueError, match=f"{key} must be a number in \\[0, 1\\)"):
         create_model("salunet_c18_v2", num_classes=10, **{key: 1.0})
+
+
+@pytest.mark.slow
+def test_stochastic_depth_and_dropout_compile_without_graph_breaks():
+    """The regularisers' training forward traces in one graph (aot_eager: dynamo + AOT autograd, no code
+    generation, so a CI machine needs no compiler) and draws the masks eager draws from the same seed."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    m = create_model("salunet_c18_v2", num_classes=10, width=4, layers=(1, 1, 1, 1), drop_rate=0.3,
+                     drop_path_rate=0.5).train()
+    x = torch.randn(8, 3, 16, 16)
+    torch.manual_seed(5)
+    ref = m(x)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    y = compiled(x)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(y, ref)
+    y.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
