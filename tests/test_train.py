@@ -112,8 +112,9 @@ def test_compile_true_trains(tmp_path, monkeypatch):
     assert not any(k.startswith("_orig_mod") for k in state["model"])  # the plain module's weights are saved
 
 
-def test_resume_is_bitwise_exact(tmp_path):
-    run(tmp_path, "run", epochs=3)
+@pytest.mark.parametrize("overrides", [{}, {"drop_rate": 0.3, "drop_path_rate": 0.3}], ids=["plain", "dropped"])
+def test_resume_is_bitwise_exact(tmp_path, overrides):
+    run(tmp_path, "run", epochs=3, model_overrides=overrides)  # stochastic depth's masks come from the saved RNG
     ckpts = list_checkpoints(tmp_path / "run")
     a = load_file(str(ckpts[-1]))
     # simulate a crash right after epoch 2's checkpoint: epoch 3's checkpoint never happened
