@@ -28,7 +28,8 @@
 # of RESULTS.md "C-50: the same cause, the same fix" (--model-overrides '{"stem": "cifar"}'), not in the default;
 # so may c50_v2_pinned: salunet_c50_v2 on that stem with v2_pinned's settings (RESULTS.md "The C-50 at each model's
 # best weight decay": the cell that led the tuned twin at the CPU budget, there at weight decay 8e-3; here, as
-# every run, at the recipe's);
+# every run, at the recipe's); and salunet_c18_v3 / salunet_c50_v3, the registered pinned models (by name: the
+# pin's settings are the models' declared trainer defaults; the C-18's on 32 fixed images);
 # GPU_CHECK_SEEDS: their seeds (default "0"; a run of seed S > 0 is named RUN-sS), every run once per seed.
 # GPU_CHECK_PARALLEL=1 starts the training runs together, and with the tests part the GPU tests beside them: on the
 # first H200 a compiled step left the device idle most of the time (host-bound, ~8,000 images/s), so runs that
@@ -55,11 +56,11 @@ fi
 RUNS=(resnet18_bn salunet_c18 salunet_c18_v2)
 [[ "${GPU_CHECK_PINNED:-0}" == 1 ]] && RUNS+=(v2_pinned)
 [[ -n "${GPU_CHECK_RUNS:-}" ]] && read -r -a RUNS <<<"$GPU_CHECK_RUNS"
+KNOWN_RUNS="resnet18_bn salunet_c18 salunet_c18_v2 v2_pinned salunet_c18_v3 resnet50_bn salunet_c50 salunet_c50_v2"
+KNOWN_RUNS+=" c50_v2_pinned salunet_c50_v3"
 for run in "${RUNS[@]}"; do
-  [[ " resnet18_bn salunet_c18 salunet_c18_v2 v2_pinned resnet50_bn salunet_c50 salunet_c50_v2 c50_v2_pinned " \
-     == *" $run "* ]] || {
-    echo "GPU_CHECK_RUNS: unknown run '$run'; use resnet18_bn, salunet_c18, salunet_c18_v2, v2_pinned, resnet50_bn," \
-      "salunet_c50, salunet_c50_v2, c50_v2_pinned" >&2; exit 2; }
+  [[ " $KNOWN_RUNS " == *" $run "* ]] || {
+    echo "GPU_CHECK_RUNS: unknown run '$run'; use one of: ${KNOWN_RUNS// /, }" >&2; exit 2; }
 done
 read -r -a SEEDS <<<"${GPU_CHECK_SEEDS:-0}"
 if ((${#RUNS[@]} == 0 || ${#SEEDS[@]} == 0)); then

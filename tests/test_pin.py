@@ -273,3 +273,39 @@ def test_under_torch_distributed_each_process_pins_on_the_pooled_images(tmp_path
     ranks_apart, from_pooled, moved = (float(v) for v in out.stdout.split("RESULT")[1].split())
     assert ranks_apart == 0.0
     assert from_pooled < 1e-5 and moved > 1e-3 and math.isfinite(moved)
+
+
+@pytest.mark.parametrize("v3,v2,images", [("salunet_c18_v3", "salunet_c18_v2", 32),
+                                          ("salunet_c50_v3", "salunet_c50_v2", 128)])
+def test_the_v3_models_train_pinned_by_name_as_v2_with_the_flags(tmp_path, capsys, v3, v2, images):
+    """``--model salunet_c18_v3`` alone is v2 + scaled WS + salu_b0 0.012 trained with the pin's five flags: the
+    same config and, bit for bit, the same weights; an explicit flag still switches the pin off."""
+    from salunet.train import train
+    from salunet.train.checkpoint import list_checkpoints, load_checkpoint
+    from salunet.train.config import TrainConfig, resolve_config
+
+    pin_keys = ("salu_recalibrate", "salu_recalibrate_every", "salu_recalibrate_measure", "salu_project_grad",
+                "salu_reference_images")
+    small = dict(width=4, data="digits", train_subset=96, test_subset=50, batch_size=32, epochs=1, ema_decay=0.0,
+                 progress=False, weight_decay=8e-3, device="cpu")
+    flags = dict(salu_recalibrate=0.15, salu_recalibrate_every=1, salu_recalibrate_measure="reference",
+                 salu_project_grad=True, salu_reference_images=images)
+    over = {"conv_ws": "scaled", "salu_b0": 0.012, **({"layers": (1, 1, 1, 1)} if "c50" in v3 else {})}
+    by_name = resolve_config(None, dict(model=v3))
+    assert tuple(getattr(by_name, k) for k in pin_keys) == tuple(flags[k] for k in pin_keys)
+    off = resolve_config(None, dict(model=v3, salu_recalibrate=0))  # the declared per-step keys fall away with it
+    assert (off.salu_recalibrate, off.salu_recalibrate_every, off.salu_recalibrate_measure) == (0.0, 0, "forward")
+    assert off.salu_reference_images == TrainConfig.salu_reference_images and off.salu_project_grad  # the projection is a switch of its own
+    assert resolve_config(None, dict(model=v2)).salu_recalibrate == 0.0  # v2 declares no pin
+
+    train(dict(small, model=v3, model_overrides={"layers": over["layers"]} if "layers" in over else {},
+               out=str(tmp_path), name="v3"))
+    assert (f"model: {v3} trains with the settings it declares, salu_recalibrate 0.15, salu_recalibrate_every 1, "
+            f'salu_recalibrate_measure "reference", salu_project_grad true, salu_reference_images {images} '
+            "(a flag overrides any)") in capsys.readouterr().out
+    train(dict(small, **flags, model=v2, model_overrides=over, out=str(tmp_path), name="v2"))
+    assert "model: " not in capsys.readouterr().out  # v2 declares nothing
+    a, b = (load_checkpoint(list_checkpoints(tmp_path / n)[-1])[0]["model"] for n in ("v3", "v2"))
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["stem.1.norm.log_b"], torch.full_like(a["stem.1.norm.log_b"], math.log(0.012)))  # pinned

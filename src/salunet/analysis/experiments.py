@@ -453,11 +453,13 @@ NF_GRID: dict[str, dict] = {  # name -> training-config overrides (model, model_
     "center+agc0.01": {"model": "salunet_c18", "model_overrides": {"conv_ws": "center"}, "agc": 0.01},
     "center+agc0.16": {"model": "salunet_c18", "model_overrides": {"conv_ws": "center"}, "agc": 0.16},
     "v2": {"model": "salunet_c18_v2"},  # the registered result, trained by name (with what it declares)
+    "v3": {"model": "salunet_c18_v3"},  # ... trained pinned by name (salu_recalibrate 0.15 & co., declared)
     # the C-50 on CIFAR (its 3x3 stem; docs/RESULTS.md "C-50: the same cause, the same fix")
     "c50": {"model": "salunet_c50", "model_overrides": {"stem": "cifar"}},
     "c50-bn": {"model": "resnet50_bn", "model_overrides": {"stem": "cifar"}},
     "c50-center": {"model": "salunet_c50", "model_overrides": {"stem": "cifar", "conv_ws": "center"}},
     "c50-v2": {"model": "salunet_c50_v2", "model_overrides": {"stem": "cifar"}},
+    "c50-v3": {"model": "salunet_c50_v3", "model_overrides": {"stem": "cifar"}},
 }
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from ..models import MODEL_CONFIGS, create_model, list_models, model_train_defaults
 
 __all__ = ["TrainConfig", "FIELD_HELP", "RECIPES", "resolve_config", "parse_value", "coerce_value", "field_types",
-           "field_choices", "config_from_json", "build_model", "model_kwargs"]
+           "field_choices", "config_from_json", "build_model", "model_kwargs", "declared_in_use"]
 
 
 @dataclass
@@ -388,9 +388,24 @@ def resolve_config(recipe: str | None = None, overrides: dict | None = None, bas
         for k, v in layer.items():
             values[k] = parse_value(k, v)
     model = values.get("model", TrainConfig.model)
+    off = {d for switch, dependents in _SWITCHES.items() if values.get(switch) == 0 for d in dependents}
     for k, v in model_train_defaults(model).items():  # what the model declares, below everything said explicitly
-        values.setdefault(k, parse_value(k, v))
+        if k not in off:
+            values.setdefault(k, parse_value(k, v))
     return _validate(TrainConfig(**values))
+
+
+# settings that only mean something while a switch is on: a model's declared values for them fall away with an
+# explicit 0 for the switch (`--model salunet_c18_v3 --salu-recalibrate 0` trains it unpinned)
+_SWITCHES = {"salu_recalibrate": ("salu_recalibrate_every", "salu_recalibrate_rate", "salu_recalibrate_measure",
+                                  "salu_reference_images")}
+
+
+def declared_in_use(cfg: TrainConfig) -> dict:
+    """The trainer settings ``cfg.model`` declares (``MODEL_TRAIN_DEFAULTS``) that ``cfg`` holds, for the line a run
+    prints: a value given explicitly and equal to the declared one is listed too."""
+    declared = model_train_defaults(cfg.model)
+    return {k: getattr(cfg, k) for k, v in declared.items() if getattr(cfg, k) == parse_value(k, v)}
 
 
 def config_from_json(path: str | Path) -> dict:

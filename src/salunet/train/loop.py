@@ -68,7 +68,7 @@ from ..nn import kernels
 from . import distributed as D
 from . import faults
 from .checkpoint import remove_partial_files, save_checkpoint
-from .config import TrainConfig, build_model
+from .config import TrainConfig, build_model, declared_in_use
 from .ema import EMA
 from .evaluate import amp_note, autocast_for, evaluate
 from .loggers import RunLoggers, check_logger
@@ -172,6 +172,9 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
     print(f"data: {run.source.note}")
     print(f"kernels: {kernels.kernel_path(run.info.device)}; device {run.info.device}; ranks {run.info.world}; "
           f"{sum(p.numel() for p in run.model.parameters()):,} parameters; {run.source.steps} steps/epoch", flush=True)
+    if declared := declared_in_use(cfg):
+        print(f"model: {cfg.model} trains with the settings it declares, "
+              + ", ".join(f"{k} {json.dumps(v)}" for k, v in declared.items()) + " (a flag overrides any)")
     if (note := amp_note(cfg.amp, run.info.device)) is not None:
         print(note, file=sys.stderr, flush=True)
     if cfg.salu_recalibrate_every:

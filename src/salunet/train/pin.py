@@ -3,7 +3,8 @@
 ``salunet train`` runs the same thing with ``--salu-recalibrate K --salu-recalibrate-every 1
 --salu-recalibrate-measure reference --salu-project-grad`` (docs/RESULTS.md "Pinning on fixed images": with
 ``salunet_c18_v2`` + ``{"conv_ws": "scaled", "salu_b0": 0.012}``, K 0.15 and weight decay 8e-3 it is level with the
-BN twin at the C-18's CPU budget; on ``salunet_c50_v2`` it leads the C-50's twin). Two halves of a scale
+BN twin at the C-18's CPU budget; on ``salunet_c50_v2`` it leads the C-50's twin), and by name for the models
+registered with it, ``salunet_c18_v3`` and ``salunet_c50_v3`` (``MODEL_TRAIN_DEFAULTS``). Two halves of a scale
 normalisation, applied through SALU's own parameters instead of a statistic in the graph:
 
 - **forward** (:meth:`SaluPin.step`, before each optimizer step): every SALU's a and b are set so that each
