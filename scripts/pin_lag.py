@@ -28,7 +28,7 @@ from salunet.models import create_model
 from salunet.train.recalibrate import StepStatistics, recalibrate_salu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from salu_operating_point import labelled_training_images, training_images  # noqa: E402  (NCHW in memory)
+from salu_operating_point import labelled_training_images  # noqa: E402  (NCHW in memory)
 
 
 def _series(setting: str, args, x: torch.Tensor, y: torch.Tensor, overrides: dict) -> tuple[list[float], float]:

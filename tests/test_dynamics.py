@@ -90,6 +90,7 @@ def test_dynamics_experiment(tmp_path):
     assert (d / "dynamics.png").exists()
     saved = json.loads((d / "results.json").read_text())
     assert [r["label"] for r in saved["models"]] == ["bn", "ws-center"]
+    assert out == saved  # what it returns is what it wrote
     bn, center = (r["stages"]["layer3"]["kernels"] for r in saved["models"])
     assert bn["radial"] < 1e-3 < center["radial"]
     assert "BatchNorm2d.weight" in saved["models"][0]["stages"]["layer3"]["gains"]

@@ -414,9 +414,10 @@ def test_pin_in_forward_compiles_in_one_graph_cuda(collective):
         dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
                                 device_id=torch.device("cuda", torch.cuda.current_device()))
 
-        def reduce(t):
+        def _sum(t):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             return t
+        reduce = _sum
     try:
         _pin_in_forward_cuda(reduce)
     finally:

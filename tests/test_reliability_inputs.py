@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 import builtins
 
+import salunet
 from salunet.cli import main
 from salunet.data import load_arrays
 from salunet.train import train
@@ -150,7 +151,7 @@ CASES = {
                                  "argument --batch-size: must be a positive integer, got 0", "positive"),
     # ---- missing, wrong-kind and unreadable paths ---------------------------------------------------------
     "npz missing": (lambda t, f: T(t, "--data", "npz", "--data-path", str(t / "none.npz")),
-                    f"none.npz: no such file", "pass an .npz with x_train"),
+                    "none.npz: no such file", "pass an .npz with x_train"),
     "npz is a directory": (lambda t, f: T(t, "--data", "npz", "--data-path", str(t)), "is a directory",
                            "needs an .npz file"),
     "npz not given": (lambda t, f: T(t, "--data", "npz"), "data 'npz' needs --data-path", "--data-path"),
@@ -332,8 +333,7 @@ def test_real_entry_point_one_line_and_debug_traceback(tmp_path):
     r = subprocess.run([*argv[:3], "--debug", *argv[3:]], env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
     assert r.stderr.strip().splitlines()[-1] == ("ValueError: unknown model 'resnet9'; choose one of "
-                                                 "cnn4, resnet18_bn, resnet50_bn, salunet_c18, salunet_c18_v2, "
-                                                 "salunet_c50, salunet_c50_v2, salunet_t, vit_ln")
+                                                 + ", ".join(salunet.list_models()))
     # --debug is also taken after the subcommand
     r2 = subprocess.run([*argv, "--debug"], env=_env(), capture_output=True, text=True, timeout=120)
     assert r2.returncode == 1 and r2.stderr.strip().splitlines()[-1] == r.stderr.strip().splitlines()[-1]

@@ -89,8 +89,8 @@ import numpy as np  # noqa: E402
 from helpers import cifar_batch_bytes, make_image_folder, make_npz  # noqa: E402
 from salunet.cli import main  # noqa: E402
 from salunet.train import train  # noqa: E402
-from salunet.train.checkpoint import RunLock, list_checkpoints  # noqa: E402
-from salunet.train.resume import claim_run_dir, plan_run, resume_config  # noqa: E402
+from salunet.train.checkpoint import list_checkpoints  # noqa: E402
+from salunet.train.resume import claim_run_dir, plan_run  # noqa: E402
 from salunet.train.rundir import RunDir  # noqa: E402
 
 TINY = dict(model="cnn4", width=2, batch_size=16, train_subset=32, test_subset=16, progress=False, ema_decay=0.0)

@@ -23,8 +23,8 @@ from torch import nn
 
 from . import __version__
 from .models import create_model
-from .train.checkpoint import (WEIGHTS_FORMAT, CheckpointError, latest_checkpoint, load_checkpoint,
-                               safetensors_format, save_weights, state_mismatch, weights_from_bytes)
+from .train.checkpoint import (WEIGHTS_FORMAT, CheckpointError, latest_checkpoint, safetensors_format, save_weights,
+                               state_mismatch, weights_from_bytes)
 from .train.config import model_kwargs
 from .train.evaluate import model_from_checkpoint
 from .train.resume import checkpoint_config
