@@ -1,5 +1,6 @@
 """--salu-recalibrate (train/recalibrate.py): SALU's operating point pinned between epochs."""
 import copy
+import sys
 
 import pytest
 import torch
@@ -675,7 +676,8 @@ def test_pin_lag_script(tmp_path, capsys):
     mod = _script("pin_lag")
     # NCHW in memory: channels_last images reach torch's CPU bug in the width-2 model's 1x1 stride-2 shortcut
     # (a crash with one thread, wrong gradients with two: models/channels_last.py)
-    for x in (mod.training_images(str(tmp_path / "c.npz"), 12)[0], mod.training_images("digits", 4)[0]):
+    images = sys.modules["salu_operating_point"].training_images  # what pin_lag's labelled_training_images reads
+    for x in (images(str(tmp_path / "c.npz"), 12)[0], images("digits", 4)[0]):
         n, c, h, w = x.shape  # NCHW strides; one channel passes is_contiguous() with channels_last's too
         assert x.stride() == (c * h * w, h * w, w, 1), x.stride()
     assert mod.main(["--data-path", str(tmp_path / "c.npz"), "--width", "2", "--steps", "3", "--batch", "4",
