@@ -90,8 +90,8 @@ def summary(work: Path) -> dict:
                                 "images_per_s": sorted(r["images_per_s"] for r in rows)[len(rows) // 2],
                                 "acc_per_epoch": [round(r.get("test_acc", 0), 4) for r in rows]}
     out["training"] = training
-    for base, models in (("resnet18_bn", ("salunet_c18", "salunet_c18_v2")),
-                         ("resnet50_bn", ("salunet_c50", "salunet_c50_v2", "c50_v2_pinned"))):
+    for base, models in (("resnet18_bn", ("salunet_c18", "salunet_c18_v2", "v2_pinned", "salunet_c18_v3")),
+                         ("resnet50_bn", ("salunet_c50", "salunet_c50_v2", "c50_v2_pinned", "salunet_c50_v3"))):
         ref = training.get(base)
         for m in models:
             if ref and m in training:

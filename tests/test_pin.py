@@ -275,37 +275,59 @@ def test_under_torch_distributed_each_process_pins_on_the_pooled_images(tmp_path
     assert from_pooled < 1e-5 and moved > 1e-3 and math.isfinite(moved)
 
 
+def test_a_v3_declares_the_pin_and_one_explicit_flag_turns_it_off_or_changes_its_kind():
+    """What ``--model salunet_c18_v3`` resolves to, and each flag that turns the declared pin off or changes its kind
+    (the declared keys that depend on a switch given explicitly off fall away with it, train/config.py)."""
+    from salunet.train.config import TrainConfig, resolve_config
+
+    keys = ("salu_recalibrate", "salu_recalibrate_every", "salu_recalibrate_measure", "salu_reference_images",
+            "salu_project_grad")
+
+    def pin(**flags):
+        cfg = resolve_config(None, dict(model="salunet_c18_v3", **flags))
+        return tuple(getattr(cfg, k) for k in keys)
+
+    default_images = TrainConfig.salu_reference_images
+    assert pin() == (0.15, 1, "reference", 32, True)
+    assert resolve_config(None, dict(model="salunet_c50_v3")).salu_reference_images == 128
+    assert pin(salu_recalibrate=0) == (0.0, 0, "forward", default_images, False)  # unpinned, no projection
+    assert pin(salu_recalibrate=0, salu_project_grad=True) == (0.0, 0, "forward", default_images, True)
+    assert pin(salu_recalibrate_every=0) == (0.15, 0, "forward", default_images, True)  # once an epoch
+    assert pin(salu_recalibrate_measure="forward") == (0.15, 1, "forward", default_images, True)
+    assert pin(salu_reference_images=64) == (0.15, 1, "reference", 64, True)
+    assert pin(salu_project_grad=False) == (0.15, 1, "reference", 32, False)
+    assert pin(salu_recalibrate=0.5) == (0.5, 1, "reference", 32, True)  # another K, the same kind of pin
+    assert resolve_config(None, dict(model="salunet_c18_v2")).salu_recalibrate == 0.0  # v2 declares no pin
+
+
 @pytest.mark.parametrize("v3,v2,images", [("salunet_c18_v3", "salunet_c18_v2", 32),
                                           ("salunet_c50_v3", "salunet_c50_v2", 128)])
 def test_the_v3_models_train_pinned_by_name_as_v2_with_the_flags(tmp_path, capsys, v3, v2, images):
-    """``--model salunet_c18_v3`` alone is v2 + scaled WS + salu_b0 0.012 trained with the pin's five flags: the
-    same config and, bit for bit, the same weights; an explicit flag still switches the pin off."""
+    """``--model salunet_c18_v3`` alone is v2 + scaled WS + salu_b0 0.012 trained with the pin's five flags: bit for
+    bit the same weights, and the run says what the model declared. A TrainConfig built directly holds every
+    default, so it trains unpinned, and the run says which declared settings it overrides."""
     from salunet.train import train
     from salunet.train.checkpoint import list_checkpoints, load_checkpoint
-    from salunet.train.config import TrainConfig, resolve_config
+    from salunet.train.config import TrainConfig
 
-    pin_keys = ("salu_recalibrate", "salu_recalibrate_every", "salu_recalibrate_measure", "salu_project_grad",
-                "salu_reference_images")
-    small = dict(width=4, data="digits", train_subset=96, test_subset=50, batch_size=32, epochs=1, ema_decay=0.0,
+    small = dict(width=4, data="digits", train_subset=160, test_subset=50, batch_size=32, epochs=1, ema_decay=0.0,
                  progress=False, weight_decay=8e-3, device="cpu")
     flags = dict(salu_recalibrate=0.15, salu_recalibrate_every=1, salu_recalibrate_measure="reference",
                  salu_project_grad=True, salu_reference_images=images)
-    over = {"conv_ws": "scaled", "salu_b0": 0.012, **({"layers": (1, 1, 1, 1)} if "c50" in v3 else {})}
-    by_name = resolve_config(None, dict(model=v3))
-    assert tuple(getattr(by_name, k) for k in pin_keys) == tuple(flags[k] for k in pin_keys)
-    off = resolve_config(None, dict(model=v3, salu_recalibrate=0))  # the declared per-step keys fall away with it
-    assert (off.salu_recalibrate, off.salu_recalibrate_every, off.salu_recalibrate_measure) == (0.0, 0, "forward")
-    assert off.salu_reference_images == TrainConfig.salu_reference_images and off.salu_project_grad  # the projection is a switch of its own
-    assert resolve_config(None, dict(model=v2)).salu_recalibrate == 0.0  # v2 declares no pin
-
-    train(dict(small, model=v3, model_overrides={"layers": over["layers"]} if "layers" in over else {},
-               out=str(tmp_path), name="v3"))
-    assert (f"model: {v3} trains with the settings it declares, salu_recalibrate 0.15, salu_recalibrate_every 1, "
+    depth = {"layers": (1, 1, 1, 1)} if "c50" in v3 else {}
+    train(dict(small, model=v3, model_overrides=depth, out=str(tmp_path), name="v3"))
+    assert (f"model: {v3} trains with the settings it declares: salu_recalibrate 0.15, salu_recalibrate_every 1, "
             f'salu_recalibrate_measure "reference", salu_project_grad true, salu_reference_images {images} '
             "(a flag overrides any)") in capsys.readouterr().out
-    train(dict(small, **flags, model=v2, model_overrides=over, out=str(tmp_path), name="v2"))
+    train(dict(small, **flags, model=v2, model_overrides={"conv_ws": "scaled", "salu_b0": 0.012, **depth},
+               out=str(tmp_path), name="v2"))
     assert "model: " not in capsys.readouterr().out  # v2 declares nothing
     a, b = (load_checkpoint(list_checkpoints(tmp_path / n)[-1])[0]["model"] for n in ("v3", "v2"))
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["stem.1.norm.log_b"], torch.full_like(a["stem.1.norm.log_b"], math.log(0.012)))  # pinned
+
+    train(TrainConfig(**small, model=v3, model_overrides=depth, out=str(tmp_path), name="direct"))
+    out = capsys.readouterr().out
+    assert "trains with the settings it declares" not in out
+    assert f"model: {v3} declares settings this run overrides, here: salu_recalibrate 0.0 (by flags" in out

@@ -288,8 +288,9 @@ def salunet_c18_v3(**kw) -> ResNet:
     Evidence (docs/RESULTS.md, CIFAR-10 at the CPU budget: width 16, 10,240 images, batch 128, lr 0.05, weight
     decay 8e-3, each model's best): level with the BN twin ``resnet18_bn``, 76.0 +- 0.6% against 75.5 +- 0.5 at 12
     epochs (3 seeds; "How many fixed images the pin needs") and 81.2 +- 0.6 against 81.5 +- 0.5 at 24 (7 seeds,
-    paired 0.2 +- 0.2 s.e.; "The C-18 at 24 epochs on one machine"). No batch statistic in any forward: train ==
-    eval and batch size 1 works (there, add ``--salu-project-grad-rate 0.1``: "The whole recipe at small batches").
+    the twin 0.2 ahead paired by seed, s.e. 0.2; "The C-18 at 24 epochs on one machine"). No batch statistic in any
+    forward: train == eval at any batch size (at batch size 1 the projection wants running sums,
+    ``--salu-project-grad-rate 0.1``: measured on digits with v2 at K 0.1, "The whole recipe at small batches").
     A step costs one more forward, on the 32 images (1.2x an unpinned step at batch 128, docs/BENCHMARKS.md)."""
     return _build("salunet_c18_v3", **kw)
 

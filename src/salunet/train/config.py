@@ -388,24 +388,43 @@ def resolve_config(recipe: str | None = None, overrides: dict | None = None, bas
         for k, v in layer.items():
             values[k] = parse_value(k, v)
     model = values.get("model", TrainConfig.model)
-    off = {d for switch, dependents in _SWITCHES.items() if values.get(switch) == 0 for d in dependents}
+    off = _following_off(values)
     for k, v in model_train_defaults(model).items():  # what the model declares, below everything said explicitly
         if k not in off:
             values.setdefault(k, parse_value(k, v))
     return _validate(TrainConfig(**values))
 
 
-# settings that only mean something while a switch is on: a model's declared values for them fall away with an
-# explicit 0 for the switch (`--model salunet_c18_v3 --salu-recalibrate 0` trains it unpinned)
-_SWITCHES = {"salu_recalibrate": ("salu_recalibrate_every", "salu_recalibrate_rate", "salu_recalibrate_measure",
-                                  "salu_reference_images")}
+# settings that only mean something while a switch is on: a model's declared values for them fall away when the
+# switch is given explicitly off, so one flag turns a declared pin off or changes its kind
+# (`--model salunet_c18_v3 --salu-recalibrate 0` trains it as the plain scaled-WS v2, without the projection too,
+# the pin's backward half; `--salu-recalibrate-every 0` pins it once an epoch; `--salu-recalibrate-measure forward`
+# on each step's own batch)
+_SWITCHES = (
+    ("salu_recalibrate", lambda v: v == 0, ("salu_recalibrate_every", "salu_recalibrate_rate",
+                                            "salu_recalibrate_measure", "salu_reference_images", "salu_project_grad",
+                                            "salu_project_grad_rate")),
+    ("salu_recalibrate_every", lambda v: v == 0, ("salu_recalibrate_measure", "salu_reference_images")),
+    ("salu_recalibrate_measure", lambda v: v != "reference", ("salu_reference_images",)),
+)
 
 
-def declared_in_use(cfg: TrainConfig) -> dict:
-    """The trainer settings ``cfg.model`` declares (``MODEL_TRAIN_DEFAULTS``) that ``cfg`` holds, for the line a run
-    prints: a value given explicitly and equal to the declared one is listed too."""
-    declared = model_train_defaults(cfg.model)
-    return {k: getattr(cfg, k) for k, v in declared.items() if getattr(cfg, k) == parse_value(k, v)}
+def _following_off(values: dict) -> set[str]:
+    """The keys that follow a switch ``values`` holds off (a partial dict: only the switches in it count)."""
+    return {d for switch, is_off, dependents in _SWITCHES if switch in values and is_off(values[switch])
+            for d in dependents}
+
+
+def declared_in_use(cfg: TrainConfig) -> tuple[dict, dict]:
+    """The trainer settings ``cfg.model`` declares (``MODEL_TRAIN_DEFAULTS``), split into those ``cfg`` holds (a
+    value given explicitly and equal to the declared one among them) and those it overrides, with ``cfg``'s values:
+    for the line a run prints."""
+    held, overridden = {}, {}
+    off = _following_off(dataclasses.asdict(cfg))  # e.g. the reference images with the pin off: the switch says it
+    for k, v in model_train_defaults(cfg.model).items():
+        if k not in off:
+            (held if getattr(cfg, k) == parse_value(k, v) else overridden)[k] = getattr(cfg, k)
+    return held, overridden
 
 
 def config_from_json(path: str | Path) -> dict:

@@ -63,6 +63,7 @@ from torch import nn
 
 from .. import __version__
 from ..data import mixed_cross_entropy
+from ..models import model_train_defaults
 from ..models.channels_last import guard_cpu_compile, guarded_convs, to_channels_last, unguardable_cpu_convs
 from ..nn import kernels
 from . import distributed as D
@@ -137,8 +138,11 @@ def _build(plan: RunPlan, info: D.DistInfo) -> tuple[_Run, int, int]:
         check_logger(cfg)
     source = load_source(cfg, info)
     if cfg.salu_recalibrate_measure == "reference" and cfg.salu_reference_images % info.world:
-        raise ValueError(f"--salu-reference-images {cfg.salu_reference_images} must be divisible by the number of "
-                         f"processes ({info.world}): each pins on an equal share; use a multiple of {info.world}")
+        declared = model_train_defaults(cfg.model).get("salu_reference_images") == cfg.salu_reference_images
+        raise ValueError(f"--salu-reference-images {cfg.salu_reference_images}"
+                         + (f" (what {cfg.model} declares)" if declared else "")
+                         + f" must be divisible by the number of processes ({info.world}): each pins on an equal "
+                         f"share; pass --salu-reference-images with a multiple of {info.world}")
     model = build_model(cfg, source.num_classes, source.in_chans, source.image_size).to(info.device)
     if cfg.channels_last:
         model = to_channels_last(model)
@@ -172,9 +176,13 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
     print(f"data: {run.source.note}")
     print(f"kernels: {kernels.kernel_path(run.info.device)}; device {run.info.device}; ranks {run.info.world}; "
           f"{sum(p.numel() for p in run.model.parameters()):,} parameters; {run.source.steps} steps/epoch", flush=True)
-    if declared := declared_in_use(cfg):
-        print(f"model: {cfg.model} trains with the settings it declares, "
-              + ", ".join(f"{k} {json.dumps(v)}" for k, v in declared.items()) + " (a flag overrides any)")
+    held, overridden = declared_in_use(cfg)
+    if held:
+        print(f"model: {cfg.model} trains with the settings it declares: {_kv(held)} (a flag overrides any)")
+    if overridden:
+        print(f"model: {cfg.model} declares settings this run overrides, here: {_kv(overridden)} (by flags, a "
+              "config file, or a TrainConfig built directly, which holds every default: "
+              "salunet.train.resolve_config applies what a model declares)")
     if (note := amp_note(cfg.amp, run.info.device)) is not None:
         print(note, file=sys.stderr, flush=True)
     if cfg.salu_recalibrate_every:
@@ -536,6 +544,10 @@ def _pin_measure(cfg: TrainConfig, world: int) -> str:
         return (f"on {n} training images of epoch 1's first {batches} batch(es), the first {n // world} of each "
                 f"rank's share (all, if it has fewer), the same before every step")
     return _PIN_MEASURES[cfg.salu_recalibrate_measure].format(n=n)
+
+
+def _kv(d: dict) -> str:
+    return ", ".join(f"{k} {json.dumps(v)}" for k, v in d.items())
 
 
 def _reference_images(run: _Run) -> torch.Tensor:
