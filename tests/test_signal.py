@@ -109,3 +109,20 @@ def test_signal_and_nf_study_experiments(tmp_path):
     assert len(back["models"]) == 1 and "epoch 1" in back["models"][0]["source"]
     with pytest.raises(ValueError, match="unknown nf-study config"):
         run_experiment("nf-study", out=str(tmp_path), name="bad", data="digits", configs="nope")
+
+
+def test_a_cell_trained_pinned_is_probed_after_its_first_pin(tmp_path):
+    """The v3 cell trains pinned (what salunet_c18_v3 declares), so at init it is probed as its first step sees it:
+    every SALU's sqrt(ab) * rms(input) on the first 32 images at the pin's K 0.15 (unpinned it sits elsewhere)."""
+    from salunet.analysis.experiments import _probe_setup, args_from_dict
+    from salunet.train.recalibrate import salu_input_rms, salu_sites
+
+    data, models = _probe_setup(args_from_dict("signal", dict(configs="v3,ws-scaled", data="digits", width=4,
+                                                               images=64)))
+    assert [(label, source) for label, source, _ in models] == [("v3", "init, pinned"), ("ws-scaled", "init")]
+    x = data.normalize(data.x_train[:32])
+    for (_, _, model), pinned in zip(models, (True, False)):
+        rms = salu_input_rms(model, [x])
+        for name, (_, salu) in salu_sites(model).items():
+            k = (torch.exp(0.5 * (salu.log_a + salu.log_b)).detach().reshape(rms[name].shape) * rms[name]).double()
+            assert torch.allclose(k, torch.full_like(k, 0.15), rtol=1e-3) == pinned, name

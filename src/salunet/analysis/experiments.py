@@ -523,10 +523,12 @@ class SignalArgs(ExperimentArgs):
 
 def _probe_setup(args: "SignalArgs"):
     """The data (``args.images`` training images, un-augmented) and the models an analysis probes: each of
-    ``args.configs`` (nf-study cells) fresh at init (seeded with ``args.seed``), then each of ``args.checkpoints``
-    as trained; models as ``(label, source, model)``."""
+    ``args.configs`` (nf-study cells) fresh at init (seeded with ``args.seed``; a cell trained pinned, as the v3s
+    declare, after its first pin, which comes before any update: on its reference count of the first images), then
+    each of ``args.checkpoints`` as trained; models as ``(label, source, model)``."""
     from ..data import load_arrays, to_memory
-    from ..models import create_model
+    from ..models import create_model, model_train_defaults
+    from ..train.pin import SaluPin
     from ..train.evaluate import model_from_checkpoint
     from ..train.rundir import RunDir
 
@@ -543,8 +545,15 @@ def _probe_setup(args: "SignalArgs"):
     for n in names:
         cell = NF_GRID[n]
         torch.manual_seed(args.seed)
-        models.append((n, "init", create_model(cell["model"], num_classes=data.num_classes, in_chans=data.in_chans,
-                                               width=args.width or None, **cell.get("model_overrides", {}))))
+        model = create_model(cell["model"], num_classes=data.num_classes, in_chans=data.in_chans,
+                             width=args.width or None, **cell.get("model_overrides", {}))
+        settings = {**model_train_defaults(cell["model"]), **cell}
+        if settings.get("salu_recalibrate") and settings.get("salu_recalibrate_every"):
+            images = data.normalize(data.x_train[:min(args.images, settings.get("salu_reference_images", 128))])
+            SaluPin(model, images, settings["salu_recalibrate"], project_grad=False).step()
+            models.append((n, "init, pinned", model))
+        else:
+            models.append((n, "init", model))
     for path, label in ckpts:
         model, meta, _ = model_from_checkpoint(path)
         run = RunDir.of_checkpoint(path)
