@@ -77,6 +77,29 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_models(args) -> int:
+    import json
+    import textwrap
+
+    from .models import describe_model, list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        raise UserError(f"no registered model matches {args.pattern!r}; the models: {', '.join(list_models())}")
+    for d in map(describe_model, names):
+        if args.json:
+            print(json.dumps(d))
+            continue
+        print(f"{d['name']}  ({d['architecture']}, {d['norm_layer']} + {d['act_layer']})")
+        print(textwrap.fill(d["summary"], 110, initial_indent="    ", subsequent_indent="    "))
+        if d["declares"]:
+            flags = " ".join(f"--{k.replace('_', '-')} {str(v).lower() if isinstance(v, bool) else v}"
+                             for k, v in d["declares"].items())
+            print(textwrap.fill("trains by name with: " + flags, 110, initial_indent="    ",
+                                subsequent_indent="      ", break_on_hyphens=False, break_long_words=False))
+    return 0
+
+
 def _cmd_experiment(args) -> int:
     from .analysis.experiments import run_experiment
 
@@ -309,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_export_parsers(sub)
     _add_experiment_parsers(sub)
+
+    m = _debug_flag(sub.add_parser("models", help="the registered models: what each is and the trainer settings it "
+                                                  "declares"))
+    m.add_argument("pattern", nargs="?", help="a glob over the names, e.g. 'salunet_*' (default: all)")
+    m.add_argument("--json", action="store_true", help="print one JSON object per model, a line each")
+    m.set_defaults(func=_cmd_models)
 
     d = _debug_flag(sub.add_parser("doctor", help="versions, kernel path, CPU ISA, kernel cache folder and whether "
                                                   "the C++ build is current"))

@@ -26,8 +26,8 @@ from .nf import WS_MODES
 from .resnet import BLOCKS, STEMS, ConvSpec, ResNet
 from .vit import VIT_INIT, ViT
 
-__all__ = ["MODEL_CONFIGS", "MODEL_TRAIN_DEFAULTS", "model_train_defaults", "create_model", "list_models", "register_model", "ResNetConfig", "ViTConfig",
-           "CNNConfig"]
+__all__ = ["MODEL_CONFIGS", "MODEL_TRAIN_DEFAULTS", "model_train_defaults", "create_model", "describe_model",
+           "list_models", "register_model", "ResNetConfig", "ViTConfig", "CNNConfig"]
 
 
 # ---- field validators (each names the key and what is valid) ----
@@ -257,6 +257,8 @@ def _build(name: str, *, num_classes: int, in_chans: int = 3, width: int | None 
 
 @register_model
 def salunet_c18(**kw) -> ResNet:
+    """SaluNet-C-18, the paper's model as reconstructed (docs/SPEC.md section 2): CIFAR ResNet-18, SALU for every
+    BatchNorm, SWALU for every ReLU, plain convs."""
     return _build("salunet_c18", **kw)
 
 
@@ -297,11 +299,14 @@ def salunet_c18_v3(**kw) -> ResNet:
 
 @register_model
 def resnet18_bn(**kw) -> ResNet:
+    """The BN twin of the C-18s: the same CIFAR ResNet-18 with BatchNorm and ReLU."""
     return _build("resnet18_bn", **kw)
 
 
 @register_model
 def salunet_c50(**kw) -> ResNet:
+    """SaluNet-C-50, the paper's model as reconstructed: ResNet-50 (Bottleneck blocks, ImageNet stem; ``stem="cifar"``
+    for 32 px images), SALU and SWALU, the residual branch's closing SALU at gain 0.8."""
     return _build("salunet_c50", **kw)
 
 
@@ -333,27 +338,44 @@ def salunet_c50_v3(**kw) -> ResNet:
 
 @register_model
 def resnet50_bn(**kw) -> ResNet:
+    """The BN twin of the C-50s: the same ResNet-50 with BatchNorm and ReLU."""
     return _build("resnet50_bn", **kw)
 
 
 @register_model
 def salunet_t(**kw) -> ViT:
+    """SaluNet-T, the paper's ViT for CIFAR: SALU for every LayerNorm, GALU for every GELU (4 px patches)."""
     return _build("salunet_t", **kw)
 
 
 @register_model
 def vit_ln(**kw) -> ViT:
+    """The LayerNorm twin of SaluNet-T: the same ViT with LayerNorm and GELU."""
     return _build("vit_ln", **kw)
 
 
 @register_model
 def cnn4(**kw) -> PlasticityCNN:
+    """The plasticity CNN of the paper's figure 1 in its SALU-stabilised variant (four convs, PReLU gates)."""
     return _build("cnn4", **kw)
 
 
 def model_train_defaults(name: str) -> dict:
     """The trainer settings model ``name`` declares (empty for most models and for unknown names)."""
     return dict(MODEL_TRAIN_DEFAULTS.get(name, {}))
+
+
+def describe_model(name: str) -> dict:
+    """What ``salunet models`` shows of a registered model: its architecture, norm and activation, the first
+    sentence of its constructor's docstring (markup dropped) and the trainer settings it declares."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    cfg = MODEL_CONFIGS[name]
+    text = " ".join((_MODELS[name].__doc__ or "").split("\n\n")[0].split()).replace("``", "").replace("**", "")
+    end = text.find(". ")
+    return {"name": name, "architecture": type(cfg).__name__.removesuffix("Config"), "norm_layer": cfg.norm_layer,
+            "act_layer": cfg.act_layer, "summary": text if end < 0 else text[:end + 1],
+            "declares": model_train_defaults(name)}
 
 
 def list_models(pattern: str | None = None) -> list[str]:
