@@ -521,8 +521,11 @@ def test_a_reference_the_processes_do_not_divide_is_refused_before_anything_is_w
                salu_recalibrate_measure="reference", out=str(tmp_path), name="r")
     three = DistInfo(rank=0, world=3)
     with pytest.raises(ValueError, match=r"--salu-reference-images 64 must be divisible by the number of processes "
-                                         r"\(3\).*use a multiple of 3"):
+                                         r"\(3\).*with a multiple of 3"):
         _build(plan_run(dict(cfg, salu_reference_images=64), None, {}), three)
+    with pytest.raises(ValueError, match=r"--salu-reference-images 32 \(what salunet_c18_v3 declares\) must be "
+                                         r"divisible by the number of processes \(3\)"):
+        _build(plan_run(dict(cfg, model="salunet_c18_v3", model_overrides={}), None, {}), three)
     run, epoch, step = _build(plan_run(dict(cfg, salu_reference_images=63), None, {}), three)
     assert (epoch, step) == (0, 0) and not (tmp_path / "r").exists()
     # the line the run prints names those images: not epoch 1's first 63 (batch 48 does not divide 63)
