@@ -527,7 +527,8 @@ def _probe_setup(args: "SignalArgs"):
     declare, after its first pin, which comes before any update: on its reference count of the first images), then
     each of ``args.checkpoints`` as trained; models as ``(label, source, model)``."""
     from ..data import load_arrays, to_memory
-    from ..models import create_model, model_train_defaults
+    from ..models import create_model
+    from ..train.config import resolve_config
     from ..train.pin import SaluPin
     from ..train.evaluate import model_from_checkpoint
     from ..train.rundir import RunDir
@@ -547,10 +548,10 @@ def _probe_setup(args: "SignalArgs"):
         torch.manual_seed(args.seed)
         model = create_model(cell["model"], num_classes=data.num_classes, in_chans=data.in_chans,
                              width=args.width or None, **cell.get("model_overrides", {}))
-        settings = {**model_train_defaults(cell["model"]), **cell}
-        if settings.get("salu_recalibrate") and settings.get("salu_recalibrate_every"):
-            images = data.normalize(data.x_train[:min(args.images, settings.get("salu_reference_images", 128))])
-            SaluPin(model, images, settings["salu_recalibrate"], project_grad=False).step()
+        cfg = resolve_config(None, cell)  # the cell as a run trains it, with what its model declares
+        if cfg.salu_recalibrate and cfg.salu_recalibrate_every:
+            images = data.normalize(data.x_train[:min(args.images, cfg.salu_reference_images)])
+            SaluPin(model, images, cfg.salu_recalibrate, project_grad=False).step()
             models.append((n, "init, pinned", model))
         else:
             models.append((n, "init", model))

@@ -8,7 +8,7 @@ from .nf import NFConv2d, fold_nf_convs
 from .resnet import ResNet
 from .vit import ViT
 
-__all__ = ["create_model", "describe_model", "list_models", "register_model", "MODEL_CONFIGS", "ResNetConfig", "ViTConfig", "NORMS",
-           "ACTS", "get_norm_layer", "get_act_layer", "norm_act", "ResNet", "ResNetInit", "InitRules", "init_model",
+__all__ = ["create_model", "describe_model", "list_models", "register_model", "MODEL_CONFIGS", "ResNetConfig",
+           "ViTConfig", "NORMS", "ACTS", "get_norm_layer", "get_act_layer", "norm_act", "ResNet", "ResNetInit", "InitRules", "init_model",
            "ViT", "CNNConfig", "PlasticityCNN", "MODEL_TRAIN_DEFAULTS", "model_train_defaults", "NFConv2d",
            "fold_nf_convs"]

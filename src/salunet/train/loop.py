@@ -63,7 +63,6 @@ from torch import nn
 
 from .. import __version__
 from ..data import mixed_cross_entropy
-from ..models import model_train_defaults
 from ..models.channels_last import guard_cpu_compile, guarded_convs, to_channels_last, unguardable_cpu_convs
 from ..nn import kernels
 from . import distributed as D
@@ -138,7 +137,7 @@ def _build(plan: RunPlan, info: D.DistInfo) -> tuple[_Run, int, int]:
         check_logger(cfg)
     source = load_source(cfg, info)
     if cfg.salu_recalibrate_measure == "reference" and cfg.salu_reference_images % info.world:
-        declared = model_train_defaults(cfg.model).get("salu_reference_images") == cfg.salu_reference_images
+        declared = "salu_reference_images" in declared_in_use(cfg)[0]
         raise ValueError(f"--salu-reference-images {cfg.salu_reference_images}"
                          + (f" (what {cfg.model} declares)" if declared else "")
                          + f" must be divisible by the number of processes ({info.world}): each pins on an equal "
