@@ -99,6 +99,21 @@ def test_batch_sweep_and_init_study(tmp_path):
     assert [t["config"] for t in out["table"]] == ["default", "naive"] and out["best"] is not None
 
 
+def test_batch_sweep_per_device(tmp_path):
+    """--global-batch N: every size is a micro-batch of an N-image optimizer step at one learning rate (what DDP
+    on N / size ranks computes without SyncBatchNorm); a size that does not divide N is refused before any run."""
+    out, d = _run(tmp_path, "batch-sweep", **TINY, epochs=1, width=4, models="resnet18_bn", batch_sizes="4,32",
+                  global_batch=32, base_lr=0.03, train_subset=256, test_subset=100)
+    assert [(r["batch_size"], r["accum_steps"], r["lr"]) for r in out["runs"]] == [(4, 8, 0.03), (32, 1, 0.03)]
+    for line, accum in zip((d / "runs.jsonl").read_text().splitlines(), (8, 1)):
+        cfg = json.loads(line)["config"]
+        assert (cfg["batch_size"], cfg["accum_steps"], cfg["lr"]) == (32, accum, 0.03)
+    assert out["x_label"].startswith("per-device batch") and out["summary"]["resnet18_bn"][0]["batch_size"] == 4
+    with pytest.raises(ValueError, match="each per-device batch size must divide it"):
+        run_experiment("batch-sweep", out=str(tmp_path), name="bad", **TINY, batch_sizes="3,4", global_batch=32)
+    assert not (tmp_path / "bad" / "runs.jsonl").exists()
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match="unknown experiment"):
         args_from_dict("nope", {})

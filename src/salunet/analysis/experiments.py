@@ -11,7 +11,11 @@ a generator seeded with (seed, e)), the same optimiser and augmentation, so a gr
 **[decided]** choices where the paper is silent, kept configurable:
 - learning rate across batch sizes (``batch-sweep``): square-root scaling from a reference batch of 128,
   lr(B) = base_lr * sqrt(B / 128) (Krizhevsky 2014; Hoffer et al. 2017), with ``warmup_epochs`` of warm-up at
-  every size; ``--lr-rule linear`` gives Goyal et al.'s linear rule instead.
+  every size; ``--lr-rule linear`` gives Goyal et al.'s linear rule instead. ``--global-batch N`` sweeps the
+  per-device batch instead: every run takes optimizer steps of N images at ``base_lr``, accumulated over N / size
+  micro-batches, which is what DDP over N / size ranks of ``size`` images computes without SyncBatchNorm (each
+  BatchNorm normalises with its micro-batch's statistics, each SALU projection uses its own; a per-step SALU pin on
+  fixed images is taken once per step, as ranks all-reducing the reference images' sums would).
 - the plasticity CNN (appendix A names only Conv(32)-Conv(64)-FC(128)-FC(10) with PReLU): 3x3 convs with 2x2
   max-pooling, per-channel PReLU (one slope per unit: 32 + 64 + 128 slopes), the norm before each PReLU.
 - representation statistics use the test images: each stage's output is global-average-pooled to one vector per
@@ -268,6 +272,8 @@ class BatchSweepArgs(TrainingArgs):
     epochs: int = 2
     base_lr: float = 0.05  # at batch 128
     lr_rule: str = "sqrt"  # sqrt | linear
+    global_batch: int = 0  # 0: each size is the optimizer's batch; N: each is the per-device batch of N (see above)
+    weight_decay: float = 5e-4
     train_subset: int = 2560
     test_subset: int = 1000
 
@@ -276,7 +282,8 @@ class BatchSweepArgs(TrainingArgs):
             full={"width": 0, "epochs": 200, "train_subset": 0, "test_subset": 0, "seeds": 3, "base_lr": 0.1,
                   "batch_sizes": "1,2,4,8,16,32,64,128,256,512"})
 def batch_sweep_experiment(args: BatchSweepArgs, run_dir: Path) -> dict:
-    """Final accuracy vs batch size at equal epochs for a SaluNet and its BN twin."""
+    """Final accuracy vs batch size at equal epochs for a SaluNet and its BN twin; with ``global_batch`` N, vs the
+    per-device batch at a fixed optimizer batch N (equal steps and learning rate)."""
     if args.lr_rule not in ("sqrt", "linear"):
         raise ValueError(f"lr_rule must be 'sqrt' or 'linear', got {args.lr_rule!r}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -287,18 +294,27 @@ def batch_sweep_experiment(args: BatchSweepArgs, run_dir: Path) -> dict:
                          "1,8,128") from None
     if any(b <= 0 for b in sizes):
         raise ValueError(f"batch sizes must be positive, got {sizes}")
+    g = args.global_batch
+    if g < 0 or any(g % b for b in sizes if g):
+        raise ValueError(f"global_batch {g}: each per-device batch size must divide it (got {sizes}); give sizes "
+                         f"that divide {g}, or --global-batch 0 to sweep the optimizer's batch itself")
     base = _train_base(args, width=args.width or None, epochs=args.epochs, train_subset=args.train_subset,
-                       test_subset=args.test_subset, warmup_epochs=min(1.0, args.epochs / 2), weight_decay=5e-4,
-                       eval_batch_size=500)
+                       test_subset=args.test_subset, warmup_epochs=min(1.0, args.epochs / 2),
+                       weight_decay=args.weight_decay, eval_batch_size=500)
     runs = _Runs(run_dir, base, len(models) * len(sizes) * args.seeds, "batch-sweep")
     rows = []
     for model in models:
         for b in sizes:
-            scale = b / 128 if args.lr_rule == "linear" else math.sqrt(b / 128)
+            if g:  # b images per micro-batch (device), g per optimizer step, one learning rate
+                lr, step = args.base_lr, {"batch_size": g, "accum_steps": g // b}
+            else:
+                lr = args.base_lr * (b / 128 if args.lr_rule == "linear" else math.sqrt(b / 128))
+                step = {"batch_size": b}
             for seed in range(args.seeds):
-                r = runs.run(f"{model}-b{b}-s{seed}", model=model, batch_size=b, lr=args.base_lr * scale, seed=seed)
-                rows.append({"model": model, "batch_size": b, "seed": seed, "lr": args.base_lr * scale,
-                             "test_acc": r["test_acc"], "diverged": r["diverged"], "seconds": r["seconds"]})
+                r = runs.run(f"{model}-{'mb' if g else 'b'}{b}-s{seed}", model=model, lr=lr, seed=seed, **step)
+                rows.append({"model": model, "batch_size": b, "seed": seed, "lr": lr,
+                             "accum_steps": step.get("accum_steps", 1), "test_acc": r["test_acc"],
+                             "diverged": r["diverged"], "seconds": r["seconds"]})
     summary = {}
     for model in models:
         summary[model] = []
@@ -311,6 +327,9 @@ def batch_sweep_experiment(args: BatchSweepArgs, run_dir: Path) -> dict:
     num_classes = 100 if args.data == "cifar100" else 10
     out = {"experiment": "batch-sweep", "args": asdict(args), "runs": rows, "summary": summary,
            "chance": 1 / num_classes, "title": f"batch-size resilience ({args.data}, {args.epochs} epochs)"}
+    if g:
+        out.update(x_label=f"per-device batch (optimizer batch {g}, accumulated)",
+                   title=f"per-device batch at an optimizer batch of {g} ({args.data}, {args.epochs} epochs)")
     _draw(out, plots.plot_batch_sweep, out, run_dir / "batch_sweep.png")
     for model, srows in summary.items():
         print(f"  {model}: " + "  ".join(f"b{r['batch_size']} {_fmt(r['mean'], r['std'], r['finished'], r['seeds'])}"
