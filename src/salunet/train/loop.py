@@ -206,12 +206,13 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
               "there (--salu-recalibrate-measure reference --salu-project-grad --salu-project-grad-rate 0.1: \"The "
               "whole recipe at small batches\")", file=sys.stderr, flush=True)
     per_backward = cfg.batch_size // run.info.world // cfg.accum_steps
-    if cfg.salu_project_grad and cfg.salu_project_grad_rate == 1 and per_backward < 2:
+    projects_own = cfg.salu_project_grad and cfg.salu_project_grad_rate == 1  # each backward's own statistics
+    if projects_own and per_backward < 2:
         print("salunet train: warning: --salu-project-grad with one image per backward projects every SALU input's "
               "gradient with that image's own statistics; at batch size 1 it trained near chance on digits "
               "(docs/RESULTS.md \"The whole recipe at small batches\"); --salu-project-grad-rate 0.1 (running sums) "
               "did best there", file=sys.stderr, flush=True)
-    elif cfg.salu_project_grad and cfg.salu_project_grad_rate == 1 and per_backward < 8:
+    elif projects_own and per_backward < 8:
         print(f"salunet train: warning: --salu-project-grad with {per_backward} images per backward (per rank and "
               "micro-batch) projects with their own statistics; at 4 per backward on CIFAR-10 that tested 2.1 points "
               "below --salu-project-grad-rate 0.1 (running sums), which beat the BN twin there by 1.6 (docs/RESULTS.md "
