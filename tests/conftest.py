@@ -17,6 +17,18 @@ from salunet.nn import kernels  # noqa: E402
 CIFAR_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10.npz"
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (the README's ``-n 2``), build the C++ kernels once in the controller, before the workers
+    start: otherwise one worker builds them in its first test while the other waits on the build lock in its own
+    (~25 s on a cold CI machine). A failed build is left to the tests that need it, which fail with its message."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    if kernels.get_kernel_mode() == "cpp":
+        from salunet.nn import cpu_ext
+
+        cpu_ext.load()
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_mode():
     torch.manual_seed(0)

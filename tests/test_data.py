@@ -137,6 +137,25 @@ def test_digits_embedded():
     assert d.x_train.max() > 200 and set(np.unique(d.y_train)) == set(range(10))
 
 
+def test_digits_read_without_sklearn_are_sklearns(monkeypatch):
+    """The packaged file read directly (no sklearn import) gives what sklearn.datasets.load_digits gives, and
+    where that file is not found, sklearn's loader reads the same set."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from salunet.data import digits
+
+    assert digits._packaged_file() is not None  # the direct read is what this test checks
+    ref = sklearn_digits()
+    images, target = digits._read_digits()
+    np.testing.assert_array_equal(images, ref.images)
+    np.testing.assert_array_equal(target, ref.target)
+    direct = digits.load_digits()
+    monkeypatch.setattr(digits, "_packaged_file", lambda: None)
+    via_sklearn = digits.load_digits()
+    for k in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(direct, k), getattr(via_sklearn, k))
+
+
 def test_image_folder(tmp_path):
     root = make_image_folder(tmp_path / "imgs")
     ds = ImageFolder(root / "train", train=True, size=12)

@@ -34,6 +34,7 @@ pin runs as one compiled graph of its own (:func:`.recalibrate.pin_in_forward`).
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
@@ -44,12 +45,6 @@ from .recalibrate import GradientProjection, _check, pin_in_forward, salu_sites
 __all__ = ["SaluPin"]
 
 Reduce = Callable[[Tensor], Tensor]
-
-try:  # fully_shard (FSDP2) makes the model an instance of a class of its own, FSDP<cls>
-    from torch.distributed.fsdp import FSDPModule as _FSDP2
-except ImportError:  # a torch built without distributed, or older than FSDP2
-    _FSDP2 = None
-
 
 def _sum_over_processes(t: Tensor) -> Tensor:
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
@@ -63,7 +58,10 @@ def _wrapped(m: object) -> str | None:
         return "torch.compile"
     if isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return type(m).__name__
-    if (_FSDP2 is not None and isinstance(m, _FSDP2)) or type(m).__name__ == "FullyShardedDataParallel" \
+    # fully_shard (FSDP2) makes the model an instance of a class of its own, FSDP<cls>: a subclass of FSDPModule,
+    # which exists only once torch.distributed.fsdp is imported (not imported here: it costs every process ~0.7 s)
+    fsdp2 = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if (fsdp2 is not None and isinstance(m, fsdp2)) or type(m).__name__ == "FullyShardedDataParallel" \
             or hasattr(m, "_fsdp_wrapped_module"):
         return "FSDP"
     return None
