@@ -51,11 +51,13 @@ def plot(cells: list[dict], path: str, title: str | None) -> None:
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys(c["panel"] for c in cells))
+    colors = {label: f"C{k}" for k, label in enumerate(dict.fromkeys(c["label"] for c in cells))}  # a label's, in
+    # every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         mine = [c for c in cells if c["panel"] == panel]
         for i, c in enumerate(mine):
-            ax.bar(i, c["mean"], yerr=c["std"], color=f"C{i}", alpha=0.5, capsize=4)
+            ax.bar(i, c["mean"], yerr=c["std"], color=colors[c["label"]], alpha=0.5, capsize=4)
             ax.plot([i] * len(c["acc"]), c["acc"], "k.", ms=5)
         ax.set_xticks(range(len(mine)), [c["label"] for c in mine], rotation=25, ha="right", fontsize=8)
         ax.set_ylabel("final test accuracy (%)")

@@ -293,8 +293,8 @@ def salunet_c18_v3(**kw) -> ResNet:
     the twin 0.2 ahead paired by seed, s.e. 0.2; "The C-18 at 24 epochs on one machine"). No batch statistic in any
     forward: train == eval at any batch size (at batch size 1 the projection wants running sums,
     ``--salu-project-grad-rate 0.1``: measured on digits with v2 at K 0.1, "The whole recipe at small batches"; and
-    with 16 or fewer images per backward, as DDP ranks or accumulated micro-batches see: on CIFAR-10 1.5 points
-    ahead at 16 and 2.1 at 4, level at 128, "Small per-device batches on CIFAR-10"; the trainer warns there).
+    with 32 or fewer images per backward, as DDP ranks or accumulated micro-batches see: on CIFAR-10 1.3-2.1
+    points ahead at 32, 16 and 4, level at 128, "Small per-device batches on CIFAR-10"; the trainer warns there).
     A step costs one more forward, on the 32 images (1.2x an unpinned step at batch 128, docs/BENCHMARKS.md)."""
     return _build("salunet_c18_v3", **kw)
 
