@@ -51,8 +51,8 @@ def plot(cells: list[dict], path: str, title: str | None) -> None:
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys(c["panel"] for c in cells))
-    colors = {label: f"C{k}" for k, label in enumerate(dict.fromkeys(c["label"] for c in cells))}  # a label's, in
-    # every panel
+    # a label keeps its colour in every panel
+    colors = {label: f"C{k}" for k, label in enumerate(dict.fromkeys(c["label"] for c in cells))}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         mine = [c for c in cells if c["panel"] == panel]

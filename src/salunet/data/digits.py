@@ -40,7 +40,7 @@ def _read_digits() -> tuple[np.ndarray, np.ndarray]:
 
         d = _sk()
         return d.images, d.target
-    with gzip.open(path, "rt") as f:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = np.loadtxt(f, delimiter=",")
     return rows[:, :-1].reshape(-1, 8, 8), rows[:, -1].astype(np.int64)
 

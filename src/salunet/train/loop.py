@@ -214,7 +214,7 @@ def _announce(run: _Run, plan: RunPlan, start_epoch: int, agents: list[str]) -> 
               "did best there", file=sys.stderr, flush=True)
     elif projects_own and per_backward <= 32:
         print(f"salunet train: warning: --salu-project-grad with {per_backward} images per backward (per rank and "
-              "micro-batch) projects with their own statistics; on CIFAR-10 that tested below "
+              "micro-batch) projects with their own statistics; for the C-18 on CIFAR-10 that tested below "
               "--salu-project-grad-rate 0.1 (running sums) by 2.1 points at 4 per backward, 1.5 at 16 and 1.3 at 32 "
               "(level at 128), and the running sums beat the BN twin at 4 (docs/RESULTS.md \"Small per-device "
               "batches on CIFAR-10\")", file=sys.stderr, flush=True)

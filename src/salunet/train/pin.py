@@ -46,6 +46,7 @@ __all__ = ["SaluPin"]
 
 Reduce = Callable[[Tensor], Tensor]
 
+
 def _sum_over_processes(t: Tensor) -> Tensor:
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t
