@@ -163,7 +163,7 @@ def test_one_fixed_gpu_under_torchrun_is_refused(monkeypatch):
 
 
 PIN_SCRIPT = """
-import copy, hashlib, json, sys
+import copy, hashlib, json, sys, time
 import torch, torch.distributed as dist
 from torch._dynamo.backends.registry import lookup_backend
 from salunet.models import create_model
@@ -212,6 +212,8 @@ def pin(model, *args, **kw):  # the trainer's pin (its own reduce: a new closure
     return out
 torch.compile, loop.pin_in_forward = compile_aot_eager, pin
 torch._dynamo.reset()
+if rank == 1:  # a slow rank: in a caller's process group rank 0 once claimed the run directory before rank 1 had
+    time.sleep(2)  # checked it, and rank 1 stopped on "in use" (setup now waits for every rank, as init does)
 s = train(dict(model="salunet_c18_v2", model_overrides={"layers": [1, 1, 1, 1]}, width=4, data="digits",
                train_subset=64, test_subset=32, batch_size=16,
                epochs=1, ema_decay=0.0, progress=False, device="cpu", out=out, name="ddpc", compile=True,

@@ -83,6 +83,10 @@ def setup(device: str = "auto", timeout: float = 600.0) -> DistInfo:
                                     rank=rank, world_size=world, timeout=wait)
         else:
             dist.init_process_group(backend=backend, timeout=wait)
+    else:  # a caller's group was made before: wait for every rank here, as init would, so that no rank claims the
+        # run directory before every rank has checked it (train's plan_run; else a slow rank found it taken)
+        kw = {"device_ids": [dev.index]} if dist.get_backend() == "nccl" and dev.index is not None else {}
+        dist.barrier(**kw)
     return DistInfo(rank, world, local_rank, dev, owns)
 
 
